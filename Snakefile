@@ -1,0 +1,28 @@
+# Therapist effects in practice-based psychotherapy outcome data.
+#
+#   snakemake --cores 2                                   # the built-in demo (config/config.yaml)
+#   snakemake --cores 2 --configfile my.yaml --directory WORKDIR
+#
+# All logic lives in the Python package under src/therapist_effects; the rules call thin scripts.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+# The demo config is read only when no --configfile was given, so that a user's own config is not
+# merged with the demo's datasets.
+if not config.get("datasets"):
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,65 @@
+# Configuration: validated against workflow/schemas/config.schema.yaml (with defaults filled) by
+# therapist_effects.config.load_config, which also checks what a schema cannot express. A broken
+# config stops the workflow with one line naming the file and key.
+import sys
+
+from therapist_effects.config import load_config
+from therapist_effects.exceptions import ConfigError
+from therapist_effects.models import applicable_models
+
+
+def _config_source():
+    files = [str(f) for f in (workflow.overwrite_configfiles or workflow.configfiles or [])]
+    return ", ".join(files) or "config"
+
+
+try:
+    CFG = load_config(dict(config), source=_config_source())
+except ConfigError as exc:
+    sys.exit(f"config error: {exc}")
+
+DATASETS = CFG["datasets"]
+CONFIGFILES = [str(f) for f in (workflow.overwrite_configfiles or workflow.configfiles or [])]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS) or "__none__",
+
+
+def models_of(dataset, kind=None):
+    """Ids of the models fitted to a dataset (optionally only those handled by one rule)."""
+    fitted, _ = applicable_models(CFG, DATASETS[dataset])
+    out = []
+    for m in fitted:
+        rule_kind = "bayes" if m.get("engine") == "bayes" else ("slope" if m["type"] == "random_slope" else "likelihood")
+        if kind is None or kind == rule_kind:
+            out.append(m["id"])
+    return out
+
+
+def model_ids(kind):
+    ids = sorted({m for ds in DATASETS for m in models_of(ds, kind)})
+    return "|".join(ids) if ids else "__none__"
+
+
+def has_clusters(dataset):
+    return "cluster" in DATASETS[dataset]["columns"]
+
+
+def meta_inputs():
+    """Per-cluster summaries pooled in the meta-analysis report."""
+    return [f"results/{ds}/meta.json" for ds in DATASETS if has_clusters(ds)]
+
+
+def all_outputs():
+    out = []
+    for ds in DATASETS:
+        out += [
+            f"results/{ds}/estimates.json",
+            f"results/{ds}/therapists.csv",
+            f"results/{ds}/report.html",
+            f"results/{ds}/therapist_report.html",
+        ]
+    if meta_inputs() or CFG["meta"]["studies"]:
+        out.append("results/meta/report.html")
+    return out

@@ -1,0 +1,73 @@
+def slope_narrowing(wc):
+    return [f"results/{wc.dataset}/models/{m}_narrowing.csv" for m in models_of(wc.dataset, "slope")]
+
+
+def bayes_idata(wc):
+    return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]
+
+
+rule research_report:
+    """Self-contained HTML research report: methods, sample flow, model table, plots, provenance."""
+    input:
+        estimates="results/{dataset}/estimates.json",
+        patients="results/{dataset}/patients.parquet",
+        therapists="results/{dataset}/therapists.csv",
+        rejects="results/{dataset}/rejects.csv",
+        narrowing=slope_narrowing,
+        idata=bayes_idata,
+    output:
+        report(
+            "results/{dataset}/report.html",
+            caption="../report/research_report.rst",
+            category="Reports",
+            subcategory="{dataset}",
+        ),
+    params:
+        cfg=CFG,
+    log:
+        "logs/{dataset}/research_report.log",
+    script:
+        "../scripts/research_report.py"
+
+
+rule service_report:
+    """Therapist-level report for service managers: pseudonymised, small numbers suppressed."""
+    input:
+        estimates="results/{dataset}/estimates.json",
+        patients="results/{dataset}/patients.parquet",
+        therapists="results/{dataset}/therapists.csv",
+    output:
+        report(
+            "results/{dataset}/therapist_report.html",
+            caption="../report/therapist_report.rst",
+            category="Reports",
+            subcategory="{dataset}",
+        ),
+    params:
+        cfg=CFG,
+        dataset=lambda wc: DATASETS[wc.dataset],
+    log:
+        "logs/{dataset}/service_report.log",
+    script:
+        "../scripts/service_report.py"
+
+
+rule meta_report:
+    """Meta-analysis report: per-study table, forest plot, pooled ICC, tau^2, I^2, prediction interval."""
+    input:
+        pooled=meta_inputs(),
+        tables=[p.replace("meta.json", "per_cluster.csv") for p in meta_inputs()],
+        studies=[CFG["meta"]["studies"]] if CFG["meta"]["studies"] else [],
+    output:
+        report(
+            "results/meta/report.html",
+            caption="../report/meta_report.rst",
+            category="Reports",
+            subcategory="meta-analysis",
+        ),
+    params:
+        cfg=CFG,
+    log:
+        "logs/meta/meta_report.log",
+    script:
+        "../scripts/meta_report.py"
