@@ -63,3 +63,11 @@ def all_outputs():
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")
     return out
+
+
+def slope_narrowing(wc):
+    return [f"results/{wc.dataset}/models/{m}_narrowing.csv" for m in models_of(wc.dataset, "slope")]
+
+
+def bayes_idata(wc):
+    return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]

@@ -9,6 +9,8 @@ rule ingest:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/ingest.log",
     script:
@@ -35,6 +37,8 @@ rule patient_outcomes:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/patient_outcomes.log",
     script:

@@ -11,6 +11,8 @@ rule fit_model:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -30,6 +32,8 @@ rule fit_random_slope:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -50,6 +54,8 @@ rule fit_bayes:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
     threads: 2
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -71,6 +77,8 @@ rule per_cluster:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/per_cluster.log",
     script:
@@ -104,6 +112,8 @@ rule estimates:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
         configfiles=CONFIGFILES,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/estimates.log",
     script:

@@ -1,11 +1,3 @@
-def slope_narrowing(wc):
-    return [f"results/{wc.dataset}/models/{m}_narrowing.csv" for m in models_of(wc.dataset, "slope")]
-
-
-def bayes_idata(wc):
-    return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]
-
-
 rule research_report:
     """Self-contained HTML research report: methods, sample flow, model table, plots, provenance."""
     input:
@@ -24,6 +16,8 @@ rule research_report:
         ),
     params:
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/research_report.log",
     script:
@@ -46,6 +40,8 @@ rule service_report:
     params:
         cfg=CFG,
         dataset=lambda wc: DATASETS[wc.dataset],
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/service_report.log",
     script:
@@ -67,6 +63,8 @@ rule meta_report:
         ),
     params:
         cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
     log:
         "logs/meta/meta_report.log",
     script:
