@@ -1,0 +1,846 @@
+"""Exact, fast REML/ML for Gaussian therapist-effects models.
+
+Models (patients ``j`` nested in therapists ``i``, optionally therapists nested in clusters ``c``,
+i.e. services, sites or trials)::
+
+    random intercept:  y = X b + u_therapist + e,                 lme4: y ~ x + (1 | therapist)
+    nested:            y = X b + u_cluster + u_therapist + e,     lme4: y ~ x + (1 | cluster/therapist)
+
+with ``u_therapist ~ N(0, s2_t)``, ``u_cluster ~ N(0, s2_c)`` and ``e ~ N(0, s2)``. For a therapist
+with caseload ``n_i`` the marginal covariance is ``V_i = s2 (I + g 11')`` with the variance ratio
+``g = s2_t / s2``, so ``V_i^{-1} = (I - g/(1 + n_i g) 11') / s2`` and
+``log|V_i| = n_i log s2 + log(1 + n_i g)``. Everything the (RE)ML criterion needs is therefore a
+function of per-therapist sufficient statistics: caseloads ``n_i``, the therapists' means of the
+covariates and outcome, and the pooled within-therapist cross-product matrix. They are computed
+in one vectorised pass (``np.bincount``), after which one evaluation of the criterion costs
+O(therapists x p^2) whatever the number of patients.
+
+The residual variance ``s2`` and the fixed effects ``b`` are profiled out analytically (as lme4
+does), leaving a 1-D criterion in ``g`` (random intercept) or a 2-D one in ``(g_t, g_c)`` (nested;
+the cluster block ``s2 (W + g_c 11')`` with ``W = blockdiag(I + g_t 11')`` is inverted by
+Woodbury twice, still from per-therapist sums). The optimum is located on a grid in ``log g`` and
+refined by Brent, and the boundary ``g = 0`` is always checked, so singular fits (no therapist
+variance) are found exactly and flagged.
+
+Criteria (``W_g = s2 V^{-1}``, ``r(g) = min_b (y - Xb)' W_g (y - Xb)``, ``m = n - p``)::
+
+    ML    -2 logLik = n (1 + log(2 pi r / n)) + sum log(1 + n_i g)
+    REML  -2 logLik = m (1 + log(2 pi r / m)) + sum log(1 + n_i g) + log|X' W_g X|
+
+exactly lme4's ``deviance`` / ``REMLcrit`` (``logLik`` is minus half of them). The residual
+variance estimate is ``r / n`` (ML) or ``r / m`` (REML); ``vcov`` is ``s2 (X' W_g X)^{-1}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .design import INTERCEPT, build_design, group_codes
+from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
+
+__all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
+
+LOG2PI = math.log(2.0 * math.pi)
+#: lme4's ``isSingular`` tolerance on theta = sd_component / sigma
+SINGULAR_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: sufficient statistics and the profiled criterion
+# --------------------------------------------------------------------------------------------
+class _Engine:
+    """Per-therapist sufficient statistics of one data set and the (RE)ML criterion built on them.
+
+    ``tcodes`` are therapist (group) codes 0..G-1 per patient; ``cl`` the cluster code of each
+    therapist (nested models) or None. Covariates and outcome are centred at their overall means
+    when the design has an intercept (an exact reparameterisation with unit determinant, undone in
+    :meth:`fixed`), which keeps the cross-products well conditioned for outcomes far from zero.
+    """
+
+    def __init__(self, y: np.ndarray, X: np.ndarray, tcodes: np.ndarray, G: int,
+                 cl: np.ndarray | None = None, C: int = 0):
+        n, p = X.shape
+        self.n, self.p, self.G = n, p, G
+        self.tcodes = tcodes
+        self.cl = cl
+        self.C = C
+        if cl is not None:
+            if np.any(np.diff(cl) < 0) or len(np.unique(cl)) != C:
+                raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
+            self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
+        self.ni = np.bincount(tcodes, minlength=G).astype(float)
+        ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
+        self.k0 = int(ones[0]) if len(ones) else None
+        self.S = np.eye(p)
+        if self.k0 is not None:
+            mu = X.mean(axis=0)
+            mu[self.k0] = 0.0
+            Xc = X - mu
+            self.S[self.k0, :] -= mu  # Xc = X S, S = I - e_k0 mu'
+        else:
+            Xc = X
+        xbar = np.empty((G, p))
+        for j in range(p):
+            xbar[:, j] = np.bincount(tcodes, weights=Xc[:, j], minlength=G) / self.ni
+        self.xbar = xbar
+        self.Dx = Xc - xbar[tcodes]
+        self.WXX = self.Dx.T @ self.Dx
+        self.set_y(y)
+
+    def set_y(self, y: np.ndarray) -> None:
+        """(Re)compute the outcome's statistics (the covariates' are kept: used by the bootstrap)."""
+        p = self.p
+        self.shift_y = float(y.mean()) if self.k0 is not None else 0.0
+        yc = y - self.shift_y
+        ybar = np.bincount(self.tcodes, weights=yc, minlength=self.G) / self.ni
+        dy = yc - ybar[self.tcodes]
+        within = np.empty((p + 1, p + 1))
+        within[:p, :p] = self.WXX
+        within[:p, p] = within[p, :p] = self.Dx.T @ dy
+        within[p, p] = dy @ dy
+        self.within = within
+        self.means = np.column_stack([self.xbar, ybar])
+
+    def with_y(self, y: np.ndarray) -> _Engine:
+        new = copy.copy(self)
+        new.set_y(y)
+        return new
+
+    # -- criterion ---------------------------------------------------------------------------
+    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
+        """``[X y]' W [X y]`` at the variance ratios, log|V/s2|, therapist weights, cluster tau."""
+        a = self.ni / (1.0 + self.ni * gt)  # 1' (I + g 11')^{-1} 1 per therapist
+        ldv = float(np.log1p(self.ni * gt).sum())
+        if self.cl is None:
+            A = self.within + self.means.T @ (self.means * a[:, None])
+            return A, ldv, a, None
+        # therapist units are sorted by cluster: per-cluster sums over contiguous segments
+        tau = np.add.reduceat(a, self.cstart)
+        mbar = np.add.reduceat(self.means * a[:, None], self.cstart, axis=0) / tau[:, None]
+        D = self.means - mbar[self.cl]
+        # Woodbury on W + g_c 11' per cluster, written as a sum of PSD terms (no cancellation)
+        A = (self.within + D.T @ (D * a[:, None])
+             + mbar.T @ (mbar * (tau / (1.0 + gc * tau))[:, None]))
+        ldv += float(np.log1p(gc * tau).sum())
+        return A, ldv, a, tau
+
+    def core(self, gt: float, gc: float = 0.0) -> tuple[float, float, float, np.ndarray]:
+        """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])``."""
+        A, ldv, _, _ = self._A(gt, gc)
+        L = np.linalg.cholesky(A)
+        d = np.diag(L)
+        p = self.p
+        return float(d[p] ** 2), float(2.0 * np.log(d[:p]).sum()), ldv, L
+
+    def crit(self, gt: float, gc: float, reml: bool) -> float:
+        """-2 x profiled (RE)ML log-likelihood at the variance ratios (lme4's deviance/REMLcrit)."""
+        r, ldx, ldv, _ = self.core(gt, gc)
+        if reml:
+            m = self.n - self.p
+            return m * (1.0 + LOG2PI + math.log(r / m)) + ldv + ldx
+        return self.n * (1.0 + LOG2PI + math.log(r / self.n)) + ldv
+
+    def dev_sd(self, sds: Sequence[float], sigma: float) -> float:
+        """ML deviance at therapist/cluster SDs and residual SD, fixed effects profiled out."""
+        s2 = sigma * sigma
+        gt = sds[0] ** 2 / s2
+        gc = sds[1] ** 2 / s2 if len(sds) > 1 else 0.0
+        r, _, ldv, _ = self.core(gt, gc)
+        return self.n * (LOG2PI + math.log(s2)) + ldv + r / s2
+
+    def fixed(self, gt: float, gc: float = 0.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
+        r, _, _, L = self.core(gt, gc)
+        p = self.p
+        Lxx = L[:p, :p]
+        Linv = np.linalg.inv(Lxx)  # p x p lower triangular; tiny, and much cheaper than scipy here
+        bc = Linv.T @ L[p, :p]
+        covc = Linv.T @ Linv
+        b = self.S @ bc
+        if self.k0 is not None:
+            b[self.k0] += self.shift_y
+        return b, self.S @ covc @ self.S.T, r, bc
+
+    def residual_means(self, bc: np.ndarray) -> np.ndarray:
+        """Each therapist's mean residual ``ybar_i - xbar_i' b`` (the shift cancels)."""
+        return self.means[:, self.p] - self.means[:, : self.p] @ bc
+
+    # -- optimisation --------------------------------------------------------------------------
+    def fit(self, reml: bool) -> tuple[np.ndarray, float, bool]:
+        """Global optimum ``(g, crit_min, converged)``; ``g = [g_t]`` or ``[g_t, g_c]``."""
+        if self.cl is None:
+            g, fmin, conv = min_nonneg_global(lambda x: self.crit(x, 0.0, reml))
+            return np.array([g]), fmin, conv
+        # nested: coarse 2-D grid in log ratios, local refinement on theta = sqrt(g) from the best
+        # grid point, and the exact optima on the boundary lines g_t = 0 and g_c = 0
+        f2 = lambda gt, gc: self.crit(gt, gc, reml)  # noqa: E731
+        grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
+        vals = np.array([[f2(gt, gc) for gc in grid] for gt in grid])
+        i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
+        th0 = np.sqrt([grid[i], grid[j]])
+        th, fmin = min_nd_local(lambda th: f2(th[0] ** 2, th[1] ** 2), th0,
+                                0.25 * th0, np.zeros(2), xtol=1e-10)
+        best = (float(fmin), th[0] ** 2, th[1] ** 2)
+        conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
+        gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x))
+        gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0))
+        for cand in ((f_c, 0.0, gc0), (f_t, gt0, 0.0)):
+            if cand[0] <= best[0] + BOUNDARY_TOL:
+                best = cand
+        fmin, gt, gc = best
+        return np.array([gt, gc]), fmin, conv
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def _group_codes(labels: Any, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Same codes and labels as :func:`design.group_codes` (groups in sorted order of their labels
+    as strings), but converting only the distinct labels to strings: for a million patients the
+    per-row string conversion would dominate the whole fit. Falls back to ``group_codes`` when
+    two distinct raw labels print alike (e.g. ``1`` and ``"1"``)."""
+    arr = np.asarray(labels)
+    missing = pd.isna(arr) if arr.dtype.kind in "OfcmMUS" else np.zeros(len(arr), bool)
+    if np.any(missing):
+        raise ModelError(f"{role} label missing in {int(np.sum(missing))} rows")
+    codes0, uniq0 = pd.factorize(arr, sort=False)
+    as_str = np.array([str(u) for u in uniq0], dtype=object)
+    if len(set(as_str)) != len(as_str):
+        return group_codes(arr)
+    order = np.argsort(as_str, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[codes0], as_str[order]
+
+
+def _check_method(method: str) -> str:
+    m = str(method).upper()
+    if m not in ("REML", "ML"):
+        raise ModelError(f"method must be 'REML' or 'ML', got {method!r}")
+    return m
+
+
+def _default_names(exog: Any, X: np.ndarray) -> list[str]:
+    if isinstance(exog, pd.DataFrame):
+        return [str(c) for c in exog.columns]
+    names = []
+    for j in range(X.shape[1]):
+        names.append(INTERCEPT if np.all(X[:, j] == 1.0) and INTERCEPT not in names else f"x{j}")
+    return names
+
+
+class _BaseModel:
+    """Shared set-up of the Gaussian therapist models: checks, group codes, sufficient stats."""
+
+    _nested = False
+
+    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any = None, *,
+                 exog_names: Sequence[str] | None = None, method: str = "REML"):
+        self.method = _check_method(method)
+        y = np.asarray(endog, dtype=float).ravel()
+        X = np.asarray(exog, dtype=float)
+        if X.ndim == 1:
+            X = X[:, None]
+        n = len(y)
+        if X.shape[0] != n:
+            raise ModelError(f"exog has {X.shape[0]} rows but endog has {n}")
+        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(X))):
+            raise ModelError("outcome or covariates contain missing or infinite values; drop those rows first")
+        if n and np.ptp(y) == 0.0:
+            raise ModelError("the outcome takes a single value: there is no variance to partition")
+        names = list(exog_names) if exog_names is not None else _default_names(exog, X)
+        if len(names) != X.shape[1]:
+            raise ModelError(f"exog_names has {len(names)} names for {X.shape[1]} columns")
+        if X.shape[1] and np.linalg.matrix_rank(X) < X.shape[1]:
+            raise ModelError(f"fixed-effects design {names} is rank deficient")
+        if len(therapist) != n:
+            raise ModelError(f"therapist has {len(therapist)} entries but endog has {n}")
+        tcodes, tlabels = _group_codes(therapist, "therapist")
+        if cluster is None:
+            self.cluster_labels = None
+            gcodes, G = tcodes, len(tlabels)
+            self.group_therapist = tlabels
+            self.group_cluster = None
+            cl, C = None, 0
+            self.cluster_codes = None
+        else:
+            if len(cluster) != n:
+                raise ModelError(f"cluster has {len(cluster)} entries but endog has {n}")
+            ccodes, clabels = _group_codes(cluster, "cluster")
+            C = len(clabels)
+            if C < 2:
+                raise ModelError("the nested model needs at least 2 clusters; use the random-intercept model")
+            # therapist units are cluster:therapist combinations, as lme4's (1 | cluster/therapist)
+            pair = ccodes * len(tlabels) + tcodes
+            uniq, gcodes = np.unique(pair, return_inverse=True)
+            G = len(uniq)
+            cl = (uniq // len(tlabels)).astype(np.int64)
+            self.group_therapist = tlabels[uniq % len(tlabels)]
+            self.group_cluster = clabels[cl]
+            self.cluster_labels = clabels
+            self.cluster_codes = ccodes
+        if G < 2:
+            raise ModelError("at least 2 therapists are needed to estimate a therapist variance")
+        if G >= n:
+            raise ModelError(f"{G} therapists for {n} patients: the number of therapists must be "
+                             "smaller than the number of patients")
+        if n <= X.shape[1]:
+            raise ModelError(f"{n} patients for {X.shape[1]} fixed effects")
+        self.endog, self.exog, self.exog_names = y, X, names
+        self.codes = np.asarray(gcodes, dtype=np.int64)
+        self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
+        self._engine = _Engine(y, X, self.codes, G, cl, C)
+
+    def fit(self) -> MixedResults:
+        """Fit by exact (RE)ML; warns (typed) on singular fits and non-convergence."""
+        try:
+            g, cmin, conv = self._engine.fit(self.method == "REML")
+        except (np.linalg.LinAlgError, ValueError) as err:  # pragma: no cover - degenerate data
+            raise ModelError(f"the model cannot be fitted: {err}") from err
+        return MixedResults(self, g, cmin, conv)
+
+
+class RandomInterceptModel(_BaseModel):
+    """Gaussian random-intercept model ``y ~ X + (1 | therapist)`` fitted by exact REML or ML.
+
+    ``endog`` is the patients' outcome, ``exog`` the fixed-effects design (include an intercept
+    column), ``therapist`` the patients' therapist labels. The therapist variance is the variance
+    of the therapists' true mean outcomes around the case-mix-adjusted average.
+    """
+
+    def __init__(self, endog: Any, exog: Any, therapist: Any, *,
+                 exog_names: Sequence[str] | None = None, method: str = "REML"):
+        super().__init__(endog, exog, therapist, None, exog_names=exog_names, method=method)
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *,
+                   therapist: str = "therapist", method: str = "REML") -> RandomInterceptModel:
+        """``outcome ~ covariates + (1 | therapist)`` from a patient table (R-style coding)."""
+        if therapist not in df.columns:
+            raise ModelError(f"therapist column {therapist!r} is not a column of the patient table")
+        d = build_design(df, outcome, list(covariates))
+        return cls(d.y, d.X, df[therapist].to_numpy(), exog_names=d.names, method=method)
+
+
+class NestedModel(_BaseModel):
+    """Gaussian model with therapists nested in clusters (services, sites, trials):
+    ``y ~ X + (1 | cluster) + (1 | cluster:therapist)``, exact REML or ML.
+
+    A therapist seen in two clusters counts as two therapist units, as in lme4's
+    ``(1 | cluster/therapist)``.
+    """
+
+    _nested = True
+
+    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any, *,
+                 exog_names: Sequence[str] | None = None, method: str = "REML"):
+        super().__init__(endog, exog, therapist, cluster, exog_names=exog_names, method=method)
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *,
+                   therapist: str = "therapist", cluster: str = "cluster",
+                   method: str = "REML") -> NestedModel:
+        """``outcome ~ covariates + (1 | cluster/therapist)`` from a patient table."""
+        for col, role in ((therapist, "therapist"), (cluster, "cluster")):
+            if col not in df.columns:
+                raise ModelError(f"{role} column {col!r} is not a column of the patient table")
+        d = build_design(df, outcome, list(covariates))
+        return cls(d.y, d.X, df[therapist].to_numpy(), df[cluster].to_numpy(),
+                   exog_names=d.names, method=method)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+def _f(x: Any) -> float | None:
+    """Plain float for JSON, NaN/inf -> None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class MixedResults:
+    """Estimates of a fitted therapist model, with intervals, ICC, LRT and therapist effects.
+
+    Attributes: ``params`` (fixed effects by name, then the variance components ``therapist``,
+    [``cluster``], ``residual``), ``fe_params``, ``bse`` (lme4's ``vcov``: ``s2 (X'V^-1X)^-1`` at
+    the estimate), ``vcomp`` (dict of variances), ``loglik`` (REML or ML log-likelihood, as lme4's
+    ``logLik``), ``converged``, ``singular``, ``method``, ``n_obs``, ``n_therapists``,
+    ``n_clusters`` and ``warnings`` (messages of the typed warnings raised so far).
+    """
+
+    def __init__(self, model: _BaseModel, g: np.ndarray, crit_min: float, converged: bool):
+        self.model = model
+        self._eng = model._engine
+        self.method = model.method
+        self._reml = self.method == "REML"
+        self.nested = model._nested
+        self.g = np.asarray(g, dtype=float)
+        self._crit_min = float(crit_min)
+        gt = float(self.g[0])
+        gc = float(self.g[1]) if self.nested else 0.0
+        b, covu, r, bc = self._eng.fixed(gt, gc)
+        n, p = self._eng.n, self._eng.p
+        self.scale = r / (n - p) if self._reml else r / n
+        self._bc = bc
+        names = model.exog_names
+        self.fe_params = pd.Series(b, index=names, name="estimate")
+        self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
+        self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
+        self.vcomp: dict[str, float] = {"therapist": gt * self.scale}
+        if self.nested:
+            self.vcomp["cluster"] = gc * self.scale
+        self.vcomp["residual"] = self.scale
+        self.params = pd.concat([self.fe_params, pd.Series(self.vcomp)])
+        self.params.name = "estimate"
+        self.loglik = -0.5 * self._crit_min
+        self.n_obs = model.n_obs
+        self.n_therapists = model.n_therapists
+        self.n_clusters = model.n_clusters
+        self.converged = bool(converged)
+        self.singular = bool(np.any(np.sqrt(self.g) < SINGULAR_TOL))
+        self.warnings: list[str] = []
+        self._cache: dict[Any, Any] = {}
+        if not self.converged:
+            self._warn("optimiser did not converge: the therapist variance runs to the upper bound "
+                       "(no within-therapist information?)", ConvergenceWarning)
+        if self.singular:
+            zero = [k for k, gk in zip(("therapist", "cluster"), self.g) if math.sqrt(gk) < SINGULAR_TOL]
+            self._warn(f"singular fit: {' and '.join(zero)} variance estimated at (or next to) zero",
+                       SingularFitWarning)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _warn(self, msg: str, cls: type[Warning]) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+        warnings.warn(msg, cls, stacklevel=3)
+
+    @property
+    def _vc_names(self) -> list[str]:
+        return ["therapist", "cluster", "residual"] if self.nested else ["therapist", "residual"]
+
+    @staticmethod
+    def _zcrit(level: float) -> float:
+        if not 0.0 < level < 1.0:
+            raise ModelError(f"confidence level must be between 0 and 1, got {level}")
+        return float(stats.norm.ppf(0.5 + level / 2.0))
+
+    def _ml(self) -> dict[str, Any]:
+        """The ML fit that lme4's profile() refits to (cached)."""
+        if "ml" not in self._cache:
+            if self._reml:
+                g, dmin, _ = self._eng.fit(reml=False)
+            else:
+                g, dmin = self.g, self._crit_min
+            gt = float(g[0])
+            gc = float(g[1]) if self.nested else 0.0
+            b, covu, r, _ = self._eng.fixed(gt, gc)
+            s2 = r / self._eng.n
+            sds = [math.sqrt(gt * s2)] + ([math.sqrt(gc * s2)] if self.nested else [])
+            self._cache["ml"] = {"g": np.array(g, dtype=float), "dmin": float(dmin), "b": b,
+                                 "se": np.sqrt(np.diag(s2 * covu)), "sigma": math.sqrt(s2),
+                                 "sds": np.array(sds)}
+        return self._cache["ml"]
+
+    # -- ICC -------------------------------------------------------------------------------------
+    def icc(self) -> float:
+        """Intraclass correlation for therapists: share of the total outcome variance (given the
+        covariates) that lies between therapists, ``s2_t / (s2_c + s2_t + s2)``."""
+        return self.vcomp["therapist"] / sum(self.vcomp.values())
+
+    def icc_cluster(self) -> float:
+        """Cluster (service/trial) share of the total variance, ``s2_c / (s2_c + s2_t + s2)``."""
+        if not self.nested:
+            raise ModelError("icc_cluster is defined for nested models only")
+        return self.vcomp["cluster"] / sum(self.vcomp.values())
+
+    def _icc_profile(self, which: str, level: float) -> tuple[float, float]:
+        """Profile-likelihood interval of an ICC under the fit's own criterion (REML or ML).
+
+        The therapist ICC is a monotone function of the odds ``k = g_t / (1 + g_c)``
+        (ICC = k / (1 + k)); for the random-intercept model ``k = g`` and the profile is the
+        criterion itself, for nested models the other ratio is re-optimised at each ``k``. The
+        ends are where -2 log-likelihood exceeds its minimum by the chi-square(1) quantile; a lower
+        end at the boundary is reported as 0.
+        """
+        key = ("icc_profile", which, level)
+        if key in self._cache:
+            return self._cache[key]
+        q = self._zcrit(level) ** 2
+        eng, reml, cmin = self._eng, self._reml, self._crit_min
+        gt = float(self.g[0])
+        gc = float(self.g[1]) if self.nested else 0.0
+        if not self.nested:
+            khat = gt
+
+            def excess(k: float) -> float:
+                return eng.crit(k, 0.0, reml) - cmin
+        else:
+            start = [math.sqrt(gc) if which == "therapist" else math.sqrt(gt)]
+            khat = gt / (1.0 + gc) if which == "therapist" else gc / (1.0 + gt)
+            oth = math.sqrt(gc if which == "therapist" else gt)
+
+            def excess(k: float) -> float:
+                if which == "therapist":
+                    f = lambda th: eng.crit(k * (1.0 + th * th), th * th, reml)  # noqa: E731
+                else:
+                    f = lambda th: eng.crit(th * th, k * (1.0 + th * th), reml)  # noqa: E731
+                th, fv = min1d_local(f, start[0], 0.1 * max(oth, 0.1), 0.0)
+                start[0] = th
+                return fv - cmin
+        lo, _ = profile_end(excess, khat, q, -1, positive=True, step=0.25, zero_allowed=True)
+        hi, found = profile_end(excess, khat, q, +1, positive=True, step=0.25, scale=1e-3)
+        res_lo = lo / (1.0 + lo)
+        res_hi = hi / (1.0 + hi) if found else 1.0
+        if not found:
+            self._warn(f"profile likelihood of the {which} ICC does not reach the {level:.0%} "
+                       "cut-off: upper end reported as 1", StatisticalWarning)
+        self._cache[key] = (res_lo, res_hi)
+        return res_lo, res_hi
+
+    def icc_interval(self, level: float = 0.95, method: str = "profile", n_boot: int = 1000,
+                     seed: int | None = None, *, which: str = "therapist") -> tuple[float, float]:
+        """Confidence interval of the therapist ICC (``which="cluster"``: the cluster ICC).
+
+        ``method="profile"``: profile likelihood under the fit's own criterion (the REML
+        restricted likelihood for REML fits, whose maximiser is the reported ICC).
+        ``method="bootstrap"``: percentile interval of :meth:`bootstrap` replicates (seeded;
+        ``seed=None`` means seed 0, so that results are reproducible).
+        """
+        if which not in ("therapist", "cluster") or (which == "cluster" and not self.nested):
+            raise ModelError(f"unknown ICC {which!r} for this model")
+        if method == "profile":
+            return self._icc_profile(which, level)
+        if method == "bootstrap":
+            col = "icc" if which == "therapist" else "icc_cluster"
+            return self._percentile(self.bootstrap(n_boot, seed)[col], level)
+        raise ModelError(f"ICC interval method must be 'profile' or 'bootstrap', got {method!r}")
+
+    # -- profile intervals (lme4's confint(method = "profile")) -----------------------------------
+    def _profile_intervals(self, level: float) -> pd.DataFrame:
+        """Profile intervals of the fixed effects and variance components, as lme4.
+
+        lme4's ``profile()`` first refits a REML model by ML (``devfun2`` calls ``refitML``), so
+        for REML and ML fits alike the intervals are those of the *ML* deviance, centred at the
+        ML estimates; this is why the reference's ``variance_ci`` of ``null_REML`` and ``null_ML``
+        are identical. We do the same, so REML fits get lme4's intervals (their point estimate is
+        the REML one). Variance components are profiled on the SD scale (therapist SD, [cluster
+        SD], residual SD), every other parameter re-optimised, and reported squared; fixed
+        effects are profiled with the variance parameters re-optimised. End points are the roots
+        of ``deviance - min = z^2`` (exact root-finding where lme4 interpolates a spline).
+        """
+        key = ("profile", level)
+        if key in self._cache:
+            return self._cache[key]
+        q = self._zcrit(level) ** 2
+        ml = self._ml()
+        eng, dmin, n = self._eng, ml["dmin"], self._eng.n
+        sds, sigma = ml["sds"], ml["sigma"]
+        nsd = len(sds)
+        rows: dict[str, tuple[float, float]] = {}
+        notes: list[str] = []
+
+        # fixed effects: min over theta of n(1 + log(2 pi r_j / n)) + log|V/s2|,
+        # r_j = r + (b_j(theta) - beta)^2 / [(X'WX)^-1]_jj (constrained GLS, sigma profiled)
+        th_hat = np.sqrt(ml["g"])
+        for j, name in enumerate(self.fe_params.index):
+            start = [th_hat.copy()]
+
+            def excess(beta: float, j: int = j, start: list = start) -> float:
+                def f(th: np.ndarray) -> float:
+                    gt = th[0] ** 2
+                    gc = th[1] ** 2 if nsd > 1 else 0.0
+                    b, covu, r, _ = eng.fixed(gt, gc)
+                    rj = r + (b[j] - beta) ** 2 / covu[j, j]
+                    _, _, ldv, _ = eng.core(gt, gc)
+                    return n * (1.0 + LOG2PI + math.log(rj / n)) + ldv
+
+                x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd))
+                start[0] = x
+                return fv - dmin
+
+            ends = []
+            for d in (-1, 1):
+                start[0] = th_hat.copy()
+                e, found = profile_end(excess, float(ml["b"][j]), q, d, positive=False,
+                                       step=0.5 * float(ml["se"][j]))
+                ends.append(e if found else math.nan)
+                if not found:
+                    notes.append(name)
+            rows[name] = (ends[0], ends[1])
+
+        # variance components on the SD scale
+        sd_names = ["therapist", "cluster"][:nsd]
+        for k, name in enumerate(sd_names):
+            others = [i for i in range(nsd) if i != k]
+            x0 = np.array([math.log(sigma)] + [sds[i] for i in others])
+            steps = np.array([0.02] + [0.1 * max(sds[i], 0.05 * sigma) for i in others])
+            lows = np.array([-np.inf] + [0.0] * len(others))
+            start = [x0.copy()]
+
+            def excess(s: float, k: int = k, others: list = others, start: list = start,
+                       steps: np.ndarray = steps, lows: np.ndarray = lows) -> float:
+                def f(v: np.ndarray) -> float:
+                    sv = np.empty(nsd)
+                    sv[k] = s
+                    for i, o in enumerate(others):
+                        sv[o] = v[1 + i]
+                    return eng.dev_sd(sv, math.exp(v[0]))
+
+                x, fv = min_nd_local(f, start[0], steps, lows)
+                start[0] = x
+                return fv - dmin
+
+            ends = []
+            for d in (-1, 1):
+                start[0] = x0.copy()
+                e, found = profile_end(excess, float(sds[k]), q, d, positive=True, step=0.1,
+                                       zero_allowed=True, scale=0.01 * sigma)
+                ends.append(e ** 2 if found else math.nan)
+                if not found:
+                    notes.append(f"{name} variance")
+            rows[name] = (ends[0], ends[1])
+
+        # residual SD: the therapist/cluster SDs re-optimised
+        x0 = sds.copy()
+        start = [x0.copy()]
+
+        def excess_sigma(sg: float) -> float:
+            x, fv = min_nd_local(lambda v: eng.dev_sd(v, sg), start[0],
+                                 0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd))
+            start[0] = x
+            return fv - dmin
+
+        ends = []
+        for d in (-1, 1):
+            start[0] = x0.copy()
+            e, found = profile_end(excess_sigma, sigma, q, d, positive=True, step=0.02)
+            ends.append(e ** 2 if found else math.nan)
+            if not found:
+                notes.append("residual variance")
+        rows["residual"] = (ends[0], ends[1])
+        if notes:
+            self._warn(f"profile likelihood does not reach the {level:.0%} cut-off for "
+                       f"{', '.join(notes)}: those ends are missing", StatisticalWarning)
+        out = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
+        self._cache[key] = out
+        return out
+
+    def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000,
+                 seed: int | None = None) -> pd.DataFrame:
+        """Confidence intervals, rows = fixed effects then variance components (as variances).
+
+        ``method="profile"``: lme4's ``confint(fit, method = "profile")`` (see
+        :meth:`_profile_intervals`; ML deviance, also for REML fits, as lme4).
+        ``method="wald"``: fixed effects +- z se; variance components NaN (no Wald interval).
+        ``method="bootstrap"``: percentile intervals of :meth:`bootstrap` replicates.
+        """
+        if method == "profile":
+            return self._profile_intervals(level).loc[list(self.params.index)].copy()
+        if method == "wald":
+            z = self._zcrit(level)
+            out = pd.DataFrame({"lower": self.fe_params - z * self.bse,
+                                "upper": self.fe_params + z * self.bse})
+            vc = pd.DataFrame(np.nan, index=self._vc_names, columns=["lower", "upper"])
+            return pd.concat([out, vc])
+        if method == "bootstrap":
+            bt = self.bootstrap(n_boot, seed)
+            rows = {c: self._percentile(bt[c], level) for c in self.params.index}
+            return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
+        raise ModelError(f"interval method must be 'profile', 'wald' or 'bootstrap', got {method!r}")
+
+    # -- LRT -------------------------------------------------------------------------------------
+    def lrt(self) -> dict[str, float]:
+        """Likelihood-ratio test of ``therapist variance = 0`` (cluster variance re-estimated in
+        nested models), under the fit's own criterion (REML is valid here: the fixed effects are
+        the same under both hypotheses). The null value is on the boundary, so the reference
+        distribution is the 50:50 mixture of chi2_0 and chi2_1: ``p = 0.5 P(chi2_1 > stat)``
+        (``p = 1`` when the statistic is 0). ``df`` is reported as 1."""
+        if "lrt" not in self._cache:
+            eng, reml = self._eng, self._reml
+            if self.nested:
+                _, c0, _ = min_nonneg_global(lambda gc: eng.crit(0.0, gc, reml))
+            else:
+                c0 = eng.crit(0.0, 0.0, reml)
+            stat = max(c0 - self._crit_min, 0.0)
+            p = 0.5 * float(stats.chi2.sf(stat, 1)) if stat > 0 else 1.0
+            self._cache["lrt"] = {"statistic": float(stat), "df": 1.0, "p_value": p}
+        return dict(self._cache["lrt"])
+
+    # -- bootstrap -------------------------------------------------------------------------------
+    def bootstrap(self, n_boot: int, seed: int | None) -> pd.DataFrame:
+        """Parametric bootstrap: ``n_boot`` data sets simulated from the fitted model (fixed part
+        ``X b``, therapist [and cluster] effects and residuals drawn from their fitted normal
+        distributions with ``numpy.random.default_rng(seed)``; ``seed=None`` means 0), each refitted
+        by the same exact engine and method. Columns: fixed effects, variance components,
+        ``icc`` [``icc_cluster``], ``converged``, ``singular``."""
+        seed = 0 if seed is None else int(seed)
+        n_boot = int(n_boot)
+        if n_boot < 1:
+            raise ModelError(f"n_boot must be a positive integer, got {n_boot}")
+        key = ("boot", n_boot, seed)
+        if key in self._cache:
+            return self._cache[key]
+        rng = np.random.default_rng(seed)
+        m = self.model
+        mu = m.exog @ self.fe_params.to_numpy()
+        sd_t = math.sqrt(self.vcomp["therapist"])
+        sd_c = math.sqrt(self.vcomp.get("cluster", 0.0))
+        sd_e = math.sqrt(self.vcomp["residual"])
+        n, G, p = self._eng.n, self._eng.G, self._eng.p
+        rows = []
+        for _ in range(n_boot):
+            ystar = mu + sd_t * rng.standard_normal(G)[m.codes]
+            if self.nested:
+                ystar += sd_c * rng.standard_normal(m.n_clusters)[m.cluster_codes]
+            ystar += sd_e * rng.standard_normal(n)
+            eng = self._eng.with_y(ystar)
+            g, _, conv = eng.fit(self._reml)
+            gt = float(g[0])
+            gc = float(g[1]) if self.nested else 0.0
+            b, _, r, _ = eng.fixed(gt, gc)
+            s2 = r / (n - p) if self._reml else r / n
+            row = dict(zip(self.fe_params.index, b))
+            row["therapist"] = gt * s2
+            if self.nested:
+                row["cluster"] = gc * s2
+            row["residual"] = s2
+            row["icc"] = gt / (1.0 + gt + gc)
+            if self.nested:
+                row["icc_cluster"] = gc / (1.0 + gt + gc)
+            row["converged"] = bool(conv)
+            row["singular"] = bool(np.any(np.sqrt(g) < SINGULAR_TOL))
+            rows.append(row)
+        out = pd.DataFrame(rows)
+        if not out["converged"].all():
+            self._warn(f"{int((~out['converged']).sum())} of {n_boot} bootstrap refits did not "
+                       "converge", ConvergenceWarning)
+        self._cache[key] = out
+        return out
+
+    @staticmethod
+    def _percentile(x: pd.Series, level: float) -> tuple[float, float]:
+        a = (1.0 - level) / 2.0
+        lo, hi = np.quantile(np.asarray(x, dtype=float), [a, 1.0 - a])
+        return float(lo), float(hi)
+
+    # -- therapist effects -----------------------------------------------------------------------
+    def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None
+                          ) -> pd.DataFrame:
+        """Empirical-Bayes (BLUP) therapist effects with conditional intervals.
+
+        Columns: ``therapist`` (label; nested models add ``cluster``), ``caseload`` (patients),
+        ``raw_mean`` (the therapist's mean outcome), ``adjusted_mean`` (case-mix-adjusted mean:
+        the mean over *all* patients of the fitted fixed part ``X b`` plus this therapist's mean
+        residual ``mean(y - X b)``, i.e. the therapist's raw mean moved to the average case mix;
+        not shrunken), ``effect`` (the BLUP ``E[u_i | y]`` at the estimates, shrunken towards 0:
+        ``s2_t n_i / (s2 + n_i s2_t)`` times the mean residual; in nested models the residual
+        is taken net of the cluster's BLUP), ``effect_se`` (conditional SD, lme4's ``condVar``:
+        ``sqrt(s2 s2_t / (s2 + n_i s2_t))`` plus, nested, the term for the uncertainty of the
+        cluster effect), ``ci_low``/``ci_high`` (effect +- z effect_se) and ``classification``:
+        "better than average"/"worse than average" when the interval excludes zero and
+        ``higher_is_better`` is given (for PHQ-9 end scores lower is better: pass False), else
+        "above average"/"below average"; "not distinguishable from average" when it covers zero.
+        """
+        z = self._zcrit(level)
+        eng = self._eng
+        gt = float(self.g[0])
+        gc = float(self.g[1]) if self.nested else 0.0
+        s2 = self.scale
+        ni = eng.ni
+        rbar = eng.residual_means(self._bc)
+        a = ni / (1.0 + ni * gt)
+        if self.nested:
+            cl = eng.cl
+            tau = np.bincount(cl, weights=a, minlength=eng.C)
+            U = np.bincount(cl, weights=a * rbar, minlength=eng.C)
+            w = gc / (1.0 + gc * tau)
+            u_c = w * U
+            effect = gt * a * (rbar - u_c[cl])
+            cvar = s2 * (gt / (1.0 + ni * gt) + (ni * gt / (1.0 + ni * gt)) ** 2 * w[cl])
+        else:
+            effect = gt * a * rbar
+            cvar = s2 * gt / (1.0 + ni * gt)
+        se = np.sqrt(cvar)
+        lo, hi = effect - z * se, effect + z * se
+        grand_fixed = float(self.model.exog.mean(axis=0) @ self.fe_params.to_numpy())
+        raw_mean = eng.means[:, eng.p] + eng.shift_y
+        if higher_is_better is None:
+            up, down = "above average", "below average"
+        elif higher_is_better:
+            up, down = "better than average", "worse than average"
+        else:
+            up, down = "worse than average", "better than average"
+        cls = np.where(lo > 0, up, np.where(hi < 0, down, "not distinguishable from average"))
+        out = {"therapist": self.model.group_therapist}
+        if self.nested:
+            out["cluster"] = self.model.group_cluster
+        out.update({"caseload": ni.astype(int), "raw_mean": raw_mean,
+                    "adjusted_mean": grand_fixed + rbar, "effect": effect, "effect_se": se,
+                    "ci_low": lo, "ci_high": hi, "classification": cls})
+        return pd.DataFrame(out)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Plain-text summary: model, fit, fixed effects, variance components and ICC."""
+        kind = "nested (1 | cluster/therapist)" if self.nested else "random intercept (1 | therapist)"
+        lines = [f"Gaussian {kind} model fitted by {self.method}",
+                 f"patients: {self.n_obs}   therapists: {self.n_therapists}"
+                 + (f"   clusters: {self.n_clusters}" if self.nested else ""),
+                 f"{'REML' if self._reml else 'ML'} log-likelihood: {self.loglik:.4f}   "
+                 f"converged: {self.converged}   singular: {self.singular}", "",
+                 "Fixed effects:", f"{'':<24}{'estimate':>12}{'se':>12}"]
+        for name in self.fe_params.index:
+            lines.append(f"{name:<24}{self.fe_params[name]:>12.5g}{self.bse[name]:>12.5g}")
+        lines += ["", "Variance components:", f"{'':<24}{'variance':>12}{'sd':>12}"]
+        for name, v in self.vcomp.items():
+            lines.append(f"{name:<24}{v:>12.5g}{math.sqrt(v):>12.5g}")
+        lines += ["", f"ICC (therapist share of variance): {self.icc():.4f}"]
+        if self.nested:
+            lines.append(f"ICC (cluster share of variance): {self.icc_cluster():.4f}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def to_contract(self, interval: str = "profile", n_boot: int = 1000,
+                    seed: int | None = None) -> dict[str, Any]:
+        """This model's entry of ``estimates.json`` (all but type/outcome/formula): plain Python
+        floats/bools/None, deterministic given the data and ``seed``."""
+        ci = self.conf_int(method=interval, n_boot=n_boot, seed=seed)
+        fixed = {name: {"estimate": _f(self.fe_params[name]), "se": _f(self.bse[name]),
+                        "ci_low": _f(ci.loc[name, "lower"]), "ci_high": _f(ci.loc[name, "upper"])}
+                 for name in self.fe_params.index}
+        vcs = {name: {"estimate": _f(v), "ci_low": _f(ci.loc[name, "lower"]),
+                      "ci_high": _f(ci.loc[name, "upper"])} for name, v in self.vcomp.items()}
+        icc_method = interval if interval in ("profile", "bootstrap") else "profile"
+        lo, hi = self.icc_interval(method=icc_method, n_boot=n_boot, seed=seed)
+        out: dict[str, Any] = {
+            "family": "gaussian", "method": self.method, "fixed_effects": fixed,
+            "variance_components": vcs,
+            "icc": {"estimate": _f(self.icc()), "ci_low": _f(lo), "ci_high": _f(hi),
+                    "ci_method": icc_method},
+        }
+        if self.nested:
+            clo, chi = self.icc_interval(method=icc_method, n_boot=n_boot, seed=seed, which="cluster")
+            out["icc_cluster"] = {"estimate": _f(self.icc_cluster()), "ci_low": _f(clo),
+                                  "ci_high": _f(chi), "ci_method": icc_method}
+        lrt = self.lrt()
+        out.update({
+            "loglik": _f(self.loglik), "converged": bool(self.converged),
+            "singular": bool(self.singular),
+            "lrt": {k: _f(v) for k, v in lrt.items()},
+            "n_patients": int(self.n_obs), "n_therapists": int(self.n_therapists),
+            "n_clusters": None if self.n_clusters is None else int(self.n_clusters),
+            "warnings": list(self.warnings),
+        })
+        return out
