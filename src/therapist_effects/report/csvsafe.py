@@ -1,0 +1,50 @@
+"""CSV export that cannot be turned into spreadsheet formulas (CSV / formula injection).
+
+A text cell that begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is run as a
+formula by Excel, LibreOffice and Google Sheets. :func:`safe_csv` prefixes such text cells with a
+single quote (OWASP's advice); numbers, including negative ones, are written unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import numbers
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DANGEROUS_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value: Any) -> Any:
+    """``value`` with a leading single quote if it is text that a spreadsheet would run as a formula."""
+    if isinstance(value, str) and value.startswith(DANGEROUS_PREFIXES):
+        return "'" + value
+    return value
+
+
+def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` whose text cells (and column names) are neutralised; numbers untouched."""
+    out = df.copy()
+    for col in out.columns:
+        s = out[col]
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        out[col] = s.map(lambda v: v if isinstance(v, numbers.Number) else neutralise(v)).astype(object)
+    out.columns = [neutralise(c) if isinstance(c, str) else c for c in out.columns]
+    return out
+
+
+def safe_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs: Any) -> Path:
+    """Write ``df`` to ``path`` as CSV with formula-like text cells neutralised (index off by default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_csv_kwargs.setdefault("index", False)
+    safe = neutralise_frame(df)
+    text_cols = [c for c in safe.columns if safe[c].dtype == object]
+    if any(safe[c].map(lambda v: isinstance(v, str) and "\r" in v).any() for c in text_cols):
+        # pandas does not quote a bare carriage return, which readers take as a line break
+        to_csv_kwargs.setdefault("quoting", csv.QUOTE_NONNUMERIC)
+    safe.to_csv(path, **to_csv_kwargs)
+    return path

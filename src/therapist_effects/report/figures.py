@@ -1,0 +1,311 @@
+"""Figures of the reports, drawn with matplotlib and embedded as base64 PNG ``data:`` URIs.
+
+Colours are the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies);
+categories are also told apart by marker shape, not colour alone. Each function returns a
+:class:`Figure` holding the image and its alt text (a sentence saying what the figure shows).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+OKABE_ITO = {
+    "blue": "#0072B2", "vermillion": "#D55E00", "green": "#009E73", "orange": "#E69F00",
+    "sky": "#56B4E9", "purple": "#CC79A7", "yellow": "#F0E442", "grey": "#6b6b6b", "black": "#000000",
+}
+CLASS_STYLE = {  # classification -> (colour, marker)
+    "better": (OKABE_ITO["blue"], "^"),
+    "worse": (OKABE_ITO["vermillion"], "v"),
+    "above": (OKABE_ITO["blue"], "^"),
+    "below": (OKABE_ITO["vermillion"], "v"),
+    "none": (OKABE_ITO["grey"], "o"),
+}
+DPI = 110
+_RC = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "axes.spines.top": False,
+    "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25, "font.family": "DejaVu Sans",
+    "figure.constrained_layout.use": True,
+}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An embedded figure: ``src`` is a ``data:image/png;base64,...`` URI; ``alt`` its alt text."""
+
+    src: str
+    alt: str
+    caption: str = ""
+
+
+def _encode(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def class_key(label: object) -> str:
+    """'better'/'worse'/'above'/'below'/'none' from a classification label."""
+    s = str(label).lower()
+    for key in ("better", "worse", "above", "below"):
+        if s.startswith(key):
+            return key
+    return "none"
+
+
+def caterpillar(effect, low, high, classification, *, ylabel: str, title: str,
+                note: str = "") -> Figure:
+    """Therapist effects, sorted, each with its interval; coloured and shaped by classification."""
+    effect, low, high = (np.asarray(a, dtype=float) for a in (effect, low, high))
+    keys = np.array([class_key(c) for c in classification])
+    order = np.argsort(effect, kind="stable")
+    x = np.arange(1, len(effect) + 1)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        ax.axhline(0, color=OKABE_ITO["black"], lw=0.8)
+        for key in ("none", "better", "worse", "above", "below"):
+            m = keys[order] == key
+            if not m.any():
+                continue
+            colour, marker = CLASS_STYLE[key]
+            label = {"none": "not distinguishable from average", "better": "better than average",
+                     "worse": "worse than average", "above": "above average",
+                     "below": "below average"}[key]
+            ax.vlines(x[m], low[order][m], high[order][m], color=colour, lw=1.1, alpha=0.8)
+            ax.scatter(x[m], effect[order][m], color=colour, marker=marker, s=18, zorder=3,
+                       label=f"{label} ({int(m.sum())})")
+        ax.set_xlabel("therapists, ranked by estimated effect")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_xlim(0, len(effect) + 1)
+        ax.legend(loc="upper left", frameon=False, fontsize=9)
+        src = _encode(fig)
+    counts = {k: int((keys == k).sum()) for k in CLASS_STYLE if (keys == k).any()}
+    alt = (f"Caterpillar plot of {len(effect)} therapist effects ranked from lowest to highest, "
+           f"each with its interval; effects range from {np.nanmin(effect):.2f} to "
+           f"{np.nanmax(effect):.2f}. Classification counts: "
+           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ". " + note).strip()
+    return Figure(src, alt)
+
+
+def histogram(values, *, xlabel: str, title: str) -> Figure:
+    values = np.asarray(values, dtype=float)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        bins = min(30, max(5, int(np.sqrt(len(values))) + 1))
+        ax.hist(values, bins=bins, color=OKABE_ITO["sky"], edgecolor="white")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("therapists")
+        ax.set_title(title)
+        src = _encode(fig)
+    alt = (f"Histogram of {xlabel} over {len(values)} therapists: median {np.median(values):g}, "
+           f"range {np.min(values):g} to {np.max(values):g}.")
+    return Figure(src, alt)
+
+
+def icc_by_arm(rows: list[tuple[str, float, float | None, float | None]], *, title: str) -> Figure:
+    """Per-arm ICCs with intervals: ``rows`` of (arm label, icc, low, high)."""
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(6, 0.7 + 0.6 * len(rows)))
+        colours = [OKABE_ITO["vermillion"], OKABE_ITO["blue"], OKABE_ITO["green"], OKABE_ITO["orange"]]
+        for i, (label, est, lo, hi) in enumerate(rows):
+            c = colours[i % len(colours)]
+            if lo is not None and hi is not None:
+                ax.hlines(i, lo, hi, color=c, lw=2)
+            ax.plot([est], [i], "o", color=c, ms=7)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.invert_yaxis()
+        ax.set_xlabel("ICC (therapist share of outcome variance)")
+        ax.set_xlim(left=0)
+        ax.set_title(title)
+        src = _encode(fig)
+    alt = "ICC by arm with intervals: " + "; ".join(
+        f"{r[0]} {r[1]:.3f}" + (f" ({r[2]:.3f} to {r[3]:.3f})" if r[2] is not None and r[3] is not None else "")
+        for r in rows) + "."
+    return Figure(src, alt)
+
+
+def narrowing(intercept, slope, *, title: str) -> Figure:
+    """Narrowing the gap: each therapist's effect without feedback and with it (left), and the
+    change with feedback against the effect without it (right)."""
+    a = np.asarray(intercept, dtype=float)
+    b = np.asarray(slope, dtype=float)
+    with plt.rc_context(_RC):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+        for ai, bi in zip(a, b, strict=True):
+            ax1.plot([0, 1], [ai, ai + bi], color=OKABE_ITO["grey"], lw=0.7, alpha=0.6)
+        ax1.plot(np.zeros_like(a), a, "o", color=OKABE_ITO["vermillion"], ms=3, label="control")
+        ax1.plot(np.ones_like(a), a + b, "s", color=OKABE_ITO["blue"], ms=3, label="feedback")
+        ax1.set_xticks([0, 1], ["control", "feedback"])
+        ax1.set_xlim(-0.3, 1.3)
+        ax1.set_ylabel("therapist effect")
+        ax1.set_title("therapist effects by arm")
+        ax2.scatter(a, b, s=14, color=OKABE_ITO["blue"])
+        r = float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and np.std(a) > 0 and np.std(b) > 0 else float("nan")
+        if np.isfinite(r):
+            coef = np.polyfit(a, b, 1)
+            xs = np.linspace(a.min(), a.max(), 20)
+            ax2.plot(xs, np.polyval(coef, xs), color=OKABE_ITO["vermillion"], lw=1.2)
+        ax2.axhline(0, color="black", lw=0.6)
+        ax2.set_xlabel("effect without feedback (intercept)")
+        ax2.set_ylabel("change with feedback (slope)")
+        ax2.set_title(f"slope against intercept (r = {r:.2f})" if np.isfinite(r) else "slope against intercept")
+        fig.suptitle(title)
+        src = _encode(fig)
+    sd0, sd1 = float(np.std(a, ddof=1)) if len(a) > 1 else float("nan"), \
+        float(np.std(a + b, ddof=1)) if len(a) > 1 else float("nan")
+    alt = (f"Narrowing-the-gap plot for {len(a)} therapists: spread (SD) of therapist effects "
+           f"{sd0:.2f} without feedback and {sd1:.2f} with it; correlation of slope with intercept "
+           f"{r:.2f}.")
+    return Figure(src, alt)
+
+
+def residual_panels(fitted, residuals, effects, *, title: str) -> Figure:
+    """Residuals against fitted values, normal Q-Q of residuals and of therapist effects."""
+    fitted, residuals = np.asarray(fitted, float), np.asarray(residuals, float)
+    effects = np.asarray(effects, float)
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.3))
+        axes[0].scatter(fitted, residuals, s=5, alpha=0.35, color=OKABE_ITO["blue"], edgecolors="none")
+        axes[0].axhline(0, color="black", lw=0.7)
+        axes[0].set_xlabel("fitted value")
+        axes[0].set_ylabel("residual")
+        axes[0].set_title("residuals vs fitted")
+        for ax, vals, what in ((axes[1], residuals, "patient residuals"), (axes[2], effects, "therapist effects")):
+            (osm, osr), (slope, icpt, _) = stats.probplot(vals[np.isfinite(vals)], dist="norm")
+            ax.scatter(osm, osr, s=6, color=OKABE_ITO["blue"], edgecolors="none")
+            ax.plot(osm, slope * osm + icpt, color=OKABE_ITO["vermillion"], lw=1)
+            ax.set_xlabel("normal quantile")
+            ax.set_ylabel("sample quantile")
+            ax.set_title(f"normal Q-Q: {what}")
+        fig.suptitle(title)
+        src = _encode(fig)
+    alt = (f"Diagnostic plots for {title}: residuals against fitted values for {len(residuals)} patients "
+           f"(residual SD {np.nanstd(residuals, ddof=1):.2f}), and normal Q-Q plots of the patient residuals "
+           f"and of {len(effects)} therapist effects.")
+    return Figure(src, alt)
+
+
+def funnel(n, rate, p0: float, limits: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+           ylabel: str, title: str) -> Figure:
+    """Funnel plot: rate against caseload with control limits ``{level: (n_grid, low, high)}``."""
+    n, rate = np.asarray(n, float), np.asarray(rate, float)
+    styles = {0.95: ("--", OKABE_ITO["orange"]), 0.998: ("-", OKABE_ITO["vermillion"])}
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for level, (grid, lo, hi) in sorted(limits.items()):
+            ls, c = styles.get(level, (":", OKABE_ITO["grey"]))
+            ax.plot(grid, lo, ls, color=c, lw=1.3, label=f"{100 * level:g}% limits")
+            ax.plot(grid, hi, ls, color=c, lw=1.3)
+        ax.axhline(p0, color=OKABE_ITO["black"], lw=0.9, label=f"service average {100 * p0:.1f}%")
+        outer = max(limits) if limits else None
+        out = np.zeros(len(n), bool)
+        if outer is not None:
+            grid, lo, hi = limits[outer]
+            out = (rate < np.interp(n, grid, lo)) | (rate > np.interp(n, grid, hi))
+        ax.scatter(n[~out], rate[~out], s=22, color=OKABE_ITO["blue"], label="therapist", zorder=3)
+        if out.any():
+            ax.scatter(n[out], rate[out], s=40, color=OKABE_ITO["vermillion"], marker="D", zorder=4,
+                       label="outside 99.8% limits")
+        ax.set_xlabel("caseload (patients with the outcome defined)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_title(title)
+        fig.legend(frameon=False, fontsize=9, loc="outside lower center", ncol=5)
+        src = _encode(fig)
+    alt = (f"Funnel plot of {ylabel} against caseload for {len(n)} therapists, with the service "
+           f"average {100 * p0:.1f}% and 95% and 99.8% control limits that narrow as caseload grows; "
+           f"{int(out.sum())} therapists lie outside the 99.8% limits.")
+    return Figure(src, alt)
+
+
+def forest(labels, est, low, high, *, pooled: tuple[str, float, float, float] | None = None,
+           prediction: tuple[float, float] | None = None, xlabel: str, title: str,
+           reference: float | None = None, weights=None) -> Figure:
+    """Forest plot: one row per study and, below, the pooled estimate as a diamond (and the
+    prediction interval as a bar)."""
+    est = np.asarray(est, float)
+    low = np.asarray([np.nan if v is None else v for v in low], float)
+    high = np.asarray([np.nan if v is None else v for v in high], float)
+    k = len(est)
+    rows = k + (2 if pooled else 0)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.38 * rows))
+        w = np.ones(k) if weights is None else np.asarray(weights, float)
+        sizes = 20 + 80 * (w / np.nanmax(w)) if np.nanmax(w) > 0 else np.full(k, 40.0)
+        ys = np.arange(k)
+        ok = np.isfinite(low) & np.isfinite(high)
+        ax.hlines(ys[ok], low[ok], high[ok], color=OKABE_ITO["blue"], lw=1.3)
+        ax.scatter(est, ys, s=sizes, marker="s", color=OKABE_ITO["blue"], zorder=3)
+        ticks, ticklabels = list(ys), [str(x) for x in labels]
+        if pooled:
+            name, pe, plo, phi = pooled
+            y = k + 0.8
+            if prediction is not None and all(v is not None for v in prediction):
+                ax.hlines(y, prediction[0], prediction[1], color=OKABE_ITO["orange"], lw=3, alpha=0.8,
+                          label="prediction interval")
+            ax.fill([plo, pe, phi, pe], [y, y - 0.3, y, y + 0.3], color=OKABE_ITO["vermillion"],
+                    zorder=3, label="pooled estimate")
+            ax.axvline(pe, color=OKABE_ITO["vermillion"], lw=0.7, ls=":")
+            ticks.append(y)
+            ticklabels.append(name)
+            ax.legend(frameon=False, fontsize=9, loc="lower right")
+        if reference is not None:
+            ax.axvline(reference, color="black", lw=0.8)
+        ax.set_yticks(ticks, ticklabels)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        src = _encode(fig)
+    alt = (f"Forest plot of {xlabel} in {k} studies"
+           + (f", pooled estimate {pooled[1]:.3f} ({pooled[2]:.3f} to {pooled[3]:.3f})" if pooled else "")
+           + (f", prediction interval {prediction[0]:.3f} to {prediction[1]:.3f}"
+              if prediction is not None and all(v is not None for v in prediction) else "") + ".")
+    return Figure(src, alt)
+
+
+def bayes_diagnostics(idata_path, *, title: str, max_vars: int = 4) -> Figure:
+    """Trace and rank plots of the variance parameters of a Bayesian fit (InferenceData NetCDF)."""
+    import arviz as az
+
+    idata = az.from_netcdf(str(idata_path))
+    post = idata.posterior
+    names = [v for v in post.data_vars if post[v].ndim == 2]  # scalar parameters (chain, draw)
+    preferred = [v for v in names if any(t in v.lower() for t in ("icc", "tau", "sigma", "sd", "var"))]
+    names = (preferred or names)[:max_vars]
+    if not names:
+        raise ValueError("no scalar parameters in the posterior")
+    with plt.rc_context({**_RC, "figure.constrained_layout.use": False}):
+        fig, axes = plt.subplots(len(names), 2, figsize=(10, 1.9 * len(names)), squeeze=False)
+        for i, v in enumerate(names):
+            x = post[v].values
+            for c in range(x.shape[0]):
+                axes[i, 0].plot(x[c], lw=0.5, alpha=0.8,
+                                color=list(OKABE_ITO.values())[c % 7])
+            axes[i, 0].set_ylabel(v)
+            ranks = stats.rankdata(x.ravel()).reshape(x.shape)
+            bins = np.linspace(0, x.size, 21)
+            for c in range(x.shape[0]):
+                h, _ = np.histogram(ranks[c], bins=bins)
+                axes[i, 1].step(bins[:-1], h, where="post", color=list(OKABE_ITO.values())[c % 7], lw=1)
+            axes[i, 1].axhline(x.shape[1] / 20, color="black", lw=0.7, ls="--")
+        axes[0, 0].set_title("trace (one line per chain)")
+        axes[0, 1].set_title("rank histogram (flat = chains agree)")
+        fig.suptitle(title)
+        fig.tight_layout()
+        src = _encode(fig)
+    n_chain, n_draw = post.sizes.get("chain", 0), post.sizes.get("draw", 0)
+    alt = (f"Trace and rank plots for {', '.join(names)} from {n_chain} chains of {n_draw} draws "
+           f"({title}).")
+    return Figure(src, alt)

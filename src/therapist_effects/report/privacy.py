@@ -1,0 +1,87 @@
+"""Privacy safeguards of the therapist-level service report.
+
+- Pseudonyms: a therapist's ID is replaced by ``T-`` and the first 10 hex digits of
+  HMAC-SHA256(key, ID) (RFC 2104 / FIPS 198-1), the key read from an environment variable. The
+  same key gives the same pseudonyms in every report, so a service can follow a therapist over time
+  without the report naming them; without the key the IDs cannot be recovered by hashing guesses.
+- Small-number suppression: counts from 1 to ``suppress_below - 1`` (1-7 by default, the usual NHS
+  rule for published statistics) are shown as ``<8``, and so is anything from which such a count
+  could be worked out (a rate whose numerator or complement is small). Zero is not suppressed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+
+from ..exceptions import PseudonymisationError
+
+PSEUDONYM_PREFIX = "T-"
+PSEUDONYM_HEX = 10
+
+
+def pseudonym_key(key_env: str = "TE_PSEUDONYM_KEY") -> bytes:
+    """The pseudonymisation key from the environment; a one-line error if it is unset or empty."""
+    key = os.environ.get(key_env, "")
+    if not key:
+        raise PseudonymisationError(
+            f"pseudonymisation is on but environment variable {key_env} is not set: set it to a "
+            f"secret key (the same key gives the same pseudonyms) or pass pseudonymise=False"
+        )
+    return key.encode("utf-8")
+
+
+def pseudonym(therapist_id: object, key: bytes, n_hex: int = PSEUDONYM_HEX) -> str:
+    """``T-`` + the first ``n_hex`` hex digits of HMAC-SHA256(key, str(therapist_id))."""
+    digest = hmac.new(key, str(therapist_id).encode("utf-8"), hashlib.sha256).hexdigest()
+    return PSEUDONYM_PREFIX + digest[:n_hex]
+
+
+def pseudonymise_ids(ids: Iterable[object], key: bytes) -> dict[str, str]:
+    """Map each ID (as a string) to its pseudonym, lengthening all pseudonyms if two collide."""
+    ids = sorted({str(i) for i in ids})
+    for n_hex in range(PSEUDONYM_HEX, 65, 2):
+        mapping = {i: pseudonym(i, key, n_hex) for i in ids}
+        if len(set(mapping.values())) == len(ids):
+            return mapping
+    raise PseudonymisationError("pseudonyms collide even at full HMAC length")  # pragma: no cover
+
+
+def is_small(n: object, suppress_below: int) -> bool:
+    """True for counts 1 .. suppress_below - 1 (the ones to suppress)."""
+    try:
+        v = int(n)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return 0 < v < suppress_below
+
+
+def suppressed_label(suppress_below: int) -> str:
+    return f"<{suppress_below}"
+
+
+def safe_count(n: object, suppress_below: int) -> str:
+    """A count as text, ``<8`` (etc.) when it is small."""
+    if n is None:
+        return "\u2013"
+    if is_small(n, suppress_below):
+        return suppressed_label(suppress_below)
+    return f"{int(n):,}"  # type: ignore[arg-type]
+
+
+def safe_rate(k: object, n: object, suppress_below: int) -> tuple[str, str, bool]:
+    """(``"k of n"``, percentage, suppressed?) for ``k`` events among ``n`` patients.
+
+    Suppressed when ``k`` or ``n - k`` is small (either would reveal a small group of patients) or
+    ``n`` itself is small; then both parts read ``<8`` (etc.).
+    """
+    if n is None or int(n) == 0:  # type: ignore[arg-type]
+        return "\u2013", "\u2013", False
+    k, n = int(k), int(n)  # type: ignore[arg-type]
+    if is_small(k, suppress_below) or is_small(n - k, suppress_below) or is_small(n, suppress_below):
+        lab = suppressed_label(suppress_below)
+        text = lab if is_small(n, suppress_below) else f"{lab} of {n:,}"
+        return text, "suppressed", True
+    return f"{k:,} of {n:,}", f"{100 * k / n:.1f}%", False
