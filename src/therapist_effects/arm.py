@@ -435,7 +435,7 @@ def _profile_limits(profile_dev, est, dev_min, z0, scale, level=0.95, upper_limi
 
     def search(direction):
         state["z"] = np.array(z0, dtype=float)
-        prev, h = s_hat, 0.1
+        prev, prev_d, h = s_hat, 0.0, 0.1
         for _ in range(60):
             s = s_hat + direction * h
             c = inv(s)
@@ -446,9 +446,21 @@ def _profile_limits(profile_dev, est, dev_min, z0, scale, level=0.95, upper_limi
             d = excess(c) + cut
             if d > cut:
                 lo_s, hi_s = (prev, s) if direction > 0 else (s, prev)
-                root = optimize.brentq(root_fn, lo_s, hi_s, xtol=1e-9, rtol=1e-9)
+                try:
+                    root = optimize.brentq(root_fn, lo_s, hi_s, xtol=1e-9, rtol=1e-9)
+                except ValueError:
+                    # The inner re-optimisation, warm-started from another point, did not reproduce
+                    # the bracket's signs (a rough profile): interpolate the signed root linearly
+                    # between the two evaluated points instead, and say so.
+                    warnings.warn(
+                        "profile likelihood is not smooth near an interval end; the end was interpolated",
+                        StatisticalWarning,
+                    )
+                    r0, r1 = math.sqrt(max(prev_d, 0.0)), math.sqrt(d)
+                    frac = (rcut - r0) / (r1 - r0) if r1 > r0 else 1.0
+                    root = prev + frac * (s - prev)
                 return inv(root)
-            prev = s
+            prev, prev_d = s, d
             guess = h * math.sqrt(cut / d) * 1.1 if d > 1e-8 else h * 4.0
             h = min(max(guess, h * 1.3), h * 6.0)
             if abs(s) > 40:

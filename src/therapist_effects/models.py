@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import platform
 import warnings
@@ -35,6 +36,8 @@ import pandas as pd
 
 from .config import DERIVED_OUTCOMES, INSTRUMENT_OUTCOMES, model_applies
 from .exceptions import ModelError, TherapistEffectsWarning
+
+log = logging.getLogger("therapist_effects")
 
 
 @dataclass
@@ -74,7 +77,8 @@ def extra_columns(cfg: dict, dataset: dict) -> list[str]:
     cols = dataset["columns"]
     mapped = {v for k, v in cols.items() if k != "covariates"} | set(cols.get("covariates", []))
     extra = []
-    for model in cfg["models"]:
+    fitted, _ = applicable_models(cfg, dataset)
+    for model in fitted:
         out = model.get("outcome")
         if out is None or out in mapped or out in extra:
             continue
@@ -106,7 +110,11 @@ def model_frame(patients: pd.DataFrame, model: dict, dataset: dict) -> ModelFram
     """Select, rename and complete-case the patient table for one model (exclusions are counted)."""
     names = role_names(dataset)
     cols = dataset["columns"]
-    df = patients.rename(columns={k: v for k, v in names.items() if k in patients.columns})
+    renames = {k: v for k, v in names.items() if k in patients.columns and k != v}
+    # A renamed role may take the name of a derived column (e.g. arm -> "feedback" while the table also
+    # holds the derived 0/1 "feedback" indicator): the role's column wins.
+    clash = [v for v in renames.values() if v in patients.columns and v not in renames]
+    df = patients.drop(columns=clash).rename(columns=renames)
     outcome = model.get("outcome") or names["end"]
     if outcome not in df.columns:
         raise ModelError(f"model {model['id']!r}: outcome {outcome!r} is not a patient outcome or a column of the file")
@@ -194,11 +202,13 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _numeric_arm(mf: ModelFrame) -> pd.DataFrame:
-    """Arm as a 0/1 indicator of the feedback level, named like the arm column (for slopes and design)."""
-    df = mf.df.copy()
-    df[mf.arm] = (df[mf.arm].astype(str) == str(mf.feedback_level)).astype(float)
-    return df
+def _therapist_table(res: Any, level: float, higher_is_better: bool | None) -> pd.DataFrame:
+    import inspect
+
+    params = inspect.signature(res.therapist_effects).parameters
+    if "higher_is_better" in params:
+        return res.therapist_effects(level=level, higher_is_better=higher_is_better)
+    return res.therapist_effects(level=level)
 
 
 def fit_model(
@@ -235,7 +245,13 @@ def fit_model(
                 cluster=mf.cluster if kind == "nested" else None,
                 arm=mf.arm if kind == "arm_variance" else None, feedback_level=mf.feedback_level, config=bcfg,
             )
-            entry = result.to_contract()
+            entry = dict(result.to_contract())
+            entry.setdefault("loglik", None)  # no maximised likelihood for a posterior
+            # Wall-clock timings would break byte-identical reruns: they go to the log only.
+            diag = dict(entry.get("diagnostics") or {})
+            for key in [k for k in diag if "seconds" in k]:
+                log.info("model %s: %s = %.2f", model["id"], key, diag.pop(key))
+            entry["diagnostics"] = diag
             if model.get("prior_sensitivity") and b.get("sensitivity_priors"):
                 from .bayes import prior_sensitivity
 
@@ -249,14 +265,15 @@ def fit_model(
                 result.to_netcdf(idata_path)
             table = result.therapist_table()
         elif kind == "random_slope":
-            from .slopes import fit_random_slope
+            from .slopes import RandomSlopeModel
 
-            result = fit_random_slope(
-                _numeric_arm(mf), mf.outcome, [c for c in mf.covariates if c != mf.arm], therapist=mf.therapist,
-                slope=mf.arm, level=level, seed=seed,
-            )
-            entry = result.to_contract()
-            narrowing = result.narrowing_table()
+            res = RandomSlopeModel.from_frame(
+                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
+                feedback_level=mf.feedback_level, method=model.get("method") or "REML",
+            ).fit()
+            entry = res.to_contract(interval="profile" if interval == "wald" else interval, n_boot=n_boot, seed=seed)
+            gap = res.gap_table()
+            narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
             table = None
         elif kind == "arm_variance":
             from .arm import ArmVarianceModel
@@ -267,7 +284,7 @@ def fit_model(
                 correlated=model.get("correlated", False), arm_residual=model.get("arm_residual", False),
             ).fit()
             entry = res.to_contract(interval=interval, n_boot=n_boot, seed=seed)
-            table = res.therapist_effects(level=level, higher_is_better=hib)
+            table = _therapist_table(res, level, hib)
         elif family == "binomial":
             from .glmm import LogisticRandomInterceptModel
 

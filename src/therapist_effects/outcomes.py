@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .csvsafe import neutralise_frame, safe_csv
 from .exceptions import ConfigError, DataWarning
 from .ingest import REJECT_COLUMNS, _fmt_value, _id_text, accounting
 from .instruments import Instrument, get_instrument
@@ -59,7 +60,6 @@ __all__ = [
     "write_rejects",
 ]
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # RFC 4180 line ends; with "\r\n" as line terminator the csv writer also quotes cells that hold a
 # bare "\r" (with "\n" alone such a cell would break the row)
 _CSV_EOL = "\r\n"
@@ -270,19 +270,9 @@ def derive_patient_outcomes(
 # writing
 # ------------------------------------------------------------------------------------------------
 def escape_formulas(df: pd.DataFrame) -> pd.DataFrame:
-    """Copy of ``df`` whose text cells starting with ``= + - @``, tab or CR get a leading ``'``.
-
-    Spreadsheet programs execute such cells as formulas when a CSV is opened (CSV/formula
-    injection); numeric columns are left untouched so that negative numbers stay numbers.
-    """
-    out = df.copy()
-    for c in out.columns:
-        s = out[c]
-        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s):
-            continue
-        out[c] = s.map(lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START)
-                       else v).astype(object)
-    return out
+    """Copy of ``df`` whose text cells starting with ``= + - @``, tab or CR get a leading ``'``
+    (spreadsheet formula injection); numbers untouched. See :mod:`therapist_effects.csvsafe`."""
+    return neutralise_frame(df)
 
 
 def write_patient_outputs(patients: pd.DataFrame, parquet_path: str | Path,
@@ -295,12 +285,11 @@ def write_patient_outputs(patients: pd.DataFrame, parquet_path: str | Path,
     for p in (parquet_path, csv_path):
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     patients.to_parquet(parquet_path, index=False)
-    escape_formulas(patients).to_csv(csv_path, index=False, date_format="%Y-%m-%d",
-                                     lineterminator=_CSV_EOL)
+    safe_csv(patients, csv_path, date_format="%Y-%m-%d", lineterminator=_CSV_EOL)
 
 
 def write_rejects(rejects: pd.DataFrame, csv_path: str | Path) -> None:
     """Write a rejects table (``row, patient, column, value, reason``) as formula-escaped CSV."""
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
     df = rejects.sort_values("row", kind="stable") if len(rejects) else rejects
-    escape_formulas(df[REJECT_COLUMNS]).to_csv(csv_path, index=False, lineterminator=_CSV_EOL)
+    safe_csv(df[REJECT_COLUMNS], csv_path, lineterminator=_CSV_EOL)

@@ -49,6 +49,10 @@ def step(log_path: str | Path | None, name: str):
         log.error("%s", exc)
         logging.shutdown()
         sys.exit(1)
+    except Exception:
+        log.exception("%s failed with an unexpected error (a bug: please report it with this log)", name)
+        logging.shutdown()
+        raise
     log.info("%s: done", name)
 
 
@@ -84,8 +88,7 @@ def outcomes_step(
     """Derive one row per patient with the instrument's outcomes; combine the rejects of both steps."""
     from .ingest import accounting
     from .instruments import get_instrument
-    from .outcomes import derive_patient_outcomes, write_patient_outputs
-    from .report.csvsafe import safe_csv
+    from .outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
     rows = pd.read_parquet(rows_path)
     instrument = get_instrument(dataset["instrument"], cfg.get("instruments") or {}) if dataset.get("instrument") else None
@@ -98,7 +101,7 @@ def outcomes_step(
     if acc["rows_used"] + acc["rows_rejected"] != acc["rows_read"]:
         raise AssertionError(f"row accounting broken: {acc}")
     write_patient_outputs(patients, out_parquet, out_csv)
-    safe_csv(rejects, out_rejects)
+    write_rejects(rejects, out_rejects)
     write_json(acc, out_accounting)
     log.info("%d patients of %d therapists; rows read %d = used %d + rejected %d",
              len(patients), patients["therapist"].nunique(), acc["rows_read"], acc["rows_used"], acc["rows_rejected"])
@@ -119,7 +122,7 @@ def fit_step(
     out_narrowing: str | None = None, out_idata: str | None = None,
 ) -> None:
     """Fit one model; write its contract entry, its therapist table and (random slopes) the narrowing table."""
-    from .report.csvsafe import safe_csv
+    from .csvsafe import safe_csv
 
     patients = pd.read_parquet(patients_path)
     model = next(m for m in cfg["models"] if m["id"] == model_id)
@@ -142,19 +145,34 @@ def fit_step(
 def per_cluster_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str, out_json: str) -> None:
     """Per-cluster (trial / service) ICCs and their random-effects pooling (two-stage meta-analysis)."""
     from .meta import per_cluster_estimates, pool
-    from .report.csvsafe import safe_csv
+    from .csvsafe import safe_csv
 
     patients = pd.read_parquet(patients_path)
-    model = {"id": "per_cluster", "type": "random_intercept"}
+    model = {"id": "per_cluster", "type": "nested"}  # keeps the cluster column
     mf = model_frame(patients, model, dataset)
     covariates = [c for c in mf.covariates]
     table = per_cluster_estimates(
         mf.df, mf.outcome, covariates, therapist=mf.therapist, cluster=role_names(dataset)["cluster"],
         arm=mf.arm, feedback_level=mf.feedback_level,
     )
+    table = _add_profile_intervals(table, mf, role_names(dataset)["cluster"], cfg["intervals"]["level"])
     safe_csv(table, out_csv)
     pooled = pool(table["logit_icc"].to_numpy(), table["var_logit_icc"].to_numpy(), method=cfg["meta"]["method"])
     write_json({"method": cfg["meta"]["method"], "pooled": pooled, "n_clusters": int(len(table))}, out_json)
+
+
+def _add_profile_intervals(table: pd.DataFrame, mf, cluster: str, level: float) -> pd.DataFrame:
+    """Each cluster's ICC with its REML profile-likelihood interval (for the forest plot)."""
+    from .reml import RandomInterceptModel
+
+    low, high = [], []
+    for c in table["cluster"]:
+        sub = mf.df[mf.df[cluster].astype(str) == str(c)]
+        res = RandomInterceptModel.from_frame(sub, mf.outcome, mf.covariates, therapist=mf.therapist).fit()
+        lo, hi = res.icc_interval(level=level, method="profile")
+        low.append(lo)
+        high.append(hi)
+    return table.assign(icc_ci_low=low, icc_ci_high=high)
 
 
 def collect_step(
@@ -163,7 +181,7 @@ def collect_step(
     meta_json: str | None = None, configfiles: list[str] | None = None,
 ) -> None:
     """Assemble ``estimates.json`` (the contract) and the combined therapist table."""
-    from .report.csvsafe import safe_csv
+    from .csvsafe import safe_csv
 
     patients = pd.read_parquet(patients_path)
     with open(accounting_path, encoding="utf-8") as fh:
@@ -189,3 +207,99 @@ def run(fn: Callable[..., Any], log_path: str | None, **kwargs: Any) -> None:
     """Run one step under :func:`step` (what the workflow scripts call)."""
     with step(log_path, fn.__name__):
         fn(**kwargs)
+
+
+def research_report_step(
+    estimates_path: str, patients_path: str, therapists_path: str, rejects_path: str,
+    narrowing_paths: list[str], idata_paths: list[str], cfg: dict, out_html: str,
+) -> None:
+    """The research report (one self-contained HTML file)."""
+    from .report import research_report
+
+    narrowing = None
+    for path in narrowing_paths:
+        if Path(path).stat().st_size > 1:
+            table = pd.read_csv(path, dtype={"therapist": str})
+            if len(table):
+                narrowing = table
+                break
+    idata = {Path(p).stem: p for p in idata_paths}
+    research_report(estimates_path, patients_path, therapists_path, rejects_path, out_html,
+                    narrowing=narrowing, idata_paths=idata or None)
+
+
+def service_report_step(
+    estimates_path: str, patients_path: str, therapists_path: str, dataset: dict, cfg: dict, out_html: str,
+) -> None:
+    """The therapist-level service report: pseudonymised, small numbers suppressed, no patient data."""
+    from .report import service_report
+
+    rep = cfg["report"]
+    service_report(
+        estimates_path, patients_path, therapists_path, out_html,
+        min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
+        pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
+        higher_is_better=_higher_is_better(dataset, cfg),
+    )
+
+
+def _icc_scale(pooled: dict) -> dict:
+    """meta.pool's result (logit scale, with an ``icc`` block) as the ICC-scale dict the report shows."""
+    icc = pooled.get("icc", {})
+    return {
+        "method": pooled.get("method"), "k": pooled.get("k"),
+        "estimate": icc.get("estimate"), "ci_low": icc.get("ci_low"), "ci_high": icc.get("ci_high"),
+        "pi_low": icc.get("pi_low"), "pi_high": icc.get("pi_high"),
+        "tau2": pooled.get("tau2"), "I2": pooled.get("I2"), "I2_percent": pooled.get("I2"),
+        "Q": pooled.get("Q"), "Q_p_value": pooled.get("Q_p_value"),
+        "logit_estimate": pooled.get("estimate"), "logit_se": pooled.get("se"),
+    }
+
+
+def meta_report_step(
+    pooled_paths: list[str], table_paths: list[str], studies_path: str | None, cfg: dict, out_html: str,
+) -> None:
+    """Meta-analysis report: per-cluster ICCs of every dataset with clusters, and a user's study table,
+    pooled by random effects on the logit-ICC scale (the estimator of ``meta.method``)."""
+    import numpy as np
+    from scipy.stats import norm
+
+    from .meta import pool, pool_study_table
+    from .report import meta_report
+
+    method = cfg["meta"]["method"]
+    level = cfg["intervals"]["level"]
+    z = norm.ppf(0.5 + level / 2)
+    rows = []
+    for path in table_paths:
+        t = pd.read_csv(path, dtype={"cluster": str})
+        dataset = Path(path).parent.name
+        t.insert(0, "study", [f"{dataset}: {c}" if len(table_paths) > 1 else str(c) for c in t["cluster"]])
+        rows.append(t)
+    if studies_path:
+        from .ingest import read_table
+
+        st = read_table(studies_path)
+        for col in ("icc", "n_patients", "n_therapists", "var_icc"):
+            if col in st.columns:
+                st[col] = pd.to_numeric(st[col], errors="coerce")
+        pooled_st = pool_study_table(st, method, level=level, source=studies_path)
+        rows.append(pd.DataFrame(pooled_st["studies"]))
+    if not rows:
+        raise ValueError("meta report: no per-cluster tables and no study table")
+    table = pd.concat(rows, ignore_index=True)
+    # Per-study intervals: the REML profile interval where raw data were fitted; for published ICCs a
+    # Wald interval on the logit scale, back-transformed.
+    half = z * np.sqrt(table["var_logit_icc"].astype(float))
+    expit = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    table["ci_low"] = expit(table["logit_icc"] - half)
+    table["ci_high"] = expit(table["logit_icc"] + half)
+    if "icc_ci_low" in table.columns:
+        has = table["icc_ci_low"].notna()
+        table.loc[has, "ci_low"] = table.loc[has, "icc_ci_low"]
+        table.loc[has, "ci_high"] = table.loc[has, "icc_ci_high"]
+    pooled = pool(table["logit_icc"].to_numpy(float), table["var_logit_icc"].to_numpy(float), method, level=level)
+    per_arm = None
+    if "icc_ratio" in table.columns and table["icc_ratio"].notna().any():
+        per_arm = table.loc[table["icc_ratio"].notna(), ["study", "icc_ratio"]].assign(ci_low=np.nan, ci_high=np.nan)
+    meta_report(table, _icc_scale(pooled), out_html, per_arm=per_arm)
