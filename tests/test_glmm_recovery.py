@@ -117,10 +117,8 @@ def test_profile_interval_coverage_laplace():
 
 
 @pytest.mark.slow
-def test_profile_interval_coverage_200_sets_laplace_and_agq10(request):
-    """Slow (about 1.5 min): ``pytest -m slow tests/test_glmm_recovery.py -s``."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow simulation study (about 1.5 min); run with: pytest -m slow tests/test_glmm_recovery.py -s")
+def test_profile_interval_coverage_200_sets_laplace_and_agq10():
+    """Slow (about 1.5 min): ``pytest -m slow tests/test_glmm_recovery.py -s`` (tests/conftest.py)."""
     for method in ("laplace", "agq"):
         fits = _fits(method)
         cov, width = _coverage(fits)

@@ -189,3 +189,16 @@ def test_lint_is_clean():
     proc = subprocess.run([*SNAKEMAKE, "--lint", "--snakefile", str(REPO / "Snakefile")], cwd=REPO,
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakemake_report_builds(demo_run):
+    """`snakemake --report` collects the outputs tagged with report() and their captions."""
+    work, cfg = demo_run
+    proc = run_snakemake(work, "--report", "report.zip", "--configfile", str(cfg))
+    assert proc.returncode == 0
+    import zipfile
+
+    with zipfile.ZipFile(work / "report.zip") as zf:
+        names = zf.namelist()
+    for expected in ("estimates.json", "therapists.csv", "report.html", "therapist_report.html", "rejects.csv"):
+        assert any(n.endswith(expected) for n in names), expected

@@ -154,9 +154,14 @@ def service_report(estimates, patients, therapists, out_path, *, min_caseload: i
             grid = np.arange(max(1, int(gl["n"].min()) - 1), int(gl["n"].max()) + 3)
             limits = {lv: (grid, *funnel_limits(p0, grid, lv)) for lv in LEVELS}
             label = "recovery rate" if col == "recovered" else "reliable improvement rate"
-            funnel = {"fig": figures.funnel(gl["n"], gl["k"] / gl["n"], p0, limits, ylabel=label,
+            # A plotted rate would reveal a count the table suppresses (k or n - k in 1..suppress_below-1):
+            # such therapists are left out of the plot, counted in the note and in "outside".
+            k, rest = gl["k"], gl["n"] - gl["k"]
+            hidden = ((k >= 1) & (k < suppress_below)) | ((rest >= 1) & (rest < suppress_below))
+            gp = gl[~hidden]
+            funnel = {"fig": figures.funnel(gp["n"], gp["k"] / gp["n"], p0, limits, ylabel=label,
                                             title=f"{label.capitalize()} by caseload"),
-                      "p0": p0, "label": label,
+                      "p0": p0, "label": label, "hidden": int(hidden.sum()),
                       "outside": int(sum((k / n < lo) or (k / n > hi) for k, n, lo, hi in zip(
                           gl["k"], gl["n"], *funnel_limits(p0, gl["n"], LEVELS[-1]), strict=True)))}
     if funnel is None:
