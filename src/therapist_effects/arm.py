@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
@@ -1390,12 +1391,6 @@ class ArmVarianceResults:
         u = np.einsum("tkl,tl->tk", M, s)
         var = self.sigma2 * np.stack([M[:, 0, 0], M[:, 1, 1]], axis=1)
         z = stats.norm.ppf(0.5 + level / 2)
-        if higher_is_better is None:
-            up, down = "above average", "below average"
-        elif higher_is_better:
-            up, down = "better than average", "worse than average"
-        else:
-            up, down = "worse than average", "better than average"
         fitted = eng.X @ b
         arm_fixed = [float(fitted[eng.acode == a].mean()) for a in range(2)]
         rows = []
@@ -1411,7 +1406,7 @@ class ArmVarianceResults:
                     "raw_mean": float(eng.S[t, a, p] / n) if n else float("nan"),
                     "adjusted_mean": arm_fixed[a] + float(resid_sum[t, a] / n) if n else float("nan"),
                     "effect": float(u[t, a]), "effect_se": se, "ci_low": lo, "ci_high": hi,
-                    "classification": up if lo > 0 else down if hi < 0 else "not distinguishable from average",
+                    "classification": str(classify_effects(lo, hi, higher_is_better)),
                 })
         return pd.DataFrame(rows)
 

@@ -49,6 +49,7 @@ import pandas as pd
 from scipy import optimize, stats
 from scipy.special import expit
 
+from .classify import classify_effects
 from .design import build_design, group_codes
 from .exceptions import (
     ConvergenceWarning,
@@ -834,13 +835,7 @@ class LogisticMixedResults:
         xbar = m.X.mean(axis=0)
         adj = expit(xbar @ self.theta[:p] + u)
         raw = np.bincount(m.g, weights=m.y, minlength=m.n_therapists) / m.counts
-        if higher_is_better is None:
-            up, down = "above average", "below average"
-        elif higher_is_better:
-            up, down = "better than average", "worse than average"
-        else:
-            up, down = "worse than average", "better than average"
-        cls = np.where(lo > 0, up, np.where(hi < 0, down, "not distinguishable from average"))
+        cls = classify_effects(lo, hi, higher_is_better)
         return pd.DataFrame(
             {
                 "therapist": m.therapist_labels,

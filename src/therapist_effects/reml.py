@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
@@ -775,13 +776,7 @@ class MixedResults:
         lo, hi = effect - z * se, effect + z * se
         grand_fixed = float(self.model.exog.mean(axis=0) @ self.fe_params.to_numpy())
         raw_mean = eng.means[:, eng.p] + eng.shift_y
-        if higher_is_better is None:
-            up, down = "above average", "below average"
-        elif higher_is_better:
-            up, down = "better than average", "worse than average"
-        else:
-            up, down = "worse than average", "better than average"
-        cls = np.where(lo > 0, up, np.where(hi < 0, down, "not distinguishable from average"))
+        cls = classify_effects(lo, hi, higher_is_better)
         out = {"therapist": self.model.group_therapist}
         if self.nested:
             out["cluster"] = self.model.group_cluster
