@@ -78,3 +78,16 @@ def test_practice_simulation_recovers_latent_model():
     assert abs(fit.params["base"] - truth["b_baseline"]) < 3 * fit.bse["base"]
     assert abs(fit.params["fb"] - truth["b_feedback"]) < 3 * fit.bse["fb"]
     assert np.isfinite(fit.scale)
+
+
+def test_committed_demo_data_regenerates_byte_for_byte(tmp_path):
+    """data/demo_sessions.csv is what `python -m therapist_effects simulate-demo` writes."""
+    from pathlib import Path
+
+    from therapist_effects.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    out, truth = tmp_path / "demo.csv", tmp_path / "truth.json"
+    assert main(["simulate-demo", "--out", str(out), "--truth", str(truth)]) == 0
+    assert out.read_bytes() == (repo / "data" / "demo_sessions.csv").read_bytes()
+    assert truth.read_bytes() == (repo / "data" / "demo_truth.json").read_bytes()

@@ -3,6 +3,7 @@
 Commands:
   simulate-demo [--out data/demo_sessions.csv]   regenerate the demo data (deterministic)
   validate-config CONFIG.yaml                     check a config file; prints one line per problem
+  screenshots [--results results] [--out docs/img] full-page PNGs of the demo's reports (headless Chromium)
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truth", default="data/demo_truth.json")
     v = sub.add_parser("validate-config", help="check a config file")
     v.add_argument("config")
+    sc = sub.add_parser("screenshots", help="full-page PNGs of the demo's reports (README pictures)")
+    sc.add_argument("--results", default="results")
+    sc.add_argument("--dataset", default="demo")
+    sc.add_argument("--out", default="docs/img")
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate-demo":
@@ -50,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
             load_config(args.config)
             print(f"{args.config}: ok")
+        elif args.command == "screenshots":
+            from .report.browser import screenshot
+
+            res, out = Path(args.results), Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for html, png in ((res / args.dataset / "report.html", "research_report.png"),
+                              (res / args.dataset / "therapist_report.html", "therapist_report.png"),
+                              (res / "meta" / "report.html", "meta_report.png")):
+                screenshot(html, out / png, width=1280)
+                print(f"wrote {out / png}")
     except TherapistEffectsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -238,6 +238,7 @@ def fit_model(
             bcfg = BayesConfig(
                 chains=b["chains"], draws=b["draws"], tune=b["tune"], target_accept=b["target_accept"],
                 seed=seed, sampler=b["sampler"], priors=b.get("priors") or None,
+                parameterization=b["parameterization"],
             )
             df = mf.df
             result = fit_bayes(
@@ -263,7 +264,7 @@ def fit_model(
                 )
             if idata_path is not None:
                 result.to_netcdf(idata_path)
-            table = result.therapist_table()
+            table = result.therapist_table(level=level, higher_is_better=hib)
         elif kind == "random_slope":
             from .slopes import RandomSlopeModel
 
