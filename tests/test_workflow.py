@@ -202,3 +202,35 @@ def test_snakemake_report_builds(demo_run):
         names = zf.namelist()
     for expected in ("estimates.json", "therapists.csv", "report.html", "therapist_report.html", "rejects.csv"):
         assert any(n.endswith(expected) for n in names), expected
+
+
+def test_therapy_trials_one_stage_and_two_stage(tmp_path):
+    """Multi-trial data: trial fixed effects with arm-specific therapist variances, a random trial
+    level, the nested model, and the per-trial (two-stage) pooling, from one config."""
+    est = _own_data_run(
+        tmp_path,
+        "trials",
+        {"path": str(REFERENCE / "therapy_trials.csv"), "layout": "patient",
+         "columns": {"patient": "patient_id", "therapist": "therapist_id", "outcome": "phq9_post",
+                     "baseline": "phq9_pre", "arm": "feedback", "cluster": "trial_id"}},
+        models=[{"id": "nested", "type": "nested"},
+                {"id": "arm_fixed", "type": "arm_variance", "cluster_effect": "fixed"},
+                {"id": "arm_random", "type": "arm_variance", "cluster_effect": "random"}],
+    )
+    ref = json.loads((REFERENCE / "lme4_reference.json").read_text())["therapy_trials"]
+    # lmer(phq9_post ~ phq9_pre + feedback + (1 | trial_id/therapist_id), REML = TRUE)
+    nested = est["models"]["nested"]["variance_components"]
+    assert nested["therapist"]["estimate"] == pytest.approx(ref["nested_REML"]["variance"]["therapist_id:trial_id:(Intercept)"], rel=1e-4)
+    # lmer(phq9_post ~ phq9_pre + feedback + trial_id + (0 + control | therapist_id) + (0 + feedback | therapist_id))
+    fixed = est["models"]["arm_fixed"]
+    assert fixed["formula"] == "phq9_post ~ phq9_pre + feedback + trial_id + diag(0 + factor(feedback) | therapist_id)"
+    assert fixed["variance_components"]["therapist[0]"]["estimate"] == pytest.approx(0.8311805431, rel=1e-4)
+    assert fixed["variance_components"]["therapist[1]"]["estimate"] == pytest.approx(0.6893769324, rel=1e-4)
+    assert fixed["fixed_effects"]["trial_idS01"]["estimate"] == pytest.approx(-0.4076579953, rel=1e-4)
+    rnd = est["models"]["arm_random"]
+    assert "cluster" in rnd["variance_components"] and rnd["converged"]
+    # the random trial level sits between no trial term and trial fixed effects
+    assert 0 < rnd["variance_components"]["therapist[0]"]["estimate"] < 1.0
+    meta = est["meta"]["pooled"]
+    # metafor: rma(yi, vi, method = "DL") on the per-trial logit ICCs: estimate -3.629806538
+    assert meta["estimate"] == pytest.approx(ref["pooled_logit_icc"]["DL"][0]["estimate"], rel=1e-6)

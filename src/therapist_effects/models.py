@@ -133,7 +133,7 @@ def model_frame(patients: pd.DataFrame, model: dict, dataset: dict) -> ModelFram
     if missing_cols:
         raise ModelError(f"model {model['id']!r}: covariates {missing_cols} are not columns of the patient table")
     used = [outcome, *covariates, names["therapist"]]
-    if "cluster" in names and model["type"] == "nested":
+    if "cluster" in names and (model["type"] == "nested" or model.get("cluster_effect") == "random"):
         used.append(names["cluster"])
     if "arm" in names:
         used.append(names["arm"])
@@ -179,6 +179,8 @@ def formula(model: dict, mf: ModelFrame) -> str:
         re = f"diag(0 + factor({mf.arm}) | {t})"
         if model.get("correlated"):
             re = f"(0 + factor({mf.arm}) | {t})"
+        if model.get("cluster_effect") == "random":
+            re = f"(1 | {mf.cluster}) + {re.replace(f'| {t})', f'| {mf.cluster}:{t})')}"
     elif kind == "random_slope":
         re = f"(1 + {mf.arm} | {t})"
     else:
@@ -283,9 +285,14 @@ def fit_model(
                 mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
                 feedback_level=mf.feedback_level, method=model.get("method") or "REML",
                 correlated=model.get("correlated", False), arm_residual=model.get("arm_residual", False),
+                **({"cluster": mf.cluster, "cluster_random": True} if model.get("cluster_effect") == "random" else {}),
             ).fit()
-            entry = res.to_contract(interval=interval, n_boot=n_boot, seed=seed)
-            table = _therapist_table(res, level, hib)
+            entry = res.to_contract(interval="profile" if interval == "wald" else interval, n_boot=n_boot, seed=seed)
+            try:
+                table = _therapist_table(res, level, hib)
+            except ModelError as exc:  # e.g. with a random cluster level: no per-therapist table (yet)
+                log.warning("model %s: no therapist table: %s", model["id"], exc)
+                table = None
         elif family == "binomial":
             from .glmm import LogisticRandomInterceptModel
 
