@@ -51,6 +51,9 @@ def test_per_cluster_estimates_reproduce_reference(per_trial):
     np.testing.assert_allclose(est["var_icc"], per_trial["var_icc"], rtol=1e-4)
     np.testing.assert_allclose(est["logit_icc"], per_trial["yi"], rtol=1e-4)
     np.testing.assert_allclose(est["var_logit_icc"], per_trial["vi"], rtol=1e-3)
+    # each cluster's profile interval brackets its estimate; singular clusters keep an interval from 0
+    assert (est["icc_ci_low"] <= est["icc"]).all() and (est["icc"] < est["icc_ci_high"]).all()
+    assert (est.loc[est["icc"] == 0, "icc_ci_low"] == 0).all()
 
 
 @needs_ref

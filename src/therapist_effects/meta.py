@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .arm import ArmVarianceModel, _Engine
-from .design import fixed_effects_matrix, group_codes
-from .exceptions import InputError, ModelError, StatisticalWarning
+from .arm import ArmVarianceModel
+from .design import fixed_effects_matrix
+from .exceptions import InputError, ModelError, SingularFitWarning, StatisticalWarning
+from .reml import RandomInterceptModel
 
 __all__ = [
     "ICC_FLOOR",
     "donner_var_icc",
     "logit_icc",
-    "random_intercept_icc",
     "per_cluster_estimates",
     "pool",
     "pool_study_table",
@@ -66,50 +66,6 @@ def logit_icc(icc, var_icc, floor: float = ICC_FLOOR):
     return yi, vi
 
 
-def random_intercept_icc(y, X, therapist, method: str = "REML") -> dict:
-    """Therapist ICC from a random-intercept model ``y ~ X + (1 | therapist)`` (exact REML/ML).
-
-    Uses the per-therapist sufficient statistics of :mod:`therapist_effects.arm` with a single arm;
-    returns the therapist and residual variances, the ICC, fixed effects and log-likelihood.
-    """
-    y = np.asarray(y, dtype=float)
-    X = np.asarray(X, dtype=float)
-    tcode, tlabels = group_codes(therapist)
-    if len(tlabels) < 2:
-        raise ModelError("a random-intercept ICC needs at least two therapists")
-    eng = _Engine(y, X, tcode, np.zeros(len(y), dtype=np.int64), len(tlabels), 1)
-    one = np.ones(1)
-
-    def f(th):
-        return eng.deviance(np.array([[th * th]]), one, True, method)
-
-    # a coarse grid then Brent: the profiled criterion in theta is smooth and usually unimodal
-    grid = np.r_[0.0, np.geomspace(1e-3, 5.0, 25)]
-    vals = np.array([f(t) for t in grid])
-    i = int(np.argmin(vals))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    th, dev = grid[i], vals[i]
-    if hi > lo:
-        res = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
-        if res.fun < dev:
-            th, dev = float(res.x), float(res.fun)
-    if th > 0 and f(0.0) <= dev + 1e-9:  # the optimum is on the boundary: a singular fit, ICC exactly 0
-        th, dev = 0.0, f(0.0)
-    G = np.array([[th * th]])
-    beta, s2, _, _ = eng.gls(G, one, True, method)
-    s2t = s2 * th * th
-    return {
-        "therapist_var": float(s2t),
-        "residual_var": float(s2),
-        "icc": float(s2t / (s2t + s2)),
-        "fe_params": beta,
-        "loglik": -0.5 * float(dev),
-        "singular": bool(th < 1e-4),
-        "n_patients": len(y),
-        "n_therapists": len(tlabels),
-    }
-
-
 def per_cluster_estimates(
     df: pd.DataFrame,
     outcome: str,
@@ -119,11 +75,14 @@ def per_cluster_estimates(
     cluster: str = "cluster",
     arm: str | None = None,
     feedback_level=None,
+    level: float = 0.95,
 ) -> pd.DataFrame:
     """Per-cluster (trial/service) therapist ICCs: stage 1 of a two-stage meta-analysis.
 
-    Fits ``outcome ~ covariates + (1 | therapist)`` by REML in each cluster. Returns one row per
-    cluster: ``cluster, n_patients, n_therapists, icc, var_icc`` (Donner), ``logit_icc,
+    Fits ``outcome ~ covariates + (1 | therapist)`` by REML in each cluster
+    (:class:`~therapist_effects.reml.RandomInterceptModel`). Returns one row per cluster:
+    ``cluster, n_patients, n_therapists, icc, icc_ci_low, icc_ci_high`` (profile-likelihood
+    interval at ``level``), ``var_icc`` (Donner), ``logit_icc,
     var_logit_icc`` (clamped as described in the module docstring) and, when ``arm`` is given, the
     arm-specific ICCs ``icc_control, icc_feedback, icc_ratio`` from
     :class:`~therapist_effects.arm.ArmVarianceModel` (NaN with a warning where a cluster's arm
@@ -139,12 +98,19 @@ def per_cluster_estimates(
         if not keep:  # e.g. a covariate constant within this cluster: drop aliased columns
             q, r = np.linalg.qr(X)
             X = X[:, np.abs(np.diag(r)) > 1e-10 * np.abs(np.diag(r)).max()]
-        fit = random_intercept_icc(d[outcome].to_numpy(float), X, d[therapist].to_numpy())
-        n, k = fit["n_patients"], fit["n_therapists"]
-        var_icc = float(donner_var_icc(fit["icc"], n, k))
-        yi, vi = logit_icc(fit["icc"], var_icc)
-        row = {"cluster": label, "n_patients": n, "n_therapists": k, "icc": fit["icc"], "var_icc": var_icc,
-               "logit_icc": float(yi), "var_logit_icc": float(vi), "singular": fit["singular"]}
+        if d[therapist].nunique() < 2:
+            raise ModelError(f"cluster {label!r}: a random-intercept ICC needs at least two therapists")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingularFitWarning)  # reported in the 'singular' column
+            fit = RandomInterceptModel(d[outcome].to_numpy(float), X, d[therapist].to_numpy()).fit()
+            icc = fit.icc()
+            ci_low, ci_high = fit.icc_interval(level=level, method="profile")
+        n, k = fit.n_obs, fit.n_therapists
+        var_icc = float(donner_var_icc(icc, n, k))
+        yi, vi = logit_icc(icc, var_icc)
+        row = {"cluster": label, "n_patients": n, "n_therapists": k, "icc": icc, "icc_ci_low": ci_low,
+               "icc_ci_high": ci_high, "var_icc": var_icc, "logit_icc": float(yi), "var_logit_icc": float(vi),
+               "singular": bool(fit.singular)}
         if arm is not None:
             row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan)
             try:

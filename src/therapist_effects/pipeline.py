@@ -153,26 +153,11 @@ def per_cluster_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str,
     covariates = [c for c in mf.covariates]
     table = per_cluster_estimates(
         mf.df, mf.outcome, covariates, therapist=mf.therapist, cluster=role_names(dataset)["cluster"],
-        arm=mf.arm, feedback_level=mf.feedback_level,
+        arm=mf.arm, feedback_level=mf.feedback_level, level=cfg["intervals"]["level"],
     )
-    table = _add_profile_intervals(table, mf, role_names(dataset)["cluster"], cfg["intervals"]["level"])
     safe_csv(table, out_csv)
     pooled = pool(table["logit_icc"].to_numpy(), table["var_logit_icc"].to_numpy(), method=cfg["meta"]["method"])
     write_json({"method": cfg["meta"]["method"], "pooled": pooled, "n_clusters": int(len(table))}, out_json)
-
-
-def _add_profile_intervals(table: pd.DataFrame, mf, cluster: str, level: float) -> pd.DataFrame:
-    """Each cluster's ICC with its REML profile-likelihood interval (for the forest plot)."""
-    from .reml import RandomInterceptModel
-
-    low, high = [], []
-    for c in table["cluster"]:
-        sub = mf.df[mf.df[cluster].astype(str) == str(c)]
-        res = RandomInterceptModel.from_frame(sub, mf.outcome, mf.covariates, therapist=mf.therapist).fit()
-        lo, hi = res.icc_interval(level=level, method="profile")
-        low.append(lo)
-        high.append(hi)
-    return table.assign(icc_ci_low=low, icc_ci_high=high)
 
 
 def collect_step(
