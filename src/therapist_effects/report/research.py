@@ -102,14 +102,23 @@ def sample_flow(est: dict, patients: pd.DataFrame | None, rejects: pd.DataFrame 
             "caseload": caseload, "caseload_fig": fig}
 
 
+def arm_label(level: str, feedback: pd.Series | None) -> str:
+    """Column heading of an arm: "feedback (1)" / "control (0)" where the patient table's 0/1
+    ``feedback`` indicator says which level is which, else "arm <level>"."""
+    if feedback is not None and feedback.notna().any():
+        return f"{'feedback' if float(feedback.dropna().iloc[0]) == 1.0 else 'control'} ({level})"
+    return f"arm {level}"
+
+
 def descriptives(patients: pd.DataFrame | None) -> dict | None:
     """Descriptive table by arm: rows are variables, columns the arms and all patients."""
     if patients is None or not len(patients):
         return None
     groups: list[tuple[str, pd.DataFrame]] = []
     if "arm" in patients and patients["arm"].notna().any():
+        feedback = patients["feedback"] if "feedback" in patients else None
         for level, g in patients.groupby(patients["arm"].astype(str), sort=True):
-            groups.append((f"arm {level}", g))
+            groups.append((arm_label(level, g["feedback"] if feedback is not None else None), g))
     groups.append(("all patients", patients))
     rows: list[dict] = []
     rows.append({"label": "patients", "kind": "count", "cells": [len(g) for _, g in groups]})
@@ -211,7 +220,8 @@ def arm_icc_figures(est: dict) -> list[dict]:
         for arm, v in by_arm.items():
             t = triple(v)
             if t[0] is not None:
-                rows.append((f"arm {arm}", t[0], t[1], t[2]))
+                name = {str(e.get("feedback_level")): "feedback", str(e.get("control_level")): "control"}.get(str(arm))
+                rows.append((f"{name} ({arm})" if name else f"arm {arm}", t[0], t[1], t[2]))
         if rows:
             out.append({"model": mid, "fig": figures.icc_by_arm(rows, title=f"ICC by arm, model {mid}")})
     return out
