@@ -9,9 +9,9 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-# The demo config is read only when no --configfile was given, so that a user's own config is not
+# The demo config is read only when no config with datasets or a meta-analysis was given, so that a user's own config is not
 # merged with the demo's datasets.
-if not config.get("datasets"):
+if not (config.get("datasets") or config.get("meta")):
 
     configfile: "config/config.yaml"
 

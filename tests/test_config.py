@@ -124,3 +124,10 @@ models:
     cfg = load_config(p)
     assert [m["id"] for m in cfg["models"]] == ["ri", "arm", "nested", "recovery"]
     assert yaml.safe_load(text)["datasets"]["exam"]["columns"]["covariates"] == ["sex"]
+
+
+def test_no_datasets_needs_a_study_table():
+    with pytest.raises(ConfigError, match=r"^m.yaml: datasets: expected at least one dataset"):
+        load_config({}, source="m.yaml")
+    cfg = load_config({"meta": {"studies": "published.csv"}}, source="m.yaml")
+    assert cfg["datasets"] == {} and cfg["meta"]["method"] == "DL"

@@ -234,3 +234,30 @@ def test_therapy_trials_one_stage_and_two_stage(tmp_path):
     meta = est["meta"]["pooled"]
     # metafor: rma(yi, vi, method = "DL") on the per-trial logit ICCs: estimate -3.629806538
     assert meta["estimate"] == pytest.approx(ref["pooled_logit_icc"]["DL"][0]["estimate"], rel=1e-6)
+
+
+def test_meta_analysis_of_published_iccs_without_raw_data(tmp_path):
+    """A meta-analyst's config: no datasets, only a study-level table of published ICCs."""
+    if not REFERENCE.is_dir():
+        pytest.skip("../shared/reference is not beside the repository")
+    ref = json.loads((REFERENCE / "lme4_reference.json").read_text())["therapy_trials"]
+    studies = pd.DataFrame({
+        "study": [r["trial"] for r in ref["per_trial"]], "icc": [r["icc"] for r in ref["per_trial"]],
+        "n_patients": [r["n"] for r in ref["per_trial"]], "n_therapists": [r["k"] for r in ref["per_trial"]],
+        "var_icc": [r["var_icc"] for r in ref["per_trial"]],
+    })
+    studies.to_csv(tmp_path / "published.csv", index=False)
+    cfg = tmp_path / "meta.yaml"
+    cfg.write_text(yaml.safe_dump({"meta": {"studies": str(tmp_path / "published.csv"), "method": "DL"}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    run_snakemake(work, "--configfile", str(cfg))
+    pooled = json.loads((work / "results" / "meta" / "pooled.json").read_text())["pooled"]
+    # metafor: rma(yi, vi, data = per_trial, method = "DL"): estimate -3.629806538, se 0.3710704194, tau2 0
+    dl = ref["pooled_logit_icc"]["DL"][0]
+    assert pooled["estimate"] == pytest.approx(dl["estimate"], rel=1e-6)
+    assert pooled["se"] == pytest.approx(dl["se"], rel=1e-6)
+    assert pooled["ci_low"] == pytest.approx(dl["ci.lb"], rel=1e-6)
+    assert pooled["tau2"] == pytest.approx(ref["pooled_logit_icc"]["tau2_DL"], abs=1e-10)
+    assert (work / "results" / "meta" / "report.html").is_file()
+    assert not (work / "results" / "demo").exists()  # the demo config was not merged in

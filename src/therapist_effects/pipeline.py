@@ -243,6 +243,7 @@ def _icc_scale(pooled: dict) -> dict:
 
 def meta_report_step(
     pooled_paths: list[str], table_paths: list[str], studies_path: str | None, cfg: dict, out_html: str,
+    out_json: str | None = None, out_csv: str | None = None,
 ) -> None:
     """Meta-analysis report: per-cluster ICCs of every dataset with clusters, and a user's study table,
     pooled by random effects on the logit-ICC scale (the estimator of ``meta.method``)."""
@@ -288,3 +289,10 @@ def meta_report_step(
     if "icc_ratio" in table.columns and table["icc_ratio"].notna().any():
         per_arm = table.loc[table["icc_ratio"].notna(), ["study", "icc_ratio"]].assign(ci_low=np.nan, ci_high=np.nan)
     meta_report(table, _icc_scale(pooled), out_html, per_arm=per_arm)
+    if out_json:
+        write_json({"method": method, "level": level, "pooled": pooled, "n_studies": int(len(table))}, out_json)
+    if out_csv:
+        from .csvsafe import safe_csv
+
+        safe_csv(table, out_csv)
+    log.info("pooled %d studies (%s): ICC %s", len(table), method, pooled.get("icc", {}).get("estimate"))

@@ -55,12 +55,14 @@ rule meta_report:
         tables=[p.replace("meta.json", "per_cluster.csv") for p in meta_inputs()],
         studies=[CFG["meta"]["studies"]] if CFG["meta"]["studies"] else [],
     output:
-        report(
+        html=report(
             "results/meta/report.html",
             caption="../report/meta_report.rst",
             category="Reports",
             subcategory="meta-analysis",
         ),
+        pooled="results/meta/pooled.json",
+        studies="results/meta/studies.csv",
     params:
         cfg=CFG,
     conda:

@@ -8,5 +8,7 @@ run(
     table_paths=list(snakemake.input.tables),
     studies_path=snakemake.input.studies[0] if snakemake.input.studies else None,
     cfg=snakemake.params.cfg,
-    out_html=snakemake.output[0],
+    out_html=snakemake.output.html,
+    out_json=snakemake.output.pooled,
+    out_csv=snakemake.output.studies,
 )
