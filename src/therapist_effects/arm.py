@@ -494,6 +494,49 @@ class _Optimum:
     message: str = ""
 
 
+
+def arm_design(
+    df: pd.DataFrame,
+    outcome: str,
+    covariates: Sequence[str],
+    *,
+    therapist: str,
+    arm: str,
+    feedback_level=1,
+    include_arm: bool = True,
+    extra: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, str]:
+    """Response, fixed-effects design and the 0/1 feedback indicator of a model with an arm.
+
+    The arm enters the fixed part as a 0/1 indicator of ``feedback_level``, named after the arm column
+    when the arm is coded 0/1 with ``feedback_level=1`` (e.g. ``feedback``), else ``<arm><level>``
+    (R-style); listed in ``covariates`` it keeps that position, else it is appended (unless
+    ``include_arm`` is False). Returns ``(y, X, names, indicator, indicator_name)``; the columns
+    named and ``extra`` must exist, and missing values are refused (drop them first, and count them).
+    """
+    for col in (outcome, therapist, arm, *covariates, *extra):
+        if col not in df.columns:
+            raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
+    used = list(dict.fromkeys([outcome, therapist, arm, *covariates]))
+    bad = df[used].isna().any(axis=1)
+    if bad.any():
+        raise ModelError(f"{int(bad.sum())} rows have missing values in {used}; drop them before fitting")
+    labels = arm_labels(df[arm].to_numpy())
+    fb = _label(feedback_level)
+    if fb not in set(labels):
+        raise ModelError(f"feedback_level {fb!r} is not a level of {arm!r} (levels: {sorted(set(labels))})")
+    numeric01 = pd.api.types.is_numeric_dtype(df[arm]) and set(labels) <= {"0", "1"} and fb == "1"
+    ind_name = arm if numeric01 else f"{arm}{fb}"
+    work = df.copy()
+    ind_col = "__arm_indicator__"
+    work[ind_col] = (labels == fb).astype(float)
+    terms = [ind_col if c == arm else c for c in covariates]
+    if include_arm and ind_col not in terms:
+        terms.append(ind_col)
+    X, names = fixed_effects_matrix(work, terms, intercept=True)
+    names = [ind_name if nm == ind_col else nm for nm in names]
+    return work[outcome].to_numpy(dtype=float), X, names, work[ind_col].to_numpy(), ind_name
+
 class ArmVarianceModel:
     """Linear mixed model with a separate therapist variance in each arm (control, feedback).
 
@@ -617,30 +660,14 @@ class ArmVarianceModel:
         appended after the covariates (``include_arm=False`` leaves it out). Categorical covariates
         (e.g. ``trial_id``) are treatment-coded as in R (``trial_idS01``, ...).
         """
-        for col in (outcome, therapist, arm, *covariates, *([cluster] if cluster else [])):
-            if col not in df.columns:
-                raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
-        used = list(dict.fromkeys([outcome, therapist, arm, *covariates]))
-        bad = df[used].isna().any(axis=1)
-        if bad.any():
-            raise ModelError(f"{int(bad.sum())} rows have missing values in {used}; drop them before fitting")
-        labels = arm_labels(df[arm].to_numpy())
-        fb = _label(feedback_level)
-        numeric01 = pd.api.types.is_numeric_dtype(df[arm]) and set(labels) <= {"0", "1"} and fb == "1"
-        ind_name = arm if numeric01 else f"{arm}{fb}"
-        work = df.copy()
-        ind_col = "__arm_indicator__"
-        work[ind_col] = (labels == fb).astype(float)
-        terms = [ind_col if c == arm else c for c in covariates]
-        if include_arm and ind_col not in terms:
-            terms.append(ind_col)
-        X, names = fixed_effects_matrix(work, terms, intercept=True)
-        names = [ind_name if nm == ind_col else nm for nm in names]
-        y = work[outcome].to_numpy(dtype=float)
+        y, X, names, _indicator, _name = arm_design(
+            df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level,
+            include_arm=include_arm, extra=[cluster] if cluster else [],
+        )
         model = cls(
             y,
             X,
-            work[therapist].to_numpy(),
+            df[therapist].to_numpy(),
             df[arm].to_numpy(),
             exog_names=names,
             feedback_level=feedback_level,

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .arm import _Engine, _G_from_theta, _label, _minimise, _profile_limits, arm_labels
-from .design import fixed_effects_matrix, group_codes
+from .arm import _Engine, _G_from_theta, _minimise, _profile_limits, arm_design
+from .design import group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
@@ -80,29 +80,10 @@ class RandomSlopeModel:
                    method: str = "REML") -> RandomSlopeModel:
         """Build from a patient table; the arm column becomes the 0/1 feedback indicator (fixed
         effect and random slope), named like :meth:`ArmVarianceModel.from_frame` names it."""
-        for col in (outcome, therapist, arm, *covariates):
-            if col not in df.columns:
-                raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
-        used = list(dict.fromkeys([outcome, therapist, arm, *covariates]))
-        bad = df[used].isna().any(axis=1)
-        if bad.any():
-            raise ModelError(f"{int(bad.sum())} rows have missing values in {used}; drop them before fitting")
-        labels = arm_labels(df[arm].to_numpy())
-        fb = _label(feedback_level)
-        if fb not in set(labels):
-            raise ModelError(f"feedback_level {fb!r} is not a level of {arm!r} (levels: {sorted(set(labels))})")
-        numeric01 = pd.api.types.is_numeric_dtype(df[arm]) and set(labels) <= {"0", "1"} and fb == "1"
-        name = arm if numeric01 else f"{arm}{fb}"
-        work = df.copy()
-        ind = "__feedback_indicator__"
-        work[ind] = (labels == fb).astype(float)
-        terms = [ind if c == arm else c for c in covariates]
-        if ind not in terms:
-            terms.append(ind)
-        X, names = fixed_effects_matrix(work, terms, intercept=True)
-        names = [name if n == ind else n for n in names]
-        return cls(work[outcome].to_numpy(float), X, work[therapist].to_numpy(), work[ind].to_numpy(),
-                   exog_names=names, slope_name=name, method=method)
+        y, X, names, indicator, name = arm_design(
+            df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level,
+        )
+        return cls(y, X, df[therapist].to_numpy(), indicator, exog_names=names, slope_name=name, method=method)
 
     def fit(self) -> RandomSlopeResults:
         import statsmodels.api as sm
