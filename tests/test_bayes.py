@@ -516,7 +516,7 @@ def test_pymc_sampler_is_reproducible_and_agrees_with_nutpie():
         a, b = m.fit(), m.fit()
         n = fit_bayes("random_intercept", df, "y", ["x"], config=BayesConfig(**cfg, sampler="nutpie"))
     assert a.sampler == "pymc" and n.sampler == "nutpie"
-    np.testing.assert_array_equal(a.idata.posterior["z_therapist"].values, b.idata.posterior["z_therapist"].values)
+    np.testing.assert_array_equal(a.idata.posterior["therapist_effect"].values, b.idata.posterior["therapist_effect"].values)
     for name in ("x", "var(therapist)", "var(residual)"):
         sd = float(np.std(a._param_draws()[name]))
         assert abs(a.params[name] - n.params[name]) < 0.25 * sd, name
