@@ -204,15 +204,6 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _therapist_table(res: Any, level: float, higher_is_better: bool | None) -> pd.DataFrame:
-    import inspect
-
-    params = inspect.signature(res.therapist_effects).parameters
-    if "higher_is_better" in params:
-        return res.therapist_effects(level=level, higher_is_better=higher_is_better)
-    return res.therapist_effects(level=level)
-
-
 def fit_model(
     patients: pd.DataFrame, model: dict, dataset: dict, cfg: dict, *, higher_is_better: bool | None = None,
     idata_path: str | Path | None = None,
@@ -222,6 +213,8 @@ def fit_model(
     family = model.get("family", "gaussian")
     level = cfg["intervals"]["level"]
     interval = model.get("interval") or cfg["intervals"]["method"]
+    # Engines without Wald intervals for variance components use the profile likelihood instead.
+    interval_or_profile = "profile" if interval == "wald" else interval
     n_boot = cfg["intervals"]["bootstrap_replicates"]
     seed = cfg["seed"]
     kind = model["type"]
@@ -242,12 +235,11 @@ def fit_model(
                 seed=seed, sampler=b["sampler"], priors=b.get("priors") or None,
                 parameterization=b["parameterization"],
             )
-            df = mf.df
-            result = fit_bayes(
-                kind, df, mf.outcome, [c for c in mf.covariates], family=family, therapist=mf.therapist,
-                cluster=mf.cluster if kind == "nested" else None,
-                arm=mf.arm if kind == "arm_variance" else None, feedback_level=mf.feedback_level, config=bcfg,
+            data = dict(
+                family=family, therapist=mf.therapist, cluster=mf.cluster if kind == "nested" else None,
+                arm=mf.arm if kind == "arm_variance" else None, feedback_level=mf.feedback_level,
             )
+            result = fit_bayes(kind, mf.df, mf.outcome, mf.covariates, config=bcfg, **data)
             entry = dict(result.to_contract())
             entry.setdefault("loglik", None)  # no maximised likelihood for a posterior
             # Wall-clock timings would break byte-identical reruns: they go to the log only.
@@ -259,10 +251,8 @@ def fit_model(
                 from .bayes import prior_sensitivity
 
                 entry["prior_sensitivity"] = prior_sensitivity(
-                    kind, df, mf.outcome, mf.covariates, family=family, therapist=mf.therapist,
-                    cluster=mf.cluster if kind == "nested" else None,
-                    arm=mf.arm if kind == "arm_variance" else None, feedback_level=mf.feedback_level,
-                    config=bcfg, alt_priors=b["sensitivity_priors"],
+                    kind, mf.df, mf.outcome, mf.covariates, config=bcfg, alt_priors=b["sensitivity_priors"],
+                    base=result, **data,
                 )
             if idata_path is not None:
                 result.to_netcdf(idata_path)
@@ -274,7 +264,7 @@ def fit_model(
                 mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
                 feedback_level=mf.feedback_level, method=model.get("method") or "REML",
             ).fit()
-            entry = res.to_contract(interval="profile" if interval == "wald" else interval, n_boot=n_boot, seed=seed)
+            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
             gap = res.gap_table()
             narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
             table = None
@@ -287,9 +277,9 @@ def fit_model(
                 correlated=model.get("correlated", False), arm_residual=model.get("arm_residual", False),
                 **({"cluster": mf.cluster, "cluster_random": True} if model.get("cluster_effect") == "random" else {}),
             ).fit()
-            entry = res.to_contract(interval="profile" if interval == "wald" else interval, n_boot=n_boot, seed=seed)
+            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
             try:
-                table = _therapist_table(res, level, hib)
+                table = res.therapist_effects(level=level, higher_is_better=hib)
             except ModelError as exc:  # e.g. with a random cluster level: no per-therapist table (yet)
                 log.warning("model %s: no therapist table: %s", model["id"], exc)
                 table = None
@@ -300,7 +290,7 @@ def fit_model(
             res = LogisticRandomInterceptModel.from_frame(
                 mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=method, n_quad=model["n_quad"],
             ).fit()
-            entry = res.to_contract(interval="profile" if interval == "wald" else interval, n_boot=n_boot, seed=seed)
+            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
             table = res.therapist_effects(level=level, higher_is_better=hib)
         elif kind == "nested":
             from .reml import NestedModel
