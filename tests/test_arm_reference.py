@@ -1,6 +1,6 @@
 """Arm-specific therapist variances against R (lme4 1.1-31, glmmTMB 1.1.5) and independent code.
 
-Expected values are read from ``shared/reference/lme4_reference.json``; the R call that produced
+Expected values are read from ``tests/reference/lme4_reference.json``; the R call that produced
 each is written beside it. In R, ``d$control <- 1 - d$feedback`` and
 
     fit <- lmer(phq9_post ~ phq9_pre + feedback + (0 + control | therapist_id) +
@@ -24,12 +24,9 @@ from scipy import optimize
 
 from therapist_effects.arm import ArmVarianceModel, _r_backspline_predict
 from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
+from refdata import REFERENCE_DIR
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-pytestmark = pytest.mark.skipif(
-    not (REF_DIR / "lme4_reference.json").exists(),
-    reason=f"R reference results not found at {REF_DIR} (the CI clones shared/ beside the repo)",
-)
+REF_DIR = REFERENCE_DIR
 
 COVARIATES = ["phq9_pre", "feedback"]
 VAR_KEYS = ["therapist[0]", "therapist[1]", "residual"]

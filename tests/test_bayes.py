@@ -1,7 +1,7 @@
 """Tests of the Bayesian therapist-effects engine (``therapist_effects.bayes``).
 
 Expected values come from R (lme4 1.1-31 / glmmTMB 1.1.5, R 4.2.2) via
-``shared/reference/lme4_reference.json``; the R call that produced each is written beside it. With
+``tests/reference/lme4_reference.json``; the R call that produced each is written beside it. With
 weakly-informative priors and 60+ therapists the posterior median of a variance is close to the
 REML estimate, and the REML profile-likelihood interval is the natural frequentist yardstick for
 the therapist variance.
@@ -42,12 +42,9 @@ from therapist_effects.bayes import (
     prior_sensitivity,
 )
 from therapist_effects.exceptions import ConfigError, ModelError, SamplerWarning
+from refdata import REFERENCE_DIR
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-needs_ref = pytest.mark.skipif(
-    not (REF_DIR / "lme4_reference.json").exists(),
-    reason=f"R reference results not found at {REF_DIR} (clone shared/ beside the repository)",
-)
+REF_DIR = REFERENCE_DIR
 
 CFG = BayesConfig(chains=4, draws=1000, tune=1000, seed=20240917)
 
@@ -62,8 +59,6 @@ def _ref() -> dict:
 
 @pytest.fixture(scope="module")
 def feedback_df() -> pd.DataFrame:
-    if not (REF_DIR / "therapy_feedback.csv").exists():
-        pytest.skip(f"reference data not found at {REF_DIR}")
     return pd.read_csv(REF_DIR / "therapy_feedback.csv")
 
 
@@ -84,8 +79,6 @@ def feedback_fit(feedback_model):
 
 @pytest.fixture(scope="module")
 def exam_fit():
-    if not (REF_DIR / "exam.csv").exists():
-        pytest.skip(f"reference data not found at {REF_DIR}")
     exam = pd.read_csv(REF_DIR / "exam.csv")
     return fit_bayes("random_intercept", exam, "normexam", ["standLRT"], therapist="school", config=CFG)
 
@@ -94,7 +87,6 @@ def exam_fit():
 # agreement with R (lme4 REML)
 
 
-@needs_ref
 def test_feedback_random_intercept_agrees_with_lme4_reml(feedback_fit):
     ref = _ref()["therapy_feedback"]["ri_REML"]
     # R: lmer(phq9_post ~ phq9_pre + feedback + (1 | therapist_id), data = therapy_feedback, REML = TRUE)
@@ -116,7 +108,6 @@ def test_feedback_random_intercept_agrees_with_lme4_reml(feedback_fit):
     assert d["max_rhat"] <= 1.01 and d["min_ess_bulk"] >= 400 and d["min_ess_tail"] >= 400 and d["divergences"] == 0
 
 
-@needs_ref
 def test_exam_random_intercept_agrees_with_lme4_reml(exam_fit):
     ref = _ref()["exam"]["lrt_REML"]
     # R: lmer(normexam ~ standLRT + (1 | school), data = mlmRev::Exam, REML = TRUE)
@@ -212,7 +203,6 @@ def test_therapist_table_ranks_and_quartile_probabilities(feedback_fit, feedback
     np.testing.assert_allclose(low["rank_median"], K + 1 - t["rank_median"])
 
 
-@needs_ref
 def test_therapist_effects_match_hand_computed_blups(feedback_fit, feedback_df):
     """Posterior means of the therapist effects ~ the BLUPs computed by hand from the lme4 REML fit:
     u_t = n_t s2_t / (n_t s2_t + s2) * mean_t(y - X b)."""
@@ -349,7 +339,6 @@ def test_marginal_loglik_equals_multivariate_normal_density(model_type, kw):
         assert f(point) == pytest.approx(expected, rel=1e-10)
 
 
-@needs_ref
 def test_marginal_parameterization_gives_the_same_posterior(feedback_fit, feedback_df):
     cfg = BayesConfig(chains=4, draws=1000, tune=1000, seed=20240917, parameterization="marginal")
     m = BayesModel("random_intercept", feedback_df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id", config=cfg)
@@ -406,7 +395,6 @@ def test_input_errors_are_one_line_model_errors():
 # arm-specific variances, nested, binomial (one fit each)
 
 
-@needs_ref
 def test_arm_variance_agrees_with_lme4(feedback_df):
     ref = _ref()["therapy_feedback"]["arm_REML"]
     res = fit_bayes("arm_variance", feedback_df, "phq9_post", ["phq9_pre"], therapist="therapist_id",
@@ -440,7 +428,6 @@ def test_arm_variance_agrees_with_lme4(feedback_df):
 
 
 @pytest.mark.slow
-@needs_ref
 def test_nested_agrees_with_lme4():
     """Slow (~1 min: one more compilation). Six trials make a funnel at sigma_cluster = 0: with the
     default target_accept 0.9 a few divergences appear, 0.99 samples it cleanly."""
@@ -463,7 +450,6 @@ def test_nested_agrees_with_lme4():
 
 
 @pytest.mark.slow
-@needs_ref
 def test_binomial_random_intercept_agrees_with_glmer_agq(feedback_df):
     """Slow (~1 min: one more compilation)."""
     ref = _ref()["therapy_feedback"]["logit_agq10"]
@@ -483,7 +469,6 @@ def test_binomial_random_intercept_agrees_with_glmer_agq(feedback_df):
     assert c["variance_components"]["residual"]["estimate"] == pytest.approx(math.pi**2 / 3)
 
 
-@needs_ref
 def test_prior_sensitivity_reports_both_iccs(feedback_model, feedback_fit, feedback_df):
     # same family as the default (HalfStudentT(3, sd_y = 5.3)), five times tighter: no recompilation
     alt = {"sigma_therapist": {"dist": "halfstudentt", "nu": 3, "sigma": 1.0}}

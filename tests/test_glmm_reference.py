@@ -1,6 +1,6 @@
 """Random-intercept logistic GLMM (glmm.py) against independent results.
 
-* R lme4 1.1-31 ``glmer`` fits stored in shared/reference/lme4_reference.json (Laplace, nAGQ = 10);
+* R lme4 1.1-31 ``glmer`` fits stored in tests/reference/lme4_reference.json (Laplace, nAGQ = 10);
 * statsmodels ``Logit`` for the GLM limit s_u^2 -> 0 (and the boundary / singular case);
 * brute-force numerical integration (scipy.integrate.quad) of each therapist's likelihood for AGQ;
 * per-therapist scalar optimisation (scipy.optimize.minimize_scalar) for the conditional modes.
@@ -27,12 +27,10 @@ from therapist_effects.exceptions import (
     SingularFitWarning,
 )
 from therapist_effects.glmm import LogisticRandomInterceptModel
+from refdata import REFERENCE_DIR
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REF_DIR = REFERENCE_DIR
 REF_JSON = REF_DIR / "lme4_reference.json"
-needs_ref = pytest.mark.skipif(
-    not REF_JSON.exists(), reason=f"R reference results not found at {REF_DIR} (shared/ beside the repo)"
-)
 
 FORMULA_TERMS = ["phq9_pre", "feedback"]
 
@@ -77,8 +75,6 @@ def _method(key: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    if not REF_JSON.exists():
-        pytest.skip(f"R reference results not found at {REF_DIR}")
     return json.loads(REF_JSON.read_text())
 
 
@@ -107,7 +103,6 @@ def _fit(dataset: str, key: str):
 
 
 # ----------------------------------------------------------------------------- lme4 reference
-@needs_ref
 @pytest.mark.parametrize("dataset,key", CASES)
 def test_expected_values_match_reference_json(reference, dataset, key):
     entry = reference[dataset][key]
@@ -117,7 +112,6 @@ def test_expected_values_match_reference_json(reference, dataset, key):
     assert entry["logLik"] == pytest.approx(exp["logLik"], rel=1e-9)
 
 
-@needs_ref
 @pytest.mark.parametrize("dataset,key", CASES)
 def test_loglik_is_lme4_quantity(dataset, key):
     """At lme4's own estimates our Laplace/AGQ log-likelihood equals lme4's logLik (constants
@@ -130,7 +124,6 @@ def test_loglik_is_lme4_quantity(dataset, key):
     assert ll == pytest.approx(exp["logLik"], rel=1e-8, abs=1e-5)
 
 
-@needs_ref
 @pytest.mark.parametrize("dataset,key", CASES)
 def test_fit_reproduces_glmer(dataset, key):
     exp = LME4[(dataset, key)]
@@ -147,7 +140,6 @@ def test_fit_reproduces_glmer(dataset, key):
     assert res.icc() == pytest.approx(exp["variance"] / (exp["variance"] + math.pi**2 / 3), rel=1e-3)
 
 
-@needs_ref
 def test_agq_and_laplace_differ_as_in_lme4():
     """AGQ10 - Laplace differences in the therapist variance have lme4's sign and size."""
     for dataset in ("therapy_feedback", "therapy_trials"):
@@ -156,7 +148,6 @@ def test_agq_and_laplace_differ_as_in_lme4():
         assert d_ours == pytest.approx(d_lme4, rel=0.1, abs=2e-5)
 
 
-@needs_ref
 def test_analytic_gradient_matches_finite_differences():
     for key in ("logit_laplace", "logit_agq10"):
         m = _model("therapy_feedback", key)
@@ -172,7 +163,6 @@ def test_analytic_gradient_matches_finite_differences():
 
 
 # ----------------------------------------------------------------------------- GLM limit
-@needs_ref
 def test_glm_limit_matches_statsmodels_logit():
     m = _model("therapy_trials", "logit_laplace")
     logit = sm.Logit(m.y, m.X).fit(disp=0, method="newton", tol=1e-12)
@@ -255,7 +245,6 @@ def test_agq_matches_brute_force_integration():
 
 
 # ----------------------------------------------------------------------------- therapists
-@needs_ref
 def test_therapist_effects_are_conditional_modes():
     res = _fit("therapy_feedback", "logit_laplace")
     m = res.model
@@ -311,7 +300,6 @@ def test_therapist_classification_labels():
 
 
 # ----------------------------------------------------------------------------- intervals
-@needs_ref
 def test_profile_interval_ends_are_at_chi2_quantile():
     res = _fit("therapy_feedback", "logit_laplace")
     m = res.model
@@ -340,7 +328,6 @@ def test_profile_interval_ends_are_at_chi2_quantile():
     assert hi_icc == pytest.approx(s2_hi / (s2_hi + math.pi**2 / 3), rel=1e-12) and lo == 0.0
 
 
-@needs_ref
 def test_bootstrap_icc_interval_is_reproducible():
     res = _fit("therapy_trials", "logit_laplace")
     a = res.icc_interval(method="bootstrap", n_boot=30, seed=7)
@@ -351,7 +338,6 @@ def test_bootstrap_icc_interval_is_reproducible():
 
 
 # ----------------------------------------------------------------------------- contract
-@needs_ref
 def test_to_contract_shape_and_values():
     res = _fit("therapy_feedback", "logit_agq10")
     c = res.to_contract()

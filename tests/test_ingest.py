@@ -15,10 +15,11 @@ import pytest
 
 from therapist_effects.exceptions import ConfigError, DataWarning, InputError
 from therapist_effects.ingest import accounting, ingest_dataset, read_table
+from refdata import REFERENCE_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = REFERENCE_DIR
 
 SESSION = {
     "layout": "session",
@@ -491,7 +492,6 @@ def test_config_error_names_the_dataset_and_unknown_instrument(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the reference data sets ingest cleanly
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE}")
 def test_reference_datasets_ingest_without_rejects():
     exam = ingest_dataset(REFERENCE / "exam.csv", {
         "layout": "patient",

@@ -13,12 +13,9 @@ from scipy import optimize
 
 from therapist_effects.exceptions import InputError, ModelError
 from therapist_effects.meta import donner_var_icc, logit_icc, per_cluster_estimates, pool, pool_study_table
+from refdata import REFERENCE_DIR
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-needs_ref = pytest.mark.skipif(
-    not (REF_DIR / "lme4_reference.json").exists(),
-    reason=f"R reference results not found at {REF_DIR} (the CI clones shared/ beside the repo)",
-)
+REF_DIR = REFERENCE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,6 @@ def per_trial(trials_ref):
     return pd.DataFrame(trials_ref["per_trial"])
 
 
-@needs_ref
 def test_per_cluster_estimates_reproduce_reference(per_trial):
     df = pd.read_csv(REF_DIR / "therapy_trials.csv")
     est = per_cluster_estimates(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id", cluster="trial_id")
@@ -56,7 +52,6 @@ def test_per_cluster_estimates_reproduce_reference(per_trial):
     assert (est.loc[est["icc"] == 0, "icc_ci_low"] == 0).all()
 
 
-@needs_ref
 def test_donner_and_logit_formulas_reproduce_reference(per_trial):
     # given R's icc, n, k the formulas must reproduce R's var_icc, yi and vi to rounding
     v = donner_var_icc(per_trial["icc"], per_trial["n"], per_trial["k"])
@@ -66,7 +61,6 @@ def test_donner_and_logit_formulas_reproduce_reference(per_trial):
     np.testing.assert_allclose(vi, per_trial["vi"], rtol=1e-8)
 
 
-@needs_ref
 @pytest.mark.parametrize("method", ["DL", "REML"])
 def test_pool_reproduces_metafor(per_trial, trials_ref, method):
     # metafor::rma(yi, vi, data = per_trial, method = "DL")  (and method = "REML"):
@@ -82,7 +76,6 @@ def test_pool_reproduces_metafor(per_trial, trials_ref, method):
     assert out["icc"]["estimate"] == pytest.approx(1 / (1 + math.exp(-expected["estimate"])), rel=1e-6)
 
 
-@needs_ref
 def test_study_table_from_published_iccs_reproduces_metafor(per_trial, trials_ref):
     """A meta-analyst with only (icc, n, k) per study gets metafor's pooled result (Donner variances)."""
     table = per_trial.rename(columns={"trial": "study", "n": "n_patients", "k": "n_therapists"})[
@@ -191,7 +184,6 @@ def test_study_table_uses_given_variances_and_checks_rows():
         pool([0.1], [0.2])
 
 
-@needs_ref
 def test_per_cluster_arm_columns(per_trial):
     df = pd.read_csv(REF_DIR / "therapy_feedback.csv")
     df = df.assign(site=np.where(df["therapist_id"].str[-1].astype(int) % 2 == 0, "even", "odd"))

@@ -17,10 +17,11 @@ from therapist_effects.outcomes import (
     write_patient_outputs,
     write_rejects,
 )
+from refdata import REFERENCE_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = REFERENCE_DIR
 
 SESSION = {
     "layout": "session",
@@ -218,7 +219,6 @@ def test_date_occasions():
     assert a["last_occasion"] == pd.Timestamp("2023-03-15")
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE}")
 def test_recovered_matches_the_reference_file():
     # therapy_feedback.csv carries its own `recovered`: PHQ-9 pre >= 10 and post < 10 (0 for
     # patients below caseness at intake). Ours must agree wherever it is defined, and be NaN

@@ -1,4 +1,4 @@
-"""The exact REML/ML engine against R's lme4 1.1-31 (``/work/shared/reference``) and statsmodels.
+"""The exact REML/ML engine against R's lme4 1.1-31 (``tests/reference``) and statsmodels.
 
 Every expected number is read from ``lme4_reference.json``; the R call that produced it is written
 beside each case below. Tolerances are those of the reference's README: point estimates,
@@ -22,12 +22,9 @@ from scipy import stats
 
 from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
 from therapist_effects.reml import NestedModel, RandomInterceptModel
+from refdata import REFERENCE_DIR
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-pytestmark = pytest.mark.skipif(
-    not (REF / "lme4_reference.json").exists(),
-    reason=f"R reference results not found at {REF} (the CI clones shared/ beside the repo)",
-)
+REF = REFERENCE_DIR
 
 RTOL = 1e-4
 CI_RTOL = 1e-3

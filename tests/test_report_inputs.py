@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from refdata import REFERENCE_DIR
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = REFERENCE_DIR
 XSS = "<script>alert(1)</script>"
 TRUTH = {"b0": 0.5, "b_baseline": 0.55, "b_feedback": -0.9, "tau2": 1.6, "sigma2": 24.0}
 
@@ -132,9 +133,7 @@ def simulated_inputs(seed: int = 20240611, xss: bool = True) -> dict:
 
 
 def feedback_inputs() -> dict:
-    """therapy_feedback.csv with lme4's estimates (skips when ../shared/reference is absent)."""
-    if not (REFERENCE / "lme4_reference.json").exists():
-        pytest.skip(f"R reference results not found at {REFERENCE} (clone shared/ beside the repo)")
+    """therapy_feedback.csv with lme4's estimates (committed in tests/reference)."""
     ref = json.loads((REFERENCE / "lme4_reference.json").read_text())["therapy_feedback"]
     raw = pd.read_csv(REFERENCE / "therapy_feedback.csv", dtype={"patient_id": str, "therapist_id": str})
     p = pd.DataFrame({"patient": raw["patient_id"], "therapist": raw["therapist_id"], "cluster": raw["trial_id"],

@@ -14,8 +14,9 @@ import pytest
 from therapist_effects.arm import ArmVarianceModel
 from therapist_effects.exceptions import ModelError
 from therapist_effects.slopes import RandomSlopeModel
+from refdata import REFERENCE_DIR
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REF_DIR = REFERENCE_DIR
 
 # truth of the recovery simulation: (1 + feedback | therapist) with
 TRUE_VAR_INTERCEPT, TRUE_VAR_SLOPE, TRUE_CORR, TRUE_RESIDUAL = 0.30, 0.20, -0.6, 1.0
@@ -68,8 +69,6 @@ def test_statsmodels_optimum_is_the_exact_optimum(recovery_fit):
 
 @pytest.fixture(scope="module")
 def feedback_data():
-    if not (REF_DIR / "therapy_feedback.csv").exists():
-        pytest.skip(f"reference data not found at {REF_DIR}")
     return pd.read_csv(REF_DIR / "therapy_feedback.csv")
 
 

@@ -17,10 +17,9 @@ import statsmodels.formula.api as smf
 from scipy import stats
 
 from therapist_effects.reml import NestedModel, RandomInterceptModel
+from refdata import REFERENCE_DIR
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-needs_ref = pytest.mark.skipif(not (REF / "therapy_feedback.csv").exists(),
-                               reason=f"reference data not found at {REF}")
+REF = REFERENCE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,6 @@ def ri_fit(feedback):
                                            therapist="therapist_id").fit()
 
 
-@needs_ref
 def test_blup_and_condvar_equal_dense_closed_forms(ri_fit):
     res, m = ri_fit, ri_fit.model
     te = res.therapist_effects()
@@ -50,7 +48,6 @@ def test_blup_and_condvar_equal_dense_closed_forms(ri_fit):
         assert te["effect_se"].iloc[i] == pytest.approx(np.sqrt(cvar), rel=1e-9)
 
 
-@needs_ref
 def test_blups_match_statsmodels_random_effects(feedback, ri_fit):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -64,7 +61,6 @@ def test_blups_match_statsmodels_random_effects(feedback, ri_fit):
     np.testing.assert_allclose(te.loc[sm_var.index, "effect_se"] ** 2, sm_var, rtol=1e-4)
 
 
-@needs_ref
 def test_caseload_raw_and_adjusted_means(feedback, ri_fit):
     te = ri_fit.therapist_effects().set_index("therapist")
     g = feedback.groupby("therapist_id")
@@ -123,7 +119,6 @@ def test_singular_fit_gives_zero_effects_all_indistinguishable():
     assert (te["classification"] == "not distinguishable from average").all()
 
 
-@needs_ref
 def test_nested_effects_equal_dense_joint_posterior():
     """Nested model: therapist BLUPs and conditional SDs from the joint posterior of
     (cluster effects, therapist effects) given y at the estimates, by dense algebra."""

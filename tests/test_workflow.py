@@ -3,7 +3,7 @@
 - the demo (the README's first command, in a scratch directory): every output exists, estimates.json
   validates against the contract's schema, the row accounting holds, and a second run from scratch gives
   a byte-identical estimates.json;
-- the contract's "own data" command on ../shared/reference/exam.csv and therapy_feedback.csv (patient
+- the contract's "own data" command on tests/reference/exam.csv and therapy_feedback.csv (patient
   layout) with --configfile and --directory, no code changes;
 - a broken config stops with one line naming the file and key.
 """
@@ -20,9 +20,10 @@ import jsonschema
 import pandas as pd
 import pytest
 import yaml
+from refdata import REFERENCE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REFERENCE_DIR
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 ENV = {**os.environ, "TE_PSEUDONYM_KEY": "test-key"}
 
@@ -105,8 +106,6 @@ def test_demo_is_byte_identical_on_rerun(demo_run, tmp_path):
 
 
 def _own_data_run(tmp_path: Path, name: str, dataset: dict, models: list | None = None) -> dict:
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference is not beside the repository")
     cfg = {"datasets": {name: dataset}}
     if models is not None:
         cfg["models"] = models
@@ -238,8 +237,6 @@ def test_therapy_trials_one_stage_and_two_stage(tmp_path):
 
 def test_meta_analysis_of_published_iccs_without_raw_data(tmp_path):
     """A meta-analyst's config: no datasets, only a study-level table of published ICCs."""
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference is not beside the repository")
     ref = json.loads((REFERENCE / "lme4_reference.json").read_text())["therapy_trials"]
     studies = pd.DataFrame({
         "study": [r["trial"] for r in ref["per_trial"]], "icc": [r["icc"] for r in ref["per_trial"]],
