@@ -130,4 +130,5 @@ def test_no_datasets_needs_a_study_table():
     with pytest.raises(ConfigError, match=r"^m.yaml: datasets: expected at least one dataset"):
         load_config({}, source="m.yaml")
     cfg = load_config({"meta": {"studies": "published.csv"}}, source="m.yaml")
-    assert cfg["datasets"] == {} and cfg["meta"]["method"] == "DL"
+    assert cfg["datasets"] == {} and cfg["meta"]["method"] == "REML"
+    assert (cfg["meta"]["test"], cfg["meta"]["scale"], cfg["meta"]["columns"]) == ("z", "fisher_z", {})

@@ -34,7 +34,8 @@ def per_trial(trials_ref):
 
 def test_per_cluster_estimates_reproduce_reference(per_trial):
     df = pd.read_csv(REF_DIR / "therapy_trials.csv")
-    est = per_cluster_estimates(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id", cluster="trial_id")
+    est = per_cluster_estimates(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id", cluster="trial_id",
+                                scale="fisher_z")
     assert list(est["cluster"]) == list(per_trial["trial"])
     np.testing.assert_array_equal(est["n_patients"], per_trial["n"])
     np.testing.assert_array_equal(est["n_therapists"], per_trial["k"])
@@ -44,9 +45,25 @@ def test_per_cluster_estimates_reproduce_reference(per_trial):
             assert mine == 0.0
         else:
             assert mine == pytest.approx(theirs, rel=1e-4)
-    np.testing.assert_allclose(est["var_icc"], per_trial["var_icc"], rtol=1e-4)
+    # var_icc: Donner's formula with the unbalanced n0 = (N - sum n_i^2 / N) / (k - 1) of each trial's
+    # caseloads, written out here; R's reference used n0 = N / k, which is never smaller than n0, so
+    # the variance here is never smaller than R's
+    for (trial, d), row in zip(df.groupby("trial_id"), est.itertuples()):
+        n_i = d.groupby("therapist_id").size().to_numpy(float)
+        big_n, k = n_i.sum(), len(n_i)
+        n0 = (big_n - (n_i**2).sum() / big_n) / (k - 1)
+        assert row.n0 == pytest.approx(n0, rel=1e-12) and n0 <= big_n / k
+        rho = row.icc
+        assert row.var_icc == pytest.approx(2 * (1 - rho) ** 2 * (1 + (n0 - 1) * rho) ** 2 / (n0 * (n0 - 1) * (k - 1)),
+                                            rel=1e-12)
+    assert (est["var_icc"].to_numpy() >= per_trial["var_icc"].to_numpy() * (1 - 1e-4)).all()
     np.testing.assert_allclose(est["logit_icc"], per_trial["yi"], rtol=1e-4)
-    np.testing.assert_allclose(est["var_logit_icc"], per_trial["vi"], rtol=1e-3)
+    np.testing.assert_allclose(est["var_logit_icc"], logit_icc(est["icc"], est["var_icc"])[1], rtol=1e-12)
+    # the pooling scale: Fisher's z, atanh(icc) with the delta-method variance
+    np.testing.assert_allclose(est["yi"], np.arctanh(est["icc"]), rtol=1e-12)
+    np.testing.assert_allclose(est["vi"], est["var_icc"] / (1 - est["icc"] ** 2) ** 2, rtol=1e-12)
+    # a singular trial keeps a variance of its neighbours' size on Fisher's z (not 10^4 as on the logit scale)
+    assert est["vi"].max() / est["vi"].min() < 5 and est["var_logit_icc"].max() > 1e3
     # each cluster's profile interval brackets its estimate; singular clusters keep an interval from 0
     assert (est["icc_ci_low"] <= est["icc"]).all() and (est["icc"] < est["icc_ci_high"]).all()
     assert (est.loc[est["icc"] == 0, "icc_ci_low"] == 0).all()
@@ -66,7 +83,7 @@ def test_pool_reproduces_metafor(per_trial, trials_ref, method):
     # metafor::rma(yi, vi, data = per_trial, method = "DL")  (and method = "REML"):
     #   coef(), $se, $ci.lb, $ci.ub, $tau2  -> pooled_logit_icc
     expected = trials_ref["pooled_logit_icc"][method][0]
-    out = pool(per_trial["yi"], per_trial["vi"], method)
+    out = pool(per_trial["yi"], per_trial["vi"], method, scale="logit")
     assert out["estimate"] == pytest.approx(expected["estimate"], rel=1e-6)
     assert out["se"] == pytest.approx(expected["se"], rel=1e-6)
     assert out["ci_low"] == pytest.approx(expected["ci.lb"], rel=1e-6)
@@ -81,7 +98,7 @@ def test_study_table_from_published_iccs_reproduces_metafor(per_trial, trials_re
     table = per_trial.rename(columns={"trial": "study", "n": "n_patients", "k": "n_therapists"})[
         ["study", "icc", "n_patients", "n_therapists"]
     ]
-    out = pool_study_table(table, "DL")
+    out = pool_study_table(table, "DL", scale="logit")
     expected = trials_ref["pooled_logit_icc"]["DL"][0]  # metafor::rma(yi, vi, method = "DL")
     assert out["estimate"] == pytest.approx(expected["estimate"], rel=1e-6)
     assert out["se"] == pytest.approx(expected["se"], rel=1e-6)
@@ -97,7 +114,7 @@ def test_dl_i2_and_prediction_interval_by_hand():
     #   s2 = df * sum w / ((sum w)^2 - sum w^2) = 300 / 7500 = 0.04;  I2 = tau2 / (tau2 + s2) = 40% = (Q-df)/Q
     #   w* = 1 / (0.04 + 0.0266667) = 15 each -> se = sqrt(1/60) = 0.1290994
     #   PI = 0.3 -/+ 1.959964 * sqrt(1/60 + 2/75) = 0.3 -/+ 0.4079990
-    out = pool([0.0, 0.2, 0.4, 0.6], [0.04] * 4, "DL")
+    out = pool([0.0, 0.2, 0.4, 0.6], [0.04] * 4, "DL", scale="logit")
     assert out["Q"] == pytest.approx(5.0)
     assert out["tau2"] == pytest.approx(2 / 75)
     assert out["I2"] == pytest.approx(40.0)
@@ -167,19 +184,19 @@ def test_study_table_uses_given_variances_and_checks_rows():
         "n_therapists": [20, 45, 12],
         "var_icc": [0.0004, np.nan, 0.001],
     })
-    out = pool_study_table(table, "PM")
+    out = pool_study_table(table, "PM", scale="logit")
     studies = pd.DataFrame(out["studies"])
     assert studies.loc[0, "var_icc"] == 0.0004 and studies.loc[2, "var_icc"] == 0.001
     assert studies.loc[1, "var_icc"] == pytest.approx(donner_var_icc(0.02, 900, 45))
     yi, vi = logit_icc(studies["icc"], studies["var_icc"])
-    direct = pool(yi, vi, "PM")
+    direct = pool(yi, vi, "PM", scale="logit")
     assert out["estimate"] == pytest.approx(direct["estimate"]) and out["tau2"] == pytest.approx(direct["tau2"])
     bad = table.assign(icc=[0.05, 1.2, 0.08])
     with pytest.raises(InputError, match=r"row 2 \(study 'B'\), column 'icc'") as err:
         pool_study_table(bad, source="published.csv")
     assert "\n" not in str(err.value) and "published.csv" in str(err.value)
-    with pytest.raises(InputError, match="missing column"):
-        pool_study_table(table.drop(columns="n_therapists"))
+    with pytest.raises(InputError, match=r"row 1 \(study 'A'\): no variance"):
+        pool_study_table(table.drop(columns=["n_therapists", "var_icc"]))
     with pytest.raises(ModelError):
         pool([0.1], [0.2])
 

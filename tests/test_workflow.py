@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -230,9 +231,26 @@ def test_therapy_trials_one_stage_and_two_stage(tmp_path):
     assert "cluster" in rnd["variance_components"] and rnd["converged"]
     # the random trial level sits between no trial term and trial fixed effects
     assert 0 < rnd["variance_components"]["therapist[0]"]["estimate"] < 1.0
-    meta = est["meta"]["pooled"]
-    # metafor: rma(yi, vi, method = "DL") on the per-trial logit ICCs: estimate -3.629806538
-    assert meta["estimate"] == pytest.approx(ref["pooled_logit_icc"]["DL"][0]["estimate"], rel=1e-6)
+    meta = est["meta"]
+    assert (meta["method"], meta["test"], meta["scale"]) == ("REML", "z", "fisher_z")  # the defaults
+    # two-stage: tau2 is 0 here (as metafor's REML gives on these trials, lme4_reference.json), so the
+    # pooled Fisher z is the inverse-variance mean of atanh(icc_s) with v_s = var_icc_s / (1 - icc_s^2)^2
+    pc = pd.read_csv(tmp_path / "work" / "results" / "trials" / "per_cluster.csv")
+    v = pc["var_icc"] / (1 - pc["icc"] ** 2) ** 2
+    z = (np.arctanh(pc["icc"]) / v).sum() / (1 / v).sum()
+    assert meta["pooled"]["tau2"] == 0 and meta["pooled"]["estimate"] == pytest.approx(z, rel=1e-10)
+    assert meta["pooled"]["icc"]["estimate"] == pytest.approx(np.tanh(z), rel=1e-10)
+    assert len(meta["leave_one_out"]) == 6 and sum(meta["pooled"]["weights"]) == pytest.approx(100)
+    # one-stage: the nested model's ICC, lme4 (1 | trial_id/therapist_id) variances 0.4235489072 /
+    # (0.4235489072 + 0.05726135832 + 26.31745758)
+    assert meta["one_stage"]["estimate"] == pytest.approx(0.4235489072 / (0.4235489072 + 0.05726135832 + 26.31745758),
+                                                          rel=1e-4)
+    # the feedback meta-analysis: per-arm pooled ICCs, the two-stage log ratio and the one-stage arm model
+    # with a random trial level (its ratio is the arm_random model's)
+    assert meta["arms"]["control"]["k"] == 6 and "ratio" in meta["arms"]
+    rnd_icc = rnd["icc_by_arm"]
+    assert meta["one_stage_arms"]["ratio"]["estimate"] == pytest.approx(
+        rnd_icc["1"]["estimate"] / rnd_icc["0"]["estimate"], rel=1e-4)
 
 
 def test_meta_analysis_of_published_iccs_without_raw_data(tmp_path):
@@ -245,7 +263,8 @@ def test_meta_analysis_of_published_iccs_without_raw_data(tmp_path):
     })
     studies.to_csv(tmp_path / "published.csv", index=False)
     cfg = tmp_path / "meta.yaml"
-    cfg.write_text(yaml.safe_dump({"meta": {"studies": str(tmp_path / "published.csv"), "method": "DL"}}))
+    cfg.write_text(yaml.safe_dump({"meta": {"studies": str(tmp_path / "published.csv"), "method": "DL",
+                                            "scale": "logit"}}))
     work = tmp_path / "work"
     work.mkdir()
     run_snakemake(work, "--configfile", str(cfg))

@@ -143,21 +143,21 @@ def fit_step(
 
 
 def per_cluster_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str, out_json: str) -> None:
-    """Per-cluster (trial / service) ICCs and their random-effects pooling (two-stage meta-analysis)."""
-    from .meta import per_cluster_estimates, pool
+    """Per-cluster (trial / service) ICCs, their random-effects pooling (two-stage meta-analysis) and
+    the one-stage models with a trial level (:func:`therapist_effects.meta.dataset_meta`)."""
     from .csvsafe import safe_csv
+    from .meta import dataset_meta
 
     patients = pd.read_parquet(patients_path)
     model = {"id": "per_cluster", "type": "nested"}  # keeps the cluster column
     mf = model_frame(patients, model, dataset)
     covariates = [c for c in mf.covariates]
-    table = per_cluster_estimates(
+    table, meta = dataset_meta(
         mf.df, mf.outcome, covariates, therapist=mf.therapist, cluster=role_names(dataset)["cluster"],
-        arm=mf.arm, feedback_level=mf.feedback_level, level=cfg["intervals"]["level"],
+        arm=mf.arm, feedback_level=mf.feedback_level, meta_cfg=cfg["meta"], level=cfg["intervals"]["level"],
     )
     safe_csv(table, out_csv)
-    pooled = pool(table["logit_icc"].to_numpy(), table["var_logit_icc"].to_numpy(), method=cfg["meta"]["method"])
-    write_json({"method": cfg["meta"]["method"], "pooled": pooled, "n_clusters": int(len(table))}, out_json)
+    write_json(meta, out_json)
 
 
 def collect_step(
@@ -229,15 +229,15 @@ def service_report_step(
 
 
 def _icc_scale(pooled: dict) -> dict:
-    """meta.pool's result (logit scale, with an ``icc`` block) as the ICC-scale dict the report shows."""
+    """meta.pool's result (pooling scale, with an ``icc`` block) as the ICC-scale dict the report shows."""
     icc = pooled.get("icc", {})
     return {
-        "method": pooled.get("method"), "k": pooled.get("k"),
+        "method": pooled.get("method"), "test": pooled.get("test"), "scale": pooled.get("scale"), "k": pooled.get("k"),
         "estimate": icc.get("estimate"), "ci_low": icc.get("ci_low"), "ci_high": icc.get("ci_high"),
         "pi_low": icc.get("pi_low"), "pi_high": icc.get("pi_high"),
         "tau2": pooled.get("tau2"), "I2": pooled.get("I2"), "I2_percent": pooled.get("I2"),
         "Q": pooled.get("Q"), "Q_p_value": pooled.get("Q_p_value"),
-        "logit_estimate": pooled.get("estimate"), "logit_se": pooled.get("se"),
+        "scale_estimate": pooled.get("estimate"), "scale_se": pooled.get("se"),
     }
 
 
@@ -246,53 +246,58 @@ def meta_report_step(
     out_json: str | None = None, out_csv: str | None = None,
 ) -> None:
     """Meta-analysis report: per-cluster ICCs of every dataset with clusters, and a user's study table,
-    pooled by random effects on the logit-ICC scale (the estimator of ``meta.method``)."""
-    import numpy as np
-    from scipy.stats import norm
-
-    from .meta import pool, pool_study_table
+    pooled by random effects (``meta.method``, ``meta.test``, on ``meta.scale``); the one-stage estimates
+    of the datasets' ``meta.json`` beside the two-stage one."""
+    from .meta import arms_long, pool_arms, pool_table, study_table
     from .report import meta_report
 
-    method = cfg["meta"]["method"]
+    opts = {k: cfg["meta"][k] for k in ("method", "test", "scale")}
     level = cfg["intervals"]["level"]
-    z = norm.ppf(0.5 + level / 2)
-    rows = []
+    rows, arm_rows, one_stage = [], [], {}
     for path in table_paths:
         t = pd.read_csv(path, dtype={"cluster": str})
         dataset = Path(path).parent.name
         t.insert(0, "study", [f"{dataset}: {c}" if len(table_paths) > 1 else str(c) for c in t["cluster"]])
+        t["ci_low"], t["ci_high"] = t["icc_ci_low"], t["icc_ci_high"]
         rows.append(t)
+        if "icc_control" in t.columns:
+            arm_rows.append(arms_long(t, opts["scale"]))
+    for path in pooled_paths:
+        with open(path, encoding="utf-8") as fh:
+            m = json.load(fh)
+        one_stage[Path(path).parent.name] = {"icc": m.get("one_stage"), "arms": m.get("one_stage_arms")}
     if studies_path:
         from .ingest import read_table
 
-        st = read_table(studies_path)
-        for col in ("icc", "n_patients", "n_therapists", "var_icc"):
-            if col in st.columns:
-                st[col] = pd.to_numeric(st[col], errors="coerce")
-        pooled_st = pool_study_table(st, method, level=level, source=studies_path)
-        rows.append(pd.DataFrame(pooled_st["studies"]))
+        st = study_table(read_table(studies_path), columns=cfg["meta"].get("columns") or {}, scale=opts["scale"],
+                         level=level, source=studies_path)
+        has_arm = st["arm"].notna()
+        if has_arm.any():
+            arm_rows.append(st[has_arm])
+        rows.append(st[~has_arm] if (~has_arm).any() else st)
     if not rows:
         raise ValueError("meta report: no per-cluster tables and no study table")
     table = pd.concat(rows, ignore_index=True)
-    # Per-study intervals: the REML profile interval where raw data were fitted; for published ICCs a
-    # Wald interval on the logit scale, back-transformed.
-    half = z * np.sqrt(table["var_logit_icc"].astype(float))
-    expit = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
-    table["ci_low"] = expit(table["logit_icc"] - half)
-    table["ci_high"] = expit(table["logit_icc"] + half)
-    if "icc_ci_low" in table.columns:
-        has = table["icc_ci_low"].notna()
-        table.loc[has, "ci_low"] = table.loc[has, "icc_ci_low"]
-        table.loc[has, "ci_high"] = table.loc[has, "icc_ci_high"]
-    pooled = pool(table["logit_icc"].to_numpy(float), table["var_logit_icc"].to_numpy(float), method, level=level)
-    per_arm = None
-    if "icc_ratio" in table.columns and table["icc_ratio"].notna().any():
-        per_arm = table.loc[table["icc_ratio"].notna(), ["study", "icc_ratio"]].assign(ci_low=np.nan, ci_high=np.nan)
-    meta_report(table, _icc_scale(pooled), out_html, per_arm=per_arm)
+    pooled = pool_table(table, opts["method"], test=opts["test"], level=level, scale=opts["scale"])
+    studies = pd.DataFrame(pooled.pop("studies"))
+    loo = pooled.pop("leave_one_out", [])
+    arms = None
+    if arm_rows:
+        long = pd.concat(arm_rows, ignore_index=True)
+        if len(long) and long["arm"].nunique() == 2:
+            arms = pool_arms(long.reset_index(drop=True), opts["method"], test=opts["test"], level=level,
+                             scale=opts["scale"])
+    meta_report(studies, _icc_scale(pooled), out_html, leave_one_out=loo, one_stage=one_stage, arms=arms)
     if out_json:
-        write_json({"method": method, "level": level, "pooled": pooled, "n_studies": int(len(table))}, out_json)
+        arms_out = None
+        if arms is not None:
+            arms_out = {k: ({kk: vv for kk, vv in v.items() if kk not in ("studies", "leave_one_out")}
+                            if isinstance(v, dict) and k in ("control", "feedback") else v) for k, v in arms.items()}
+        write_json({**opts, "level": level, "pooled": pooled, "n_studies": int(len(studies)),
+                    "leave_one_out": loo, "one_stage": one_stage or None, "arms": arms_out}, out_json)
     if out_csv:
         from .csvsafe import safe_csv
 
-        safe_csv(table, out_csv)
-    log.info("pooled %d studies (%s): ICC %s", len(table), method, pooled.get("icc", {}).get("estimate"))
+        safe_csv(studies, out_csv)
+    log.info("pooled %d studies (%s, %s, %s scale): ICC %s", len(studies), opts["method"], opts["test"],
+             opts["scale"], pooled.get("icc", {}).get("estimate"))

@@ -243,7 +243,7 @@ def forest(labels, est, low, high, *, pooled: tuple[str, float, float, float] | 
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(8, 1.0 + 0.38 * rows))
         w = np.ones(k) if weights is None else np.asarray(weights, float)
-        sizes = 20 + 80 * (w / np.nanmax(w)) if np.nanmax(w) > 0 else np.full(k, 40.0)
+        sizes = np.maximum(120 * (w / np.nanmax(w)), 4.0) if np.nanmax(w) > 0 else np.full(k, 40.0)  # area ~ weight
         ys = np.arange(k)
         ok = np.isfinite(low) & np.isfinite(high)
         ax.hlines(ys[ok], low[ok], high[ok], color=OKABE_ITO["blue"], lw=1.3)
