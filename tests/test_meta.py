@@ -61,7 +61,10 @@ def test_per_cluster_estimates_reproduce_reference(per_trial):
     np.testing.assert_allclose(est["var_logit_icc"], logit_icc(est["icc"], est["var_icc"])[1], rtol=1e-12)
     # the pooling scale: Fisher's z, atanh(icc) with the delta-method variance
     np.testing.assert_allclose(est["yi"], np.arctanh(est["icc"]), rtol=1e-12)
-    np.testing.assert_allclose(est["vi"], est["var_icc"] / (1 - est["icc"] ** 2) ** 2, rtol=1e-12)
+    # vi: Donner's variance at the trials' mean ICC (weights that do not depend on the trial's own estimate)
+    rho = est["icc"].mean()
+    common = 2 * (1 - rho) ** 2 * (1 + (est["n0"] - 1) * rho) ** 2 / (est["n0"] * (est["n0"] - 1) * (est["n_therapists"] - 1))
+    np.testing.assert_allclose(est["vi"], common / (1 - rho**2) ** 2, rtol=1e-12)
     # a singular trial keeps a variance of its neighbours' size on Fisher's z (not 10^4 as on the logit scale)
     assert est["vi"].max() / est["vi"].min() < 5 and est["var_logit_icc"].max() > 1e3
     # each cluster's profile interval brackets its estimate; singular clusters keep an interval from 0

@@ -118,8 +118,12 @@ def test_study_table_column_mapping_and_inputs():
     # row A: Donner with n0 = N / k = 20: 2 (.95)^2 (1 + 19 * .05)^2 / (20 * 19 * 19)
     assert t.at[0, "var_icc"] == pytest.approx(2 * 0.95**2 * 1.95**2 / (20 * 19 * 19), rel=1e-12)
     assert t.at[0, "yi"] == pytest.approx(math.atanh(0.05)) and t.at[3, "icc"] == pytest.approx(math.tanh(0.03))
+    # the Donner rows' vi on Fisher's z: at the common ICC (.05 + .08) / 2 = .065; A: n0 = 20, k = 20
+    assert t.at[0, "vi"] == pytest.approx(2 * 0.935**2 * (1 + 19 * 0.065) ** 2 / (20 * 19 * 19) / (1 - 0.065**2) ** 2,
+                                          rel=1e-12)
+    assert t.at[3, "vi"] == 0.0004  # given yi/vi rows are left as they are
     out = pool_study_table(raw, "REML", test="knha", columns=cols)
-    direct = pool(t["yi"], t["vi"], "REML", test="knha")
+    direct = pool(t["yi"], t["vi"], "REML", test="knha")  # vi as study_table gave them
     assert out["estimate"] == direct["estimate"] and out["icc"]["estimate"] == pytest.approx(math.tanh(direct["estimate"]))
     studies = pd.DataFrame(out["studies"])
     w = 1 / (t["vi"] + direct["tau2"])

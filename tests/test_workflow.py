@@ -234,9 +234,11 @@ def test_therapy_trials_one_stage_and_two_stage(tmp_path):
     meta = est["meta"]
     assert (meta["method"], meta["test"], meta["scale"]) == ("REML", "z", "fisher_z")  # the defaults
     # two-stage: tau2 is 0 here (as metafor's REML gives on these trials, lme4_reference.json), so the
-    # pooled Fisher z is the inverse-variance mean of atanh(icc_s) with v_s = var_icc_s / (1 - icc_s^2)^2
+    # pooled Fisher z is the inverse-variance mean of atanh(icc_s) with v_s Donner's variance at the mean
+    # ICC rho (unbalanced n0 of each trial) over (1 - rho^2)^2
     pc = pd.read_csv(tmp_path / "work" / "results" / "trials" / "per_cluster.csv")
-    v = pc["var_icc"] / (1 - pc["icc"] ** 2) ** 2
+    rho, n0, k = pc["icc"].mean(), pc["n0"], pc["n_therapists"]
+    v = 2 * (1 - rho) ** 2 * (1 + (n0 - 1) * rho) ** 2 / (n0 * (n0 - 1) * (k - 1)) / (1 - rho**2) ** 2
     z = (np.arctanh(pc["icc"]) / v).sum() / (1 / v).sum()
     assert meta["pooled"]["tau2"] == 0 and meta["pooled"]["estimate"] == pytest.approx(z, rel=1e-10)
     assert meta["pooled"]["icc"]["estimate"] == pytest.approx(np.tanh(z), rel=1e-10)

@@ -16,7 +16,12 @@ Pooling scales (:data:`SCALES`):
 * ``fisher_z`` (default): Fisher's z of the ICC, ``yi = atanh(ICC)``, ``vi = var(ICC) / (1 - ICC^2)^2``
   (delta method). Near ICC = 0 it is the identity, so a near-zero or singular trial keeps a variance
   of the size of its neighbours' (Donner's variance at ICC 0 is ``2 / (n0 (n0 - 1) (k - 1))``) and
-  its weight. Back-transformed by ``tanh``.
+  its weight. Back-transformed by ``tanh``. Where the variance comes from Donner's formula (raw
+  data, or a study table's N and k) it is evaluated at the common ICC (the mean of those studies'
+  ICCs, :func:`common_donner_vi`) rather than at each study's own estimate: Donner's variance grows
+  with the ICC, so own-estimate weights favour the studies that came out low and bias the pooled ICC
+  downwards (by a third at ICC .02 in the simulation test); weights that do not depend on the study's
+  own estimate remove that bias.
 * ``logit``: ``yi = logit(max(ICC, 1e-4))``, ``vi = var(ICC) / (max(ICC, 1e-4) (1 - ICC))^2`` (the
   earlier default, kept as an option). A near-zero trial's ``vi`` runs to 10^4 and it loses its
   weight, which biases the pooled ICC upwards when true ICCs are small (the simulation test
@@ -50,6 +55,7 @@ __all__ = [
     "STUDY_ROLES",
     "donner_n0",
     "donner_var_icc",
+    "common_donner_vi",
     "logit_icc",
     "to_scale",
     "from_scale",
@@ -170,6 +176,26 @@ def var_from_ci(icc, ci_low, ci_high, scale: str = "fisher_z", level: float = 0.
     return out
 
 
+def common_donner_vi(t: pd.DataFrame, scale: str = "fisher_z") -> pd.DataFrame:
+    """On the ``fisher_z`` scale, re-evaluate the rows whose variance is Donner's (``input ==
+    "donner"``, with ``n0`` and ``n_therapists``) at the common ICC, the mean of those rows' ICCs:
+    ``vi = donner(mean ICC) / (1 - mean ICC^2)^2``. ``var_icc`` (the study's own Donner variance) is
+    kept. Other rows and other scales are returned unchanged (module docstring: why)."""
+    if scale != "fisher_z" or "input" not in t.columns or "n0" not in t.columns:
+        return t
+    rows = (t["input"] == "donner") & np.isfinite(t["n0"].astype(float)) & np.isfinite(t["icc"].astype(float))
+    if rows.sum() < 2:
+        return t
+    t = t.copy()
+    rho = float(t.loc[rows, "icc"].astype(float).mean())
+    n0 = t.loc[rows, "n0"].astype(float).to_numpy()
+    k = t.loc[rows, "n_therapists"].astype(float).to_numpy()
+    var = 2.0 * (1.0 - rho) ** 2 * (1.0 + (n0 - 1.0) * rho) ** 2 / (n0 * (n0 - 1.0) * (k - 1.0))
+    t.loc[rows, "vi"] = var / (1.0 - rho * rho) ** 2
+    t.loc[rows, "icc_common"] = rho
+    return t
+
+
 def _fit_icc(y, X, therapist, level):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingularFitWarning)  # reported in the 'singular' column
@@ -198,7 +224,8 @@ def per_cluster_estimates(
     ``cluster, n_patients, n_therapists, n0`` (Donner's effective caseload), ``icc, icc_ci_low,
     icc_ci_high`` (profile-likelihood interval at ``level``; a singular trial's interval is passed
     through as the engine gives it), ``var_icc`` (:func:`donner_var_icc` with the unbalanced n0),
-    ``yi, vi`` on the pooling ``scale`` (:func:`to_scale`), ``logit_icc, var_logit_icc`` and
+    ``yi, vi`` on the pooling ``scale`` (:func:`to_scale`; on ``fisher_z`` ``vi`` is Donner's variance
+    at the clusters' mean ICC, :func:`common_donner_vi`), ``logit_icc, var_logit_icc`` and
     ``singular``. When ``arm`` is given, also the arm-specific ICCs ``icc_control, icc_feedback,
     icc_ratio`` from :class:`~therapist_effects.arm.ArmVarianceModel` with their Donner variances
     ``var_icc_control, var_icc_feedback`` (each arm's own caseloads) and patient / therapist counts
@@ -226,7 +253,7 @@ def per_cluster_estimates(
         row = {"cluster": label, "n_patients": n, "n_therapists": k, "n0": donner_n0(caseloads), "icc": icc,
                "icc_ci_low": ci_low, "icc_ci_high": ci_high, "var_icc": var_icc, "scale": scale,
                "yi": float(yi), "vi": float(vi), "logit_icc": float(yl), "var_logit_icc": float(vl),
-               "singular": bool(fit.singular)}
+               "singular": bool(fit.singular), "input": "donner"}
         if arm is not None:
             row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan, var_icc_control=np.nan,
                        var_icc_feedback=np.nan, n_patients_control=np.nan, n_patients_feedback=np.nan,
@@ -244,6 +271,7 @@ def per_cluster_estimates(
                 for a, name in enumerate(("control", "feedback")):
                     da = d[labels == am.model.arm_levels[a]]
                     loads = da.groupby(therapist, sort=False).size().to_numpy()
+                    row[f"n0_{name}"] = donner_n0(loads) if len(loads) >= 2 else np.nan
                     row[f"n_patients_{name}"] = int(loads.sum())
                     row[f"n_therapists_{name}"] = int(len(loads))
                     row[f"var_icc_{name}"] = float(donner_var_icc(icc_arm[a], loads.sum(), len(loads),
@@ -252,7 +280,7 @@ def per_cluster_estimates(
                 warnings.warn(f"cluster {label!r}: arm-specific ICCs not estimable ({err})", StatisticalWarning,
                               stacklevel=2)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return common_donner_vi(pd.DataFrame(rows), scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +463,7 @@ def leave_one_out(yi, vi, method: str = "REML", *, test: str = "z", level: float
             row.update({name: r[name]["estimate"], f"{name}_ci_low": r[name]["ci_low"],
                         f"{name}_ci_high": r[name]["ci_high"]})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return common_donner_vi(pd.DataFrame(rows), scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +496,8 @@ def study_table(df: pd.DataFrame, *, columns: Mapping[str, str] | None = None, s
     * ``icc`` with ``ci_low`` and ``ci_high``: ``vi`` back-computed on the pooling scale
       (:func:`var_from_ci`, ``input = "ci"``);
     * ``icc`` with ``n_patients`` and ``n_therapists``: Donner's variance with n0 = N / k
-      (``"donner"``).
+      (``"donner"``; on ``fisher_z`` ``vi`` is evaluated at the mean ICC of these rows,
+      :func:`common_donner_vi`).
 
     Errors are one line naming the source, row (1-based, as in the file) and column.
     """
@@ -494,7 +523,7 @@ def study_table(df: pd.DataFrame, *, columns: Mapping[str, str] | None = None, s
             return pd.Series([np.nan] * len(df), index=df.index)
         return pd.to_numeric(df[c], errors="coerce") if numeric else df[c]
 
-    t = pd.DataFrame({"study": df[name["study"]].astype(str).to_numpy()})
+    t = pd.DataFrame({"study": df[name["study"]].astype(str).to_numpy(), "n0": np.nan})
     for role in ("icc", "var_icc", "yi", "vi", "ci_low", "ci_high", "n_patients", "n_therapists"):
         t[role] = col(role).to_numpy(dtype=float)
     t["arm"] = [None if _is_blank(a) else str(a) for a in col("arm", numeric=False)]
@@ -544,6 +573,7 @@ def study_table(df: pd.DataFrame, *, columns: Mapping[str, str] | None = None, s
                 raise InputError(f"{where}: expected n_therapists >= 2 and n_patients > n_therapists "
                                  f"(columns {name['n_therapists']!r}, {name['n_patients']!r})")
             t.at[i, "var_icc"] = float(donner_var_icc(r["icc"], r["n_patients"], r["n_therapists"]))
+            t.at[i, "n0"] = r["n_patients"] / r["n_therapists"]
             inputs.append("donner")
         else:
             raise InputError(f"{where}: no variance: give {name['var_icc']!r}, an interval ({name['ci_low']!r}, "
@@ -553,6 +583,7 @@ def study_table(df: pd.DataFrame, *, columns: Mapping[str, str] | None = None, s
         t.at[i, "yi"], t.at[i, "vi"] = float(yi), float(vi)
     t["input"] = inputs
     t["scale"] = scale
+    t = common_donner_vi(t, scale)
     z = stats.norm.ppf(0.5 + level / 2.0)
     half = z * np.sqrt(t["vi"])
     no_ci = ~(np.isfinite(t["ci_low"]) & np.isfinite(t["ci_high"]))
@@ -576,6 +607,7 @@ def pool_table(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level:
     """Pool a canonical study table (:func:`study_table`, or :func:`per_cluster_estimates` rows with
     ``study, yi, vi``): :func:`pool`'s dict plus ``studies`` (with ``weight_percent``) and
     ``leave_one_out`` (three studies or more)."""
+    t = common_donner_vi(t, scale)
     out = pool(t["yi"].to_numpy(float), t["vi"].to_numpy(float), method, test=test, level=level,
                prediction=prediction, scale=scale)
     return _attach(t, out, method, test, level, scale)
@@ -621,9 +653,11 @@ def arms_long(per_cluster: pd.DataFrame, scale: str = "fisher_z") -> pd.DataFram
                 continue
             yi, vi = to_scale(icc, var, scale)
             rows.append({"study": str(r["study"] if "study" in r else r["cluster"]), "arm": a, "icc": icc,
-                         "var_icc": var, "yi": float(yi), "vi": float(vi),
+                         "var_icc": var, "yi": float(yi), "vi": float(vi), "input": "donner",
+                         "n0": r.get(f"n0_{a}", np.nan),
                          "n_patients": r.get(f"n_patients_{a}", np.nan), "n_therapists": r.get(f"n_therapists_{a}", np.nan)})
-    return pd.DataFrame(rows, columns=["study", "arm", "icc", "var_icc", "yi", "vi", "n_patients", "n_therapists"])
+    return pd.DataFrame(rows, columns=["study", "arm", "icc", "var_icc", "yi", "vi", "input", "n0", "n_patients",
+                                       "n_therapists"])
 
 
 def pool_arms(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level: float = 0.95,
