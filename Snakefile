@@ -11,7 +11,7 @@ min_version("8.0")
 
 # The demo config is read only when no config with datasets or a meta-analysis was given, so that a user's own config is not
 # merged with the demo's datasets.
-if not (config.get("datasets") or config.get("meta")):
+if not (config.get("datasets") or config.get("meta") or config.get("plan")):
 
     configfile: "config/config.yaml"
 
@@ -20,6 +20,12 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/report.smk"
+
+
+# Design planning grid: only when the config has a plan: grid (one job per design).
+if CFG.get("plan"):
+
+    include: "workflow/rules/plan.smk"
 
 
 rule all:

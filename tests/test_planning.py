@@ -81,3 +81,26 @@ def test_grid_cells_ids():
                            "K20_N15_icc0.02_D0_R0.5"]
     assert cells["K20_N15_icc0.02_D0_R0.5"] == {"therapists": 20, "caseload": 15.0, "icc": 0.02, "dispersion": 0.0,
                                                 "reduction": 0.5}
+
+
+def test_planning_grid_as_snakemake_jobs(tmp_path):
+    """A config with only a plan: grid runs one job per design, then the table and the plot."""
+    import pandas as pd
+    import yaml
+    from test_workflow import run_snakemake
+
+    grid = {"therapists": [8, 12], "caseload": [10], "icc": [0.05], "reduction": [None, 0.5], "reps": 10}
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(yaml.safe_dump({"seed": 11, "plan": grid}))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_snakemake(work, "--configfile", str(cfg))
+    assert proc.stderr.count("rule plan_cell:") == 4 and "rule plan_grid:" in proc.stderr
+    table = pd.read_csv(work / "results" / "plan" / "grid.csv")
+    assert len(table) == 4 and (work / "results" / "plan" / "grid.png").stat().st_size > 1000
+    assert (work / "benchmarks" / "plan" / "grid.tsv").is_file()
+    row = table[(table["therapists"] == 12) & (table["reduction"] == 0.5)].iloc[0]
+    direct = plan(12, 10, 0.05, reduction=0.5, reps=10, seed=11)  # the config's seed
+    assert row["expected_ci_width"] == pytest.approx(direct["expected_ci_width"], rel=1e-12)
+    assert row["power"] == pytest.approx(direct["power"]) and row["p_singular"] == pytest.approx(direct["p_singular"])
+    assert not (work / "results" / "demo").exists()  # the demo config was not merged in

@@ -117,7 +117,7 @@ def load_config(config: dict | str | Path, *, source: str | None = None) -> dict
     if not explicit_models:
         cfg["models"] = _fill_defaults(copy.deepcopy(DEFAULT_MODELS), schema["properties"]["models"], schema)
     cfg["_explicit_models"] = explicit_models
-    if not cfg["datasets"] and not cfg["meta"]["studies"]:
+    if not cfg["datasets"] and not cfg["meta"]["studies"] and not cfg.get("plan"):
         raise ConfigError(
             f"{source}: datasets: expected at least one dataset (or meta.studies, a study-level table to pool)"
         )

@@ -301,3 +301,29 @@ def meta_report_step(
         safe_csv(studies, out_csv)
     log.info("pooled %d studies (%s, %s, %s scale): ICC %s", len(studies), opts["method"], opts["test"],
              opts["scale"], pooled.get("icc", {}).get("estimate"))
+
+
+def plan_cell_step(design: dict, cfg: dict, out_json: str) -> None:
+    """One design of the planning grid (``plan:`` config), simulated with the config's seed."""
+    from .planning import plan
+
+    p = cfg["plan"]
+    res = plan(design["therapists"], design["caseload"], design["icc"], dispersion=design["dispersion"],
+               reduction=design["reduction"], reps=p["reps"], seed=cfg["seed"], level=p["level"])
+    write_json(res, out_json)
+    log.info("plan %s: expected_ci_width %.4f, p_singular %.3f, power %s", design, res["expected_ci_width"],
+             res["p_singular"], res["power"])
+
+
+def plan_grid_step(cell_jsons: list[str], out_csv: str, out_png: str) -> None:
+    """The planning grid's table and plot from the per-design results."""
+    from .csvsafe import safe_csv
+    from .planning import grid_figure, plan_grid
+
+    results = []
+    for path in cell_jsons:
+        with open(path, encoding="utf-8") as fh:
+            results.append(json.load(fh))
+    table = plan_grid(results)
+    safe_csv(table, out_csv)
+    grid_figure(table, out_png)

@@ -62,6 +62,8 @@ def all_outputs():
         ]
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")
+    if CFG.get("plan"):
+        out += ["results/plan/grid.csv", "results/plan/grid.png"]
     return out
 
 
