@@ -192,3 +192,50 @@ def test_knha_interval_coverage_small_k():
     cover = {k: h / reps for k, h in hits.items()}
     assert cover["knha"] > cover["z"]
     assert abs(cover["knha"] - 0.95) < 0.02  # binomial se at 2000 reps: 0.005
+
+
+def test_meta_report_step_with_a_mapped_arm_table(tmp_path):
+    """The workflow's meta step on a meta-analyst's table: own column names (meta.columns), published
+    intervals, arm rows; REML with Knapp-Hartung; pooled.json as the contract names it."""
+    from therapist_effects.pipeline import meta_report_step
+
+    raw = pd.DataFrame({
+        "Trial": ["A", "B", "C", "A", "A", "B", "B", "C", "C"],
+        "Arm": ["", "", "", "TAU", "FB", "TAU", "FB", "TAU", "FB"],
+        "ICC": [0.03, 0.012, 0.05, 0.035, 0.025, 0.015, 0.010, 0.06, 0.045],
+        "Lower": [0.01, 0.0, 0.02, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan],
+        "Upper": [0.07, 0.05, 0.10, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan],
+        "N": [np.nan, np.nan, np.nan, 300, 310, 500, 480, 200, 210],
+        "k": [np.nan, np.nan, np.nan, 20, 20, 30, 30, 15, 15],
+    })
+    path = tmp_path / "published.csv"
+    raw.to_csv(path, index=False)
+    cols = {"study": "Trial", "arm": "Arm", "icc": "ICC", "ci_low": "Lower", "ci_high": "Upper", "n_patients": "N",
+            "n_therapists": "k"}
+    cfg = {"meta": {"method": "REML", "test": "knha", "scale": "fisher_z", "columns": cols, "feedback_level": "FB"},
+           "intervals": {"level": 0.95}}
+    out = tmp_path / "meta" / "report.html"
+    meta_report_step([], [], str(path), cfg, str(out), out_json=str(tmp_path / "pooled.json"),
+                     out_csv=str(tmp_path / "studies.csv"))
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert (pooled["method"], pooled["test"], pooled["scale"], pooled["n_studies"]) == ("REML", "knha", "fisher_z", 3)
+    # the overall rows (no arm): vi from the published intervals on Fisher's z, pooled by REML + knha
+    z = 1.959963985
+    yi = np.arctanh([0.03, 0.012, 0.05])
+    vi = ((np.arctanh([0.07, 0.05, 0.10]) - np.arctanh([0.01, 0.0, 0.02])) / (2 * z)) ** 2
+    ref = pool(yi, vi, "REML", test="knha")
+    for key in ("estimate", "se", "ci_low", "ci_high", "tau2", "I2", "pi_low", "pi_high"):
+        assert pooled["pooled"][key] == pytest.approx(ref[key], rel=1e-8, abs=1e-12), key
+    assert pooled["pooled"]["icc"]["estimate"] == pytest.approx(math.tanh(ref["estimate"]), rel=1e-8)
+    # arms: meta.feedback_level names the feedback label (the default rule would take TAU, the second
+    # label in sorted order)
+    assert pooled["arms"]["levels"] == {"control": "TAU", "feedback": "FB"}
+    # ratio per trial: ICC_FB / ICC_TAU with Donner variances (n0 = N / k) of each arm row
+    assert [s["icc_ratio"] for s in pooled["arms"]["ratio"]["studies"]] == pytest.approx([0.025 / 0.035, 0.010 / 0.015,
+                                                                                          0.045 / 0.06])
+    assert pooled["arms"]["control"]["k"] == 3 and "ratio" in pooled["arms"]
+    assert len(pooled["leave_one_out"]) == 3
+    assert "Leave-one-out" in out.read_text()
+    # identical effects: Knapp-Hartung's s^2 is 0, so is its se; no statistic rather than a crash
+    same = pool([0.1, 0.1], [0.01, 0.02], "DL", test="knha")
+    assert same["se"] == 0 and math.isnan(same["z"])

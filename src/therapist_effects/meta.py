@@ -392,8 +392,9 @@ def pool(yi, vi, method: str = "REML", *, test: str = "z", level: float = 0.95, 
         s2w = float(np.sum(w * (y - est) ** 2)) / (k - 1)
         se *= math.sqrt(s2w)
         crit = float(stats.t.ppf(1 - alpha / 2, k - 1))
-        stat = est / se
-        p_value = float(2 * stats.t.sf(abs(stat), k - 1))
+        # identical effects make s^2 = 0 and the Knapp-Hartung se 0 (as in metafor): no finite statistic
+        stat = est / se if se > 0 else math.nan
+        p_value = float(2 * stats.t.sf(abs(stat), k - 1)) if se > 0 else math.nan
     else:
         crit = float(stats.norm.ppf(1 - alpha / 2))
         stat = est / se
@@ -615,7 +616,7 @@ def pool_table(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level:
 
 def pool_study_table(df: pd.DataFrame, method: str = "REML", *, test: str = "z", level: float = 0.95,
                      prediction: str = "normal", scale: str = "fisher_z", columns: Mapping[str, str] | None = None,
-                     source: str = "study table") -> dict:
+                     source: str = "study table", feedback_level=None) -> dict:
     """Pool published ICCs from a study-level table (no raw data needed).
 
     The table is read by :func:`study_table` (``columns``: the ``meta.columns`` role mapping). Rows
@@ -631,7 +632,8 @@ def pool_study_table(df: pd.DataFrame, method: str = "REML", *, test: str = "z",
     out = pool_table(overall.reset_index(drop=True), method, test=test, level=level, prediction=prediction,
                      scale=scale)
     if has_arm.any():
-        out["arms"] = pool_arms(t[has_arm].reset_index(drop=True), method, test=test, level=level, scale=scale)
+        out["arms"] = pool_arms(t[has_arm].reset_index(drop=True), method, test=test, level=level, scale=scale,
+                                feedback_level=feedback_level)
     return out
 
 
@@ -661,7 +663,7 @@ def arms_long(per_cluster: pd.DataFrame, scale: str = "fisher_z") -> pd.DataFram
 
 
 def pool_arms(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level: float = 0.95,
-              scale: str = "fisher_z") -> dict:
+              scale: str = "fisher_z", feedback_level=None) -> dict:
     """The feedback meta-analysis, two-stage: a pooled ICC per arm and the pooled ICC ratio.
 
     ``t``: a long table (``study, arm, icc, var_icc, yi, vi``; :func:`study_table` rows with an arm,
@@ -670,11 +672,18 @@ def pool_arms(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level: 
     the studies with both arms: ``yi = log(ICC_f / ICC_c)``, ``vi = var_f / ICC_f^2 + var_c / ICC_c^2``
     (delta method, arms independent); studies with an arm ICC of 0 have no log ratio and are left
     out with a :class:`StatisticalWarning`. ``reduction`` is ``1 - ratio`` with the interval reversed.
+    ``feedback_level``: the arm label of the feedback condition (default: ``feedback`` when the labels
+    are ``control`` / ``feedback``, ``1`` for 0/1, else the second label in sorted order).
     """
     levels = sorted(set(t["arm"].astype(str)))
     if len(levels) != 2:
         raise InputError(f"study table: the arm column must have two levels (control, feedback), found {levels}")
-    fb = "feedback" if set(levels) == {"control", "feedback"} else _feedback_level(levels)
+    if feedback_level is not None:
+        fb = str(feedback_level)
+        if fb not in levels:
+            raise InputError(f"meta.feedback_level: {fb!r} is not a level of the arm column ({levels})")
+    else:
+        fb = "feedback" if set(levels) == {"control", "feedback"} else _feedback_level(levels)
     ctrl = [lv for lv in levels if lv != fb][0]
     out: dict = {"levels": {"control": ctrl, "feedback": fb}}
     for role, lv in (("control", ctrl), ("feedback", fb)):

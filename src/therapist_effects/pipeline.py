@@ -285,8 +285,12 @@ def meta_report_step(
     if arm_rows:
         long = pd.concat(arm_rows, ignore_index=True)
         if len(long) and long["arm"].nunique() == 2:
+            # per-cluster arm rows are labelled control / feedback; a study table's by its own labels
+            fb = cfg["meta"].get("feedback_level")
+            if fb is not None and set(long["arm"].astype(str)) == {"control", "feedback"}:
+                fb = None
             arms = pool_arms(long.reset_index(drop=True), opts["method"], test=opts["test"], level=level,
-                             scale=opts["scale"])
+                             scale=opts["scale"], feedback_level=fb)
     meta_report(studies, _icc_scale(pooled), out_html, leave_one_out=loo, one_stage=one_stage, arms=arms)
     if out_json:
         arms_out = None
