@@ -232,7 +232,7 @@ def funnel(n, rate, p0: float, limits: dict[float, tuple[np.ndarray, np.ndarray,
 
 def forest(labels, est, low, high, *, pooled: tuple[str, float, float, float] | None = None,
            prediction: tuple[float, float] | None = None, xlabel: str, title: str,
-           reference: float | None = None, weights=None) -> Figure:
+           reference: float | None = None, weights=None, log: bool = False) -> Figure:
     """Forest plot: one row per study and, below, the pooled estimate as a diamond (and the
     prediction interval as a bar)."""
     est = np.asarray(est, float)
@@ -263,6 +263,8 @@ def forest(labels, est, low, high, *, pooled: tuple[str, float, float, float] | 
             ax.legend(frameon=False, fontsize=9, loc="lower right")
         if reference is not None:
             ax.axvline(reference, color="black", lw=0.8)
+        if log:  # ratios: symmetric on the log scale
+            ax.set_xscale("log")
         ax.set_yticks(ticks, ticklabels)
         ax.invert_yaxis()
         ax.set_xlabel(xlabel)

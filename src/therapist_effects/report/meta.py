@@ -176,5 +176,6 @@ def _arm_section(per_arm, arms, one_stage) -> dict | None:
                                             finite(a_pool.get("ci_high")) or ape) if ape is not None else None,
                                     xlabel="ICC ratio (feedback / control)", reference=1.0,
                                     title="Feedback / control ICC ratio by study",
-                                    weights=w.fillna(1).to_numpy() if w.notna().any() else None)
+                                    weights=w.fillna(1).to_numpy() if w.notna().any() else None,
+                                    log=bool((a["est"] > 0).all() and (a["ci_low"].fillna(1) > 0).all()))
     return out
