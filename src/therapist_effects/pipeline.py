@@ -92,7 +92,12 @@ def outcomes_step(
 
     rows = pd.read_parquet(rows_path)
     instrument = get_instrument(dataset["instrument"], cfg.get("instruments") or {}) if dataset.get("instrument") else None
-    patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
+    if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.scores
+        from .scores import derive_scores_outcomes
+
+        patients, rejects2 = derive_scores_outcomes(rows, _ingest_spec(cfg, dataset), cfg.get("instruments") or {})
+    else:
+        patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
     rejects1 = pd.read_csv(ingest_rejects, dtype={"patient": str, "value": str})
     rejects = pd.concat([rejects1, rejects2], ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
     with open(ingest_summary, encoding="utf-8") as fh:
