@@ -229,8 +229,30 @@ def service_report_step(
         estimates_path, patients_path, therapists_path, out_html,
         min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
         pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
-        higher_is_better=_higher_is_better(dataset, cfg),
+        higher_is_better=_higher_is_better(dataset, cfg), **_service_options(dataset, cfg),
     )
+
+
+def _service_options(dataset: dict, cfg: dict) -> dict:
+    rep = cfg["report"]
+    return {"classification_level": rep.get("classification_level", 0.998),
+            "service_name": rep.get("service_name"), "export_date": dataset.get("export_date")}
+
+
+def therapist_pages_step(
+    estimates_path: str, patients_path: str, therapists_path: str, dataset: dict, cfg: dict, out_dir: str,
+) -> None:
+    """Per-therapist feedback pages (``therapists/<pseudonym>.html``) for supervision."""
+    from .report.service import therapist_pages
+
+    rep = cfg["report"]
+    paths = therapist_pages(
+        estimates_path, patients_path, therapists_path, out_dir,
+        min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
+        pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
+        higher_is_better=_higher_is_better(dataset, cfg), **_service_options(dataset, cfg),
+    )
+    log.info("wrote %d therapist pages to %s", len(paths), out_dir)
 
 
 def _icc_scale(pooled: dict) -> dict:
