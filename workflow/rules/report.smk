@@ -63,6 +63,8 @@ rule therapist_pages:
         "../envs/therapist_effects.yaml"
     log:
         "logs/{dataset}/therapist_pages.log",
+    benchmark:
+        "benchmarks/{dataset}/therapist_pages.tsv"
     script:
         "../scripts/therapist_pages.py"
 
