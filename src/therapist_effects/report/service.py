@@ -65,7 +65,7 @@ def plain_classification(label: object, hib: bool | None) -> tuple[str, str]:
     if key in ("above", "below") and hib is not None:
         key = "better" if (key == "above") == hib else "worse"
     words = {"better": "better than average", "worse": "poorer than average",
-             "above": "above average", "below": "below average", "none": "within the range expected by chance"}[key]
+             "above": "above average", "below": "below average", "none": "within chance range"}[key]
     return words, key
 
 
