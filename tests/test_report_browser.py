@@ -20,7 +20,7 @@ import pytest
 from browser import render, require_chromium
 from test_report_inputs import REFERENCE, XSS, feedback_inputs, simulated_inputs
 from therapist_effects.report import fmt, meta_report, research_report, service_report
-from therapist_effects.report.privacy import pseudonymise_ids
+from therapist_effects.report.privacy import pseudonymise_ids, round_to, safe_count
 
 pytestmark = pytest.mark.browser
 KEY = "test-key-not-secret"
@@ -140,26 +140,28 @@ def test_service_report_privacy(tmp_path, monkeypatch):
     assert {"T000", "T001", "T002"} <= set(small)  # the simulation gives them 3, 5 and 9 patients
     assert not any(names[i] in text for i in small)  # ... and not by pseudonym either
     assert all(names[i] in page.text for i in caseload[caseload >= 10].index)
-    # the aggregate row: their number (suppressed if 1-7) and their patients together
+    # the aggregate row: their number (suppressed if 1-7) and their patients together, rounded to 5
     row = text.split('id="small-caseloads"', 1)[1].split("</tr>", 1)[0]
-    n_small = f"{len(small)}" if len(small) >= 8 else "&lt;8"
-    assert f"<td>{n_small} therapists, caseload &lt; 10" in row and f">{int(caseload[small].sum())}<" in row
+    assert (f'<td><span class="r5">{safe_count(len(small), 8, 5)}</span> therapists, caseload &lt; '
+            .replace("<8", "&lt;8") in row)
+    assert f'<span class="r5">{safe_count(int(caseload[small].sum()), 8, 5)}</span>' in row
     # suppression: every listed therapist whose recovered count (or its complement) is 1-7 shows "<8 of n"
     rec = p.dropna(subset=["recovered"]).groupby("therapist")["recovered"].agg(["sum", "size"])
     small_k = [i for i in caseload[caseload >= 10].index
                if 0 < rec.loc[i, "sum"] < 8 or 0 < rec.loc[i, "size"] - rec.loc[i, "sum"] < 8]
     assert small_k, "the simulation should produce some small counts"
-    rows = {re.search(r'<td class="id">([^<]*)</td>', r).group(1): r
+    rows = {re.search(r'<td class="id"><a href="[^"]*">([^<]*)</a></td>', r).group(1): r
             for r in text.split("<tr>")[1:] if '<td class="id">' in r}
     for i in small_k:
-        k, n = int(rec.loc[i, "sum"]), int(rec.loc[i, "size"])
-        assert f"&lt;8 of {n}" in rows[names[i]] and f"({k} of {n})" not in rows[names[i]]
+        n = int(rec.loc[i, "size"])
+        assert f"&lt;8 of {round_to(n, 5)}" in rows[names[i]] and "%" not in rows[names[i]].split("</td>")[-3]
     big = next(i for i in caseload[caseload >= 10].index if i not in small_k)
     k, n = int(rec.loc[big, "sum"]), int(rec.loc[big, "size"])
-    assert f"{100 * k / n:.1f}%" in rows[names[big]] and f"({k} of {n})" in rows[names[big]]
-    # the effect shown for a listed therapist is its row of therapists.csv
+    assert f"{100 * k / n:.0f}%" in rows[names[big]]
+    assert f'(<span class="r5">{round_to(k, 5)} of {round_to(n, 5)}</span>)' in rows[names[big]]
+    # the adjusted score shown for a listed therapist is its row of therapists.csv
     r = t.set_index("therapist").loc[big]
-    assert f'data-value="{float(r["effect"])!r}"' in rows[names[big]]
+    assert f'data-value="{float(r["adjusted_mean"])!r}"' in rows[names[big]]
     # the overall recovery rate (funnel target) is the pooled rate
     assert fmt.pct(rec["sum"].sum() / rec["size"].sum()) in page.text
 

@@ -130,6 +130,10 @@ def _check_datasets(cfg: dict, source: str) -> None:
     for name, ds in cfg["datasets"].items():
         cols = ds["columns"]
         key = f"datasets.{name}"
+        if cols.get("scores"):
+            _resolve_scores(ds, cfg, source, key)
+        elif ds.get("primary") is not None:
+            raise ConfigError(f"{source}: {key}.primary: needs columns.scores (several instruments per row)")
         if ds["layout"] == "session":
             for role in ("score", "occasion"):
                 if role not in cols:
@@ -153,6 +157,26 @@ def _check_datasets(cfg: dict, source: str) -> None:
                 get_instrument(ds["instrument"], cfg.get("instruments") or {})
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {key}.instrument: {exc}") from None
+
+
+def _resolve_scores(ds: dict, cfg: dict, source: str, key: str) -> None:
+    """``columns.scores`` (several instruments per row): the primary instrument becomes the dataset's
+    ``instrument`` and its column ``columns.score`` (see :mod:`therapist_effects.scores`)."""
+    from .scores import primary_of, single_score_spec
+
+    if ds["layout"] != "session":
+        raise ConfigError(f"{source}: {key}.columns.scores: several instruments per row need layout: session")
+    try:
+        spec, insts, primary = single_score_spec(ds, cfg.get("instruments") or {}, key.split(".", 1)[1])
+        primary = primary_of(ds, key.split(".", 1)[1])
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    # a config loaded before (score and instrument already resolved) passes again unchanged
+    if ds["columns"].get("score", insts[primary][1]) != insts[primary][1] or ds.get("instrument") not in (None, primary):
+        raise ConfigError(f"{source}: {key}.columns.scores: give either scores (and primary) or score + instrument, not both")
+    ds["primary"] = primary
+    ds["instrument"] = primary
+    ds["columns"]["score"] = insts[primary][1]
 
 
 def _check_models(cfg: dict, source: str, explicit: bool) -> None:

@@ -594,6 +594,11 @@ def ingest_frame(
     Row numbers follow the spreadsheet convention: the table's ``k``-th row (0-based) is row
     ``k + 2``.
     """
+    if isinstance(spec, Mapping) and isinstance(spec.get("columns"), Mapping) and "scores" in spec["columns"]:
+        from .scores import ingest_scores_frame  # several instruments per row: see therapist_effects.scores
+
+        return ingest_scores_frame(table, spec, source=source, user_instruments=user_instruments,
+                                   today=today, name=name)
     sp = _parse_spec(spec, name)
     instrument = get_instrument(sp.instrument, user_instruments) if sp.instrument else None
     if not isinstance(table, pd.DataFrame):
@@ -918,7 +923,12 @@ def ingest_dataset(
     :class:`ConfigError` when the dataset's settings are invalid. Emits one :class:`DataWarning`
     when rows were rejected or recoded.
     """
-    sp = _parse_spec(spec, name)
+    if isinstance(spec, Mapping) and isinstance(spec.get("columns"), Mapping) and "scores" in spec["columns"]:
+        from .scores import single_score_spec
+
+        sp = _parse_spec(single_score_spec(spec, user_instruments, name)[0], name)
+    else:
+        sp = _parse_spec(spec, name)
     table = read_table(path, sheet=sp.sheet)
     return ingest_frame(table, spec, source=str(path), user_instruments=user_instruments,
                         today=today, name=name)

@@ -75,7 +75,10 @@ def role_names(dataset: dict) -> dict[str, str]:
 def extra_columns(cfg: dict, dataset: dict) -> list[str]:
     """File columns the models use as outcomes that the column mapping does not already carry."""
     cols = dataset["columns"]
-    mapped = {v for k, v in cols.items() if k != "covariates"} | set(cols.get("covariates", []))
+    mapped = {v for k, v in cols.items() if k not in ("covariates", "scores")} | set(cols.get("covariates", []))
+    for c in (cols.get("scores") or {}).values():  # per-instrument patient columns (therapist_effects.scores)
+        mapped |= {c} | {f"{c}_{s}" for s in ("baseline", "end", "change", "caseness_baseline",
+                                               "reliable_improvement", "reliable_deterioration")}
     extra = []
     fitted, _ = applicable_models(cfg, dataset)
     for model in fitted:
@@ -122,7 +125,10 @@ def model_frame(patients: pd.DataFrame, model: dict, dataset: dict) -> ModelFram
         covariates = list(model["covariates"])
     else:
         covariates = []
-        if "baseline" in names and names["baseline"] in df.columns and outcome != names["baseline"]:
+        own = outcome[: -len("_end")] + "_baseline" if outcome.endswith("_end") else None
+        if own in {f"{c}_baseline" for c in (cols.get("scores") or {}).values()} and own in df.columns:
+            covariates.append(own)  # a secondary instrument's end score: adjusted for its own intake score
+        elif "baseline" in names and names["baseline"] in df.columns and outcome != names["baseline"]:
             covariates.append(names["baseline"])
         covariates += list(cols.get("covariates", []))
         if "arm" in names:

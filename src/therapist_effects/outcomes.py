@@ -126,6 +126,10 @@ def derive_patient_outcomes(
     when None the spec's ``instrument`` is looked up in the registry. Returns ``(patients,
     rejects)``; ``rejects`` has the columns of the ingestion rejects and one line per rejected row.
     """
+    if isinstance(spec.get("columns"), Mapping) and "scores" in spec["columns"]:
+        from .scores import derive_scores_outcomes  # several instruments per row, NHS paired outcomes
+
+        return derive_scores_outcomes(rows, spec)
     name = spec.get("name")
     where = f"datasets.{name}" if name else "dataset"
     inst = _resolve_instrument(spec, instrument)

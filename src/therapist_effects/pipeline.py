@@ -92,7 +92,12 @@ def outcomes_step(
 
     rows = pd.read_parquet(rows_path)
     instrument = get_instrument(dataset["instrument"], cfg.get("instruments") or {}) if dataset.get("instrument") else None
-    patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
+    if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.scores
+        from .scores import derive_scores_outcomes
+
+        patients, rejects2 = derive_scores_outcomes(rows, _ingest_spec(cfg, dataset), cfg.get("instruments") or {})
+    else:
+        patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
     rejects1 = pd.read_csv(ingest_rejects, dtype={"patient": str, "value": str})
     rejects = pd.concat([rejects1, rejects2], ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
     with open(ingest_summary, encoding="utf-8") as fh:
@@ -224,8 +229,30 @@ def service_report_step(
         estimates_path, patients_path, therapists_path, out_html,
         min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
         pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
-        higher_is_better=_higher_is_better(dataset, cfg),
+        higher_is_better=_higher_is_better(dataset, cfg), **_service_options(dataset, cfg),
     )
+
+
+def _service_options(dataset: dict, cfg: dict) -> dict:
+    rep = cfg["report"]
+    return {"classification_level": rep.get("classification_level", 0.998),
+            "service_name": rep.get("service_name"), "export_date": dataset.get("export_date")}
+
+
+def therapist_pages_step(
+    estimates_path: str, patients_path: str, therapists_path: str, dataset: dict, cfg: dict, out_dir: str,
+) -> None:
+    """Per-therapist feedback pages (``therapists/<pseudonym>.html``) for supervision."""
+    from .report.service import therapist_pages
+
+    rep = cfg["report"]
+    paths = therapist_pages(
+        estimates_path, patients_path, therapists_path, out_dir,
+        min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
+        pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
+        higher_is_better=_higher_is_better(dataset, cfg), **_service_options(dataset, cfg),
+    )
+    log.info("wrote %d therapist pages to %s", len(paths), out_dir)
 
 
 def _icc_scale(pooled: dict) -> dict:

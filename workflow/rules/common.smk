@@ -59,6 +59,7 @@ def all_outputs():
             f"results/{ds}/therapists.csv",
             f"results/{ds}/report.html",
             f"results/{ds}/therapist_report.html",
+            f"results/{ds}/therapists",
         ]
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")

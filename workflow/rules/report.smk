@@ -48,6 +48,27 @@ rule service_report:
         "../scripts/service_report.py"
 
 
+rule therapist_pages:
+    """One feedback page per listed therapist (results/<dataset>/therapists/<pseudonym>.html) for supervision."""
+    input:
+        estimates="results/{dataset}/estimates.json",
+        patients="results/{dataset}/patients.parquet",
+        therapists="results/{dataset}/therapists.csv",
+    output:
+        directory("results/{dataset}/therapists"),
+    params:
+        cfg=CFG,
+        dataset=lambda wc: DATASETS[wc.dataset],
+    conda:
+        "../envs/therapist_effects.yaml"
+    log:
+        "logs/{dataset}/therapist_pages.log",
+    benchmark:
+        "benchmarks/{dataset}/therapist_pages.tsv"
+    script:
+        "../scripts/therapist_pages.py"
+
+
 rule meta_report:
     """Meta-analysis report: per-study table, forest plot, pooled ICC, tau^2, I^2, prediction interval."""
     input:

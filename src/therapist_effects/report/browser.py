@@ -281,3 +281,24 @@ def _log_target():
     """Chromium's stderr: discarded, or appended to the file named by $TE_CHROMIUM_LOG (debugging)."""
     path = os.environ.get("TE_CHROMIUM_LOG")
     return open(path, "ab") if path else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+
+
+def print_to_pdf(html_path: str | Path, pdf_path: str | Path, timeout: float = 120.0) -> Path:
+    """Print ``html_path`` to ``pdf_path`` as a reader would: ``chromium --headless --print-to-pdf``
+    (the page's print stylesheet and its ``@page`` size, A4 for the reports; no header or footer)."""
+    exe = find_chromium()
+    if exe is None:
+        raise BrowserError("Chromium not found (set $CHROMIUM or install /usr/bin/chromium)")
+    pdf = Path(pdf_path).resolve()
+    pdf.parent.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="te-chromium-")
+    try:
+        proc = subprocess.run(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--no-pdf-header-footer",
+             f"--print-to-pdf={pdf}", Path(html_path).resolve().as_uri()],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=_log_target(), timeout=timeout)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    if proc.returncode != 0 or not pdf.exists():
+        raise BrowserError(f"Chromium --print-to-pdf failed with status {proc.returncode}")
+    return pdf

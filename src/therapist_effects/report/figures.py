@@ -311,3 +311,102 @@ def bayes_diagnostics(idata_path, *, title: str, max_vars: int = 4) -> Figure:
     alt = (f"Trace and rank plots for {', '.join(names)} from {n_chain} chains of {n_draw} draws "
            f"({title}).")
     return Figure(src, alt)
+
+
+# -- service report and therapist pages (one classification rule: therapist_effects.classify) -------------
+def control_funnel(n, value, target: float, grid, low, high, keys, *, level: float, ylabel: str, title: str,
+                   highlight: int | None = None, percent: bool = False) -> Figure:
+    """Funnel plot with the control limits of one level and each point's classification ``keys``
+    ('better' / 'worse' / 'above' / 'below' / 'none', from :func:`therapist_effects.classify.classify_funnel`).
+
+    ``highlight``: index of the one therapist to mark (a therapist's own page); the others are drawn
+    unlabelled in grey. The alt text contains no counts (disclosure control).
+    """
+    n, value = np.asarray(n, float), np.asarray(value, float)
+    keys = np.asarray(keys, dtype=object)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 3.9))
+        ax.plot(grid, low, "-", color=OKABE_ITO["vermillion"], lw=1.3, label=f"{100 * level:g}% control limits")
+        ax.plot(grid, high, "-", color=OKABE_ITO["vermillion"], lw=1.3)
+        ax.axhline(target, color=OKABE_ITO["black"], lw=0.9, label="service average")
+        if highlight is None:
+            for key in ("none", "better", "worse", "above", "below"):
+                m = keys == key
+                if m.any():
+                    colour, marker = CLASS_STYLE[key]
+                    words = {"none": "within the limits", "better": "better than the limits",
+                             "worse": "poorer than the limits", "above": "above the limits",
+                             "below": "below the limits"}[key]
+                    ax.scatter(n[m], value[m], s=26, color=colour, marker=marker, zorder=3, label=words)
+        else:
+            others = np.arange(len(n)) != highlight
+            ax.scatter(n[others], value[others], s=18, color="#b9bec6", zorder=2, label="other therapists")
+            ax.scatter(n[highlight], value[highlight], s=90, color=OKABE_ITO["blue"], marker="*", zorder=4,
+                       label="you")
+        ax.set_xlabel("caseload (patients)")
+        ax.set_ylabel(ylabel)
+        if percent:
+            ax.set_ylim(-0.02, 1.02)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_title(title)
+        fig.legend(frameon=False, fontsize=9, loc="outside lower center", ncol=4)
+        src = _encode(fig)
+    who = "this therapist (a star) among the other therapists (grey, unlabelled)" if highlight is not None \
+        else "each listed therapist"
+    alt = (f"Funnel plot of {ylabel} against caseload for {who}, with the service average and "
+           f"{100 * level:g}% control limits that narrow as caseload grows; points outside the limits "
+           "are unlikely to be chance alone.")
+    return Figure(src, alt)
+
+
+def caterpillar_highlight(effect, low, high, highlight: int, *, ylabel: str, title: str) -> Figure:
+    """Therapist effects with intervals, sorted; one therapist marked, the others grey and unlabelled."""
+    effect, low, high = (np.asarray(a, dtype=float) for a in (effect, low, high))
+    order = np.argsort(effect, kind="stable")
+    pos = int(np.flatnonzero(order == highlight)[0]) + 1
+    x = np.arange(1, len(effect) + 1)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.axhline(0, color=OKABE_ITO["black"], lw=0.8)
+        ax.vlines(x, low[order], high[order], color="#c5cad1", lw=1.0)
+        ax.scatter(x, effect[order], color="#9aa1ab", s=12, zorder=2, label="other therapists")
+        ax.vlines(pos, low[highlight], high[highlight], color=OKABE_ITO["blue"], lw=2.2, zorder=3)
+        ax.scatter([pos], [effect[highlight]], color=OKABE_ITO["blue"], marker="*", s=110, zorder=4, label="you")
+        ax.set_xticks([])
+        ax.set_xlabel("therapists (not a ranking: the order only makes the intervals readable)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(loc="upper left", frameon=False, fontsize=9)
+        src = _encode(fig)
+    alt = (f"Caterpillar plot of therapist effects ({ylabel}) with their intervals, sorted by size; this "
+           "therapist is marked with a star, the others are grey and unlabelled.")
+    return Figure(src, alt)
+
+
+def run_chart(labels, rate, center: float, lcl, ucl, *, ylabel: str, title: str) -> Figure:
+    """Run chart (p-chart) of a rate by period with the centre line and 3-sigma control limits."""
+    rate, lcl, ucl = (np.asarray(a, float) for a in (rate, lcl, ucl))
+    x = np.arange(len(rate))
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.step(np.r_[x - 0.5, x[-1] + 0.5], np.r_[ucl, ucl[-1]], where="post", color=OKABE_ITO["vermillion"],
+                lw=1.2, label="control limits (3 sigma)")
+        ax.step(np.r_[x - 0.5, x[-1] + 0.5], np.r_[lcl, lcl[-1]], where="post", color=OKABE_ITO["vermillion"], lw=1.2)
+        ax.axhline(center, color=OKABE_ITO["black"], lw=0.9, label="average over the period")
+        ok = np.isfinite(rate)
+        ax.plot(x[ok], rate[ok], "-o", color=OKABE_ITO["blue"], ms=5, zorder=3, label="recovery rate")
+        out = ok & ((rate > ucl) | (rate < lcl))
+        if out.any():
+            ax.scatter(x[out], rate[out], s=70, color=OKABE_ITO["vermillion"], marker="D", zorder=4,
+                       label="outside the limits")
+        ax.set_xticks(x, labels, rotation=45 if len(x) > 8 else 0, ha="right" if len(x) > 8 else "center")
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("quarter in which treatment ended (last session)")
+        ax.set_title(title)
+        fig.legend(frameon=False, fontsize=9, loc="outside lower center", ncol=4)
+        src = _encode(fig)
+    alt = (f"Run chart of the service's {ylabel} by quarter with the average over the period "
+           f"({100 * center:.1f}%) and control limits; quarters outside the limits are marked with diamonds.")
+    return Figure(src, alt)

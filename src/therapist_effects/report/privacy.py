@@ -7,6 +7,10 @@
 - Small-number suppression: counts from 1 to ``suppress_below - 1`` (1-7 by default, the usual NHS
   rule for published statistics) are shown as ``<8``, and so is anything from which such a count
   could be worked out (a rate whose numerator or complement is small). Zero is not suppressed.
+- Rounding (``round_to=5`` in the service report and the therapist pages): every other count is
+  rounded to the nearest 5, as NHS England's publications do, so that no suppressed count can be
+  worked out by subtracting printed numbers (an exact total minus exact caseloads): a printed 10
+  means 8 to 12. Rounded counts are wrapped in ``<span class="r5">`` by the templates.
 """
 
 from __future__ import annotations
@@ -62,26 +66,34 @@ def suppressed_label(suppress_below: int) -> str:
     return f"<{suppress_below}"
 
 
-def safe_count(n: object, suppress_below: int) -> str:
-    """A count as text, ``<8`` (etc.) when it is small."""
+def round_to(n: int, base: int = 5) -> int:
+    """``n`` rounded to the nearest multiple of ``base`` (halves up: 12 -> 10, 13 -> 15)."""
+    return int(base * ((int(n) + base // 2) // base)) if base > 1 else int(n)
+
+
+def safe_count(n: object, suppress_below: int, round_base: int = 1) -> str:
+    """A count as text, ``<8`` (etc.) when it is small, else rounded to ``round_base`` (1: exact)."""
     if n is None:
         return "\u2013"
     if is_small(n, suppress_below):
         return suppressed_label(suppress_below)
-    return f"{int(n):,}"  # type: ignore[arg-type]
+    return f"{round_to(int(n), round_base):,}"  # type: ignore[arg-type]
 
 
-def safe_rate(k: object, n: object, suppress_below: int) -> tuple[str, str, bool]:
+def safe_rate(k: object, n: object, suppress_below: int, round_base: int = 1,
+              pct_decimals: int = 1) -> tuple[str, str, bool]:
     """(``"k of n"``, percentage, suppressed?) for ``k`` events among ``n`` patients.
 
     Suppressed when ``k`` or ``n - k`` is small (either would reveal a small group of patients) or
-    ``n`` itself is small; then both parts read ``<8`` (etc.).
+    ``n`` itself is small; then both parts read ``<8`` (etc.). ``k`` and ``n`` are shown rounded to
+    ``round_base``; the percentage (``pct_decimals`` decimals) is of the unrounded counts.
     """
     if n is None or int(n) == 0:  # type: ignore[arg-type]
         return "\u2013", "\u2013", False
     k, n = int(k), int(n)  # type: ignore[arg-type]
     if is_small(k, suppress_below) or is_small(n - k, suppress_below) or is_small(n, suppress_below):
         lab = suppressed_label(suppress_below)
-        text = lab if is_small(n, suppress_below) else f"{lab} of {n:,}"
+        text = lab if is_small(n, suppress_below) else f"{lab} of {round_to(n, round_base):,}"
         return text, "suppressed", True
-    return f"{k:,} of {n:,}", f"{100 * k / n:.1f}%", False
+    return (f"{round_to(k, round_base):,} of {round_to(n, round_base):,}", f"{100 * k / n:.{pct_decimals}f}%",
+            False)
