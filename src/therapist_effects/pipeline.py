@@ -181,6 +181,9 @@ def collect_step(
         with open(meta_json, encoding="utf-8") as fh:
             meta = json.load(fh)
     est = assemble_estimates(dataset_name, dataset, cfg, acc, patients, entries, skipped, meta=meta, configfiles=configfiles)
+    from .comparison import add_to_estimates  # AIC/BIC where absent, LRTs between nested models
+
+    add_to_estimates(est, fitted, patients, dataset)
     write_json(est, out_estimates)
     tables = [pd.read_csv(p, dtype={"therapist": str}) for p in therapist_csvs]
     tables = [t for t in tables if len(t)]
