@@ -40,6 +40,8 @@ LME4_IC = {
     ("therapy_feedback", "ri_noarm_ML"): (12572.629167478, 12595.170383023),
     # lmer(phq9_post ~ phq9_pre + feedback + (0 + control | therapist_id) + (0 + feedback | therapist_id))
     ("therapy_feedback", "arm_REML"): (12549.1668143266, 12582.9786376442),
+    # lmer(phq9_post ~ phq9_pre + feedback + (0 + control + feedback | therapist_id), therapy_feedback)
+    ("therapy_feedback", "arm_corr_REML"): (12550.7838151206, 12590.2309423244),
     # lmer(phq9_post ~ phq9_pre + feedback + (1 + feedback | therapist_id), therapy_feedback)
     ("therapy_feedback", "slope_REML"): (12550.7838151724, 12590.2309423763),
     # glmer(recovered ~ phq9_pre + feedback + (1 | therapist_id), therapy_feedback, binomial, nAGQ = 1)
@@ -61,6 +63,7 @@ CONFIGS = {
     "ri_noarm_ML": {"type": "random_intercept", "method": "ML", "covariates": ["phq9_pre"]},
     "ri_noarm_REML": {"type": "random_intercept", "covariates": ["phq9_pre"]},
     "arm_REML": {"type": "arm_variance"},
+    "arm_corr_REML": {"type": "arm_variance", "correlated": True},
     "slope_REML": {"type": "random_slope"},
     "logit_laplace": {"type": "random_intercept", "family": "binomial", "outcome": "recovered", "method": "laplace"},
     "logit_agq10": {"type": "random_intercept", "family": "binomial", "outcome": "recovered", "method": "agq"},
@@ -133,16 +136,18 @@ def _test_row(table, small, big):
     return rows[0]
 
 
-def test_lrt_equal_arm_variances_reml_matches_anova():
-    models, entries, patients, dataset = _entries("therapy_feedback", ["ri_REML", "arm_REML"])
+def test_lrt_arm_correlation_reml_matches_anova():
+    models, entries, patients, dataset = _entries("therapy_feedback", ["ri_REML", "arm_REML", "arm_corr_REML"])
     table = model_comparison(models, entries)
-    t = _test_row(table, "ri_REML", "arm_REML")
-    ref = REF["lrt"]["arm_vs_ri_REML"]  # anova(ri_REML, arm_REML, refit = FALSE)
+    t = _test_row(table, "arm_REML", "arm_corr_REML")
+    ref = REF["lrt"]["arm_vs_arm_corr_REML"]  # anova(arm_REML, arm_corr_REML, refit = FALSE)
     assert t["criterion"] == "REML" and not t["refit_ml"]
     assert t["statistic"] == pytest.approx(ref["statistic"], abs=2e-3)
     assert t["df"] == ref["df"] == 1 and t["null_distribution"] == "chi2_1"
-    assert t["p_value"] == pytest.approx(ref["p_value_chisq"], rel=1e-3)
-    assert not [x for x in table["tests"] if x["model_0"] == "arm_REML"]  # the larger is never the null
+    assert t["p_value"] == pytest.approx(ref["p_value_chisq"], rel=2e-3)
+    # (1 | therapist) shares a therapist's effect across arms, the diagonal arm model does not: not nested
+    pairs = {(x["model_0"], x["model_1"]) for x in table["tests"]}
+    assert pairs == {("arm_REML", "arm_corr_REML")}
 
 
 def test_lrt_cluster_variance_uses_boundary_mixture():
@@ -184,14 +189,19 @@ def test_lrt_fixed_effect_refits_by_ml():
 def test_nesting_rules():
     e = {"outcome": "y", "family": "gaussian", "n_patients": 10, "fixed_effects": {"(Intercept)": {}, "x": {}}}
     ri, arm = ({"id": "ri", "type": "random_intercept"}, e), ({"id": "a", "type": "arm_variance"}, e)
-    assert nesting(ri, arm)["df_random"] == 1 and not nesting(ri, arm)["boundary"]
-    assert nesting(arm, ri) is None
+    assert nesting(ri, arm) is None and nesting(arm, ri) is None
+    assert nesting(ri, ({"id": "n", "type": "nested"}, e))["boundary"]
     other = ({"id": "b", "type": "random_intercept"}, {**e, "outcome": "z"})
     assert nesting(ri, other) is None  # different outcomes are never nested
     corr = ({"id": "c", "type": "arm_variance", "correlated": True}, e)
     assert nesting(ri, corr) is None  # equal variances and correlation 1: not a recognised relation
     assert nesting(arm, corr)["what"] == "correlation of the arm effects"
     assert nesting(ri, ri) is None
+    b = {**e, "family": "binomial", "method": "Laplace"}
+    lap = ({"id": "l", "type": "random_intercept", "covariates": ["x"]}, b)
+    small = ({"id": "s", "type": "random_intercept"}, {**b, "fixed_effects": {"(Intercept)": {}}})
+    assert nesting(small, lap)["df_random"] == 0
+    assert nesting(small, ({"id": "q", "type": "random_intercept"}, {**b, "method": "AGQ10"})) is None
 
 
 def test_lrt_mixture_p_values_by_hand():

@@ -20,6 +20,8 @@ models <- list(
     ri_noarm_ML = lmer(phq9_post ~ phq9_pre + (1 | therapist_id), fb, REML = FALSE),
     arm_REML = lmer(phq9_post ~ phq9_pre + feedback + (0 + control | therapist_id) +
                       (0 + feedback | therapist_id), fb, REML = TRUE),
+    arm_corr_REML = lmer(phq9_post ~ phq9_pre + feedback + (0 + control + feedback | therapist_id), fb,
+                         REML = TRUE),
     slope_REML = lmer(phq9_post ~ phq9_pre + feedback + (1 + feedback | therapist_id), fb, REML = TRUE),
     lm = lm(phq9_post ~ phq9_pre + feedback, fb),
     logit_laplace = glmer(recovered ~ phq9_pre + feedback + (1 | therapist_id), fb, binomial, nAGQ = 1,
@@ -42,8 +44,8 @@ t <- models$therapy_trials
 tests <- list(
   # fixed effects differ: anova() refits both by ML (the default refit = TRUE)
   arm_fixed_effect_ML = lrt_row(anova(f$ri_REML, lmer(phq9_post ~ phq9_pre + (1 | therapist_id), fb))),
-  # same fixed effects: REML criteria compared (refit = FALSE); interior null (equal arm variances)
-  arm_vs_ri_REML = lrt_row(anova(f$ri_REML, f$arm_REML, refit = FALSE)),
+  # same fixed effects: REML criteria compared (refit = FALSE); interior null (arm effects uncorrelated)
+  arm_vs_arm_corr_REML = lrt_row(anova(f$arm_REML, f$arm_corr_REML, refit = FALSE)),
   # variance on the boundary: anova's chi2_1 p-value; the 50:50 mixture p-value is half of it
   nested_vs_ri_REML = lrt_row(anova(t$ri_REML, t$nested_REML, refit = FALSE)),
   # slope variance and covariance: anova's chi2_2 p-value (the mixture is 0.5 chi2_1 + 0.5 chi2_2)
