@@ -200,6 +200,7 @@ def run(fn: Callable[..., Any], log_path: str | None, **kwargs: Any) -> None:
 def research_report_step(
     estimates_path: str, patients_path: str, therapists_path: str, rejects_path: str,
     narrowing_paths: list[str], idata_paths: list[str], cfg: dict, out_html: str,
+    sensitivity_paths: list[str] | None = None,
 ) -> None:
     """The research report (one self-contained HTML file)."""
     from .report import research_report
@@ -213,7 +214,8 @@ def research_report_step(
                 break
     idata = {Path(p).stem: p for p in idata_paths}
     research_report(estimates_path, patients_path, therapists_path, rejects_path, out_html,
-                    narrowing=narrowing, idata_paths=idata or None)
+                    narrowing=narrowing, idata_paths=idata or None,
+                    sensitivity=sensitivity_paths[0] if sensitivity_paths else None)
 
 
 def service_report_step(
@@ -299,3 +301,25 @@ def meta_report_step(
 
         safe_csv(table, out_csv)
     log.info("pooled %d studies (%s): ICC %s", len(table), method, pooled.get("icc", {}).get("estimate"))
+
+
+def sensitivity_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str) -> None:
+    """``sensitivity: true``: refit the Gaussian random-intercept models under the sensitivity analyses."""
+    from .csvsafe import safe_csv
+    from .sensitivity import sensitivity_table
+
+    patients = pd.read_parquet(patients_path)
+    fitted, _ = applicable_models(cfg, dataset)
+    table = sensitivity_table(patients, fitted, dataset, cfg)
+    safe_csv(table, out_csv)
+    log.info("sensitivity: %d analyses x models written to %s", len(table), out_csv)
+
+
+def tables_step(estimates_path: str, patients_path: str, out_dir: str) -> None:
+    """Publication tables (Markdown, LaTeX, CSV), the descriptive table by arm and the flow diagram."""
+    from .tables import write_tables
+
+    with open(estimates_path, encoding="utf-8") as fh:
+        est = json.load(fh)
+    paths = write_tables(est, pd.read_parquet(patients_path), out_dir)
+    log.info("tables: %s", ", ".join(sorted(paths)))
