@@ -23,7 +23,7 @@ import pytest
 import statsmodels.formula.api as smf
 import yaml
 
-from test_workflow import REPO, check_contract, demo_config, run_snakemake
+from test_workflow import check_contract, demo_config, run_snakemake
 from therapist_effects.config import load_config
 from therapist_effects.sensitivity import sensitivity_table
 from therapist_effects.tables import MINUS, apa, apa_round, flow_svg, models_table, tex_escape

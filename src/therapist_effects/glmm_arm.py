@@ -481,7 +481,7 @@ class LogisticArmVarianceResults:
         return float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
 
     # ------------------------------------------------------------------ profiles
-    def _constrained_max(self, key, th0, free, transform):
+    def _constrained_max(self, th0, free, transform):
         """Maximise with ``transform`` mapping a reduced theta to the full one (and the chain rule)."""
         m = self.model
         p = m.k_fe
@@ -557,7 +557,7 @@ class LogisticArmVarianceResults:
                     return g
 
                 return full, jac
-        th, ll = self._constrained_max(name, th0, free, transform)
+        th, ll = self._constrained_max(th0, free, transform)
         th[p:] = np.abs(th[p:])
         cache[value] = th
         m._v_warm = saved

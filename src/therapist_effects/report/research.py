@@ -218,7 +218,8 @@ def therapist_sections(est: dict, therapists: pd.DataFrame | None) -> tuple[list
         keys = [figures.class_key(c) for c in cls]
         listed = t.assign(_k=keys)[[k != "none" for k in keys]]
         listed = listed.sort_values("effect")
-        rows = [{"therapist": r["therapist"], "caseload": r.get("caseload"), "est": r["effect"],
+        rows = [{"therapist": r["therapist"], "arm": _arm_text(r.get("arm")) if panels else None,
+                 "caseload": r.get("caseload"), "est": r["effect"],
                  "lo": r.get("ci_low"), "hi": r.get("ci_high"), "cls": r.get("classification"), "key": r["_k"]}
                 for _, r in listed.head(MAX_LISTED).iterrows()]
         out.append({"model": mid, "fig": fig, "n": len(t), "rows": rows, "more": max(0, len(listed) - MAX_LISTED),

@@ -118,11 +118,10 @@ def sensitivity_forest(table: pd.DataFrame) -> Figure | None:
         return None
     t = table.reset_index(drop=True)
     labels = [ANALYSIS_LABELS.get(a, a) + (f", model {m}" if t["model"].nunique() > 1 else "")
-              + f" (n = {int(n):,}; {int(k):,} therapists)"
-              for a, m, n, k in zip(t["analysis"], t["model"], t["n_patients"], t["n_therapists"], strict=True)]
+              for a, m in zip(t["analysis"], t["model"], strict=True)]
     y = np.arange(len(t))
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 0.9 + 0.5 * len(t)))
+        fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(t)))
         ax.hlines(y, t["icc_ci_low"], t["icc_ci_high"], color=OKABE_ITO["blue"], lw=2)
         ax.plot(t["icc"], y, "s", color=OKABE_ITO["blue"], ms=7)
         main = t.loc[t["analysis"] == "all", "icc"]
@@ -132,7 +131,7 @@ def sensitivity_forest(table: pd.DataFrame) -> Figure | None:
         ax.set_ylim(-0.6, len(t) - 0.4)
         ax.invert_yaxis()
         ax.set_xlim(left=0)
-        ax.set_xlabel("ICC (therapist share of outcome variance), 95% interval")
+        ax.set_xlabel("ICC (therapist share of outcome variance) with 95% interval")
         ax.set_title("Sensitivity of the therapist ICC")
         src = _encode(fig)
     alt = "Forest plot of the therapist ICC under the sensitivity analyses: " + "; ".join(
