@@ -214,6 +214,17 @@ def test_lrt_mixture_p_values_by_hand():
     assert lrt(-10.0, -11.0, 1, 0, False)["statistic"] == 0.0
 
 
+def test_failed_ml_refit_leaves_the_test_out():
+    models, entries, patients, dataset = _entries("therapy_feedback", ["ri_noarm_REML", "ri_REML"])
+
+    def broken(model):
+        from therapist_effects.exceptions import ModelError
+
+        raise ModelError("no convergence")
+
+    assert model_comparison(models, entries, refit_ml=broken)["tests"] == []
+
+
 def test_information_criteria_refuses_nonsense():
     assert information_criteria(float("nan"), 3, 10) == {"aic": None, "bic": None}
     with pytest.raises(ValueError):

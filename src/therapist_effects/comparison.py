@@ -24,11 +24,17 @@ of fixed effects tested at the same time.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from scipy import stats
+
+from .exceptions import TherapistEffectsError
+
+log = logging.getLogger("therapist_effects")
 
 __all__ = [
     "information_criteria",
@@ -202,8 +208,15 @@ def model_comparison(
                         lls.append(e["loglik"])
                         continue
                     if mid not in ml_cache:
-                        ml_cache[mid] = float(refit_ml(by_id[mid]))
+                        try:
+                            ml_cache[mid] = float(refit_ml(by_id[mid]))
+                        except (TherapistEffectsError, ValueError, np.linalg.LinAlgError) as exc:
+                            log.warning("model comparison: ML refit of model %s failed (%s); its tests are left out",
+                                        mid, exc)
+                            ml_cache[mid] = float("nan")
                     lls.append(ml_cache[mid])
+                if not all(math.isfinite(x) for x in lls):
+                    continue
                 ll0, ll1, crit, refit = lls[0], lls[1], "ML", any(reml)
             t = lrt(ll0, ll1, df_fixed, rel["df_random"], rel["boundary"])
             tests.append({"model_0": a, "model_1": b, "tests": rel["what"], "criterion": crit, "refit_ml": refit,
