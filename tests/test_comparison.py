@@ -225,6 +225,15 @@ def test_failed_ml_refit_leaves_the_test_out():
     assert model_comparison(models, entries, refit_ml=broken)["tests"] == []
 
 
+def test_bayesian_entries_get_null_criteria():
+    bayes = {"type": "random_intercept", "engine": "bayes", "method": "bayes", "loglik": None, "n_patients": 10,
+             "fixed_effects": {"(Intercept)": {}}, "variance_components": {"therapist": {}, "residual": {}}}
+    est = {"models": {"b": bayes}}
+    add_to_estimates(est, [{"id": "b", "type": "random_intercept", "engine": "bayes"}], None, {})
+    assert est["models"]["b"]["aic"] is None and est["models"]["b"]["bic"] is None
+    assert est["model_comparison"] == {"models": [], "tests": []}
+
+
 def test_information_criteria_refuses_nonsense():
     assert information_criteria(float("nan"), 3, 10) == {"aic": None, "bic": None}
     with pytest.raises(ValueError):

@@ -258,7 +258,8 @@ def ml_loglik(patients, model: dict, dataset: dict) -> float:
 
 
 def add_to_estimates(est: dict, fitted: list[dict], patients, dataset: dict) -> dict:
-    """Add ``aic``/``bic`` to every countable model entry that lacks them, and the ``model_comparison``
+    """Add ``aic``/``bic`` to every model entry that lacks them (None for models without a maximised
+    likelihood, e.g. Bayesian fits), and the ``model_comparison``
     object (ML refits from ``patients``, the canonical patient table, where an LRT needs them)."""
     entries = est["models"]
     for model in fitted:
@@ -266,10 +267,9 @@ def add_to_estimates(est: dict, fitted: list[dict], patients, dataset: dict) -> 
         if e is None:
             continue
         k = n_params_of(e)
-        if k is not None and ("aic" not in e or "bic" not in e):
-            ic = information_criteria(e["loglik"], k, int(e["n_patients"]))
-            e.setdefault("aic", ic["aic"])
-            e.setdefault("bic", ic["bic"])
+        ic = information_criteria(e["loglik"], k, int(e["n_patients"])) if k is not None else {"aic": None, "bic": None}
+        e.setdefault("aic", ic["aic"])  # None where there is no maximised likelihood (Bayesian fits)
+        e.setdefault("bic", ic["bic"])
     est["model_comparison"] = model_comparison(
         fitted, entries, refit_ml=lambda model: ml_loglik(patients, model, dataset)
     )
