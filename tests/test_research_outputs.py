@@ -259,6 +259,9 @@ def test_flow_svg_from_row_accounting(demo):
         assert f"  {reason}: {k:,}" in texts
     for mid, e in est["models"].items():
         assert f"Model {mid}: {e['n_patients']:,} patients analysed" in texts
+    rec = est["models"]["recovery"]  # recovery is undefined below the caseness cut-off at intake
+    assert rec["n_excluded"] > 0
+    assert f"60 therapists; patients excluded: {rec['n_excluded']:,} (missing recovered: {rec['n_excluded']:,})" in texts
     # a broken accounting is shown as it is (no silent fixing): rows used is read from estimates.json
     bad = flow_svg({**est, "rows_used": 1})
     assert "Rows used: 1" in bad

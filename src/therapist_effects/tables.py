@@ -373,8 +373,10 @@ def flow_svg(est: dict) -> str:
     models = est.get("models") or {}
     for i, (mid, e) in enumerate(models.items()):
         excl = e.get("n_excluded") or 0
+        why = "; ".join(f"{r}: {apa(n, 'count')}" for r, n in sorted((e.get("excluded_by_reason") or {}).items()))
         lines = [f"Model {mid}: {apa(e.get('n_patients'), 'count')} patients analysed",
-                 f"{apa(e.get('n_therapists'), 'count')} therapists; excluded (missing data): {apa(excl, 'count')}"]
+                 f"{apa(e.get('n_therapists'), 'count')} therapists; patients excluded: {apa(excl, 'count')}"
+                 + (f" ({why})" if why else "")]
         if i == 0:
             arrows.append((x0 + bw / 2, y2 + h2, x0 + bw / 2, y3))
         y3 += box(x0 + 20, y3, W - x0 - 40, lines) + 10
