@@ -20,6 +20,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/research.smk"
 
 
 # Design planning grid: only when the config has a plan: grid (one job per design).

@@ -192,7 +192,15 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
             raise ConfigError(f"{source}: {key}.method: {method!r} is for binomial models; use REML or ML")
         if method in ("REML", "ML") and family == "binomial":
             raise ConfigError(f"{source}: {key}.method: binomial models are fitted by 'laplace' or 'agq'")
-        if family == "binomial" and model["type"] not in ("random_intercept",) and model.get("engine") != "bayes":
+        if family == "binomial" and model["type"] == "arm_variance" and model.get("engine") != "bayes":
+            for opt in ("correlated", "arm_residual"):
+                if model.get(opt):
+                    raise ConfigError(f"{source}: {key}.{opt}: binomial arm_variance models have independent "
+                                      "arm effects and the latent residual pi^2/3; remove this key")
+            if model.get("cluster_effect") == "random":
+                raise ConfigError(f"{source}: {key}.cluster_effect: 'random' is not available for binomial "
+                                  "arm_variance models; use 'fixed'")
+        if family == "binomial" and model["type"] not in ("random_intercept", "arm_variance") and model.get("engine") != "bayes":
             raise ConfigError(
                 f"{source}: {key}: binomial {model['type']} models need engine: bayes "
                 "(the likelihood engine fits binomial random-intercept models)"

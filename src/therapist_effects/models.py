@@ -9,6 +9,7 @@ random_intercept   gaussian    :class:`therapist_effects.reml.RandomInterceptMod
 random_intercept   binomial    :class:`therapist_effects.glmm.LogisticRandomInterceptModel`
 nested             gaussian    :class:`therapist_effects.reml.NestedModel`
 arm_variance       gaussian    :class:`therapist_effects.arm.ArmVarianceModel`
+arm_variance       binomial    :class:`therapist_effects.glmm_arm.LogisticArmVarianceModel`
 random_slope       gaussian    :func:`therapist_effects.slopes.fit_random_slope` (statsmodels MixedLM)
 any (engine bayes)             :func:`therapist_effects.bayes.fit_bayes` (PyMC)
 =================  ==========  =========================================================
@@ -274,6 +275,15 @@ def fit_model(
             gap = res.gap_table()
             narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
             table = None
+        elif kind == "arm_variance" and family == "binomial":
+            from .glmm_arm import LogisticArmVarianceModel
+
+            res = LogisticArmVarianceModel.from_frame(
+                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
+                feedback_level=mf.feedback_level, method=model.get("method") or "agq", n_quad=model["n_quad"],
+            ).fit()
+            entry = res.to_contract(interval=interval_or_profile)
+            table = res.therapist_effects(level=level, higher_is_better=hib)
         elif kind == "arm_variance":
             from .arm import ArmVarianceModel
 

@@ -186,6 +186,9 @@ def collect_step(
         with open(meta_json, encoding="utf-8") as fh:
             meta = json.load(fh)
     est = assemble_estimates(dataset_name, dataset, cfg, acc, patients, entries, skipped, meta=meta, configfiles=configfiles)
+    from .comparison import add_to_estimates  # AIC/BIC where absent, LRTs between nested models
+
+    add_to_estimates(est, fitted, patients, dataset)
     write_json(est, out_estimates)
     tables = [pd.read_csv(p, dtype={"therapist": str}) for p in therapist_csvs]
     tables = [t for t in tables if len(t)]
@@ -202,6 +205,7 @@ def run(fn: Callable[..., Any], log_path: str | None, **kwargs: Any) -> None:
 def research_report_step(
     estimates_path: str, patients_path: str, therapists_path: str, rejects_path: str,
     narrowing_paths: list[str], idata_paths: list[str], cfg: dict, out_html: str,
+    sensitivity_paths: list[str] | None = None,
 ) -> None:
     """The research report (one self-contained HTML file)."""
     from .report import research_report
@@ -215,7 +219,8 @@ def research_report_step(
                 break
     idata = {Path(p).stem: p for p in idata_paths}
     research_report(estimates_path, patients_path, therapists_path, rejects_path, out_html,
-                    narrowing=narrowing, idata_paths=idata or None)
+                    narrowing=narrowing, idata_paths=idata or None,
+                    sensitivity=sensitivity_paths[0] if sensitivity_paths else None)
 
 
 def service_report_step(
@@ -358,3 +363,25 @@ def plan_grid_step(cell_jsons: list[str], out_csv: str, out_png: str) -> None:
     table = plan_grid(results)
     safe_csv(table, out_csv)
     grid_figure(table, out_png)
+
+
+def sensitivity_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str) -> None:
+    """``sensitivity: true``: refit the Gaussian random-intercept models under the sensitivity analyses."""
+    from .csvsafe import safe_csv
+    from .sensitivity import sensitivity_table
+
+    patients = pd.read_parquet(patients_path)
+    fitted, _ = applicable_models(cfg, dataset)
+    table = sensitivity_table(patients, fitted, dataset, cfg)
+    safe_csv(table, out_csv)
+    log.info("sensitivity: %d analyses x models written to %s", len(table), out_csv)
+
+
+def tables_step(estimates_path: str, patients_path: str, out_dir: str) -> None:
+    """Publication tables (Markdown, LaTeX, CSV), the descriptive table by arm and the flow diagram."""
+    from .tables import write_tables
+
+    with open(estimates_path, encoding="utf-8") as fh:
+        est = json.load(fh)
+    paths = write_tables(est, pd.read_parquet(patients_path), out_dir)
+    log.info("tables: %s", ", ".join(sorted(paths)))

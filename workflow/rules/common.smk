@@ -60,7 +60,10 @@ def all_outputs():
             f"results/{ds}/report.html",
             f"results/{ds}/therapist_report.html",
             f"results/{ds}/therapists",
+            f"results/{ds}/tables/models.md",
         ]
+        if CFG.get("sensitivity"):
+            out.append(f"results/{ds}/sensitivity.csv")
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")
     if CFG.get("plan"):

@@ -7,6 +7,7 @@ rule research_report:
         rejects="results/{dataset}/rejects.csv",
         narrowing=slope_narrowing,
         idata=bayes_idata,
+        sensitivity=lambda wc: [f"results/{wc.dataset}/sensitivity.csv"] if CFG.get("sensitivity") else [],
     output:
         report(
             "results/{dataset}/report.html",

@@ -12,4 +12,5 @@ run(
     idata_paths=list(snakemake.input.idata),
     cfg=snakemake.params.cfg,
     out_html=snakemake.output[0],
+    sensitivity_paths=list(snakemake.input.get("sensitivity", [])),
 )

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -81,6 +82,7 @@ class PageResult:
     height: int = 0
     png_path: str | None = None
     pdf_path: str | None = None
+    evaluated: Any = None  # the JSON value of ``render(..., evaluate=...)``
 
     @property
     def external_requests(self) -> list[str]:
@@ -146,14 +148,15 @@ class _Pipe:
 
 def render(html_path: str | Path, png_path: str | Path | None = None, *, width: int = 1280,
            pdf_path: str | Path | None = None, media: str | None = None,
-           timeout: float = 60.0) -> PageResult:
+           timeout: float = 60.0, evaluate: str | None = None) -> PageResult:
     """Open ``html_path`` in headless Chromium and report what happened.
 
     Collects console messages (errors separately), uncaught exceptions, JavaScript dialogs
     (``alert`` etc., which are dismissed and recorded), every network request, and for each
     ``<img>`` whether it decoded (``complete && naturalWidth > 0``). With ``png_path`` a full-page
     screenshot ``width`` CSS pixels wide is saved; with ``pdf_path`` the page is printed to PDF
-    (print stylesheet). ``media="print"`` emulates print media for the screenshot.
+    (print stylesheet). ``media="print"`` emulates print media for the screenshot. ``evaluate``: a
+    JavaScript expression evaluated after load whose JSON-serialisable value is ``result.evaluated``.
     """
     exe = find_chromium()
     if exe is None:
@@ -213,6 +216,10 @@ def render(html_path: str | Path, png_path: str | Path | None = None, *, width: 
         info = json.loads(out["result"]["value"])
         result.images, result.svgs = info["images"], info["svgs"]
         result.scripts, result.title, result.text = info["scripts"], info["title"], info["text"]
+        if evaluate is not None:
+            ev = pipe.send("Runtime.evaluate", {"expression": f"JSON.stringify({evaluate})", "returnByValue": True,
+                                                "awaitPromise": False}, session=sess)
+            result.evaluated = json.loads(ev["result"].get("value") or "null")
         metrics = pipe.send("Page.getLayoutMetrics", session=sess)
         size = metrics.get("cssContentSize") or metrics["contentSize"]
         result.width, result.height = width, int(max(size["height"], 1) + 0.999)

@@ -112,7 +112,8 @@ def histogram(values, *, xlabel: str, title: str) -> Figure:
     return Figure(src, alt)
 
 
-def icc_by_arm(rows: list[tuple[str, float, float | None, float | None]], *, title: str) -> Figure:
+def icc_by_arm(rows: list[tuple[str, float, float | None, float | None]], *, title: str,
+               xlabel: str = "ICC (therapist share of outcome variance)") -> Figure:
     """Per-arm ICCs with intervals: ``rows`` of (arm label, icc, low, high)."""
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(6, 0.7 + 0.6 * len(rows)))
@@ -125,7 +126,7 @@ def icc_by_arm(rows: list[tuple[str, float, float | None, float | None]], *, tit
         ax.set_yticks(range(len(rows)), [r[0] for r in rows])
         ax.set_ylim(-0.6, len(rows) - 0.4)
         ax.invert_yaxis()
-        ax.set_xlabel("ICC (therapist share of outcome variance)")
+        ax.set_xlabel(xlabel)
         ax.set_xlim(left=0)
         ax.set_title(title)
         src = _encode(fig)
@@ -148,6 +149,7 @@ def narrowing(intercept, slope, *, title: str) -> Figure:
         ax1.plot(np.ones_like(a), a + b, "s", color=OKABE_ITO["blue"], ms=3, label="feedback")
         ax1.set_xticks([0, 1], ["control", "feedback"])
         ax1.set_xlim(-0.3, 1.3)
+        ax1.set_xlabel("arm")
         ax1.set_ylabel("therapist effect")
         ax1.set_title("therapist effects by arm")
         ax2.scatter(a, b, s=14, color=OKABE_ITO["blue"])
@@ -185,7 +187,7 @@ def residual_panels(fitted, residuals, effects, *, title: str) -> Figure:
             (osm, osr), (slope, icpt, _) = stats.probplot(vals[np.isfinite(vals)], dist="norm")
             ax.scatter(osm, osr, s=6, color=OKABE_ITO["blue"], edgecolors="none")
             ax.plot(osm, slope * osm + icpt, color=OKABE_ITO["vermillion"], lw=1)
-            ax.set_xlabel("normal quantile")
+            ax.set_xlabel("theoretical normal quantile")
             ax.set_ylabel("sample quantile")
             ax.set_title(f"normal Q-Q: {what}")
         fig.suptitle(title)
@@ -302,6 +304,9 @@ def bayes_diagnostics(idata_path, *, title: str, max_vars: int = 4) -> Figure:
                 h, _ = np.histogram(ranks[c], bins=bins)
                 axes[i, 1].step(bins[:-1], h, where="post", color=list(OKABE_ITO.values())[c % 7], lw=1)
             axes[i, 1].axhline(x.shape[1] / 20, color="black", lw=0.7, ls="--")
+        axes[-1, 0].set_xlabel("draw")
+        axes[-1, 1].set_xlabel("rank of the draw among all chains")
+        axes[0, 1].set_ylabel("draws per rank bin")
         axes[0, 0].set_title("trace (one line per chain)")
         axes[0, 1].set_title("rank histogram (flat = chains agree)")
         fig.suptitle(title)

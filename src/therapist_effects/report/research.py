@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..design import INTERCEPT, fixed_effects_matrix
 from ..exceptions import InputError
-from . import figures, fmt
+from . import figures, fmt, research_extras
 from .common import (CI_WORDS, TYPE_WORDS, dataset_columns, finite, fixed_terms, higher_is_better,
                      is_bayes, method_words, model_flags, triple, version)
 from .html import load_json, load_table, render
@@ -154,8 +154,7 @@ def model_view(mid: str, e: dict) -> dict:
                          "df": t.get("df"), "p": t.get("p_value")})
     diag = e.get("diagnostics") if is_bayes(e) else None
     extras = {}
-    if e.get("priors"):
-        extras["Priors"] = json.dumps(e["priors"], indent=2, default=str)
+    priors = research_extras.priors_table(e["priors"]) if e.get("priors") else []
     if e.get("prior_sensitivity"):
         extras["Prior sensitivity"] = json.dumps(e["prior_sensitivity"], indent=2, default=str)
     return {
@@ -169,8 +168,17 @@ def model_view(mid: str, e: dict) -> dict:
         "by_arm": by_arm, "icc_ratio": triple(e["icc_ratio"]) if e.get("icc_ratio") is not None else None,
         "icc_reduction": triple(e["icc_reduction"]) if e.get("icc_reduction") is not None else None,
         "correlation": triple(e["correlation"]) if e.get("correlation") is not None else None,
-        "lrts": lrts, "diagnostics": diag, "extras": extras,
+        "lrts": lrts, "diagnostics": diag, "extras": extras, "priors": priors,
     }
+
+
+def _arm_text(v: Any) -> str:
+    """An arm level read back from CSV as text (1.0 -> "1")."""
+    try:
+        f = float(v)
+        return str(int(f)) if f.is_integer() else str(v)
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def effect_label(est: dict, mid: str) -> str:
@@ -197,16 +205,25 @@ def therapist_sections(est: dict, therapists: pd.DataFrame | None) -> tuple[list
         lo = t["ci_low"] if "ci_low" in t else t["effect"]
         hi = t["ci_high"] if "ci_high" in t else t["effect"]
         cls = t["classification"].fillna("") if "classification" in t else pd.Series([""] * len(t))
-        fig = figures.caterpillar(t["effect"], lo, hi, cls, ylabel=effect_label(est, mid),
-                                  title=f"Therapist effects, model {mid}")
+        panels = None
+        if "arm" in t and t["arm"].notna().all() and t["arm"].nunique() > 1:
+            # therapist x arm pairs: one panel per arm, so that each point is one therapist
+            panels = research_extras.caterpillar_panels(
+                t.assign(arm=t["arm"].map(_arm_text)), (est.get("models") or {}).get(mid, {}),
+                ylabel=effect_label(est, mid), model=mid)
+            fig = None
+        else:
+            fig = figures.caterpillar(t["effect"], lo, hi, cls, ylabel=effect_label(est, mid),
+                                      title=f"Therapist effects, model {mid}")
         keys = [figures.class_key(c) for c in cls]
         listed = t.assign(_k=keys)[[k != "none" for k in keys]]
         listed = listed.sort_values("effect")
-        rows = [{"therapist": r["therapist"], "caseload": r.get("caseload"), "est": r["effect"],
+        rows = [{"therapist": r["therapist"], "arm": _arm_text(r.get("arm")) if panels else None,
+                 "caseload": r.get("caseload"), "est": r["effect"],
                  "lo": r.get("ci_low"), "hi": r.get("ci_high"), "cls": r.get("classification"), "key": r["_k"]}
                 for _, r in listed.head(MAX_LISTED).iterrows()]
         out.append({"model": mid, "fig": fig, "n": len(t), "rows": rows, "more": max(0, len(listed) - MAX_LISTED),
-                    "label": effect_label(est, mid)})
+                    "label": effect_label(est, mid), "panels": panels})
     return out, notes
 
 
@@ -223,7 +240,9 @@ def arm_icc_figures(est: dict) -> list[dict]:
                 name = {str(e.get("feedback_level")): "feedback", str(e.get("control_level")): "control"}.get(str(arm))
                 rows.append((f"{name} ({arm})" if name else f"arm {arm}", t[0], t[1], t[2]))
         if rows:
-            out.append({"model": mid, "fig": figures.icc_by_arm(rows, title=f"ICC by arm, model {mid}")})
+            xlabel = ("latent-scale ICC (therapist share of latent variance)" if e.get("family") == "binomial"
+                      else "ICC (therapist share of outcome variance)")
+            out.append({"model": mid, "fig": figures.icc_by_arm(rows, title=f"ICC by arm, model {mid}", xlabel=xlabel)})
     return out
 
 
@@ -344,12 +363,13 @@ def provenance_view(est: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ entry
 def research_report(estimates, patients, therapists, rejects, out_path, *, narrowing=None,
-                    idata_paths=None) -> Path:
+                    idata_paths=None, sensitivity=None) -> Path:
     """Write the research report (``results/<dataset>/report.html``) and return its path.
 
     ``estimates`` is the ``estimates.json`` dict (or its path); ``patients``, ``therapists``,
     ``rejects`` and ``narrowing`` DataFrames or paths (any may be None); ``idata_paths`` a dict
-    ``{model id: NetCDF path}`` or a list of paths named after the models.
+    ``{model id: NetCDF path}`` or a list of paths named after the models; ``sensitivity`` the
+    sensitivity.csv table (or its path), shown as a forest plot when given.
     """
     est = load_json(estimates, "estimates")
     if est is None:
@@ -369,4 +389,13 @@ def research_report(estimates, patients, therapists, rejects, out_path, *, narro
         models=models, alerts=alerts, effects=effects, arm_iccs=arm_icc_figures(est), narrowing=narrow_fig,
         diagnostics=diag_items, notes=notes, provenance=provenance_view(est),
         skipped=sorted((est.get("skipped_models") or {}).items()),
+        comparison=research_extras.comparison_view(est), sensitivity=_sensitivity_view(sensitivity),
     )
+
+
+def _sensitivity_view(sensitivity) -> dict | None:
+    table = load_table(sensitivity)
+    if table is None or not len(table):
+        return None
+    return {"rows": table.to_dict("records"), "fig": research_extras.sensitivity_forest(table),
+            "labels": research_extras.ANALYSIS_LABELS}

@@ -1,0 +1,763 @@
+"""Binary outcomes by arm: a therapist variance per arm on the latent (logit) scale.
+
+For a binary patient outcome and two arms (control, feedback) the model is
+
+    logit P(y_ij = 1) = x_ij' b + u_j,a(i),     u_j,a ~ N(0, s_a^2) independent,
+
+with ``j`` the therapist and ``a(i)`` the arm of patient ``i``: every therapist has one effect per arm
+in which they treat patients, and the two arms have their own therapist variance (lme4:
+``glmer(y ~ x + feedback + (0 + c0 | therapist) + (0 + c1 | therapist), family = binomial)`` with
+``c0 = 1 - feedback``, ``c1 = feedback``). The latent-scale ICC of arm ``a`` is
+``s_a^2 / (s_a^2 + pi^2/3)``; the ICC ratio is ICC_feedback / ICC_control and the reduction 1 - ratio.
+
+Each patient is in one arm and the covariance is diagonal, so the likelihood factorises into
+one-dimensional integrals, one per therapist x arm block. They are approximated as in
+:mod:`therapist_effects.glmm` (Laplace = glmer ``nAGQ = 1``; adaptive Gauss-Hermite with ``n_quad``
+nodes), vectorised over blocks: block ``k`` of arm ``a`` has the spherical effect ``v_k`` with
+``u_k = s_a v_k``, so every formula of the random-intercept engine holds with the scalar ``s``
+replaced by the block's ``s_a(k)``; the gradient in ``s_a`` sums the blocks of arm ``a``. (glmer
+refuses ``nAGQ > 1`` for this formula because it cannot see the factorisation; the quadrature here is
+exact in the limit of many nodes.)
+
+The outer maximisation over (b, s_0, s_1) is L-BFGS-B with the analytic gradient; the log-likelihood
+is even in each ``s_a`` separately, so the SDs are optimised over the real line and |s_a| reported
+(no bound at 0). An SD below lme4's ``isSingular`` tolerance 1e-4 is set to 0 and the model refitted
+with it fixed there (a singular fit, warned). Intervals for the variances, ICCs and the ICC ratio are
+profile-likelihood intervals: the ratio's profile fixes ICC_feedback = c * ICC_control and maximises
+the likelihood over the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+from scipy.special import expit
+
+from .arm import arm_design, arm_labels
+from .arm import _label as _arm_label
+from .classify import classify_effects
+from .design import group_codes
+from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .glmm import (
+    LATENT_RESIDUAL_VARIANCE,
+    SINGULAR_TOL,
+    LogisticRandomInterceptModel,
+    _bernoulli_loglik,
+    _gauss_hermite,
+    _jsonable,
+    _safe_inv,
+    _single_thread_blas,
+)
+
+__all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
+
+_NEWTON_TOL = 1e-10
+_NEWTON_MAXIT = 100
+_C = LATENT_RESIDUAL_VARIANCE
+
+
+def _latent_icc(s2):
+    return s2 / (s2 + _C)
+
+
+@dataclass
+class _Eval:
+    loglik: float
+    grad: np.ndarray | None
+    v: np.ndarray
+    H: np.ndarray
+    newton_ok: bool
+
+
+class LogisticArmVarianceModel:
+    """Logistic GLMM with independent therapist effects per arm and a therapist variance per arm.
+
+    Parameters
+    ----------
+    endog : array-like of 0/1
+    exog : array-like (patients x p), the fixed-effects design including the intercept and the arm
+    therapist, arm : array-like, one entry per patient
+    feedback_level : the arm level that is the feedback condition (the other is the control)
+    method : ``"laplace"`` or ``"agq"`` (with ``n_quad`` nodes)
+    """
+
+    def __init__(
+        self,
+        endog,
+        exog,
+        therapist,
+        arm,
+        *,
+        exog_names: Sequence[str] | None = None,
+        feedback_level=1,
+        method: str = "laplace",
+        n_quad: int = 10,
+    ) -> None:
+        method = str(method).lower()
+        if method not in ("laplace", "agq"):
+            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
+        if method == "agq":
+            if int(n_quad) != n_quad or int(n_quad) < 1:
+                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
+            n_quad = int(n_quad)
+        else:
+            n_quad = 1
+        y = np.asarray(endog, dtype=float).ravel()
+        X = np.asarray(exog, dtype=float)
+        if X.ndim == 1:
+            X = X[:, None]
+        therapist = np.asarray(therapist, dtype=object)
+        arm = np.asarray(arm, dtype=object)
+        n = y.shape[0]
+        if X.shape[0] != n or len(therapist) != n or len(arm) != n:
+            raise ModelError("endog, exog, therapist and arm must have one row per patient")
+        if n == 0:
+            raise ModelError("no patients to fit: the outcome has no rows")
+        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(X))):
+            raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
+        if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
+            raise ModelError("therapist or arm is missing for some patients; drop them first")
+        if not np.all((y == 0) | (y == 1)):
+            bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
+            raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
+        if y.min() == y.max():
+            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
+        p = X.shape[1]
+        names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
+        if len(names) != p:
+            raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
+        if np.linalg.matrix_rank(X) < p:
+            raise ModelError(f"fixed-effects design {names} is rank deficient")
+        labels = arm_labels(arm)
+        levels = sorted(set(labels))
+        fb = _arm_label(feedback_level)
+        if len(levels) != 2:
+            raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
+        if fb not in levels:
+            raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
+        control = [lv for lv in levels if lv != fb][0]
+        self.arm_levels = [control, fb]
+        self.control_level, self.feedback_level = control, fb
+        acode = (labels == fb).astype(np.int64)
+        tcode, tlabels = group_codes(therapist)
+        T = len(tlabels)
+        if T < 2:
+            raise ModelError(f"at least 2 therapists are needed, got {T}")
+        # therapist x arm blocks (only those with patients)
+        bcode_full = tcode * 2 + acode
+        bcode, bvals = np.unique(bcode_full, return_inverse=True)[1], np.unique(bcode_full)
+        self.block_therapist = bvals // 2
+        self.block_arm = (bvals % 2).astype(np.int64)
+        for a, lv in enumerate(self.arm_levels):
+            if int((self.block_arm == a).sum()) < 2:
+                raise ModelError(
+                    f"arm {lv!r} has patients of fewer than two therapists; its therapist variance cannot be estimated"
+                )
+        order = np.argsort(bcode, kind="stable")
+        self.method = method
+        self.n_quad = n_quad
+        self.exog_names = names
+        self.therapist_labels = tlabels
+        self.order = order
+        self.y = y[order]
+        self.X = X[order]
+        self.g = bcode[order]
+        self.acode = acode[order]
+        self.therapist_code = tcode[order]
+        self.n_blocks = len(bvals)
+        self.counts = np.bincount(self.g, minlength=self.n_blocks)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.n_obs = n
+        self.n_therapists = T
+        self.k_fe = p
+        self.n_arms = 2
+        self._t, self._loga = _gauss_hermite(n_quad)
+        self._v_warm = np.zeros(self.n_blocks)
+
+    @classmethod
+    def from_frame(
+        cls,
+        df: pd.DataFrame,
+        outcome: str,
+        covariates: Sequence[str] = (),
+        *,
+        therapist: str = "therapist",
+        arm: str = "arm",
+        feedback_level=1,
+        method: str = "laplace",
+        n_quad: int = 10,
+    ) -> LogisticArmVarianceModel:
+        """``outcome ~ covariates + arm`` with a therapist variance per arm, from a patient table
+        (the arm coded as in :func:`therapist_effects.arm.arm_design`)."""
+        y, X, names, _ind, _name = arm_design(
+            df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level
+        )
+        notbin = (y != 0) & (y != 1)
+        if notbin.any():
+            i = int(np.flatnonzero(notbin)[0])
+            raise ModelError(
+                f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value {y[i]:g}"
+                f" ({int(notbin.sum())} such rows)"
+            )
+        return cls(
+            y, X, df[therapist].to_numpy(), df[arm].to_numpy(), exog_names=names, feedback_level=feedback_level,
+            method=method, n_quad=n_quad,
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _gsum(self, a: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(a, self.starts, axis=0)
+
+    def _modes(self, eta0, sb, v0):
+        """Conditional modes of all blocks (vectorised safeguarded Newton, as in glmm)."""
+        y, g = self.y, self.g
+        v = np.where(sb == 0.0, 0.0, v0)
+        mu = expit(eta0 + sb[g] * v[g])
+        gr = sb * self._gsum(y - mu) - v
+        H = 1.0 + sb * sb * self._gsum(mu * (1.0 - mu))
+        ok = False
+        for _ in range(_NEWTON_MAXIT):
+            step = gr / H
+            if np.max(np.abs(step)) < _NEWTON_TOL:
+                ok = True
+                break
+            for _halving in range(60):
+                v_new = v + step
+                mu_new = expit(eta0 + sb[g] * v_new[g])
+                gr_new = sb * self._gsum(y - mu_new) - v_new
+                bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
+                if not bad.any():
+                    break
+                step = np.where(bad, 0.5 * step, step)
+            v, mu, gr = v_new, mu_new, gr_new
+            H = 1.0 + sb * sb * self._gsum(mu * (1.0 - mu))
+        return v, mu, ok
+
+    def _evaluate(self, b: np.ndarray, s: np.ndarray, *, grad: bool = True, warm: bool = True) -> _Eval:
+        """Laplace/AGQ log-likelihood and its exact gradient in (b, s_0, s_1)."""
+        y, X, g = self.y, self.X, self.g
+        s = np.asarray(s, float)
+        sb = s[self.block_arm]  # per block
+        sp = sb[g]  # per patient
+        eta0 = X @ b
+        v, mu0, ok = self._modes(eta0, sb, self._v_warm if warm else np.zeros(self.n_blocks))
+        if warm and ok and np.all(np.isfinite(v)):
+            self._v_warm = v
+        w = mu0 * (1.0 - mu0)
+        W = self._gsum(w)
+        H = 1.0 + sb * sb * W
+        sigma = 1.0 / np.sqrt(H)
+        t, loga = self._t, self._loga
+        if t.size == 1:
+            vk = v[:, None]
+            mu = mu0[:, None]
+            eta = (eta0 + sp * v[g])[:, None]
+        else:
+            vk = v[:, None] + sigma[:, None] * t[None, :]
+            eta = eta0[:, None] + sp[:, None] * vk[g]
+            mu = expit(eta)
+        hk = self._gsum(_bernoulli_loglik(y[:, None], eta)) - 0.5 * vk**2
+        la = loga[None, :] + hk
+        if t.size == 1:
+            logS = la[:, 0]
+        else:
+            top = la.max(axis=1)
+            logS = top + np.log(np.exp(la - top[:, None]).sum(axis=1))
+        loglik = float(np.sum(np.log(sigma) + logS))
+        if not grad:
+            return _Eval(loglik, None, v, H, ok)
+        pi = np.exp(la - logS[:, None])
+        r = y[:, None] - mu
+        Rk = self._gsum(r)
+        rbar = r[:, 0] if t.size == 1 else np.sum(r * pi[g], axis=1)
+        hv = sb[:, None] * Rk - vk
+        c = np.sum(pi * hv, axis=1)
+        d = np.sum(pi * hv * t[None, :], axis=1)
+        w1 = w * (1.0 - 2.0 * mu0)
+        W1 = self._gsum(w1)
+        WX = self._gsum(w[:, None] * X)
+        W1X = self._gsum(w1[:, None] * X)
+        R0 = self._gsum(y - mu0)
+        dv_db = -(sb / H)[:, None] * WX
+        dv_ds = (R0 - sb * W * v) / H
+        dH_db = (sb * sb)[:, None] * W1X + (sb**3 * W1)[:, None] * dv_db
+        dH_ds = 2.0 * sb * W + sb * sb * v * W1 + sb**3 * W1 * dv_ds
+        fac = -0.5 / H * (1.0 + d * sigma)
+        g_b = X.T @ rbar + (fac[:, None] * dH_db).sum(0) + (c[:, None] * dv_db).sum(0)
+        g_blk = np.sum(pi * vk * Rk, axis=1) + fac * dH_ds + c * dv_ds
+        g_s = np.bincount(self.block_arm, weights=g_blk, minlength=self.n_arms)
+        return _Eval(loglik, np.concatenate([g_b, g_s]), v, H, ok)
+
+    def loglik(self, fe_params, s) -> float:
+        """Approximate marginal log-likelihood at fixed effects ``fe_params`` and arm SDs ``s``
+        (the same quantity as ``logLik()`` of glmer with nAGQ = 1 for the Laplace model)."""
+        return self._evaluate(np.asarray(fe_params, float), np.asarray(s, float), grad=False, warm=False).loglik
+
+    def _scale(self, b, free):
+        """Whitening of the free coordinates: GLM information for b, 0.1 for the SDs."""
+        p = self.k_fe
+        mu = expit(self.X @ b)
+        info = self.X.T @ ((mu * (1 - mu))[:, None] * self.X)
+        fb = free[:p]
+        nf = int(free.sum())
+        A = np.zeros((nf, nf))
+        nb = int(fb.sum())
+        if nb:
+            A[:nb, :nb] = np.linalg.inv(np.linalg.cholesky(info[np.ix_(fb, fb)])).T
+        for k in range(nb, nf):
+            A[k, k] = 0.1
+        return A
+
+    def _maximise(self, theta0, free, scale, *, maxiter: int = 500):
+        """Maximise over the free entries of theta = (b, s_0, s_1) (SDs on the real line, |s| reported)."""
+        p = self.k_fe
+        theta0 = np.asarray(theta0, float).copy()
+        idx = np.flatnonzero(free)
+        A = np.asarray(scale, float)
+        base = theta0[idx].copy()
+
+        def unpack(z):
+            th = theta0.copy()
+            th[idx] = base + A @ z
+            return th
+
+        def fun(z):
+            th = unpack(z)
+            ev = self._evaluate(th[:p], th[p:])
+            if not np.isfinite(ev.loglik):
+                return 1e300, np.zeros_like(z)
+            return -ev.loglik, -(A.T @ ev.grad[idx])
+
+        res = optimize.minimize(fun, np.zeros(idx.size), jac=True, method="L-BFGS-B",
+                                options={"maxiter": maxiter, "ftol": 1e-15, "gtol": 1e-7, "maxcor": 20})
+        th = unpack(res.x)
+        th[p:] = np.abs(th[p:])
+        ev = self._evaluate(th[:p], th[p:], grad=True)
+        gz = A.T @ ev.grad[idx]
+        ok = bool(ev.newton_ok and np.max(np.abs(gz)) < 1e-3 and np.isfinite(ev.loglik))
+        return th, ev.loglik, ok, str(res.message)
+
+    def _hessian(self, theta, free=None):
+        """Observed information by central differences of the analytic gradient (free coordinates)."""
+        p = self.k_fe
+        idx = np.arange(theta.size) if free is None else np.flatnonzero(free)
+        m = idx.size
+        Hm = np.zeros((m, m))
+        for a, i in enumerate(idx):
+            step = 1e-4 * max(1.0, abs(theta[i]))
+            tp, tm = theta.copy(), theta.copy()
+            tp[i] += step
+            tm[i] -= step
+            gp = self._evaluate(tp[:p], tp[p:]).grad[idx]
+            gm = self._evaluate(tm[:p], tm[p:]).grad[idx]
+            Hm[:, a] = -(gp - gm) / (tp[i] - tm[i])
+        return 0.5 * (Hm + Hm.T)
+
+    def _fit_from(self, theta0, free):
+        """Laplace stage, then (AGQ) the quadrature stage started at the Laplace maximum."""
+        p = self.k_fe
+        nodes = (self._t, self._loga)
+        self._t, self._loga = _gauss_hermite(1)
+        try:
+            self._v_warm = np.zeros(self.n_blocks)
+            th, ll, ok, msg = self._maximise(theta0, free, self._scale(theta0[:p], free))
+        finally:
+            self._t, self._loga = nodes
+        if self.n_quad > 1:
+            th0 = th.copy()
+            th0[p:] = np.where(free[p:], np.maximum(th0[p:], 0.05), th0[p:])
+            th, ll, ok, msg = self._maximise(th0, free, self._scale(th0[:p], free))
+        return th, ll, ok, msg
+
+    def _estimate(self):
+        """(theta, loglik, converged, message, singular arms): tries two starts, then refits any arm
+        whose SD is below the singular tolerance with that SD fixed at 0."""
+        p = self.k_fe
+        glm = LogisticRandomInterceptModel(self.y, self.X, self.g, exog_names=self.exog_names)
+        b0 = glm._glm_start()
+        free = np.ones(p + 2, bool)
+        best = None
+        for s0 in (0.5, 0.1):
+            th, ll, ok, msg = self._fit_from(np.concatenate([b0, [s0, s0]]), free)
+            if best is None or ll > best[1] + 1e-8:
+                best = (th, ll, ok, msg)
+            if ok:
+                break
+        th, ll, ok, msg = best
+        sing = th[p:] < SINGULAR_TOL
+        if sing.any():
+            free2 = free.copy()
+            free2[p:] = ~sing
+            th0 = th.copy()
+            th0[p:] = np.where(sing, 0.0, th0[p:])
+            th2, ll2, ok2, msg2 = self._fit_from(th0, free2)
+            if ll2 >= ll - 1e-6:
+                th, ll, ok, msg = th2, ll2, ok2, msg2
+            th[p:] = np.where(sing, 0.0, th[p:])
+        return th, ll, ok, msg, sing
+
+    @_single_thread_blas
+    def fit(self) -> LogisticArmVarianceResults:
+        """Fit; warns ``ConvergenceWarning`` / ``SingularFitWarning`` (an arm's variance at 0)."""
+        p = self.k_fe
+        msgs: list[str] = []
+        th, ll, ok, msg, sing = self._estimate()
+        label = "Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}"
+        if not ok:
+            m = f"{label}: optimiser did not converge ({msg}); estimates may not be at the maximum"
+            warnings.warn(m, ConvergenceWarning, stacklevel=2)
+            msgs.append(f"ConvergenceWarning: {m}")
+        if sing.any():
+            arms = ", ".join(repr(self.arm_levels[a]) for a in np.flatnonzero(sing))
+            m = (f"{label}: therapist variance of arm {arms} estimated at 0 (singular fit); an ICC at 0 makes"
+                 " the ICC ratio 0 or undefined")
+            warnings.warn(m, SingularFitWarning, stacklevel=2)
+            msgs.append(f"SingularFitWarning: {m}")
+        ev = self._evaluate(th[:p], th[p:], grad=True, warm=False)
+        return LogisticArmVarianceResults(self, th, ll, ok, sing, ev.v, ev.H, msgs)
+
+
+@dataclass
+class LogisticArmVarianceResults:
+    """Fit of :class:`LogisticArmVarianceModel`.
+
+    ``fe_params``/``bse``: fixed effects (log-odds) and SEs from the inverse observed information of
+    (b, s_0, s_1) (b alone for the SDs at 0); ``vcomp``: ``therapist[<control>]``,
+    ``therapist[<feedback>]`` (latent-scale variances) and ``residual`` (pi^2/3); ``loglik`` as
+    glmer's ``logLik`` (Laplace) or its AGQ counterpart.
+    """
+
+    model: LogisticArmVarianceModel
+    theta: np.ndarray
+    loglik: float
+    converged: bool
+    singular_arms: np.ndarray
+    modes: np.ndarray
+    curvature: np.ndarray
+    warnings_list: list = field(default_factory=list)
+
+    @_single_thread_blas
+    def __post_init__(self):
+        m = self.model
+        p = m.k_fe
+        self.method = "Laplace" if m.n_quad == 1 else f"AGQ{m.n_quad}"
+        self.n_obs = self.n_patients = m.n_obs
+        self.n_therapists = m.n_therapists
+        self.exog_names = list(m.exog_names)
+        self.s = np.asarray(self.theta[p:], float)
+        self.singular = bool(self.singular_arms.any())
+        self.fe_params = pd.Series(self.theta[:p], index=self.exog_names, name="estimate")
+        keys = [f"therapist[{lv}]" for lv in m.arm_levels]
+        self.vcomp = {keys[0]: float(self.s[0] ** 2), keys[1]: float(self.s[1] ** 2),
+                      "residual": LATENT_RESIDUAL_VARIANCE}
+        free = np.ones(p + 2, bool)
+        free[p:] = ~self.singular_arms
+        self._free = free
+        info = m._hessian(self.theta, free)
+        self._info = info
+        cov = _safe_inv(info)
+        cov_b = cov[:p, :p]
+        se_b = np.sqrt(np.where(np.diag(cov_b) > 0, np.diag(cov_b), np.nan))
+        self.cov_fe = pd.DataFrame(cov_b, index=self.exog_names, columns=self.exog_names)
+        self.bse = pd.Series(se_b, index=self.exog_names, name="se")
+        self.params = pd.concat([self.fe_params, pd.Series({k: self.vcomp[k] for k in keys})]).rename("estimate")
+        self._profile_cache: dict = {}
+        self._profile_points: dict = {}
+        self.n_params = p + 2  # fixed effects and the two variances (lme4's df of logLik)
+
+    # ------------------------------------------------------------------ point estimates
+    def icc_point(self) -> np.ndarray:
+        """Latent-scale ICC per arm (control, feedback)."""
+        return _latent_icc(self.s**2)
+
+    def ratio_point(self) -> float:
+        icc = self.icc_point()
+        return float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
+
+    # ------------------------------------------------------------------ profiles
+    def _constrained_max(self, th0, free, transform):
+        """Maximise with ``transform`` mapping a reduced theta to the full one (and the chain rule)."""
+        m = self.model
+        p = m.k_fe
+        idx = np.flatnonzero(free)
+        base = th0[idx].copy()
+        A = m._scale(th0[:p], free)
+
+        def fun(z):
+            th = th0.copy()
+            th[idx] = base + A @ z
+            full, jac = transform(th)
+            if full is None:
+                return 1e300, np.zeros_like(z)
+            ev = m._evaluate(full[:p], full[p:])
+            if not np.isfinite(ev.loglik):
+                return 1e300, np.zeros_like(z)
+            gth = jac(ev.grad)
+            return -ev.loglik, -(A.T @ gth[idx])
+
+        res = optimize.minimize(fun, np.zeros(idx.size), jac=True, method="L-BFGS-B",
+                                options={"maxiter": 500, "ftol": 1e-15, "gtol": 1e-7, "maxcor": 20})
+        th = th0.copy()
+        th[idx] = base + A @ res.x
+        return th, -float(res.fun)
+
+    def _profile_ll(self, name: str, value: float) -> float:
+        """Profile log-likelihood of ``s[a]`` (name ``"s0"``/``"s1"``) or of the ICC ratio (``"ratio"``)."""
+        m = self.model
+        p = m.k_fe
+        cache = self._profile_points.setdefault(name, {})
+        if cache:
+            nearest = min(cache, key=lambda x: abs(x - value))
+            th0 = cache[nearest].copy()
+        else:
+            th0 = self.theta.copy()
+            th0[p:] = np.where(th0[p:] < 1e-2, 1e-2, th0[p:])
+        saved = m._v_warm.copy()
+        if name in ("s0", "s1"):
+            a = int(name[1])
+            th0[p + a] = value
+            free = np.ones(p + 2, bool)
+            free[p + a] = False
+
+            def transform(th):
+                return th, lambda g: g
+        else:  # ratio: s_1 determined by s_0 and the ratio; s_1 is not free
+            r = float(value)
+            free = np.ones(p + 2, bool)
+            free[p + 1] = False
+            if r * _latent_icc(th0[p] ** 2) >= 0.5:  # start inside ICC_feedback = r * ICC_control < 1
+                i0 = 0.5 / r
+                th0[p] = math.sqrt(_C * i0 / (1.0 - i0))
+
+            def transform(th, r=r):
+                s0 = th[p]
+                i0 = _latent_icc(s0 * s0)
+                i1 = r * i0
+                if i1 >= 1.0 - 1e-12:
+                    return None, None
+                s1sq = _C * i1 / (1.0 - i1)
+                s1 = math.sqrt(s1sq)
+                full = th.copy()
+                full[p + 1] = s1
+                # d s1 / d s0 by the chain rule through i0 and s1^2
+                di0 = 2.0 * s0 * _C / (s0 * s0 + _C) ** 2
+                ds1sq = _C * r / (1.0 - i1) ** 2 * di0
+                ds1 = ds1sq / (2.0 * s1) if s1 > 1e-12 else 0.0
+
+                def jac(gfull, ds1=ds1):
+                    g = gfull.copy()
+                    g[p] = gfull[p] + gfull[p + 1] * ds1
+                    g[p + 1] = 0.0
+                    return g
+
+                return full, jac
+        th, ll = self._constrained_max(th0, free, transform)
+        th[p:] = np.abs(th[p:])
+        cache[value] = th
+        m._v_warm = saved
+        return ll
+
+    def _profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
+        """Likelihood-ratio interval of s_a (``"s0"``/``"s1"``) or of the ICC ratio (``"ratio"``):
+        where 2 (l_max - l_profile) reaches the chi2_1 quantile; a lower end at 0 where the deviance
+        at 0 stays below it."""
+        key = (name, level)
+        if key in self._profile_cache:
+            return self._profile_cache[key]
+        q = stats.chi2.ppf(level, 1)
+        lmax = self.loglik
+
+        def dev(x):
+            return math.sqrt(max(2.0 * (lmax - self._profile_ll(name, x)), 0.0)) - math.sqrt(q)
+
+        if name == "ratio":
+            est = self.ratio_point()
+            if not np.isfinite(est):
+                self._profile_cache[key] = (float("nan"), float("nan"))
+                return self._profile_cache[key]
+            scale = max(0.5 * est, 0.1)
+        else:
+            est = float(self.s[int(name[1])])
+            scale = max(0.3 * est, 0.05)
+        ends = []
+        # lower end
+        if est <= 0 or dev(0.0) <= 0:
+            ends.append(0.0)
+        else:
+            ends.append(optimize.brentq(dev, 0.0, est, rtol=1e-6, xtol=1e-9))
+        if name == "ratio" and self._profile_interval("s0", level)[0] == 0.0:
+            # a control ICC of 0 is inside its interval: ICC_feedback / ICC_control is unbounded above
+            out = (float(ends[0]), float("inf"))
+            self._profile_cache[key] = out
+            return out
+        # upper end: step outward until the deviance exceeds the quantile
+        a, x = est, est + scale
+        found = False
+        for _ in range(60):
+            if dev(x) > 0:
+                found = True
+                break
+            a, x = x, x + scale
+            scale *= 1.6
+        if found:
+            ends.append(optimize.brentq(dev, a, x, rtol=1e-6, xtol=1e-9))
+        else:
+            warnings.warn(f"profile interval for {name}: deviance did not reach the chi2 quantile; end set to {x:g}",
+                          StatisticalWarning, stacklevel=3)
+            ends.append(x)
+        out = (float(ends[0]), float(ends[1]))
+        self._profile_cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ intervals
+    @_single_thread_blas
+    def variance_interval(self, arm: int, level: float = 0.95) -> tuple[float, float]:
+        """Profile interval of arm ``arm``'s therapist variance (squared SD interval, as lme4)."""
+        lo, hi = self._profile_interval(f"s{arm}", level)
+        return lo * lo, hi * hi
+
+    def icc_by_arm(self, level: float = 0.95) -> pd.DataFrame:
+        """Latent-scale ICC per arm with the profile interval (the variance interval mapped)."""
+        icc = self.icc_point()
+        rows = []
+        for a, lv in enumerate(self.model.arm_levels):
+            lo, hi = self.variance_interval(a, level)
+            rows.append({"arm": lv, "role": "control" if a == 0 else "feedback", "estimate": float(icc[a]),
+                         "ci_low": float(_latent_icc(lo)), "ci_high": float(_latent_icc(hi)), "ci_method": "profile"})
+        return pd.DataFrame(rows).set_index("arm")
+
+    @_single_thread_blas
+    def icc_ratio(self, level: float = 0.95) -> dict:
+        """ICC_feedback / ICC_control with its profile interval."""
+        lo, hi = self._profile_interval("ratio", level)
+        return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": "profile"}
+
+    def icc_reduction(self, level: float = 0.95) -> dict:
+        """1 - ICC_feedback / ICC_control (the ratio's interval reflected)."""
+        r = self.icc_ratio(level)
+        return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
+                "ci_method": "profile"}
+
+    def lrt_equal_variances(self) -> dict:
+        """LRT of s_control^2 = s_feedback^2: the common-variance model is the random-intercept logistic
+        model on the therapist x arm blocks; chi2 with 1 df (interior null)."""
+        if "lrt" in self._profile_cache:
+            return self._profile_cache["lrt"]
+        m = self.model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eq = LogisticRandomInterceptModel(m.y, m.X, m.g, exog_names=m.exog_names,
+                                              method="agq" if m.n_quad > 1 else "laplace", n_quad=m.n_quad).fit()
+        stat = max(2.0 * (self.loglik - eq.loglik), 0.0)
+        out = {"statistic": float(stat), "df": 1, "p_value": float(stats.chi2.sf(stat, 1)),
+               "loglik_equal": float(eq.loglik)}
+        self._profile_cache["lrt"] = out
+        return out
+
+    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
+        """Wald intervals of the fixed effects, profile intervals of the two variances."""
+        z = stats.norm.ppf(0.5 + level / 2)
+        rows = {nm: (self.fe_params[nm] - z * self.bse[nm], self.fe_params[nm] + z * self.bse[nm])
+                for nm in self.exog_names}
+        for a, lv in enumerate(self.model.arm_levels):
+            rows[f"therapist[{lv}]"] = self.variance_interval(a, level)
+        return pd.DataFrame.from_dict(rows, orient="index", columns=["ci_low", "ci_high"])
+
+    # ------------------------------------------------------------------ therapists
+    def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = True) -> pd.DataFrame:
+        """One row per therapist x arm: caseload, observed rate, conditional mode of the effect (log-odds)
+        with its conditional SD (lme4 ``ranef``/``condVar``), interval and classification;
+        ``adjusted_mean`` is expit of the arm's mean linear predictor plus the therapist's effect."""
+        m = self.model
+        p = m.k_fe
+        sb = self.s[m.block_arm]
+        u = sb * self.modes
+        se = sb / np.sqrt(self.curvature)
+        z = stats.norm.ppf(0.5 + level / 2)
+        lo, hi = u - z * se, u + z * se
+        eta = m.X @ self.theta[:p]
+        arm_mean = np.array([eta[m.acode == a].mean() for a in range(2)])
+        raw = np.bincount(m.g, weights=m.y, minlength=m.n_blocks) / m.counts
+        return pd.DataFrame({
+            "therapist": m.therapist_labels[m.block_therapist],
+            "arm": [m.arm_levels[a] for a in m.block_arm],
+            "caseload": m.counts,
+            "raw_mean": raw,
+            "adjusted_mean": expit(arm_mean[m.block_arm] + u),
+            "effect": u,
+            "effect_se": se,
+            "ci_low": lo,
+            "ci_high": hi,
+            "classification": classify_effects(lo, hi, higher_is_better),
+        })
+
+    def summary(self) -> str:
+        icc = self.icc_point()
+        m = self.model
+        lines = [f"Arm-specific therapist variances, logistic ({self.method}); {self.n_obs} patients, "
+                 f"{self.n_therapists} therapists; control = {m.control_level}, feedback = {m.feedback_level}",
+                 f"log-likelihood {self.loglik:.4f}; converged {self.converged}; singular {self.singular}", ""]
+        for nm in self.exog_names:
+            lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
+        for nm, v in self.vcomp.items():
+            lines.append(f"{nm:<24}{v:>12.5f}")
+        lines.append(f"latent ICC control {icc[0]:.4f}; feedback {icc[1]:.4f}; ratio {self.ratio_point():.4f}")
+        return "\n".join(lines)
+
+    @_single_thread_blas
+    def to_contract(self, interval: str = "profile", n_boot: int = 0, seed=None) -> dict:
+        """The model's ``estimates.json`` entry: the gaussian arm model's keys, ICCs on the latent scale.
+
+        Only profile intervals are offered for the variances, ICCs and ratio (a ``bootstrap`` or
+        ``wald`` request is answered with profile intervals and a StatisticalWarning)."""
+        caught = list(self.warnings_list)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            if interval != "profile":
+                warnings.warn(f"binomial arm_variance: {interval!r} intervals are not offered for the variances,"
+                              " ICCs and ICC ratio; profile-likelihood intervals are reported instead",
+                              StatisticalWarning, stacklevel=2)
+            ci = self.conf_int(0.95)
+            icc = self.icc_by_arm(0.95)
+            ratio = self.icc_ratio(0.95)
+            red = self.icc_reduction(0.95)
+            lrt = self.lrt_equal_variances()
+        for w in rec:
+            caught.append(f"{w.category.__name__}: {w.message}")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        m = self.model
+        vc = {}
+        for nm, v in self.vcomp.items():
+            if nm == "residual":
+                vc[nm] = {"estimate": v, "ci_low": None, "ci_high": None}
+            else:
+                vc[nm] = {"estimate": v, "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+        return _jsonable({
+            "family": "binomial",
+            "method": self.method,
+            "fixed_effects": {nm: {"estimate": self.fe_params[nm], "se": self.bse[nm],
+                                   "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+                              for nm in self.exog_names},
+            "variance_components": vc,
+            "icc_by_arm": {lv: {"estimate": icc.loc[lv, "estimate"], "ci_low": icc.loc[lv, "ci_low"],
+                                "ci_high": icc.loc[lv, "ci_high"], "ci_method": "profile", "scale": "latent"}
+                           for lv in m.arm_levels},
+            "icc_ratio": ratio,
+            "icc_reduction": red,
+            "lrt_equal_variances": {"statistic": lrt["statistic"], "df": lrt["df"], "p_value": lrt["p_value"]},
+            "feedback_level": m.feedback_level,
+            "control_level": m.control_level,
+            "loglik": self.loglik,
+            "converged": self.converged,
+            "singular": self.singular,
+            "n_patients": self.n_obs,
+            "n_therapists": self.n_therapists,
+            "n_clusters": None,
+            "warnings": caught,
+        })
