@@ -86,7 +86,9 @@ def per_cluster_estimates(
     var_logit_icc`` (clamped as described in the module docstring) and, when ``arm`` is given, the
     arm-specific ICCs ``icc_control, icc_feedback, icc_ratio`` from
     :class:`~therapist_effects.arm.ArmVarianceModel` (NaN with a warning where a cluster's arm
-    model cannot be fitted, e.g. fewer than two therapists in an arm).
+    model cannot be fitted, e.g. fewer than two therapists in an arm). A cluster whose ICC cannot be
+    estimated (e.g. a single therapist) gets NaN estimates, ``estimable`` False and the reason in
+    ``not_estimable`` (with a :class:`StatisticalWarning`); the other clusters are fitted as usual.
     """
     for col in (outcome, therapist, cluster, *covariates, *([arm] if arm else [])):
         if col not in df.columns:
@@ -98,19 +100,31 @@ def per_cluster_estimates(
         if not keep:  # e.g. a covariate constant within this cluster: drop aliased columns
             q, r = np.linalg.qr(X)
             X = X[:, np.abs(np.diag(r)) > 1e-10 * np.abs(np.diag(r)).max()]
-        if d[therapist].nunique() < 2:
-            raise ModelError(f"cluster {label!r}: a random-intercept ICC needs at least two therapists")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SingularFitWarning)  # reported in the 'singular' column
-            fit = RandomInterceptModel(d[outcome].to_numpy(float), X, d[therapist].to_numpy()).fit()
-            icc = fit.icc()
-            ci_low, ci_high = fit.icc_interval(level=level, method="profile")
+        try:
+            if d[therapist].nunique() < 2:
+                raise ModelError("a random-intercept ICC needs at least two therapists")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SingularFitWarning)  # reported in the 'singular' column
+                fit = RandomInterceptModel(d[outcome].to_numpy(float), X, d[therapist].to_numpy()).fit()
+                icc = fit.icc()
+                ci_low, ci_high = fit.icc_interval(level=level, method="profile")
+        except ModelError as err:
+            # one cluster that cannot be estimated does not stop the others: reported, not pooled
+            warnings.warn(f"cluster {label!r}: ICC not estimable ({err})", StatisticalWarning, stacklevel=2)
+            row = {"cluster": label, "n_patients": int(len(d)), "n_therapists": int(d[therapist].nunique()),
+                   "icc": np.nan, "icc_ci_low": np.nan, "icc_ci_high": np.nan, "var_icc": np.nan,
+                   "logit_icc": np.nan, "var_logit_icc": np.nan, "singular": False,
+                   "estimable": False, "not_estimable": str(err)}
+            if arm is not None:
+                row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan)
+            rows.append(row)
+            continue
         n, k = fit.n_obs, fit.n_therapists
         var_icc = float(donner_var_icc(icc, n, k))
         yi, vi = logit_icc(icc, var_icc)
         row = {"cluster": label, "n_patients": n, "n_therapists": k, "icc": icc, "icc_ci_low": ci_low,
                "icc_ci_high": ci_high, "var_icc": var_icc, "logit_icc": float(yi), "var_logit_icc": float(vi),
-               "singular": bool(fit.singular)}
+               "singular": bool(fit.singular), "estimable": True, "not_estimable": ""}
         if arm is not None:
             row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan)
             try:
