@@ -428,8 +428,11 @@ def accounting(rows_read: int, rejects: pd.DataFrame) -> dict[str, Any]:
 class _Rejector:
     """Collects the first problem of each rejected row (by table position), vectorised."""
 
-    def __init__(self, n: int, patient: pd.Series, raw: pd.DataFrame, file_cols: dict[str, str]):
+    def __init__(self, n: int, patient: pd.Series, raw: pd.DataFrame, file_cols: dict[str, str],
+                 row_numbers: np.ndarray | None = None):
         self.n = n
+        self.row_numbers = (np.arange(_FIRST_ROW, n + _FIRST_ROW, dtype="int64") if row_numbers is None
+                            else np.asarray(row_numbers, dtype="int64"))
         self.patient = patient
         self.raw = raw
         self.file_cols = file_cols
@@ -474,7 +477,7 @@ class _Rejector:
                 "column": fcol, "value": shown, "reason": reasons.astype(object),
             }))
         df = pd.concat(pieces, ignore_index=True).sort_values("pos", kind="stable")
-        df.insert(0, "row", (df.pop("pos").to_numpy() + _FIRST_ROW).astype("int64"))
+        df.insert(0, "row", self.row_numbers[df.pop("pos").to_numpy()])
         return df[REJECT_COLUMNS].reset_index(drop=True)
 
 
@@ -512,10 +515,17 @@ class _Columns:
     occasion_kind: str | None = None
     arm_numeric: bool = False
     covariate_kinds: dict[str, str] = field(default_factory=dict)
+    rows: np.ndarray | None = None       # row number of each table row (default: position + 2)
+    decided: Mapping[str, Any] | None = None  # kinds decided over a whole file (streamed ingestion)
 
     @property
     def n(self) -> int:
         return len(self.raw)
+
+    def row_numbers(self) -> np.ndarray:
+        if self.rows is None:
+            return np.arange(_FIRST_ROW, self.n + _FIRST_ROW, dtype="int64")
+        return np.asarray(self.rows, dtype="int64")
 
 
 def _check_columns(present: Sequence[str], sp: _Spec, source: str) -> None:
@@ -560,6 +570,11 @@ def _empty_rows(cols: _Columns, rej: _Rejector) -> np.ndarray:
 def _decide_occasion(cols: _Columns, live: np.ndarray, sp: _Spec) -> None:
     """Is the occasion a session number or a date? Sets the kind and the parsed values."""
     t = cols.text["occasion"]
+    if cols.decided is not None:  # decided over the whole file (streamed ingestion)
+        cols.occasion_kind = cols.decided["occasion_kind"]
+        cols.occasion = (pd.Series(_numbers(t), index=t.index) if cols.occasion_kind == "number"
+                         else _parse_dates(t, sp.date_format))
+        return
     present = t.notna().to_numpy() & live
     m = int(present.sum())
     nums = _numbers(t)
@@ -624,6 +639,8 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
         num = _numbers(cols.text["arm"])
         present = cols.text["arm"].notna().to_numpy() & live
         cols.arm_numeric = bool(present.any()) and bool(np.isfinite(num[present]).all())
+        if cols.decided is not None:
+            cols.arm_numeric = bool(cols.decided["arm_numeric"])
         if cols.arm_numeric:
             cols.numbers["arm"] = num
         columns["arm"] = pa.Column(nullable=False)
@@ -633,7 +650,7 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
         t = cols.text[c]
         num = _numbers(t)
         present = t.notna().to_numpy() & live
-        declared = sp.covariate_types.get(c)
+        declared = sp.covariate_types.get(c) or (cols.decided or {}).get("covariate_kinds", {}).get(c)
         if declared is None:
             is_num = bool(present.any()) and bool(np.isfinite(num[present]).all())
             declared = "numeric" if is_num else "categorical"
@@ -680,7 +697,7 @@ def _typed_rows(cols: _Columns, sp: _Spec) -> pd.DataFrame:
     """Stage 4: every row with typed canonical columns (IDs text, scores numbers, occasions parsed)."""
     n = cols.n
     typed = pd.DataFrame(index=pd.RangeIndex(n))
-    typed["row"] = np.arange(_FIRST_ROW, n + _FIRST_ROW, dtype="int64")
+    typed["row"] = cols.row_numbers()
     typed["patient"] = cols.text["patient"]
     typed["therapist"] = cols.text["therapist"]
     if sp.layout == "session":
@@ -828,6 +845,8 @@ def ingest_frame(
     user_instruments: Mapping[str, Any] | None = None,
     today: _dt.date | str | None = None,
     name: str | None = None,
+    _rows: np.ndarray | None = None,
+    _decided: Mapping[str, Any] | None = None,
 ) -> IngestResult:
     """Validate an already-read table (see :func:`ingest_dataset`); ``source`` names it in errors.
 
@@ -846,10 +865,11 @@ def ingest_frame(
     raw = raw[_configured_columns(sp)]
 
     cols = _canonical_columns(raw, sp)
+    cols.rows, cols.decided = _rows, _decided
     n = cols.n
-    rej = _Rejector(n, cols.text["patient"], raw, cols.file_cols)
+    rej = _Rejector(n, cols.text["patient"], raw, cols.file_cols, _rows)
     live = _empty_rows(cols, rej)
-    if n and not live.any() or n == 0:
+    if (n and not live.any() or n == 0) and _decided is None:
         raise InputError(f"file {source} has no data rows (only a header"
                          + (f" and {n} empty row{'s' if n != 1 else ''})" if n else ")"))
     schema = _row_schema(cols, live, sp, instrument, today)
