@@ -99,6 +99,17 @@ def _long_header(tmp: Path) -> Path:
     return p
 
 
+def _million_empty_columns(tmp: Path) -> Path:
+    """The reviewer's file: 82 rows and 1.1 million empty extra columns (~90 MB)."""
+    p = tmp / "million.csv"
+    extra = "," * 1_100_000
+    with open(p, "w", encoding="utf-8") as fh:
+        fh.write("pid,tid,session,phq9" + extra + "\n")
+        for i in range(82):
+            fh.write(f"P{i // 2},T1,{i % 2 + 1},12" + extra + "\n")
+    return p
+
+
 def _late_bad_byte(tmp: Path) -> Path:
     p = tmp / "late.csv"
     body = (HEADER + GOOD_ROWS * 30000).encode()  # ~0.5 MB of good rows, then one bad byte
@@ -171,6 +182,8 @@ CASES = [
     Case("patient-header-only", "pid,tid,pre,post\n", spec=PATIENT, error=InputError, fragment="no data rows"),
     Case("too-wide", _rows(MAX_COLUMNS + 10), error=InputError, fragment=f"at most {MAX_COLUMNS} are supported"),
     Case("wide-but-allowed", _rows(5000), check=kept(4)),
+    Case("million-empty-columns", _million_empty_columns, error=InputError,
+         fragment=f"1100004 columns; at most {MAX_COLUMNS} are supported"),
     Case("one-huge-line", _long_header, error=InputError, fragment="the first line is longer than"),
     Case("blank-lines-before-header", "\n\n" + HEADER + GOOD_ROWS, check=kept(4)),
     Case("missing-column", "pid,tid,session,score\nA,T1,1,12\n", error=InputError,
@@ -299,6 +312,19 @@ def test_an_input_inside_an_output_folder_is_refused(tmp_path, where):
     with pytest.raises(ConfigError, match="lies inside the output folder"):
         check_paths(cfg, tmp_path)
     check_paths(load_config(_cfg(path="data/sessions.csv")), tmp_path)  # elsewhere: fine
+
+
+@pytest.mark.parametrize("target", ["directory", "missing"])
+def test_config_file_that_is_a_directory_or_missing_is_one_line(tmp_path, target):
+    # Snakemake itself reads --configfile before the Snakefile runs (a traceback we cannot catch
+    # there); `validate-config` gives the one line, as config/README.md says
+    path = tmp_path if target == "directory" else tmp_path / "nope.yaml"
+    proc = subprocess.run([sys.executable, "-m", "therapist_effects", "validate-config", str(path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "cannot read the config file" in lines[0]
 
 
 @pytest.mark.parametrize("key", ["", "a", "ab", "x" * (MIN_KEY_LENGTH - 1)])

@@ -97,6 +97,12 @@ def _csv_header(p: Path) -> tuple[list[str], str, int, int]:
     end = min((i for i in (head.find(b"\n"), head.find(b"\r")) if i >= 0), default=-1)
     if end < 0:
         if len(head) > MAX_HEADER_BYTES:
+            seps = max(head.count(c) for c in (b",", b";", b"\t", b"|"))
+            if seps >= MAX_COLUMNS:
+                raise InputError(
+                    f"cannot read {p}: the header has more than {MAX_COLUMNS} columns; at most {MAX_COLUMNS} "
+                    "are supported (check the delimiter and the export)"
+                )
             raise InputError(
                 f"cannot read {p}: the first line is longer than {MAX_HEADER_BYTES // (1 << 20)} MiB; "
                 "not a table with a header row"
