@@ -519,3 +519,38 @@ def test_workflow_writes_estimates_despite_a_one_therapist_cluster(tmp_path):
     solo_row = table[table["cluster"] == "SOLO"].iloc[0]
     assert not solo_row["estimable"] and "two therapists" in solo_row["not_estimable"]
     assert est["meta"]["n_clusters"] == 4 and est["meta"]["n_clusters_pooled"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# internal outputs are marked; the service report is the one to share; provenance says what it is
+# --------------------------------------------------------------------------------------------------
+def test_research_report_is_marked_internal_and_service_report_shareable(tmp_path, monkeypatch):
+    from test_report_inputs import simulated_inputs
+
+    from therapist_effects.report import research_report, service_report
+
+    monkeypatch.setenv("TE_PSEUDONYM_KEY", GOOD_KEY)
+    inp = simulated_inputs()
+    research = research_report(inp["estimates"], inp["patients"], inp["therapists"], inp["rejects"],
+                               tmp_path / "report.html").read_text(encoding="utf-8")
+    service = service_report(inp["estimates"], inp["patients"], inp["therapists"],
+                             tmp_path / "therapist_report.html").read_text(encoding="utf-8")
+    assert 'class="internal-banner"' in research and "INTERNAL: not for circulation" in research
+    assert research.index('class="internal-banner"') < research.index("<h1>")  # first thing on the page
+    assert 'class="internal-banner"' not in service and 'id="shareable"' in service and "Shareable" in service
+    for caption, word in [("research_report.rst", "Internal: not for circulation"),
+                          ("therapists.rst", "Internal: not for circulation"),
+                          ("therapist_report.rst", "Shareable")]:
+        assert (REPO / "workflow" / "report" / caption).read_text().startswith(f"**{word}")
+
+
+def test_provenance_command_is_labelled_a_suggestion():
+    from therapist_effects.models import assemble_estimates
+
+    cfg = load_config(_cfg(path=str(REPO / "data" / "demo_sessions.csv")))
+    patients = pd.DataFrame({"patient": ["a", "b"], "therapist": ["x", "y"], "end": [1.0, 2.0]})
+    acc = {"rows_read": 2, "rows_used": 2, "rows_rejected": 0, "rejected_by_reason": {}}
+    est = assemble_estimates("d", cfg["datasets"]["d"], cfg, acc, patients, {}, {}, configfiles=["/x/my.yaml"])
+    prov = est["provenance"]
+    assert prov["command"] == "snakemake --cores 2 --configfile /x/my.yaml"  # unchanged field
+    assert "suggested command" in prov["command_note"] and "not a record" in prov["command_note"]
