@@ -185,8 +185,28 @@ def _text(s: pd.Series) -> pd.Series:
     return t.mask(missing)
 
 
+def _by_distinct(t: pd.Series, fn, fill):
+    """``fn`` applied to the distinct values of a long text column and spread back (exports repeat
+    their scores, dates, arms and labels many times); ``fill`` where a cell is missing."""
+    if len(t) < 20000:
+        return None
+    codes, uniq = pd.factorize(t, use_na_sentinel=True)
+    if len(uniq) * 4 > len(t):
+        return None
+    vals = fn(pd.Series(np.asarray(uniq, dtype=object), dtype=_TEXT))
+    vals = np.asarray(vals)
+    out = np.empty(len(t), dtype=vals.dtype)
+    out[:] = fill
+    has = codes >= 0
+    out[has] = vals[codes[has]]
+    return out
+
+
 def _numbers(t: pd.Series) -> np.ndarray:
     """Numeric value of each text cell (float); NaN for missing and non-numbers; +-inf kept."""
+    spread = _by_distinct(t, _numbers, np.nan)
+    if spread is not None:
+        return spread.astype(float, copy=False)
     import pyarrow as pyarrow_
     import pyarrow.compute as pc
 
@@ -203,6 +223,9 @@ def _parse_dates(t: pd.Series, date_format: str | None) -> pd.Series:
     Text is read as ISO 8601 (``2023-01-05``, ``2023-01-05 14:00``) or, failing that, with
     ``date_format``; numbers are not dates.
     """
+    spread = _by_distinct(t, lambda u: _parse_dates(u, date_format).to_numpy(), np.datetime64("NaT", "us"))
+    if spread is not None:
+        return pd.Series(spread, index=t.index, dtype="datetime64[us]")
     iso = t.str.match(_ISO_RE).fillna(False).to_numpy(dtype=bool)
     out = pd.Series(pd.NaT, index=t.index, dtype="datetime64[us]")
     if iso.any():
@@ -768,14 +791,28 @@ def _shared_patient_ids(typed: pd.DataFrame, rej: _Rejector, notes: list[str]) -
         )
 
 
+def _varying(current: pd.DataFrame, col: str) -> np.ndarray:
+    """Rows of ``current`` whose patient has more than one distinct value of ``col`` (on integer codes)."""
+    if not len(current):
+        return np.zeros(0, dtype=bool)
+    pcode = pd.factorize(current["patient"])[0] if "_pcode" not in current.columns else \
+        current["_pcode"].to_numpy()
+    vcode = pd.factorize(current[col])[0]
+    n_pat = int(pcode.max()) + 1
+    lo = np.full(n_pat, np.iinfo(np.int64).max)
+    hi = np.full(n_pat, -1)
+    np.minimum.at(lo, pcode, vcode)
+    np.maximum.at(hi, pcode, vcode)
+    return (hi > lo)[pcode]
+
+
 def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list[str]) -> None:
     """Stage 5c (session layout): patients seen by more than one therapist, recoded or rejected."""
     current = typed.loc[~rej.rejected]
-    n_ther = current.groupby("patient", sort=False)["therapist"].nunique()
-    multi = n_ther[n_ther > 1].index
-    if not len(multi):
+    multi = _varying(current, "therapist")
+    if not multi.any():
         return
-    sub = current[current["patient"].isin(multi)].sort_values(["patient", "occasion", "row"], kind="stable")
+    sub = current[multi].sort_values(["patient", "occasion", "row"], kind="stable")
     recoded = 0
     for pid, g in sub.groupby("patient", sort=True):
         counts = g["therapist"].value_counts()
@@ -801,27 +838,23 @@ def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list
 def _arm_changes(typed: pd.DataFrame, rej: _Rejector) -> None:
     """Stage 5d (session layout): a patient whose arm changes between sessions (all their rows)."""
     current = typed.loc[~rej.rejected]
-    n_arm = current.groupby("patient", sort=False)["arm"].nunique()
-    changing = n_arm[n_arm > 1].index
-    if not len(changing):
+    changing = _varying(current, "arm")
+    if not changing.any():
         return
-    sub = current[current["patient"].isin(changing)].sort_values(["patient", "occasion", "row"],
-                                                                   kind="stable")
+    sub = current[changing].sort_values(["patient", "occasion", "row"], kind="stable")
     for _, g in sub.groupby("patient", sort=True):
         seq = " -> ".join(_fmt_value(v) for v in pd.unique(g["arm"]))
         rej.add(g.index.to_numpy(), "arm", f"arm changes between sessions ({seq})")
 
 
 def _kept_rows(typed: pd.DataFrame, rej: _Rejector, cols: _Columns) -> pd.DataFrame:
-    """Stage 6: the rows kept, IDs as object strings and a 0/1-style numeric arm as integers."""
+    """Stage 6: the rows kept, IDs and labels as text (pandas' ``str`` dtype, as Parquet gives them
+    back) and a 0/1-style numeric arm as integers."""
     rows = typed.loc[~rej.rejected].reset_index(drop=True)
     if "arm" in rows.columns and cols.arm_numeric:
         a = rows["arm"].to_numpy(dtype=float)
         if len(a) and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**53):
             rows["arm"] = a.astype("int64")
-    for c in rows.columns:
-        if rows[c].dtype == _TEXT:
-            rows[c] = _object_text(rows[c])
     return rows
 
 
