@@ -25,7 +25,7 @@ Reject reasons and their order
 ------------------------------
 Each rejected row gets exactly one reject line: the *first* problem found, in this order:
 
-1. ``empty row`` (every cell missing);
+1. ``empty row`` (every configured cell missing: only the configured columns are read);
 2. row checks, column by column in the order patient, therapist, occasion, score (session layout)
    or outcome, baseline (patient layout), arm, cluster, covariates; within a column: ``missing
    patient ID`` / ``missing therapist ID`` / ``missing value``, then ``not a number``, ``not a
@@ -244,11 +244,6 @@ def _parse_dates(t: pd.Series, date_format: str | None) -> pd.Series:
                 other = other.dt.tz_convert("UTC").dt.tz_localize(None)
             out[rest] = other.astype("datetime64[us]")
     return out
-
-
-def _object_text(t: pd.Series) -> pd.Series:
-    """Text series as plain object strings (NaN for missing), as the rows table holds IDs."""
-    return t.astype(object).where(t.notna(), np.nan)
 
 
 def reason_category(reason: str) -> str:
