@@ -87,3 +87,32 @@ def test_streamed_errors_match(tmp_path):
     with pytest.raises(ConfigError) as streamed:
         ingest_patients_streamed(path, arm_spec, partitions=3, batch_rows=1)
     assert str(streamed.value) == str(mem.value)
+
+
+def test_workflow_steps_stream_large_exports_with_the_same_outputs(tmp_path, monkeypatch):
+    """ingest_step + outcomes_step write the same patient table, rejects and accounting whether the
+    export is ingested in memory or streamed (the workflow streams files over STREAM_BYTES)."""
+    import yaml
+
+    from therapist_effects import pipeline
+    from therapist_effects.config import load_config
+
+    sessions, _ = simulate_practice(PracticeSimulation(n_services=2, therapists_per_service=6, mean_caseload=10,
+                                                       seed=4))
+    data = tmp_path / "s.csv"
+    inject_data_errors(sessions, seed=4).to_csv(data, index=False)
+    cfg = load_config({"datasets": {"d": {**DEMO_SPEC, "path": str(data)}}})
+    ds = cfg["datasets"]["d"]
+    outs = {}
+    for mode, limit in (("memory", 1 << 40), ("streamed", 0)):
+        monkeypatch.setattr(pipeline, "STREAM_BYTES", limit)
+        d = tmp_path / mode
+        pipeline.ingest_step(str(data), ds, cfg, str(d / "v.parquet"), str(d / "ir.csv"), str(d / "i.json"))
+        pipeline.outcomes_step(str(d / "v.parquet"), str(d / "ir.csv"), str(d / "i.json"), ds, cfg,
+                               str(d / "p.parquet"), str(d / "p.csv"), str(d / "r.csv"), str(d / "a.json"))
+        outs[mode] = d
+    assert yaml.safe_load((outs["streamed"] / "i.json").read_text())["streamed"] is True
+    for f in ("p.csv", "r.csv", "a.json"):
+        assert (outs["memory"] / f).read_bytes() == (outs["streamed"] / f).read_bytes(), f
+    pd.testing.assert_frame_equal(pd.read_parquet(outs["memory"] / "p.parquet"),
+                                  pd.read_parquet(outs["streamed"] / "p.parquet"), check_dtype=False)

@@ -133,13 +133,46 @@ def _check_model_outcomes(cfg: dict, dataset: dict, data_path: str) -> None:
         )
 
 
+#: CSV / Parquet exports larger than this are ingested streamed, in bounded memory
+#: (:mod:`therapist_effects.stream`): the ingest step then writes the per-patient table itself.
+STREAM_BYTES = 512 * 1024 * 1024
+
+
+def _ingest_streamed(data_path: str, spec: dict, cfg: dict, out_rows: str, out_rejects: str,
+                     out_summary: str) -> None:
+    from .outcomes import write_rejects
+    from .stream import ingest_patients_streamed
+
+    Path(out_rows).parent.mkdir(parents=True, exist_ok=True)
+    res = ingest_patients_streamed(data_path, spec, user_instruments=cfg.get("instruments") or {},
+                                   workdir=str(Path(out_rows).parent))
+    res.patients.to_parquet(out_rows, index=False)  # already one row per patient
+    write_rejects(res.rejects, out_rejects)
+    acc = res.accounting
+    write_json({"rows_read": int(res.rows_read), "rows_valid": int(acc["rows_used"]),
+                "rows_rejected": int(acc["rows_rejected"]), "notes": list(res.notes), "streamed": True,
+                "partitions": int(res.partitions)}, out_summary)
+    log.info("streamed %d rows from %s in %d partitions: %d patients, %d rows rejected", res.rows_read, data_path,
+             res.partitions, len(res.patients), acc["rows_rejected"])
+    for note in res.notes:
+        log.info("note: %s", note)
+
+
 def ingest_step(data_path: str, dataset: dict, cfg: dict, out_rows: str, out_rejects: str, out_summary: str) -> None:
-    """Read and validate one dataset; write the valid rows (Parquet), the rejects and a summary."""
+    """Read and validate one dataset; write the valid rows (Parquet), the rejects and a summary.
+
+    Exports over :data:`STREAM_BYTES` are streamed: ``out_rows`` then holds the per-patient table
+    (and the summary says ``streamed``), which the outcomes step passes through.
+    """
     from .ingest import ingest_dataset
     from .outcomes import write_rejects
 
     _check_model_outcomes(cfg, dataset, data_path)
     spec = _ingest_spec(cfg, dataset)
+    if Path(data_path).suffix.lower() in (".csv", ".parquet") and Path(data_path).is_file() \
+            and Path(data_path).stat().st_size > STREAM_BYTES:
+        _ingest_streamed(data_path, spec, cfg, out_rows, out_rejects, out_summary)
+        return
     result = ingest_dataset(data_path, spec, user_instruments=cfg.get("instruments") or {})
     Path(out_rows).parent.mkdir(parents=True, exist_ok=True)
     result.rows.to_parquet(out_rows, index=False)
@@ -161,13 +194,18 @@ def outcomes_step(
     from .instruments import get_instrument
     from .outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
+    with open(ingest_summary, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    rows_read = summary["rows_read"]
     rows = pd.read_parquet(rows_path)
     instrument = get_instrument(dataset["instrument"], cfg.get("instruments") or {}) if dataset.get("instrument") else None
-    patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
     rejects1 = pd.read_csv(ingest_rejects, dtype={"patient": str, "value": str})
-    rejects = pd.concat([rejects1, rejects2], ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
-    with open(ingest_summary, encoding="utf-8") as fh:
-        rows_read = json.load(fh)["rows_read"]
+    if summary.get("streamed"):  # the streamed ingest derived the patients (and all rejects) already
+        patients, rejects = rows, rejects1
+    else:
+        patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
+        rejects = pd.concat([rejects1, rejects2], ignore_index=True)
+    rejects = rejects.sort_values("row", kind="stable").reset_index(drop=True)
     acc = accounting(rows_read, rejects)
     if acc["rows_used"] + acc["rows_rejected"] != acc["rows_read"]:
         raise AssertionError(f"row accounting broken: {acc}")
