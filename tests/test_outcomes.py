@@ -252,7 +252,8 @@ def test_csv_escapes_formula_cells_but_not_numbers(tmp_path):
     pq, csv = tmp_path / "out" / "patients.parquet", tmp_path / "out" / "patients.csv"
     write_patient_outputs(patients, pq, csv)
     back = pd.read_csv(csv, dtype={"patient": str}, keep_default_na=False)
-    assert back["patient"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'-2", "'@SUM(A1)",
+    # text that is a plain number ("+1", "-2") is not a formula and is left as it is (issue 10, item 8)
+    assert back["patient"].tolist() == ["'=HYPERLINK(\"x\")", "+1", "-2", "'@SUM(A1)",
                                         "'\tA", "'\rB", "ok", "a=b"]
     assert back["change"].tolist() == [-3.0, 1.0, -0.5, 2.0, 0.0, 1.0, -1.0, 4.0]
     assert back["n_sessions"].tolist()[-1] == -1
@@ -265,5 +266,6 @@ def test_write_rejects_escapes_user_text(tmp_path):
                             "value": ["-1"], "reason": ["out of range (PHQ-9: 0-27)"]})
     write_rejects(rejects, tmp_path / "rejects.csv")
     back = pd.read_csv(tmp_path / "rejects.csv", dtype=str)
-    assert back.loc[0, "patient"].startswith("'=") and back.loc[0, "value"] == "'-1"
+    # the formula is neutralised; the plain number -1 is not (issue 10, item 8)
+    assert back.loc[0, "patient"].startswith("'=") and back.loc[0, "value"] == "-1"
     assert back.loc[0, "row"] == "3"

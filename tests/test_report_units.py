@@ -36,12 +36,15 @@ def test_interval_uses_the_estimates_decimals():
 
 
 def test_safe_csv_neutralises_formula_text_but_not_numbers(tmp_path):
-    df = pd.DataFrame({"id": ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\ry", "ok", "a=b"],
-                       "value": [-1.5, 2, -3, 4, 5, 6, 7, 8]})
+    df = pd.DataFrame({"id": ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\ry", "ok", "a=b", "-2+3", "+1.5e3"],
+                       "value": [-1.5, 2, -3, 4, 5, 6, 7, 8, 9, 10]})
     out = pd.read_csv(safe_csv(df, tmp_path / "x.csv"), dtype={"id": str}, keep_default_na=False)
-    assert out["id"].tolist() == ["'=1+1", "'+cmd", "'-2", "'@SUM(A1)", "'\tx", "'\ry", "ok", "a=b"]
-    assert out["value"].tolist() == [-1.5, 2, -3, 4, 5, 6, 7, 8]  # numbers, negative ones too, untouched
-    assert neutralise(-3) == -3 and neutralise("-3") == "'-3"
+    # text that is a plain number ("-2", "+1.5e3") is a number to a spreadsheet, not a formula: left as
+    # it is (issue 10, item 8); "-2+3" is a formula and is neutralised
+    assert out["id"].tolist() == ["'=1+1", "'+cmd", "-2", "'@SUM(A1)", "'\tx", "'\ry", "ok", "a=b", "'-2+3",
+                                  "+1.5e3"]
+    assert out["value"].tolist() == [-1.5, 2, -3, 4, 5, 6, 7, 8, 9, 10]  # numbers, negative ones too, untouched
+    assert neutralise(-3) == -3 and neutralise("-3") == "-3" and neutralise("-3-cmd") == "'-3-cmd"
 
 
 def test_pseudonym_is_hmac_sha256_rfc4231_test_case_2():

@@ -30,7 +30,9 @@ def simulate_demo(out: str | Path, truth_out: str | Path | None = None) -> None:
     sessions = inject_data_errors(sessions, seed=DEMO_SEED)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sessions.to_csv(out, index=False, lineterminator="\n")
+    from .csvsafe import safe_csv
+
+    safe_csv(sessions, out, lineterminator="\n")
     if truth_out:
         Path(truth_out).write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

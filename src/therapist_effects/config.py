@@ -123,6 +123,9 @@ def load_config(config: dict | str | Path, *, source: str | None = None) -> dict
         )
     _check_datasets(cfg, source)
     _check_models(cfg, source, explicit_models)
+    from .safety import check_dataset_names
+
+    check_dataset_names(cfg, source)
     return cfg
 
 

@@ -2,24 +2,29 @@
 
 A text cell that begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is run as a
 formula by Excel, LibreOffice and Google Sheets. :func:`safe_csv` prefixes such text cells with a
-single quote (OWASP's advice); numbers, including negative ones, are written unchanged.
+single quote (OWASP's advice); numbers, including negative ones, are written unchanged, and so is
+text that is a plain number (``-2``, ``+1.5``, ``-1e3``: a spreadsheet reads it as that number, not
+as a formula). Every CSV the package writes goes through :func:`safe_csv`.
 """
 
 from __future__ import annotations
 
 import csv
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 DANGEROUS_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def neutralise(value: Any) -> Any:
-    """``value`` with a leading single quote if it is text that a spreadsheet would run as a formula."""
-    if isinstance(value, str) and value.startswith(DANGEROUS_PREFIXES):
+    """``value`` with a leading single quote if it is text that a spreadsheet would run as a formula
+    (text that is a plain number, such as ``-2``, is left as it is)."""
+    if isinstance(value, str) and value.startswith(DANGEROUS_PREFIXES) and not _PLAIN_NUMBER.fullmatch(value):
         return "'" + value
     return value
 

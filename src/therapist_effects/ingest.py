@@ -25,7 +25,7 @@ Reject reasons and their order
 ------------------------------
 Each rejected row gets exactly one reject line: the *first* problem found, in this order:
 
-1. ``empty row`` (every cell missing);
+1. ``empty row`` (every configured cell missing: only the configured columns are read);
 2. row checks, column by column in the order patient, therapist, occasion, score (session layout)
    or outcome, baseline (patient layout), arm, cluster, covariates; within a column: ``missing
    patient ID`` / ``missing therapist ID`` / ``missing value``, then ``not a number``, ``not a
@@ -55,9 +55,7 @@ every non-missing value is a number, else categorical).
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +69,7 @@ from pandera.errors import SchemaErrors
 
 from .exceptions import ConfigError, DataWarning, InputError
 from .instruments import Instrument, get_instrument
+from .readers import check_unique, read_columns, read_header
 
 __all__ = [
     "IngestResult",
@@ -86,7 +85,6 @@ __all__ = [
 REJECT_COLUMNS = ["row", "patient", "column", "value", "reason"]
 
 _NA_TOKENS = {"", "na", "n/a", "nan", "null", "#n/a", "<na>", "nat"}
-_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".xlsx": "excel", ".xlsm": "excel", ".xls": "excel"}
 _ROLES = ("patient", "therapist", "outcome", "baseline", "score", "occasion", "arm", "cluster",
           "ending", "covariates")
 _DEFAULT_DROPOUT = ("dropout", "dropped out", "unilateral")
@@ -97,6 +95,11 @@ _FIRST_ROW = 2  # header is row 1
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
+_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)
+_NUMBER_RE = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity)"
+_ISO_RE = r"^\d{4}-\d{1,2}-\d{1,2}([ T].*)?$"
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -131,49 +134,6 @@ def _is_missing_scalar(v: Any) -> bool:
         return False
 
 
-def _clean_value(v: Any) -> Any:
-    if isinstance(v, str):
-        t = v.strip()
-        return np.nan if t.casefold() in _NA_TOKENS else t
-    return np.nan if _is_missing_scalar(v) else v
-
-
-def _clean(s: pd.Series) -> pd.Series:
-    """Object series: strings stripped, missing tokens and blanks -> NaN, other values unchanged."""
-    return pd.Series([_clean_value(v) for v in s.to_numpy(dtype=object)], index=s.index,
-                     dtype=object)
-
-
-def _missing(s: pd.Series) -> pd.Series:
-    return pd.Series([v is None or (isinstance(v, float) and math.isnan(v))
-                      for v in s.to_numpy(dtype=object)], index=s.index, dtype=bool)
-
-
-def _number_or_nan(v: Any) -> float:
-    if isinstance(v, (bool, np.bool_)):
-        return math.nan
-    if isinstance(v, (int, float, np.integer, np.floating)):
-        try:
-            return float(v)
-        except OverflowError:
-            return math.inf if v > 0 else -math.inf
-    if isinstance(v, str):
-        t = v.strip()
-        if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity)", t, re.I):
-            return math.nan
-        try:
-            return float(t)
-        except (ValueError, OverflowError):
-            return math.nan
-    return math.nan
-
-
-def _to_number(s: pd.Series) -> pd.Series:
-    """Numeric value of each cell (float); NaN for missing and non-numbers; +-inf kept."""
-    return pd.Series([_number_or_nan(v) for v in s.to_numpy(dtype=object)], index=s.index,
-                     dtype=float)
-
-
 def _id_text(v: Any) -> Any:
     """An ID as text: strings as written, integer-valued numbers without '.0'."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -192,47 +152,97 @@ def _id_text(v: Any) -> Any:
     return " ".join(str(v).split())
 
 
-def _to_text(s: pd.Series) -> pd.Series:
-    return pd.Series([_id_text(v) for v in s.to_numpy(dtype=object)], index=s.index, dtype=object)
+def _text(s: pd.Series) -> pd.Series:
+    """Every cell as stripped text (pandas ``str`` dtype), NaN where missing.
 
-
-def _parse_dates(s: pd.Series, date_format: str | None) -> pd.Series:
-    """Dates (naive, UTC for zoned values) of each cell; NaT where missing or unparseable.
-
-    Strings are read as ISO 8601 (``2023-01-05``, ``2023-01-05 14:00``) or, failing that, with
-    ``date_format``; date/datetime objects (Excel date cells, Parquet timestamps) are taken as
-    they are; numbers are not dates.
+    Text is taken as written; numbers as :func:`_id_text` writes them (7.0 -> "7"); dates and
+    timestamps in ISO form. Vectorised for text columns (every CSV column) and typed columns;
+    a loop only for mixed-type object columns (Excel, in-memory tables).
     """
-    out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us]")
-    values = s.to_numpy(dtype=object)
-    is_str = np.array([isinstance(v, str) for v in values], dtype=bool)
-    is_dt = np.array(
-        [isinstance(v, (_dt.date, np.datetime64)) and not pd.isna(v) for v in values], dtype=bool
-    )
-    if is_dt.any():
-        parsed = []
-        for v in values[is_dt]:
-            try:
-                ts = pd.Timestamp(v)
-                if ts.tzinfo is not None:
-                    ts = ts.tz_convert("UTC").tz_localize(None)
-                parsed.append(ts.as_unit("us"))
-            except (ValueError, OverflowError, TypeError):
-                parsed.append(pd.NaT)
-        out[is_dt] = parsed
-    if is_str.any():
-        sub = pd.Series(values[is_str], index=s.index[is_str], dtype=object)
-        iso = sub.where(sub.str.match(r"^\d{4}-\d{1,2}-\d{1,2}([ T].*)?$"), None)
-        parsed = pd.to_datetime(iso, format="ISO8601", errors="coerce", utc=True)
-        parsed = parsed.dt.tz_localize(None).astype("datetime64[us]")
-        if date_format is not None:
-            rest = parsed.isna()
-            if rest.any():
-                other = pd.to_datetime(sub[rest], format=date_format, errors="coerce")
-                if getattr(other.dt, "tz", None) is not None:
-                    other = other.dt.tz_convert("UTC").dt.tz_localize(None)
-                parsed[rest] = other.astype("datetime64[us]")
-        out[is_str] = parsed
+    if s.dtype == _TEXT:
+        t = s
+    elif pd.api.types.is_bool_dtype(s.dtype):
+        t = s.map(_id_text, na_action="ignore").astype(_TEXT)
+    elif pd.api.types.is_integer_dtype(s.dtype):
+        t = s.astype("Int64").astype(_TEXT) if s.hasnans else s.astype(_TEXT)
+    elif pd.api.types.is_float_dtype(s.dtype):
+        f = s.to_numpy(dtype=float, na_value=np.nan)
+        whole = np.isfinite(f) & (np.abs(f) < 1e15) & (np.floor(f) == f)
+        out = np.full(len(f), np.nan, dtype=object)
+        out[whole] = f[whole].astype(np.int64).astype(str)
+        other = ~whole & ~np.isnan(f)
+        out[other] = [repr(float(v)) for v in f[other]]
+        t = pd.Series(out, index=s.index, dtype=_TEXT)
+    elif pd.api.types.is_datetime64_any_dtype(s.dtype):
+        t = s.astype(str).where(s.notna()).astype(_TEXT)
+    elif s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) in ("string", "empty"):
+        t = s.astype(_TEXT)
+    else:
+        t = pd.Series([_id_text(v) if not _is_missing_scalar(v) else np.nan
+                       for v in s.to_numpy(dtype=object)], index=s.index, dtype=_TEXT)
+    t = t.str.strip()
+    missing = t.isna() | t.str.lower().isin(sorted(_NA_TOKENS))
+    return t.mask(missing)
+
+
+def _by_distinct(t: pd.Series, fn, fill):
+    """``fn`` applied to the distinct values of a long text column and spread back (exports repeat
+    their scores, dates, arms and labels many times); ``fill`` where a cell is missing."""
+    if len(t) < 20000:
+        return None
+    codes, uniq = pd.factorize(t, use_na_sentinel=True)
+    if len(uniq) * 4 > len(t):
+        return None
+    vals = fn(pd.Series(np.asarray(uniq, dtype=object), dtype=_TEXT))
+    vals = np.asarray(vals)
+    out = np.empty(len(t), dtype=vals.dtype)
+    out[:] = fill
+    has = codes >= 0
+    out[has] = vals[codes[has]]
+    return out
+
+
+def _numbers(t: pd.Series) -> np.ndarray:
+    """Numeric value of each text cell (float); NaN for missing and non-numbers; +-inf kept."""
+    spread = _by_distinct(t, _numbers, np.nan)
+    if spread is not None:
+        return spread.astype(float, copy=False)
+    import pyarrow as pyarrow_
+    import pyarrow.compute as pc
+
+    ok = t.str.fullmatch(_NUMBER_RE, case=False).fillna(False).to_numpy(dtype=bool)
+    if not ok.any():
+        return np.full(len(t), np.nan)
+    arr = pyarrow_.array(t.where(ok).array)
+    return pc.cast(arr, pyarrow_.float64()).to_numpy(zero_copy_only=False).astype(float, copy=False)
+
+
+def _parse_dates(t: pd.Series, date_format: str | None) -> pd.Series:
+    """Dates (naive; zoned values in UTC) of each text cell; NaT where missing or unparseable.
+
+    Text is read as ISO 8601 (``2023-01-05``, ``2023-01-05 14:00``) or, failing that, with
+    ``date_format``; numbers are not dates.
+    """
+    spread = _by_distinct(t, lambda u: _parse_dates(u, date_format).to_numpy(), np.datetime64("NaT", "us"))
+    if spread is not None:
+        return pd.Series(spread, index=t.index, dtype="datetime64[us]")
+    iso = t.str.match(_ISO_RE).fillna(False).to_numpy(dtype=bool)
+    out = pd.Series(pd.NaT, index=t.index, dtype="datetime64[us]")
+    if iso.any():
+        sub = t[iso]
+        plain = pd.to_datetime(sub, format="%Y-%m-%d", errors="coerce").astype("datetime64[us]")
+        rest = plain.isna().to_numpy()
+        if rest.any():
+            other = pd.to_datetime(sub[rest], format="ISO8601", errors="coerce", utc=True)
+            plain[rest] = other.dt.tz_localize(None).astype("datetime64[us]")
+        out[iso] = plain
+    if date_format is not None:
+        rest = out.isna().to_numpy() & t.notna().to_numpy()
+        if rest.any():
+            other = pd.to_datetime(t[rest], format=date_format, errors="coerce")
+            if getattr(other.dt, "tz", None) is not None:
+                other = other.dt.tz_convert("UTC").dt.tz_localize(None)
+            out[rest] = other.astype("datetime64[us]")
     return out
 
 
@@ -244,83 +254,19 @@ def reason_category(reason: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # reading files
 # ------------------------------------------------------------------------------------------------
-def _drop_trailing_empty(df: pd.DataFrame) -> pd.DataFrame:
-    if df.empty:
-        return df
-    empty = np.ones(len(df), dtype=bool)
-    for col in df.columns:
-        empty &= _missing(_clean(df[col])).to_numpy()
-    nonempty = np.flatnonzero(~empty)
-    keep = 0 if nonempty.size == 0 else int(nonempty[-1]) + 1
-    return df.iloc[:keep].reset_index(drop=True)
-
-
-def _read_csv(p: Path) -> pd.DataFrame:
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"cannot read {p}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "save the file as CSV UTF-8"
-        ) from None
-    if not text.strip():
-        raise InputError(f"cannot read {p}: the file is empty")
-    first = text.lstrip("\r\n").splitlines()[0]
-    sep = ","
-    if "," not in first:
-        for cand in (";", "\t", "|"):
-            if cand in first:
-                sep = cand
-                break
-    with warnings.catch_warnings():
-        # a data row with more fields than the header would otherwise be silently truncated
-        warnings.simplefilter("error", pd.errors.ParserWarning)
-        return pd.read_csv(
-            io.StringIO(text),
-            sep=sep,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[""],
-            skip_blank_lines=False,
-            index_col=False,
-        )
-
-
-def read_table(path: str | Path, *, sheet: str | int | None = None) -> pd.DataFrame:
+def read_table(path: str | Path, *, sheet: str | int | None = None,
+               columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a CSV, Parquet or Excel (.xlsx/.xlsm; .xls needs the xlrd package) export.
 
     Values are returned as the file holds them: every CSV cell as text (so IDs such as "007" keep
     their leading zeros; ingestion converts scores to numbers), Excel cells as their typed values
     (text, number, date), Parquet columns with their stored types. ``sheet`` selects an Excel
-    sheet by name or 0-based index (default: the first). Column names are stripped of surrounding
-    blanks; blank rows at the end of the table are dropped. Any failure to read raises
-    :class:`InputError` with one line naming the file.
+    sheet by name or 0-based index (default: the first); ``columns`` reads only these columns
+    (names as :func:`therapist_effects.readers.read_header` gives them). Column names are stripped
+    of surrounding blanks; blank rows at the end of the table are dropped. Any failure to read,
+    duplicate column names included, raises :class:`InputError` with one line naming the file.
     """
-    p = Path(path)
-    kind = _EXTENSIONS.get(p.suffix.lower())
-    if kind is None:
-        raise InputError(
-            f"cannot read {p}: unknown file type '{p.suffix}'; expected .csv, .parquet, .xlsx or .xls"
-        )
-    if not p.is_file():
-        raise InputError(f"cannot read {p}: no such file")
-    try:
-        if kind == "csv":
-            df = _read_csv(p)
-        elif kind == "parquet":
-            df = pd.read_parquet(p)
-        else:
-            df = pd.read_excel(p, sheet_name=0 if sheet is None else sheet, dtype=object)
-    except InputError:
-        raise
-    except ImportError as err:
-        raise InputError(f"cannot read {p}: {_one_line(err)}") from None
-    except Exception as err:  # any parser failure becomes one line naming the file
-        raise InputError(f"cannot read {p}: {type(err).__name__}: {_one_line(err)}") from None
-    df = df.reset_index(drop=True)
-    df.columns = [" ".join(str(c).split()) for c in df.columns]
-    return _drop_trailing_empty(df)
+    return read_columns(path, columns, sheet=sheet)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,89 +441,428 @@ def accounting(rows_read: int, rejects: pd.DataFrame) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# validation
+# validation, stage by stage
 # ------------------------------------------------------------------------------------------------
 class _Rejector:
-    """Collects the first problem of each rejected row (by table position)."""
+    """Collects the first problem of each rejected row (by table position), vectorised."""
 
-    def __init__(self, canon: pd.DataFrame, raw: pd.DataFrame, file_cols: dict[str, str]):
-        self.canon = canon
+    def __init__(self, n: int, patient: pd.Series, raw: pd.DataFrame, file_cols: dict[str, str],
+                 row_numbers: np.ndarray | None = None):
+        self.n = n
+        self.row_numbers = (np.arange(_FIRST_ROW, n + _FIRST_ROW, dtype="int64") if row_numbers is None
+                            else np.asarray(row_numbers, dtype="int64"))
+        self.patient = patient
         self.raw = raw
         self.file_cols = file_cols
-        self.lines: dict[int, dict[str, Any]] = {}
+        self.rejected = np.zeros(n, dtype=bool)
+        self._parts: list[tuple[np.ndarray, str, np.ndarray, np.ndarray | None]] = []
 
-    def add(self, pos: int, column: str, reason: str, value: Any | None = None) -> None:
-        if pos in self.lines:
+    def add(self, positions: Any, column: str, reason: Any, value: Any | None = None) -> None:
+        """Reject the rows at ``positions`` (unless already rejected) for ``reason`` (one, or one
+        per position) in canonical ``column``; ``value`` overrides the raw cell shown."""
+        pos = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        reasons = np.broadcast_to(np.asarray(reason, dtype=object), pos.shape)
+        values = None if value is None else np.broadcast_to(np.asarray(value, dtype=object), pos.shape)
+        fresh = ~self.rejected[pos]
+        # the first occurrence of a position within this call wins too
+        _, first = np.unique(pos, return_index=True)
+        once = np.zeros(pos.shape, dtype=bool)
+        once[first] = True
+        keep = fresh & once
+        if not keep.any():
             return
-        fcol = self.file_cols.get(column, column)
-        if value is None and fcol in self.raw.columns:
-            value = self.raw.at[pos, fcol]
-        patient = self.canon.at[pos, "patient"] if "patient" in self.canon.columns else None
-        self.lines[pos] = {
-            "row": pos + _FIRST_ROW,
-            "patient": _fmt_value(patient),
-            "column": fcol,
-            "value": _fmt_value(value),
-            "reason": reason,
-        }
+        self.rejected[pos[keep]] = True
+        self._parts.append((pos[keep], column, reasons[keep],
+                            None if values is None else values[keep]))
 
     def frame(self) -> pd.DataFrame:
-        if not self.lines:
+        if not self._parts:
             df = pd.DataFrame({c: pd.Series(dtype=object) for c in REJECT_COLUMNS})
             df["row"] = df["row"].astype("int64")
             return df
-        df = pd.DataFrame([self.lines[k] for k in sorted(self.lines)], columns=REJECT_COLUMNS)
-        df["row"] = df["row"].astype("int64")
-        return df
+        pieces = []
+        for pos, column, reasons, values in self._parts:
+            fcol = self.file_cols.get(column, column)
+            if values is None:
+                raw = self.raw[fcol].to_numpy(dtype=object)[pos] if fcol in self.raw.columns \
+                    else np.full(len(pos), "", dtype=object)
+                shown = [_fmt_value(v) for v in raw]
+            else:
+                shown = [_fmt_value(v) for v in values]
+            pieces.append(pd.DataFrame({
+                "pos": pos, "patient": [_fmt_value(v) for v in
+                                        self.patient.to_numpy(dtype=object)[pos]],
+                "column": fcol, "value": shown, "reason": reasons.astype(object),
+            }))
+        df = pd.concat(pieces, ignore_index=True).sort_values("pos", kind="stable")
+        df.insert(0, "row", self.row_numbers[df.pop("pos").to_numpy()])
+        return df[REJECT_COLUMNS].reset_index(drop=True)
 
 
 def _check(fn, name: str) -> pa.Check:
     return pa.Check(fn, name=name, error=name)
 
 
-def _numeric_checks(num_cache: dict[str, pd.Series], col: str, rng: tuple[float, float, str] | None
+def _mask_check(ok: np.ndarray, name: str) -> pa.Check:
+    """A pandera check reading a precomputed per-position mask (True = passes)."""
+    return _check(lambda s: pd.Series(ok[s.index.to_numpy()], index=s.index), name)
+
+
+def _numeric_checks(num: np.ndarray, text: pd.Series, rng: tuple[float, float, str] | None
                     ) -> list[pa.Check]:
-    def _te_is_number(s: pd.Series) -> pd.Series:
-        return num_cache[col].reindex(s.index).notna() | _missing(s)
-
-    def _te_finite(s: pd.Series) -> pd.Series:
-        return ~np.isinf(num_cache[col].reindex(s.index))
-
-    checks = [_check(_te_is_number, "not a number"), _check(_te_finite, "not a finite number")]
+    present = text.notna().to_numpy()
+    checks = [_mask_check(~present | ~np.isnan(num), "not a number"),
+              _mask_check(~np.isinf(num), "not a finite number")]
     if rng is not None:
         lo, hi, label = rng
-
-        def _te_in_range(s: pd.Series) -> pd.Series:
-            v = num_cache[col].reindex(s.index)
-            bad = np.isfinite(v) & ((v < lo) | (v > hi))
-            return ~bad
-
-        checks.append(_check(_te_in_range, f"out of range ({label}: {lo:g}-{hi:g})"))
+        with np.errstate(invalid="ignore"):
+            bad = np.isfinite(num) & ((num < lo) | (num > hi))
+        checks.append(_mask_check(~bad, f"out of range ({label}: {lo:g}-{hi:g})"))
     return checks
 
 
-def _decide_occasion(s: pd.Series, spec: _Spec, fcol: str) -> tuple[str, pd.Series]:
-    """Is the occasion a session number or a date? Returns the kind and the parsed values."""
-    present = ~_missing(s)
+@dataclass
+class _Columns:
+    """The configured columns of a table, as text and (where needed) as numbers or dates."""
+
+    raw: pd.DataFrame                    # the table as read (file column names)
+    file_cols: dict[str, str]            # canonical name -> file column
+    text: dict[str, pd.Series]           # canonical name -> stripped text, NaN for missing
+    numbers: dict[str, np.ndarray] = field(default_factory=dict)
+    occasion: pd.Series | None = None    # parsed occasions (session layout)
+    occasion_kind: str | None = None
+    arm_numeric: bool = False
+    covariate_kinds: dict[str, str] = field(default_factory=dict)
+    rows: np.ndarray | None = None       # row number of each table row (default: position + 2)
+    decided: Mapping[str, Any] | None = None  # kinds decided over a whole file (streamed ingestion)
+
+    @property
+    def n(self) -> int:
+        return len(self.raw)
+
+    def row_numbers(self) -> np.ndarray:
+        if self.rows is None:
+            return np.arange(_FIRST_ROW, self.n + _FIRST_ROW, dtype="int64")
+        return np.asarray(self.rows, dtype="int64")
+
+
+def _check_columns(present: Sequence[str], sp: _Spec, source: str) -> None:
+    """Duplicate names and configured columns that the table lacks: one line naming the key."""
+    present = list(present)
+    check_unique(present, source)
+    wanted = [(f"columns.{r}", c) for r, c in sp.roles.items()] + [
+        ("columns.covariates", c) for c in sp.covariates
+    ]
+    for key, col in wanted:
+        if col not in present:
+            listing = ", ".join(present) if present else "(none)"
+            raise InputError(
+                f"file {source} has no column '{col}' ({key}); columns are: {_one_line(listing, 400)}"
+            )
+
+
+def _configured_columns(sp: _Spec) -> list[str]:
+    cols = list(sp.roles.values()) + list(sp.covariates)
+    return list(dict.fromkeys(cols))
+
+
+def _canonical_columns(raw: pd.DataFrame, sp: _Spec) -> _Columns:
+    """Stage 1: the configured columns under canonical names, as stripped text."""
+    canon_name = {"outcome": "end"}
+    file_cols: dict[str, str] = {canon_name.get(r, r): c for r, c in sp.roles.items()}
+    for c in sp.covariates:
+        file_cols[c] = c
+    text = {k: _text(raw[c]) for k, c in file_cols.items()}
+    return _Columns(raw=raw, file_cols=file_cols, text=text)
+
+
+def _empty_rows(cols: _Columns, rej: _Rejector) -> np.ndarray:
+    """Stage 2: rows whose every configured cell is missing are rejected; returns the live rows."""
+    empty = np.ones(cols.n, dtype=bool)
+    for t in cols.text.values():
+        empty &= t.isna().to_numpy()
+    rej.add(np.flatnonzero(empty), "patient", "empty row", value="")
+    return ~empty
+
+
+def _decide_occasion(cols: _Columns, live: np.ndarray, sp: _Spec) -> None:
+    """Is the occasion a session number or a date? Sets the kind and the parsed values."""
+    t = cols.text["occasion"]
+    if cols.decided is not None:  # decided over the whole file (streamed ingestion)
+        cols.occasion_kind = cols.decided["occasion_kind"]
+        cols.occasion = (pd.Series(_numbers(t), index=t.index) if cols.occasion_kind == "number"
+                         else _parse_dates(t, sp.date_format))
+        return
+    present = t.notna().to_numpy() & live
     m = int(present.sum())
-    nums = _to_number(s)
-    dates = _parse_dates(s, spec.date_format)
+    nums = _numbers(t)
+    dates = _parse_dates(t, sp.date_format)
     n_num = int(np.isfinite(nums[present]).sum())
     n_date = int(dates[present].notna().sum())
     if m == 0 or (n_num >= n_date and n_num > 0):
-        kind, values, best = "number", nums, n_num
+        kind, bad, best = "number", present & np.isnan(nums), n_num
+        cols.occasion = pd.Series(nums, index=t.index)
     else:
-        kind, values, best = "date", dates, n_date
+        kind, bad, best = "date", present & dates.isna().to_numpy(), n_date
+        cols.occasion = dates
+    cols.occasion_kind = kind
     if m and best * 2 < m:
-        example = _fmt_value(s[present & (nums.isna() if kind == "number" else dates.isna())].iloc[0]
-                             if (present & (nums.isna() if kind == "number" else dates.isna())).any()
-                             else s[present].iloc[0])
+        example = _fmt_value(t[bad].iloc[0] if bad.any() else t[present].iloc[0])
         raise ConfigError(
-            f"{spec.where}.columns.occasion: column '{fcol}' holds neither session numbers nor "
-            f"ISO 8601 dates in {m - best} of {m} rows (e.g. {example!r}); set date_format "
+            f"{sp.where}.columns.occasion: column '{cols.file_cols['occasion']}' holds neither session "
+            f"numbers nor ISO 8601 dates in {m - best} of {m} rows (e.g. {example!r}); set date_format "
             "(e.g. '%d/%m/%Y') if it holds dates in another format"
         )
-    return kind, values
+
+
+def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrument | None,
+                today: _dt.date | str | None) -> pa.DataFrameSchema:
+    """Stage 3a: the pandera schema of one row, column by column in the documented order."""
+    columns: dict[str, pa.Column] = {"patient": pa.Column(nullable=False),
+                                     "therapist": pa.Column(nullable=False)}
+    rng = (instrument.min, instrument.max, instrument.name) if instrument is not None else None
+    if sp.layout == "session":
+        _decide_occasion(cols, live, sp)
+        occ = cols.occasion
+        if cols.occasion_kind == "number":
+            num = occ.to_numpy(dtype=float)
+            cols.numbers["occasion"] = num
+            checks = _numeric_checks(num, cols.text["occasion"], None)
+            with np.errstate(invalid="ignore"):
+                checks.append(_mask_check(~(num < 0), "negative session number"))
+        else:
+            limit = sp.export_date if sp.export_date is not None else pd.Timestamp(
+                today if today is not None else _dt.date.today()
+            )
+            limit = limit.normalize()
+            lim_label = "export date" if sp.export_date is not None else "today"
+            parsed = occ.notna().to_numpy()
+            checks = [
+                _mask_check(parsed | cols.text["occasion"].isna().to_numpy(), "unparseable date"),
+                _mask_check(~(occ.dt.normalize() > limit).to_numpy(),
+                            f"impossible date (after {lim_label} {limit.date()})"),
+                _mask_check(~(occ.dt.year < _MIN_YEAR).to_numpy(), f"impossible date (before {_MIN_YEAR})"),
+            ]
+        columns["occasion"] = pa.Column(nullable=False, checks=checks)
+        cols.numbers["score"] = _numbers(cols.text["score"])
+        columns["score"] = pa.Column(nullable=False,
+                                     checks=_numeric_checks(cols.numbers["score"], cols.text["score"], rng))
+    else:
+        for c in ("end", "baseline"):
+            if c in cols.text:
+                cols.numbers[c] = _numbers(cols.text[c])
+                columns[c] = pa.Column(nullable=False,
+                                       checks=_numeric_checks(cols.numbers[c], cols.text[c], rng))
+    if "arm" in cols.text:
+        num = _numbers(cols.text["arm"])
+        present = cols.text["arm"].notna().to_numpy() & live
+        cols.arm_numeric = bool(present.any()) and bool(np.isfinite(num[present]).all())
+        if cols.decided is not None:
+            cols.arm_numeric = bool(cols.decided["arm_numeric"])
+        if cols.arm_numeric:
+            cols.numbers["arm"] = num
+        columns["arm"] = pa.Column(nullable=False)
+    if "cluster" in cols.text:
+        columns["cluster"] = pa.Column(nullable=False)
+    for c in sp.covariates:
+        t = cols.text[c]
+        num = _numbers(t)
+        present = t.notna().to_numpy() & live
+        declared = sp.covariate_types.get(c) or (cols.decided or {}).get("covariate_kinds", {}).get(c)
+        if declared is None:
+            is_num = bool(present.any()) and bool(np.isfinite(num[present]).all())
+            declared = "numeric" if is_num else "categorical"
+        cols.covariate_kinds[c] = declared
+        # a covariate is required per row in the patient layout; in the session layout the
+        # patient's first row that has it is used (checked in outcomes)
+        nullable = sp.layout == "session"
+        if declared == "numeric":
+            cols.numbers[c] = num
+            columns[c] = pa.Column(nullable=nullable, checks=_numeric_checks(num, t, None))
+        else:
+            columns[c] = pa.Column(nullable=nullable)
+    return pa.DataFrameSchema(columns, strict=False, coerce=False)
+
+
+def _row_checks(cols: _Columns, live: np.ndarray, schema: pa.DataFrameSchema, rej: _Rejector) -> None:
+    """Stage 3b: validate the live rows; each failing row is rejected for its first problem."""
+    order = list(schema.columns)
+    to_check = pd.DataFrame({c: cols.text[c] for c in order}).loc[live]
+    if not len(to_check):
+        return
+    try:
+        schema.validate(to_check, lazy=True)
+    except SchemaErrors as err:
+        fc = err.failure_cases
+        if fc["index"].isna().any():  # a column-level failure would be a bug here
+            raise RuntimeError(f"internal: column-level validation failure: {fc.to_dict('records')}")
+        fc = fc.assign(
+            _col=fc["column"].map(order.index),
+            _chk=pd.to_numeric(fc["check_number"], errors="coerce").fillna(-1),
+        ).sort_values(["index", "_col", "_chk"], kind="stable").drop_duplicates("index")
+        missing_reason = {"patient": "missing patient ID", "therapist": "missing therapist ID"}
+        col = fc["column"].astype(str)
+        check = fc["check"].astype(str)
+        reason = np.where(check == "not_nullable",
+                          col.map(lambda c: missing_reason.get(c, "missing value")), check)
+        pos = fc["index"].astype(np.int64).to_numpy()
+        for c in pd.unique(col):  # one call per column: the reject names the column at fault
+            sel = (col == c).to_numpy()
+            rej.add(pos[sel], c, reason[sel])
+
+
+def _typed_rows(cols: _Columns, sp: _Spec) -> pd.DataFrame:
+    """Stage 4: every row with typed canonical columns (IDs text, scores numbers, occasions parsed)."""
+    n = cols.n
+    typed = pd.DataFrame(index=pd.RangeIndex(n))
+    typed["row"] = cols.row_numbers()
+    typed["patient"] = cols.text["patient"]
+    typed["therapist"] = cols.text["therapist"]
+    if sp.layout == "session":
+        typed["occasion"] = cols.occasion
+        typed["score"] = cols.numbers["score"]
+    else:
+        typed["end"] = cols.numbers["end"]
+        if "baseline" in cols.text:
+            typed["baseline"] = cols.numbers["baseline"]
+    if "arm" in cols.text:
+        typed["arm"] = cols.numbers["arm"] if cols.arm_numeric else cols.text["arm"]
+    for c in ("cluster", "ending"):
+        if c in cols.text:
+            typed[c] = cols.text[c]
+    for c in sp.covariates:
+        typed[c] = cols.numbers[c] if cols.covariate_kinds[c] == "numeric" else cols.text[c]
+    return typed
+
+
+def _check_arm_levels(typed: pd.DataFrame, valid: np.ndarray, cols: _Columns, sp: _Spec) -> None:
+    """At most two arm levels among the valid rows (a config error otherwise)."""
+    if "arm" not in typed.columns or not valid.any():
+        return
+    levels = pd.unique(typed.loc[valid, "arm"])
+    if len(levels) > 2:
+        shown = ", ".join(_fmt_value(v) for v in sorted(levels, key=lambda v: (str(type(v)), v)))
+        raise ConfigError(
+            f"{sp.where}.columns.arm: column '{cols.file_cols['arm']}' has {len(levels)} levels "
+            f"({_one_line(shown, 200)}); expected at most two (feedback and control)"
+        )
+
+
+def _duplicates(typed: pd.DataFrame, sp: _Spec, rej: _Rejector) -> None:
+    """Stage 5a: the same session (session layout) or the same record (patient layout) twice."""
+    if sp.layout == "session":
+        key = ["patient", "occasion"]
+    else:
+        # the same record twice; rows sharing a patient ID with different data are kept (IDs
+        # numbered within therapist, re-referrals) and noted below
+        key = [c for c in typed.columns if c != "row"]
+    current = typed.loc[~rej.rejected]
+    if not len(current):
+        return
+    try:
+        pa.DataFrameSchema(unique=key, report_duplicates="exclude_first").validate(current[key], lazy=True)
+    except SchemaErrors as err:
+        dup_pos = np.unique(err.failure_cases["index"].dropna().astype(np.int64).to_numpy())
+        first_row = current.groupby(key, sort=False, dropna=False)["row"].transform("min")
+        fr = first_row.loc[dup_pos].to_numpy()
+        if sp.layout == "session":
+            rej.add(dup_pos, "occasion",
+                    [f"duplicate session (same patient and occasion as row {int(r)})" for r in fr])
+        else:
+            rej.add(dup_pos, "patient", [f"duplicate patient (first at row {int(r)})" for r in fr])
+
+
+def _shared_patient_ids(typed: pd.DataFrame, rej: _Rejector, notes: list[str]) -> None:
+    """Stage 5b (patient layout): a patient ID on several rows with different data is noted."""
+    current = typed.loc[~rej.rejected]
+    counts = current["patient"].value_counts()
+    shared = counts[counts > 1]
+    if len(shared):
+        pid = shared.index[0]
+        where_rows = ", ".join(str(x) for x in current.loc[current["patient"] == pid, "row"])
+        notes.append(
+            f"{len(shared)} patient ID(s) occur on more than one row with different data "
+            f"(e.g. {pid} at rows {where_rows}); they are kept as separate patients"
+        )
+
+
+def _varying(current: pd.DataFrame, col: str) -> np.ndarray:
+    """Rows of ``current`` whose patient has more than one distinct value of ``col`` (on integer codes)."""
+    if not len(current):
+        return np.zeros(0, dtype=bool)
+    pcode = pd.factorize(current["patient"])[0] if "_pcode" not in current.columns else \
+        current["_pcode"].to_numpy()
+    vcode = pd.factorize(current[col])[0]
+    n_pat = int(pcode.max()) + 1
+    lo = np.full(n_pat, np.iinfo(np.int64).max)
+    hi = np.full(n_pat, -1)
+    np.minimum.at(lo, pcode, vcode)
+    np.maximum.at(hi, pcode, vcode)
+    return (hi > lo)[pcode]
+
+
+def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list[str]) -> None:
+    """Stage 5c (session layout): patients seen by more than one therapist, recoded or rejected."""
+    current = typed.loc[~rej.rejected]
+    multi = _varying(current, "therapist")
+    if not multi.any():
+        return
+    sub = current[multi].sort_values(["patient", "occasion", "row"], kind="stable")
+    recoded = 0
+    for pid, g in sub.groupby("patient", sort=True):
+        counts = g["therapist"].value_counts()
+        listing = ", ".join(f"{t} ({int(k)})" for t, k in counts.items())
+        if sp.multi_therapist == "reject":
+            names = ", ".join(sorted(counts.index))
+            rej.add(g.index.to_numpy(), "therapist", f"seen by more than one therapist ({names})")
+        else:
+            top = counts[counts == counts.max()].index
+            chosen = g["therapist"].iloc[0] if g["therapist"].iloc[0] in top else (
+                next(t for t in g["therapist"] if t in top)
+            )
+            typed.loc[g.index, "therapist"] = chosen
+            recoded += 1
+            notes.append(
+                f"patient {pid}: sessions with therapists {listing}; all {len(g)} rows assigned to {chosen}"
+            )
+    if recoded:
+        notes.insert(0, f"{recoded} patient(s) seen by more than one therapist were "
+                        "assigned to the therapist with most sessions (ties: first session)")
+
+
+def _arm_changes(typed: pd.DataFrame, rej: _Rejector) -> None:
+    """Stage 5d (session layout): a patient whose arm changes between sessions (all their rows)."""
+    current = typed.loc[~rej.rejected]
+    changing = _varying(current, "arm")
+    if not changing.any():
+        return
+    sub = current[changing].sort_values(["patient", "occasion", "row"], kind="stable")
+    for _, g in sub.groupby("patient", sort=True):
+        seq = " -> ".join(_fmt_value(v) for v in pd.unique(g["arm"]))
+        rej.add(g.index.to_numpy(), "arm", f"arm changes between sessions ({seq})")
+
+
+def _kept_rows(typed: pd.DataFrame, rej: _Rejector, cols: _Columns) -> pd.DataFrame:
+    """Stage 6: the rows kept, IDs and labels as text (pandas' ``str`` dtype, as Parquet gives them
+    back) and a 0/1-style numeric arm as integers."""
+    rows = typed.loc[~rej.rejected].reset_index(drop=True)
+    if "arm" in rows.columns and cols.arm_numeric:
+        a = rows["arm"].to_numpy(dtype=float)
+        if len(a) and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**53):
+            rows["arm"] = a.astype("int64")
+    return rows
+
+
+def _report(source: str, n: int, rejects: pd.DataFrame, notes: list[str]) -> None:
+    if len(rejects) or any(notes):
+        acct = accounting(n, rejects)
+        parts = [f"{k}: {v}" for k, v in acct["rejected_by_reason"].items()]
+        msg = f"{source}: {len(rejects)} of {n} rows rejected"
+        if parts:
+            msg += " (" + "; ".join(parts) + ")"
+        if notes:
+            msg += f"; {notes[0]}"
+        warnings.warn(msg, DataWarning, stacklevel=3)
 
 
 def ingest_frame(
@@ -588,11 +873,15 @@ def ingest_frame(
     user_instruments: Mapping[str, Any] | None = None,
     today: _dt.date | str | None = None,
     name: str | None = None,
+    _rows: np.ndarray | None = None,
+    _decided: Mapping[str, Any] | None = None,
 ) -> IngestResult:
     """Validate an already-read table (see :func:`ingest_dataset`); ``source`` names it in errors.
 
     Row numbers follow the spreadsheet convention: the table's ``k``-th row (0-based) is row
-    ``k + 2``.
+    ``k + 2``. The stages: configured columns as text (:func:`_canonical_columns`), empty rows,
+    row checks (a pandera schema), typed rows, cross-row checks (duplicates, patients seen by
+    several therapists, arm changes), the rows kept.
     """
     if isinstance(spec, Mapping) and isinstance(spec.get("columns"), Mapping) and "scores" in spec["columns"]:
         from .scores import ingest_scores_frame  # several instruments per row: see therapist_effects.scores
@@ -603,295 +892,38 @@ def ingest_frame(
     instrument = get_instrument(sp.instrument, user_instruments) if sp.instrument else None
     if not isinstance(table, pd.DataFrame):
         raise InputError(f"{source}: expected a table, got {type(table).__name__}")
-    raw = table.reset_index(drop=True).copy()
+    raw = table.reset_index(drop=True)
     raw.columns = [str(c) for c in raw.columns]
+    _check_columns(raw.columns, sp, source)
+    raw = raw[_configured_columns(sp)]
 
-    # -- the configured columns must exist ---------------------------------------------------------
-    wanted = [(f"columns.{r}", c) for r, c in sp.roles.items()] + [
-        ("columns.covariates", c) for c in sp.covariates
-    ]
-    present_cols = list(raw.columns)
-    for key, col in wanted:
-        if col not in present_cols:
-            listing = ", ".join(present_cols) if present_cols else "(none)"
-            raise InputError(
-                f"file {source} has no column '{col}' ({key}); columns are: {_one_line(listing, 400)}"
-            )
-    if len(set(present_cols)) != len(present_cols):
-        dup = next(c for c in present_cols if present_cols.count(c) > 1)
-        raise InputError(f"file {source} has two columns named '{dup}'")
+    cols = _canonical_columns(raw, sp)
+    cols.rows, cols.decided = _rows, _decided
+    n = cols.n
+    rej = _Rejector(n, cols.text["patient"], raw, cols.file_cols, _rows)
+    live = _empty_rows(cols, rej)
+    if (n and not live.any() or n == 0) and _decided is None:
+        raise InputError(f"file {source} has no data rows (only a header"
+                         + (f" and {n} empty row{'s' if n != 1 else ''})" if n else ")"))
+    schema = _row_schema(cols, live, sp, instrument, today)
+    _row_checks(cols, live, schema, rej)
 
-    canon_name = {"outcome": "end"}
-    file_cols: dict[str, str] = {canon_name.get(r, r): c for r, c in sp.roles.items()}
-    for c in sp.covariates:
-        file_cols[c] = c
-
-    n = len(raw)
-    cleaned = {k: _clean(raw[c]) for k, c in file_cols.items()}
-    canon = pd.DataFrame(cleaned, index=raw.index)
-    canon["patient"] = _to_text(canon["patient"])
-    rej = _Rejector(canon, raw, file_cols)
-
-    # -- 1. empty rows -----------------------------------------------------------------------------
-    empty = np.ones(n, dtype=bool)
-    for col in raw.columns:
-        empty &= _missing(_clean(raw[col])).to_numpy()
-    for pos in np.flatnonzero(empty):
-        rej.add(int(pos), "patient", "empty row", value="")
-    live = ~empty
-
-    # -- 2. row checks (pandera) ------------------------------------------------------------------
+    typed = _typed_rows(cols, sp)
+    _check_arm_levels(typed, live & ~rej.rejected, cols, sp)
     notes: list[str] = []
-    num_cache: dict[str, pd.Series] = {}
-    columns: dict[str, pa.Column] = {}
-    columns["patient"] = pa.Column(nullable=False)
-    canon["therapist"] = _to_text(canon["therapist"])
-    columns["therapist"] = pa.Column(nullable=False)
-
-    occasion_kind = None
-    occ_values = None
-    rng = None
-    if instrument is not None:
-        rng = (instrument.min, instrument.max, instrument.name)
-    if sp.layout == "session":
-        occasion_kind, occ_values = _decide_occasion(canon.loc[live, "occasion"], sp,
-                                                     file_cols["occasion"])
-        occ_values = occ_values.reindex(canon.index)
-        if occasion_kind == "number":
-            num_cache["occasion"] = occ_values
-            checks = _numeric_checks(num_cache, "occasion", None)
-            checks.append(_check(lambda s: ~(num_cache["occasion"].reindex(s.index) < 0),
-                                 "negative session number"))
-        else:
-            limit = sp.export_date if sp.export_date is not None else pd.Timestamp(
-                today if today is not None else _dt.date.today()
-            )
-            limit = limit.normalize()
-            lim_label = "export date" if sp.export_date is not None else "today"
-
-            def _te_parseable(s: pd.Series) -> pd.Series:
-                return occ_values.reindex(s.index).notna() | _missing(s)
-
-            def _te_not_future(s: pd.Series) -> pd.Series:
-                return ~(occ_values.reindex(s.index).dt.normalize() > limit)
-
-            def _te_not_ancient(s: pd.Series) -> pd.Series:
-                return ~(occ_values.reindex(s.index).dt.year < _MIN_YEAR)
-
-            checks = [
-                _check(_te_parseable, "unparseable date"),
-                _check(_te_not_future, f"impossible date (after {lim_label} {limit.date()})"),
-                _check(_te_not_ancient, f"impossible date (before {_MIN_YEAR})"),
-            ]
-        columns["occasion"] = pa.Column(nullable=False, checks=checks)
-        num_cache["score"] = _to_number(canon["score"])
-        columns["score"] = pa.Column(nullable=False, checks=_numeric_checks(num_cache, "score", rng))
-    else:
-        num_cache["end"] = _to_number(canon["end"])
-        columns["end"] = pa.Column(nullable=False, checks=_numeric_checks(num_cache, "end", rng))
-        if "baseline" in file_cols:
-            num_cache["baseline"] = _to_number(canon["baseline"])
-            columns["baseline"] = pa.Column(
-                nullable=False, checks=_numeric_checks(num_cache, "baseline", rng)
-            )
-
-    arm_numeric = False
-    if "arm" in file_cols:
-        arm_num = _to_number(canon["arm"])
-        arm_present = ~_missing(canon["arm"]) & live
-        arm_numeric = bool(arm_present.any()) and bool(np.isfinite(arm_num[arm_present]).all())
-        columns["arm"] = pa.Column(nullable=False)
-    if "cluster" in file_cols:
-        canon["cluster"] = _to_text(canon["cluster"])
-        columns["cluster"] = pa.Column(nullable=False)
-
-    covariate_kinds: dict[str, str] = {}
-    for c in sp.covariates:
-        nums = _to_number(canon[c])
-        present = ~_missing(canon[c]) & live
-        declared = sp.covariate_types.get(c)
-        if declared is None:
-            is_num = bool(present.any()) and bool(np.isfinite(nums[present]).all())
-            declared = "numeric" if is_num else "categorical"
-        covariate_kinds[c] = declared
-        # a covariate is required per row in the patient layout; in the session layout the
-        # patient's first row that has it is used (checked in outcomes)
-        nullable = sp.layout == "session"
-        if declared == "numeric":
-            num_cache[c] = nums
-            columns[c] = pa.Column(nullable=nullable, checks=_numeric_checks(num_cache, c, None))
-        else:
-            canon[c] = _to_text(canon[c])
-            columns[c] = pa.Column(nullable=nullable)
-
-    order = list(columns)
-    schema = pa.DataFrameSchema(columns, strict=False, coerce=False)
-    to_check = canon.loc[live, order]
-    if len(to_check):
-        try:
-            schema.validate(to_check, lazy=True)
-        except SchemaErrors as err:
-            fc = err.failure_cases
-            if fc["index"].isna().any():  # a column-level failure would be a bug here
-                raise RuntimeError(f"internal: column-level validation failure: {fc.to_dict('records')}")
-            fc = fc.assign(
-                _col=fc["column"].map(order.index),
-                _chk=pd.to_numeric(fc["check_number"], errors="coerce").fillna(-1),
-            ).sort_values(["index", "_col", "_chk"], kind="stable")
-            for rec in fc.drop_duplicates("index").itertuples(index=False):
-                check = str(rec.check)
-                col = str(rec.column)
-                if check == "not_nullable":
-                    if col == "patient":
-                        reason = "missing patient ID"
-                    elif col == "therapist":
-                        reason = "missing therapist ID"
-                    else:
-                        reason = "missing value"
-                else:
-                    reason = check
-                rej.add(int(rec.index), col, reason)
-
-    valid = np.array([live[i] and i not in rej.lines for i in range(n)], dtype=bool)
-
-    # -- typed canonical rows ------------------------------------------------------------------------
-    typed = pd.DataFrame(index=canon.index)
-    typed["row"] = (canon.index.to_numpy() + _FIRST_ROW).astype("int64")
-    typed["patient"] = canon["patient"]
-    typed["therapist"] = canon["therapist"]
-    if sp.layout == "session":
-        typed["occasion"] = occ_values
-        typed["score"] = num_cache["score"]
-    else:
-        typed["end"] = num_cache["end"]
-        if "baseline" in file_cols:
-            typed["baseline"] = num_cache["baseline"]
-    if "arm" in file_cols:
-        if arm_numeric:
-            typed["arm"] = _to_number(canon["arm"])
-        else:
-            typed["arm"] = _to_text(canon["arm"])
-    if "cluster" in file_cols:
-        typed["cluster"] = canon["cluster"]
-    if "ending" in file_cols:
-        typed["ending"] = _to_text(canon["ending"])
-    for c in sp.covariates:
-        typed[c] = num_cache[c] if covariate_kinds[c] == "numeric" else canon[c]
-
-    # -- arm levels: at most two ---------------------------------------------------------------------
-    if "arm" in file_cols and valid.any():
-        levels = pd.unique(typed.loc[valid, "arm"])
-        if len(levels) > 2:
-            shown = ", ".join(_fmt_value(v) for v in sorted(levels, key=lambda v: (str(type(v)), v)))
-            raise ConfigError(
-                f"{sp.where}.columns.arm: column '{file_cols['arm']}' has {len(levels)} levels "
-                f"({_one_line(shown, 200)}); expected at most two (feedback and control)"
-            )
-
-    # -- 3. cross-row checks -------------------------------------------------------------------------
-    def keep_rows() -> pd.DataFrame:
-        ok = np.array([valid[i] and i not in rej.lines for i in range(n)], dtype=bool)
-        return typed.loc[ok]
-
-    if sp.layout == "session":
-        key = ["patient", "occasion"]
-    else:
-        # the same record twice; rows sharing a patient ID with different data are kept (IDs
-        # numbered within therapist, re-referrals) and noted below
-        key = [c for c in typed.columns if c != "row"]
-    current = keep_rows()
-    if len(current):
-        dup_schema = pa.DataFrameSchema(unique=key, report_duplicates="exclude_first")
-        try:
-            dup_schema.validate(current[key], lazy=True)
-        except SchemaErrors as err:
-            dup_pos = sorted({int(i) for i in err.failure_cases["index"].dropna()})
-            first_row = current.groupby(key, sort=False, dropna=False)["row"].transform("min")
-            for pos in dup_pos:
-                fr = int(first_row.loc[pos])
-                if sp.layout == "session":
-                    rej.add(pos, "occasion",
-                            f"duplicate session (same patient and occasion as row {fr})")
-                else:
-                    rej.add(pos, "patient", f"duplicate patient (first at row {fr})")
-
+    _duplicates(typed, sp, rej)
     if sp.layout == "patient":
-        current = keep_rows()
-        counts = current["patient"].value_counts()
-        shared = counts[counts > 1]
-        if len(shared):
-            pid = shared.index[0]
-            where_rows = ", ".join(str(x) for x in current.loc[current["patient"] == pid, "row"])
-            notes.append(
-                f"{len(shared)} patient ID(s) occur on more than one row with different data "
-                f"(e.g. {pid} at rows {where_rows}); they are kept as separate patients"
-            )
+        _shared_patient_ids(typed, rej, notes)
+    else:
+        _multi_therapist(typed, sp, rej, notes)
+        if "arm" in typed.columns:
+            _arm_changes(typed, rej)
 
-    if sp.layout == "session":
-        current = keep_rows()
-        n_ther = current.groupby("patient")["therapist"].nunique()
-        multi = n_ther[n_ther > 1].index
-        if len(multi):
-            sub = current[current["patient"].isin(multi)].sort_values(
-                ["patient", "occasion", "row"], kind="stable"
-            )
-            recoded = 0
-            for pid, g in sub.groupby("patient", sort=True):
-                counts = g["therapist"].value_counts()
-                listing = ", ".join(f"{t} ({int(k)})" for t, k in counts.items())
-                if sp.multi_therapist == "reject":
-                    names = ", ".join(sorted(counts.index))
-                    for pos in g.index:
-                        rej.add(int(pos), "therapist",
-                                f"seen by more than one therapist ({names})")
-                else:
-                    top = counts[counts == counts.max()].index
-                    chosen = g["therapist"].iloc[0] if g["therapist"].iloc[0] in top else (
-                        next(t for t in g["therapist"] if t in top)
-                    )
-                    typed.loc[g.index, "therapist"] = chosen
-                    recoded += 1
-                    notes.append(
-                        f"patient {pid}: sessions with therapists {listing}; "
-                        f"all {len(g)} rows assigned to {chosen}"
-                    )
-            if recoded:
-                notes.insert(0, f"{recoded} patient(s) seen by more than one therapist were "
-                                "assigned to the therapist with most sessions (ties: first session)")
-
-        if "arm" in file_cols:
-            current = keep_rows()
-            n_arm = current.groupby("patient")["arm"].nunique()
-            changing = n_arm[n_arm > 1].index
-            if len(changing):
-                sub = current[current["patient"].isin(changing)].sort_values(
-                    ["patient", "occasion", "row"], kind="stable"
-                )
-                for _, g in sub.groupby("patient", sort=True):
-                    seq = " -> ".join(_fmt_value(v) for v in pd.unique(g["arm"]))
-                    for pos in g.index:
-                        rej.add(int(pos), "arm", f"arm changes between sessions ({seq})")
-
-    rows = keep_rows().reset_index(drop=True)
-    if "arm" in rows.columns and arm_numeric:
-        a = rows["arm"].to_numpy(dtype=float)
-        if len(a) and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**53):
-            rows["arm"] = a.astype("int64")
-    for c in ("patient", "therapist", "cluster", "ending"):
-        if c in rows.columns:
-            rows[c] = rows[c].astype(object)
+    rows = _kept_rows(typed, rej, cols)
     rejects = rej.frame()
     if len(rows) + len(rejects) != n:  # the accounting identity is a guarantee, not a hope
         raise RuntimeError(f"internal: {n} rows read but {len(rows)} kept + {len(rejects)} rejected")
-    if len(rejects) or any(notes):
-        acct = accounting(n, rejects)
-        parts = [f"{k}: {v}" for k, v in acct["rejected_by_reason"].items()]
-        msg = f"{source}: {len(rejects)} of {n} rows rejected"
-        if parts:
-            msg += " (" + "; ".join(parts) + ")"
-        if notes:
-            msg += f"; {notes[0]}"
-        warnings.warn(msg, DataWarning, stacklevel=2)
+    _report(source, n, rejects, notes)
     return IngestResult(
         rows=rows,
         rejects=rejects,
@@ -899,9 +931,9 @@ def ingest_frame(
         notes=notes,
         layout=sp.layout,
         instrument=instrument,
-        columns=dict(file_cols),
-        occasion_kind=occasion_kind,
-        covariate_kinds=covariate_kinds,
+        columns=dict(cols.file_cols),
+        occasion_kind=cols.occasion_kind,
+        covariate_kinds=cols.covariate_kinds,
         source=source,
     )
 
@@ -916,10 +948,11 @@ def ingest_dataset(
 ) -> IngestResult:
     """Read and validate one dataset (one entry of ``config["datasets"]``).
 
-    ``user_instruments`` is ``config["instruments"]``; ``today`` (default: the current date)
-    bounds occasion dates when the dataset has no ``export_date``; ``name`` (the dataset's key in
-    the config) prefixes configuration errors. Returns an :class:`IngestResult`; raises
-    :class:`InputError` when the file cannot be read or lacks a configured column and
+    Only the configured columns are read. ``user_instruments`` is ``config["instruments"]``;
+    ``today`` (default: the current date) bounds occasion dates when the dataset has no
+    ``export_date``; ``name`` (the dataset's key in the config) prefixes configuration errors.
+    Returns an :class:`IngestResult`; raises :class:`InputError` when the file cannot be read,
+    has duplicate column names, no data rows, or lacks a configured column, and
     :class:`ConfigError` when the dataset's settings are invalid. Emits one :class:`DataWarning`
     when rows were rejected or recoded.
     """
@@ -929,6 +962,8 @@ def ingest_dataset(
         sp = _parse_spec(single_score_spec(spec, user_instruments, name)[0], name)
     else:
         sp = _parse_spec(spec, name)
-    table = read_table(path, sheet=sp.sheet)
+    header = read_header(path, sheet=sp.sheet)
+    _check_columns(header, sp, str(path))
+    table = read_table(path, sheet=sp.sheet, columns=_configured_columns(sp))
     return ingest_frame(table, spec, source=str(path), user_instruments=user_instruments,
                         today=today, name=name)

@@ -231,6 +231,9 @@ def per_cluster_estimates(
     ``var_icc_control, var_icc_feedback`` (each arm's own caseloads) and patient / therapist counts
     per arm (NaN with a warning where a cluster's arm model cannot be fitted, e.g. fewer than two
     therapists in an arm).
+    A cluster whose ICC cannot be estimated (e.g. a single therapist) gets NaN estimates,
+    ``estimable`` False and the reason in ``not_estimable`` (with a :class:`StatisticalWarning`); the
+    other clusters are fitted as usual, and only estimable clusters are pooled.
     """
     _check_scale(scale)
     for col in (outcome, therapist, cluster, *covariates, *([arm] if arm else [])):
@@ -242,9 +245,21 @@ def per_cluster_estimates(
         if np.linalg.matrix_rank(X) < X.shape[1]:  # e.g. a covariate constant within this cluster
             _, r = np.linalg.qr(X)
             X = X[:, np.abs(np.diag(r)) > 1e-10 * np.abs(np.diag(r)).max()]
-        if d[therapist].nunique() < 2:
-            raise ModelError(f"cluster {label!r}: a random-intercept ICC needs at least two therapists")
-        fit, icc, ci_low, ci_high = _fit_icc(d[outcome].to_numpy(float), X, d[therapist].to_numpy(), level)
+        try:
+            if d[therapist].nunique() < 2:
+                raise ModelError("a random-intercept ICC needs at least two therapists")
+            fit, icc, ci_low, ci_high = _fit_icc(d[outcome].to_numpy(float), X, d[therapist].to_numpy(), level)
+        except ModelError as err:
+            # one cluster that cannot be estimated does not stop the others: reported, not pooled
+            warnings.warn(f"cluster {label!r}: ICC not estimable ({err})", StatisticalWarning, stacklevel=2)
+            row = {"cluster": label, "n_patients": int(len(d)), "n_therapists": int(d[therapist].nunique()),
+                   "n0": np.nan, "icc": np.nan, "icc_ci_low": np.nan, "icc_ci_high": np.nan, "var_icc": np.nan,
+                   "scale": scale, "yi": np.nan, "vi": np.nan, "logit_icc": np.nan, "var_logit_icc": np.nan,
+                   "singular": False, "input": "donner", "estimable": False, "not_estimable": str(err)}
+            if arm is not None:
+                row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan)
+            rows.append(row)
+            continue
         n, k = fit.n_obs, fit.n_therapists
         caseloads = d.groupby(therapist, sort=False).size().to_numpy()
         var_icc = float(donner_var_icc(icc, n, k, caseloads=caseloads))
@@ -253,7 +268,7 @@ def per_cluster_estimates(
         row = {"cluster": label, "n_patients": n, "n_therapists": k, "n0": donner_n0(caseloads), "icc": icc,
                "icc_ci_low": ci_low, "icc_ci_high": ci_high, "var_icc": var_icc, "scale": scale,
                "yi": float(yi), "vi": float(vi), "logit_icc": float(yl), "var_logit_icc": float(vl),
-               "singular": bool(fit.singular), "input": "donner"}
+               "singular": bool(fit.singular), "input": "donner", "estimable": True, "not_estimable": ""}
         if arm is not None:
             row.update(icc_control=np.nan, icc_feedback=np.nan, icc_ratio=np.nan, var_icc_control=np.nan,
                        var_icc_feedback=np.nan, n_patients_control=np.nan, n_patients_feedback=np.nan,
@@ -780,8 +795,9 @@ def dataset_meta(df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (),
     table = per_cluster_estimates(df, outcome, covariates, therapist=therapist, cluster=cluster, arm=arm,
                                   feedback_level=feedback_level, level=level, scale=o["scale"])
     t = table.assign(study=table["cluster"].astype(str))
+    t = t[t["estimable"]].reset_index(drop=True)  # clusters whose ICC could not be estimated are not pooled
     pooled = pool_table(t, o["method"], test=o["test"], level=level, scale=o["scale"])
-    out = {**o, "level": level, "n_clusters": int(len(table)), "pooled": {k: v for k, v in pooled.items()
+    out = {**o, "level": level, "n_clusters": int(len(table)), "n_clusters_pooled": int(len(t)), "pooled": {k: v for k, v in pooled.items()
                                                                             if k not in ("studies", "leave_one_out")},
            "leave_one_out": pooled.get("leave_one_out", [])}
     try:

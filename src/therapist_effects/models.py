@@ -415,6 +415,10 @@ def assemble_estimates(
         "packages": package_versions(),
         "seed": cfg["seed"],
         "command": f"snakemake --cores 2 {cfile}".strip(),
+        # not the command line that was run (that would differ between equal runs and break the
+        # byte-identical estimates.json): a command that reruns this analysis from the work directory
+        "command_note": "suggested command to rerun this analysis in its work directory; not a record of "
+                        "the command that was run",
         "created_by": "therapist-effects workflow",
     }
     return _clean(est)

@@ -81,6 +81,14 @@ def _resolve_instrument(spec: Mapping[str, Any], instrument: Instrument | str | 
     return get_instrument(name)
 
 
+def _norm_ending(s: pd.Series) -> pd.Series:
+    """Ending values with blanks collapsed and case folded; NaN where missing (each distinct
+    value is normalised once)."""
+    code, uniq = pd.factorize(s, use_na_sentinel=True)
+    norm = np.array([" ".join(str(v).split()).casefold() for v in uniq] + [np.nan], dtype=object)
+    return pd.Series(norm[code], index=s.index, dtype=object)
+
+
 def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
     """0/1 float: 1 for the feedback level (see the module docstring for the rule)."""
     present = arm.dropna()
@@ -146,27 +154,34 @@ def derive_patient_outcomes(
     rej_lines: list[dict[str, Any]] = []
 
     if layout == "session":
-        r = rows.sort_values(["patient", "occasion", "row"], kind="stable")
-        n_per = r.groupby("patient", sort=False)["row"].transform("size")
+        # patients as integer codes in sorted ID order: sorting and grouping on integers, not text
+        pcode, pids = pd.factorize(rows["patient"], sort=True)
+        occ = rows["occasion"].to_numpy()
+        occ_key = occ.view("int64") if occ.dtype.kind == "M" else occ.astype(float)
+        order = np.lexsort((rows["row"].to_numpy(), occ_key, pcode))
+        r = rows.iloc[order]
+        code = pcode[order]
+        n_per = pd.Series(np.bincount(code, minlength=len(pids))[code], index=r.index)
         few = n_per < min_sessions
         score_col = str(columns.get("score", "score"))
         reason = (f"fewer than {min_sessions} measured sessions: no end-of-treatment score")
         for rec in r[few].itertuples(index=False):
             rej_lines.append({"row": rec.row, "patient": rec.patient, "column": score_col,
                               "value": _fmt_value(rec.score), "reason": reason})
-        r = r[~few]
+        r, code = r[~few.to_numpy()], code[~few.to_numpy()]
         for c in covs:
             if c not in r.columns:
                 continue
-            has = r[c].notna().groupby(r["patient"], sort=False).transform("any")
+            has = r[c].notna().groupby(code, sort=False).transform("any").to_numpy(dtype=bool)
             for rec in r[~has].itertuples(index=False):
                 rej_lines.append({"row": rec.row, "patient": rec.patient, "column": c,
                                   "value": "", "reason": f"missing value (no {c} on any row of "
                                   "the patient)"})
-            r = r[has]
-        g = r.groupby("patient", sort=True)
-        idx = g.size().index
-        pt = pd.DataFrame(index=idx)
+            r, code = r[has], code[has]
+        g = r.groupby(code, sort=True)
+        sizes = g.size()
+        idx = pd.Index(np.asarray(pids, dtype=object)[sizes.index.to_numpy()], name="patient")
+        pt = pd.DataFrame(index=sizes.index)
         pt["patient"] = idx.to_numpy(dtype=object)
         pt["therapist"] = g["therapist"].first()
         if "cluster" in r.columns:
@@ -175,20 +190,20 @@ def derive_patient_outcomes(
             pt["arm"] = g["arm"].first()
         pt["baseline"] = g["score"].first()
         pt["end"] = g["score"].last()
-        pt["n_sessions"] = g.size().astype("int64")
+        pt["n_sessions"] = sizes.astype("int64")
         pt["first_occasion"] = g["occasion"].min()
         pt["last_occasion"] = g["occasion"].max()
         if "ending" in r.columns:
-            ending = r["ending"].map(lambda v: np.nan if v is None or (isinstance(v, float) and
-                                     math.isnan(v)) else " ".join(str(v).split()).casefold())
+            ending = _norm_ending(r["ending"])
             is_drop = ending.isin(codes) & ending.notna()
-            any_drop = is_drop.groupby(r["patient"]).any()
-            any_end = ending.notna().groupby(r["patient"]).any()
+            any_drop = is_drop.groupby(code).any()
+            any_end = ending.notna().groupby(code).any()
             pt["dropout"] = np.where(any_drop.reindex(pt.index), 1.0,
                                      np.where(any_end.reindex(pt.index), 0.0, np.nan))
         for c in covs:
             if c in r.columns:
                 pt[c] = g[c].first()
+        pt.index = idx
         treated = pt["n_sessions"].to_numpy() >= 2
     else:
         r = rows.sort_values("row", kind="stable")
@@ -200,8 +215,7 @@ def derive_patient_outcomes(
             pt["baseline"] = r["baseline"].to_numpy(dtype=float)
         pt["end"] = r["end"].to_numpy(dtype=float)
         if "ending" in r.columns:
-            ending = r["ending"].map(lambda v: np.nan if v is None or (isinstance(v, float) and
-                                     math.isnan(v)) else " ".join(str(v).split()).casefold())
+            ending = _norm_ending(r["ending"])
             pt["dropout"] = np.where(ending.isin(codes).to_numpy(), 1.0,
                                      np.where(ending.notna().to_numpy(), 0.0, np.nan))
         for c in covs:

@@ -7,8 +7,10 @@ one line on stderr and in the log instead of a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,13 +34,43 @@ from .models import (
 log = logging.getLogger("therapist_effects")
 
 
+#: errno values of a write that failed for want of space or permission (reported in one line).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_WRITE_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def write_error(exc: BaseException, outputs: list[str] | None = None) -> str | None:
+    """``cannot write <path>: <reason>`` for a failed write (full disk, read-only, no permission), else None."""
+    if not isinstance(exc, OSError):
+        return None
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in _WRITE_ERRNOS:
+        reason = os.strerror(code)
+    else:
+        reason = next((m for m in _WRITE_MESSAGES if m in text), None)
+        if reason is None:
+            return None
+    path = exc.filename or (outputs[0] if outputs else None) or "the output"
+    return f"cannot write {path}: {reason}"
+
+
 @contextmanager
-def step(log_path: str | Path | None, name: str):
-    """Log to ``log_path``, capture warnings, and turn user-facing errors into one line + exit 1."""
+def step(log_path: str | Path | None, name: str, outputs: list[str] | None = None):
+    """Log to ``log_path``, capture warnings, and turn user-facing errors into one line + exit 1.
+
+    A write that fails for want of space or permission is one line too: ``cannot write <path>: No
+    space left on device``.
+    """
+    logging.raiseExceptions = False  # a log file on a full disk must not add a traceback of its own
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+        try:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+        except OSError as exc:
+            print(f"ERROR therapist_effects: {write_error(exc, [str(log_path)]) or exc}", file=sys.stderr)
+            sys.exit(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
@@ -47,6 +79,15 @@ def step(log_path: str | Path | None, name: str):
         yield log
     except TherapistEffectsError as exc:
         log.error("%s", exc)
+        logging.shutdown()
+        sys.exit(1)
+    except OSError as exc:
+        line = write_error(exc, outputs)
+        if line is None:
+            log.exception("%s failed with an unexpected error (a bug: please report it with this log)", name)
+            logging.shutdown()
+            raise
+        log.error("%s", line)
         logging.shutdown()
         sys.exit(1)
     except Exception:
@@ -64,15 +105,79 @@ def _ingest_spec(cfg: dict, dataset: dict) -> dict:
     return spec
 
 
-def ingest_step(data_path: str, dataset: dict, cfg: dict, out_rows: str, out_rejects: str, out_summary: str) -> None:
-    """Read and validate one dataset; write the valid rows (Parquet), the rejects and a summary."""
-    from .ingest import ingest_dataset
+def _check_model_outcomes(cfg: dict, dataset: dict, data_path: str) -> None:
+    """A model outcome that is neither derived nor a column of the file: one line naming models[i].outcome."""
+    from .config import INSTRUMENT_OUTCOMES
+    from .exceptions import ConfigError, InputError
+    from .readers import read_header
 
+    extra = set(extra_columns(cfg, dataset))
+    if not extra:
+        return
+    header = read_header(data_path, sheet=dataset.get("sheet"))
+    name = dataset.get("name") or next((k for k, v in cfg["datasets"].items() if v == dataset), None)
+    where = f"datasets.{name}" if name else "the dataset"
+    for i, model in enumerate(cfg["models"]):
+        out = model.get("outcome")
+        if out not in extra or out in header:
+            continue
+        if out in INSTRUMENT_OUTCOMES:
+            raise ConfigError(
+                f"models[{i}].outcome: {out!r} is derived from an instrument's cut-off and reliable change, "
+                f"but {where} has no instrument (set {where}.instrument, e.g. PHQ-9)"
+            )
+        raise InputError(
+            f"file {data_path} has no column '{out}' (models[{i}].outcome); it is not a derived outcome either "
+            "(change, recovered, reliable_improvement, reliable_deterioration, reliable_recovery, "
+            "clinically_significant, dropout)"
+        )
+
+
+#: CSV / Parquet exports larger than this are ingested streamed, in bounded memory
+#: (:mod:`therapist_effects.stream`): the ingest step then writes the per-patient table itself.
+STREAM_BYTES = 512 * 1024 * 1024
+
+
+def _ingest_streamed(data_path: str, spec: dict, cfg: dict, out_rows: str, out_rejects: str,
+                     out_summary: str) -> None:
+    from .outcomes import write_rejects
+    from .stream import ingest_patients_streamed
+
+    Path(out_rows).parent.mkdir(parents=True, exist_ok=True)
+    res = ingest_patients_streamed(data_path, spec, user_instruments=cfg.get("instruments") or {},
+                                   workdir=str(Path(out_rows).parent))
+    res.patients.to_parquet(out_rows, index=False)  # already one row per patient
+    write_rejects(res.rejects, out_rejects)
+    acc = res.accounting
+    write_json({"rows_read": int(res.rows_read), "rows_valid": int(acc["rows_used"]),
+                "rows_rejected": int(acc["rows_rejected"]), "notes": list(res.notes), "streamed": True,
+                "partitions": int(res.partitions)}, out_summary)
+    log.info("streamed %d rows from %s in %d partitions: %d patients, %d rows rejected", res.rows_read, data_path,
+             res.partitions, len(res.patients), acc["rows_rejected"])
+    for note in res.notes:
+        log.info("note: %s", note)
+
+
+def ingest_step(data_path: str, dataset: dict, cfg: dict, out_rows: str, out_rejects: str, out_summary: str) -> None:
+    """Read and validate one dataset; write the valid rows (Parquet), the rejects and a summary.
+
+    Exports over :data:`STREAM_BYTES` are streamed: ``out_rows`` then holds the per-patient table
+    (and the summary says ``streamed``), which the outcomes step passes through.
+    """
+    from .ingest import ingest_dataset
+    from .outcomes import write_rejects
+
+    _check_model_outcomes(cfg, dataset, data_path)
     spec = _ingest_spec(cfg, dataset)
+    # the streamed path derives single-instrument outcomes; several instruments per row are ingested in memory
+    if Path(data_path).suffix.lower() in (".csv", ".parquet") and Path(data_path).is_file() \
+            and Path(data_path).stat().st_size > STREAM_BYTES and not dataset["columns"].get("scores"):
+        _ingest_streamed(data_path, spec, cfg, out_rows, out_rejects, out_summary)
+        return
     result = ingest_dataset(data_path, spec, user_instruments=cfg.get("instruments") or {})
     Path(out_rows).parent.mkdir(parents=True, exist_ok=True)
     result.rows.to_parquet(out_rows, index=False)
-    result.rejects.to_csv(out_rejects, index=False)
+    write_rejects(result.rejects, out_rejects)
     summary = {"rows_read": int(result.rows_read), "rows_valid": int(len(result.rows)),
                "rows_rejected": int(len(result.rejects)), "notes": list(result.notes)}
     write_json(summary, out_summary)
@@ -90,18 +195,23 @@ def outcomes_step(
     from .instruments import get_instrument
     from .outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
+    with open(ingest_summary, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    rows_read = summary["rows_read"]
     rows = pd.read_parquet(rows_path)
     instrument = get_instrument(dataset["instrument"], cfg.get("instruments") or {}) if dataset.get("instrument") else None
-    if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.scores
-        from .scores import derive_scores_outcomes
-
-        patients, rejects2 = derive_scores_outcomes(rows, _ingest_spec(cfg, dataset), cfg.get("instruments") or {})
-    else:
-        patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
     rejects1 = pd.read_csv(ingest_rejects, dtype={"patient": str, "value": str})
-    rejects = pd.concat([rejects1, rejects2], ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
-    with open(ingest_summary, encoding="utf-8") as fh:
-        rows_read = json.load(fh)["rows_read"]
+    if summary.get("streamed"):  # the streamed ingest derived the patients (and all rejects) already
+        patients, rejects = rows, rejects1
+    else:
+        if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.scores
+            from .scores import derive_scores_outcomes
+
+            patients, rejects2 = derive_scores_outcomes(rows, _ingest_spec(cfg, dataset), cfg.get("instruments") or {})
+        else:
+            patients, rejects2 = derive_patient_outcomes(rows, _ingest_spec(cfg, dataset), instrument)
+        rejects = pd.concat([rejects1, rejects2], ignore_index=True)
+    rejects = rejects.sort_values("row", kind="stable").reset_index(drop=True)
     acc = accounting(rows_read, rejects)
     if acc["rows_used"] + acc["rows_rejected"] != acc["rows_read"]:
         raise AssertionError(f"row accounting broken: {acc}")
@@ -162,6 +272,8 @@ def per_cluster_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str,
         arm=mf.arm, feedback_level=mf.feedback_level, meta_cfg=cfg["meta"], level=cfg["intervals"]["level"],
     )
     safe_csv(table, out_csv)
+    for rec in table[~table["estimable"]].itertuples():
+        log.warning("cluster %s: ICC not estimable (%s); left out of the pooling", rec.cluster, rec.not_estimable)
     write_json(meta, out_json)
 
 
@@ -198,7 +310,8 @@ def collect_step(
 
 def run(fn: Callable[..., Any], log_path: str | None, **kwargs: Any) -> None:
     """Run one step under :func:`step` (what the workflow scripts call)."""
-    with step(log_path, fn.__name__):
+    outputs = [str(v) for k, v in kwargs.items() if k.startswith("out") and isinstance(v, (str, Path))]
+    with step(log_path, fn.__name__, outputs):
         fn(**kwargs)
 
 
@@ -310,6 +423,8 @@ def meta_report_step(
     if not rows:
         raise ValueError("meta report: no per-cluster tables and no study table")
     table = pd.concat(rows, ignore_index=True)
+    if "estimable" in table.columns:  # clusters whose ICC could not be estimated are not pooled
+        table = table[table["estimable"].fillna(True).astype(bool)].reset_index(drop=True)
     pooled = pool_table(table, opts["method"], test=opts["test"], level=level, scale=opts["scale"])
     studies = pd.DataFrame(pooled.pop("studies"))
     loo = pooled.pop("leave_one_out", [])

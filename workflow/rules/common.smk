@@ -1,11 +1,14 @@
 # Configuration: validated against workflow/schemas/config.schema.yaml (with defaults filled) by
 # therapist_effects.config.load_config, which also checks what a schema cannot express. A broken
 # config stops the workflow with one line naming the file and key.
+import os
 import sys
 
 from therapist_effects.config import load_config
-from therapist_effects.exceptions import ConfigError
+from therapist_effects.exceptions import ConfigError, TherapistEffectsError
 from therapist_effects.models import applicable_models
+from therapist_effects.safety import check_before_run
+from therapist_effects.safety import check_paths
 
 
 def _config_source():
@@ -15,6 +18,7 @@ def _config_source():
 
 try:
     CFG = load_config(dict(config), source=_config_source())
+    check_paths(CFG, os.getcwd(), source=_config_source())
 except ConfigError as exc:
     sys.exit(f"config error: {exc}")
 
@@ -77,3 +81,11 @@ def slope_narrowing(wc):
 
 def bayes_idata(wc):
     return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]
+
+
+onstart:
+    # before the first job: the pseudonymisation key (and the paths again), one line and no work done
+    try:
+        check_before_run(CFG, os.getcwd(), source=_config_source())
+    except TherapistEffectsError as exc:
+        sys.exit(f"error: {exc}")

@@ -27,14 +27,11 @@ PSEUDONYM_HEX = 10
 
 
 def pseudonym_key(key_env: str = "TE_PSEUDONYM_KEY") -> bytes:
-    """The pseudonymisation key from the environment; a one-line error if it is unset or empty."""
-    key = os.environ.get(key_env, "")
-    if not key:
-        raise PseudonymisationError(
-            f"pseudonymisation is on but environment variable {key_env} is not set: set it to a "
-            f"secret key (the same key gives the same pseudonyms) or pass pseudonymise=False"
-        )
-    return key.encode("utf-8")
+    """The pseudonymisation key from the environment; a one-line error if it is unset, empty or
+    shorter than 16 characters (see :func:`therapist_effects.safety.check_key`)."""
+    from ..safety import check_key
+
+    return check_key(key_env)
 
 
 def pseudonym(therapist_id: object, key: bytes, n_hex: int = PSEUDONYM_HEX) -> str:
