@@ -1,7 +1,9 @@
 # Configuration: validated against workflow/schemas/config.schema.yaml (with defaults filled) by
 # therapist_effects.config.load_config, which also checks what a schema cannot express. A broken
 # config stops the workflow with one line naming the file and key.
+import os
 import sys
+from pathlib import Path
 
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError
@@ -71,3 +73,8 @@ def slope_narrowing(wc):
 
 def bayes_idata(wc):
     return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]
+
+
+# `--use-conda`: workflow/envs/therapist_effects.post-deploy.sh installs this package into the rule
+# environment from here (the repository root, where the Snakefile is), whatever --directory is.
+os.environ.update(THERAPIST_EFFECTS_SOURCE=str(Path(workflow.main_snakefile).resolve().parent))
