@@ -47,6 +47,7 @@ from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
+from .progress import track
 
 __all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
 
@@ -700,7 +701,7 @@ class MixedResults:
         sd_e = math.sqrt(self.vcomp["residual"])
         n, G, p = self._eng.n, self._eng.G, self._eng.p
         rows = []
-        for _ in range(n_boot):
+        for _ in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
             ystar = mu + sd_t * rng.standard_normal(G)[m.codes]
             if self.nested:
                 ystar += sd_c * rng.standard_normal(m.n_clusters)[m.cluster_codes]
