@@ -33,6 +33,7 @@ def test_rule_table_ratios_order_and_goals(tmp_path):
     assert table.set_index("rule")["x_read_csv"].to_dict() == pytest.approx(
         {"ingest": 8.0, "patient_outcomes": 6.0, "fit_arm": 50.0, "fit_ri": 16.0, "meta_report": 4.0})
     assert table.set_index("rule").loc["ingest", "max_rss_mb"] == 1200.5
+    assert table.set_index("rule").loc["ingest", "cpu_s"] == 1.65
     # ingest + outcomes 14x read_csv: within 20x; fit_arm misses both the 10 s and the 2.5 GB goal
     assert bench.goals(table) == ["fit_arm: 12.5 s (goal 10 s)", "fit_arm: peak RSS 2600 MB (goal 2500 MB)"]
     slow_io = bench.rule_table(tmp_path, read_csv_s=0.1)
