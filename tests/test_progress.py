@@ -116,3 +116,20 @@ def test_bayes_log_has_no_blas_warning_and_reports_sampling_progress(tmp_path):
     assert "blas" not in text.lower(), text
     assert "MODE NUMBA" in proc.stdout
     assert "sampling (2 chains x 200 + 200 draws): 800/800 done in" in text, text
+
+
+def test_profile_intervals_report_progress(monkeypatch, caplog):
+    from therapist_effects.reml import RandomInterceptModel
+
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    monkeypatch.setattr(progress, "QUIET", 0.0)
+    rng = np.random.default_rng(2)
+    t = np.repeat(np.arange(20), 10)
+    x = rng.standard_normal(t.size)
+    y = 0.5 * x + rng.standard_normal(20)[t] * 0.5 + rng.standard_normal(t.size)
+    res = RandomInterceptModel(y, np.column_stack([np.ones(t.size), x]), t).fit()
+    with caplog.at_level(logging.INFO, logger="therapist_effects.progress"):
+        res.conf_int(method="profile")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("profile intervals of the fixed effects: 2/2 done in ") for m in msgs), msgs
+    assert any(m.startswith("profile intervals of the variance components: 1/1 done in ") for m in msgs), msgs
