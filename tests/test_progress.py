@@ -114,6 +114,7 @@ def test_bayes_log_has_no_blas_warning_and_reports_sampling_progress(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = log.read_text()
     assert "blas" not in text.lower(), text
+    assert "arviz.preview" not in text, text
     assert "MODE NUMBA" in proc.stdout
     assert "sampling (2 chains x 200 + 200 draws): 800/800 done in" in text, text
 

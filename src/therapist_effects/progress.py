@@ -156,5 +156,6 @@ def nutpie_progress(label: str, *, every: float | None = None, quiet: float | No
         yield True
     finally:
         mod._lib = real
-    if "p" in state:
+    if "p" in state:  # sampling returned: every draw is done, whether or not a last report came
+        state["p"].done = state["p"].total
         state["p"].finish()

@@ -12,10 +12,14 @@ Numba backend for every PyTensor function (``mode=NUMBA``: PyMC's own NUTS, init
 posterior computations then also run through Numba and OpenBLAS, not the degraded C fallback) and
 states explicitly that the C backend has no BLAS to link (``blas__ldflags=`` empty), so the search
 and its warning never happen. Settings a user gave in ``PYTENSOR_FLAGS`` for these keys win.
+
+It also keeps ArviZ's import-time notes ("arviz_base not installed", level INFO, logger
+``arviz.preview``: optional preview packages this package does not use) out of the rule logs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -29,6 +33,7 @@ def _user_keys(flags: str) -> set[str]:
 
 def configure() -> dict[str, str]:
     """Apply :data:`SETTINGS` (those the user did not set); returns what was applied."""
+    logging.getLogger("arviz.preview").setLevel(logging.WARNING)
     flags = os.environ.get("PYTENSOR_FLAGS", "")
     applied = {k: v for k, v in SETTINGS.items() if k not in _user_keys(flags)}
     if not applied:
