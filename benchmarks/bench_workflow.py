@@ -7,7 +7,8 @@ process (best of 3: the baseline), runs the workflow on it (models ``ri``, ``arm
 binomial ``recovery``; profile intervals; reports) with ``snakemake --cores N``, and prints for every
 rule its wall time from its Snakemake ``benchmark:`` file, that time as a ratio to ``read_csv``, and
 its peak resident memory (``max_rss``) and CPU seconds (``cpu_time``: on a busy machine wall time
-overstates what a rule needs, CPU time does not). Goals (issue 13), checked on the full size only:
+overstates what a rule needs, CPU time does not). Snakemake samples a job's RSS and CPU time every
+0.5 s for its first ~15 s and every 30 s after that, so for longer rules both are lower bounds. Goals (issue 13), checked on the full size only:
 
 - ingest + patient_outcomes within 20x read_csv;
 - every model fit, intervals included, within 10 s;
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
             print(f"{r.rule:<24}{r.s:>9.2f}{r.x_read_csv:>12.1f}{r.max_rss_mb:>13.0f}{r.cpu_s:>9.1f}")
         io = table[table["rule"].isin(["ingest", "patient_outcomes"])]
         print(f"{'ingest + outcomes':<24}{io['s'].sum():>9.2f}{io['x_read_csv'].sum():>12.1f}")
+        print("(peak RSS and CPU s are Snakemake's samples: every 0.5 s for ~15 s, then every 30 s)")
         if args.quick:
             print("\n(--quick: goals apply to the full size only)")
             return 0
