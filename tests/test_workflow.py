@@ -279,3 +279,42 @@ def test_meta_analysis_of_published_iccs_without_raw_data(tmp_path):
     assert pooled["tau2"] == pytest.approx(ref["pooled_logit_icc"]["tau2_DL"], abs=1e-10)
     assert (work / "results" / "meta" / "report.html").is_file()
     assert not (work / "results" / "demo").exists()  # the demo config was not merged in
+
+
+RULE_FILES = sorted((REPO / "workflow" / "rules").glob("*.smk"))
+
+
+def _rule_blocks() -> dict[str, str]:
+    import re
+
+    blocks = {}
+    for f in [REPO / "Snakefile", *RULE_FILES]:
+        text = f.read_text()
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", text, re.S | re.M):
+            blocks[m.group(1)] = m.group(2)
+    return blocks
+
+
+def test_every_rule_declares_benchmark_and_resources():
+    """CONTRACT Additions: every rule writes a benchmark: file; every rule states mem_mb, runtime and
+    threads so that a cluster profile can request them."""
+    blocks = {k: v for k, v in _rule_blocks().items() if k != "all"}  # `all` is the target, runs nothing
+    assert {"ingest", "patient_outcomes", "fit_model", "fit_bayes", "estimates", "meta_report"} <= set(blocks)
+    for name, body in blocks.items():
+        assert "    benchmark:\n" in body, name
+        assert "    threads:" in body, name
+        assert "mem_mb=" in body and "runtime=" in body, name
+
+
+def test_demo_benchmark_files(demo_run):
+    """Each job of the demo run wrote its Snakemake benchmark (seconds, peak RSS) under logs/benchmarks/."""
+    work, _ = demo_run
+    bench = work / "logs" / "benchmarks"
+    expected = ["demo/ingest.tsv", "demo/patient_outcomes.tsv", "demo/estimates.tsv", "demo/per_cluster.tsv",
+                "demo/research_report.tsv", "demo/service_report.tsv", "meta/meta_report.tsv",
+                *[f"demo/fit_{m}.tsv" for m in ("ri", "arm", "nested", "recovery", "slope", "ri_bayes")]]
+    for rel in expected:
+        table = pd.read_csv(bench / rel, sep="\t")
+        assert len(table) == 1, rel
+        assert table["s"].iloc[0] > 0, rel
+        assert {"max_rss", "max_vms"} <= set(table.columns), rel

@@ -52,6 +52,7 @@ from scipy import optimize, stats
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .progress import track
 
 __all__ = ["ArmVarianceModel", "ArmVarianceResults", "arm_labels"]
 
@@ -1148,7 +1149,7 @@ class ArmVarianceResults:
         rows = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(n_boot):
+            for _ in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
                 u = rng.standard_normal((eng.T, 2)) @ Lre.T
                 e = rng.standard_normal(eng.N) * res_sd[eng.acode]
                 ystar = mu + u[eng.tcode, eng.acode] + e

@@ -83,6 +83,10 @@ import pandas as pd
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConfigError, ModelError, SamplerWarning
+from .progress import nutpie_progress
+from .pytensor_setup import configure as _configure_pytensor
+
+_configure_pytensor()  # before PyMC is imported: Numba backend, no C-BLAS search (see pytensor_setup)
 
 MODEL_TYPES = ("random_intercept", "nested", "arm_variance")
 FAMILIES = ("gaussian", "binomial")
@@ -583,10 +587,11 @@ def _sample(model, compiled, config: BayesConfig, sampler: str):
     if sampler == "nutpie":
         import nutpie
 
-        idata = nutpie.sample(
-            compiled, draws=config.draws, tune=config.tune, chains=config.chains, cores=cores,
-            seed=config.seed, progress_bar=False, save_warmup=False, target_accept=config.target_accept,
-        )
+        with nutpie_progress(f"sampling ({config.chains} chains x {config.tune} + {config.draws} draws)") as bar:
+            idata = nutpie.sample(
+                compiled, draws=config.draws, tune=config.tune, chains=config.chains, cores=cores,
+                seed=config.seed, progress_bar=bar, save_warmup=False, target_accept=config.target_accept,
+            )
     else:
         import pymc as pm
 

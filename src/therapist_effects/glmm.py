@@ -57,6 +57,7 @@ from .exceptions import (
     SingularFitWarning,
     StatisticalWarning,
 )
+from .progress import track
 
 __all__ = ["LogisticRandomInterceptModel", "LogisticMixedResults", "LATENT_RESIDUAL_VARIANCE"]
 
@@ -760,7 +761,7 @@ class LogisticMixedResults:
         rng = np.random.default_rng(seed)
         eta0 = m.X @ self.theta[:p]
         out = np.full(n_boot, np.nan)
-        for r in range(n_boot):
+        for r in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
             u = self.s_u * rng.standard_normal(m.n_therapists)
             yb = (rng.random(m.n_obs) < expit(eta0 + u[m.g])).astype(float)
             if yb.min() == yb.max():

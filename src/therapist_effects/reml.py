@@ -47,6 +47,7 @@ from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
+from .progress import track
 
 __all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
 
@@ -554,7 +555,7 @@ class MixedResults:
         # fixed effects: min over theta of n(1 + log(2 pi r_j / n)) + log|V/s2|,
         # r_j = r + (b_j(theta) - beta)^2 / [(X'WX)^-1]_jj (constrained GLS, sigma profiled)
         th_hat = np.sqrt(ml["g"])
-        for j, name in enumerate(self.fe_params.index):
+        for j, name in track(list(enumerate(self.fe_params.index)), "profile intervals of the fixed effects"):
             start = [th_hat.copy()]
 
             def excess(beta: float, j: int = j, start: list = start) -> float:
@@ -582,7 +583,7 @@ class MixedResults:
 
         # variance components on the SD scale
         sd_names = ["therapist", "cluster"][:nsd]
-        for k, name in enumerate(sd_names):
+        for k, name in track(list(enumerate(sd_names)), "profile intervals of the variance components"):
             others = [i for i in range(nsd) if i != k]
             x0 = np.array([math.log(sigma)] + [sds[i] for i in others])
             steps = np.array([0.02] + [0.1 * max(sds[i], 0.05 * sigma) for i in others])
@@ -700,7 +701,7 @@ class MixedResults:
         sd_e = math.sqrt(self.vcomp["residual"])
         n, G, p = self._eng.n, self._eng.G, self._eng.p
         rows = []
-        for _ in range(n_boot):
+        for _ in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
             ystar = mu + sd_t * rng.standard_normal(G)[m.codes]
             if self.nested:
                 ystar += sd_c * rng.standard_normal(m.n_clusters)[m.cluster_codes]

@@ -3,12 +3,12 @@
 # config stops the workflow with one line naming the file and key.
 import os
 import sys
+from pathlib import Path
 
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError, TherapistEffectsError
 from therapist_effects.models import applicable_models
-from therapist_effects.safety import check_before_run
-from therapist_effects.safety import check_paths
+from therapist_effects.safety import check_before_run, check_paths
 
 
 def _config_source():
@@ -89,3 +89,6 @@ onstart:
         check_before_run(CFG, os.getcwd(), source=_config_source())
     except TherapistEffectsError as exc:
         sys.exit(f"error: {exc}")
+# `--use-conda`: workflow/envs/therapist_effects.post-deploy.sh installs this package into the rule
+# environment from here (the repository root, where the Snakefile is), whatever --directory is.
+os.environ.update(THERAPIST_EFFECTS_SOURCE=str(Path(workflow.main_snakefile).resolve().parent))

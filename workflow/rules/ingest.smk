@@ -11,6 +11,12 @@ rule ingest:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/ingest.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
     log:
         "logs/{dataset}/ingest.log",
     script:
@@ -39,6 +45,12 @@ rule patient_outcomes:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/patient_outcomes.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
     log:
         "logs/{dataset}/patient_outcomes.log",
     script:

@@ -13,6 +13,12 @@ rule fit_model:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/fit_{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -34,6 +40,12 @@ rule fit_random_slope:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/fit_{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -56,6 +68,11 @@ rule fit_bayes:
     threads: 2
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/fit_{model}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=240,
     log:
         "logs/{dataset}/fit_{model}.log",
     script:
@@ -79,6 +96,12 @@ rule per_cluster:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/per_cluster.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
     log:
         "logs/{dataset}/per_cluster.log",
     script:
@@ -114,6 +137,12 @@ rule estimates:
         configfiles=CONFIGFILES,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/estimates.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     log:
         "logs/{dataset}/estimates.log",
     script:

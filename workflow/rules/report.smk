@@ -19,6 +19,12 @@ rule research_report:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/research_report.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
     log:
         "logs/{dataset}/research_report.log",
     script:
@@ -43,6 +49,12 @@ rule service_report:
         dataset=lambda wc: DATASETS[wc.dataset],
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/service_report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     log:
         "logs/{dataset}/service_report.log",
     script:
@@ -89,6 +101,12 @@ rule meta_report:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/meta/meta_report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     log:
         "logs/meta/meta_report.log",
     script:
