@@ -9,7 +9,7 @@ random_intercept   gaussian    :class:`therapist_effects.reml.RandomInterceptMod
 random_intercept   binomial    :class:`therapist_effects.glmm.LogisticRandomInterceptModel`
 nested             gaussian    :class:`therapist_effects.reml.NestedModel`
 arm_variance       gaussian    :class:`therapist_effects.arm.ArmVarianceModel`
-random_slope       gaussian    :func:`therapist_effects.slopes.fit_random_slope` (statsmodels MixedLM)
+random_slope       gaussian    :class:`therapist_effects.slopes.RandomSlopeModel` (exact engine)
 any (engine bayes)             :func:`therapist_effects.bayes.fit_bayes` (PyMC)
 =================  ==========  =========================================================
 
@@ -129,6 +129,11 @@ def model_frame(patients: pd.DataFrame, model: dict, dataset: dict) -> ModelFram
             covariates.append(names["arm"])
     if model["type"] == "arm_variance" and "cluster" in names and model.get("cluster_effect") == "fixed":
         covariates.append(names["cluster"])
+    if model["type"] == "random_slope" and model.get("slope") and model["slope"] != names.get("arm"):
+        if model["slope"] not in df.columns:
+            raise ModelError(f"model {model['id']!r}: slope {model['slope']!r} is not a column of the patient table")
+        if model["slope"] not in covariates:  # the slope variable is also a fixed effect, as in lme4 practice
+            covariates.append(model["slope"])
     missing_cols = [c for c in covariates if c not in df.columns]
     if missing_cols:
         raise ModelError(f"model {model['id']!r}: covariates {missing_cols} are not columns of the patient table")
@@ -182,7 +187,7 @@ def formula(model: dict, mf: ModelFrame) -> str:
         if model.get("cluster_effect") == "random":
             re = f"(1 | {mf.cluster}) + {re.replace(f'| {t})', f'| {mf.cluster}:{t})')}"
     elif kind == "random_slope":
-        re = f"(1 + {mf.arm} | {t})"
+        re = f"(1 + {model.get('slope') or mf.arm} | {t})"
     else:
         re = f"(1 | {t})"
     return f"{mf.outcome} ~ {rhs} + {re}"
@@ -263,6 +268,7 @@ def fit_model(
             res = RandomSlopeModel.from_frame(
                 mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
                 feedback_level=mf.feedback_level, method=model.get("method") or "REML",
+                slope=model.get("slope"),
             ).fit()
             entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
             gap = res.gap_table()

@@ -96,7 +96,7 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
             return ProfileLimit(float(edge), "edge", n_eval[0])
     if ceiling is None:
         ceiling = 1e12 * max(abs(xhat), scale)
-    prev = xhat
+    prev, e_prev = xhat, 0.0
     for k in range(400):
         h = step * growth ** k
         if log_scale:
@@ -119,21 +119,25 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
                 if abs(x - edge) <= 1e-12 * max(abs(xhat), scale):
                     return ProfileLimit(-math.inf if direction < 0 else math.inf, "open", n_eval[0])
             else:  # the edge's excess is >= q: the root lies between prev and the edge
-                x, e = edge, e_edge
-                lo, hi = sorted((prev, x))
-                return ProfileLimit(_root(ex, q, lo, hi, xtol, rtol), "root", n_eval[0])
+                return ProfileLimit(_root(ex, q, prev, e_prev, edge, e_edge, xtol, rtol), "root", n_eval[0])
         elif not math.isfinite(x) or abs(x) > ceiling:
             return ProfileLimit(math.inf if direction > 0 else -math.inf, "open", n_eval[0])
         e = ex(x)
         if e >= q:
-            lo, hi = sorted((prev, x))
-            return ProfileLimit(_root(ex, q, lo, hi, xtol, rtol), "root", n_eval[0])
-        prev = x
+            return ProfileLimit(_root(ex, q, prev, e_prev, x, e, xtol, rtol), "root", n_eval[0])
+        prev, e_prev = x, e
     return ProfileLimit(math.inf * direction, "open", n_eval[0])  # pragma: no cover
 
 
-def _root(ex: Callable[[float], float], q: float, lo: float, hi: float, xtol: float, rtol: float) -> float:
-    return float(optimize.brentq(lambda t: ex(t) - q, lo, hi, xtol=xtol, rtol=rtol, maxiter=200))
+def _root(ex: Callable[[float], float], q: float, a: float, ea: float, b: float, eb: float,
+          xtol: float, rtol: float) -> float:
+    """Brent's root of ``ex - q`` in the bracket ``[a, b]`` whose end values are known (they are
+    not evaluated again: a profile whose inner optimisation is warm-started may differ in the last
+    digits between two evaluations at the same point)."""
+    known = {a: ea - q, b: eb - q}
+    lo, hi = sorted((a, b))
+    return float(optimize.brentq(lambda t: known[t] if t in known else ex(t) - q, lo, hi,
+                                 xtol=xtol, rtol=rtol, maxiter=200))
 
 
 def profile_interval(excess: Callable[[float], float], xhat: float, level: float, **kw
