@@ -119,3 +119,19 @@ def test_continuous_slope_is_invariant_to_centring():
     assert res.vcomp["therapist_slope"] == pytest.approx(ref["therapist_slope"], rel=1e-6)
     assert res.vcomp["residual"] == pytest.approx(ref["residual"], rel=1e-6)
     assert res.loglik == pytest.approx(ref["logLik"], rel=1e-9)
+
+
+def test_profile_intervals_agree_with_lme4():
+    """Profile intervals of the binary slope model: lme4's confint(fit, method = "profile") rows
+    sd_(Intercept), cor, sd_feedback, sigma (SD scale; ours are variances, squared back). lme4
+    interpolates a spline through its profile, ours are the exact roots: agreement to 1e-3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = RandomSlopeModel.from_frame(FB, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id",
+                                          arm="feedback").fit()
+    ci = REF["binary"]["confint_profile"]
+    ref = dict(zip(ci["rows"], zip(ci["lower"], ci["upper"])))
+    assert np.sqrt(res.interval("therapist")) == pytest.approx(ref["sd_(Intercept)|therapist_id"], rel=1e-3)
+    assert np.sqrt(res.interval("therapist_slope")) == pytest.approx(ref["sd_feedback|therapist_id"], rel=1e-3)
+    assert np.sqrt(res.interval("residual")) == pytest.approx(ref["sigma"], rel=1e-3)
+    assert res.interval("correlation") == pytest.approx(ref["cor_feedback.(Intercept)|therapist_id"], rel=1e-3)

@@ -211,52 +211,50 @@ class RandomSlopeResults:
         eng = self._eng
         th, dmin, s2, t1, t2, rho = self._ml()
         q = chi2_cut(level)
-        lows3 = np.array([-np.inf, 0.0, -1.0])
+        # inner problems on log SDs (scale-free steps; the relative SDs differ by orders of
+        # magnitude when the slope variable is on a wide scale) and the correlation on [-1, 1]
+        lows3, ups3 = np.array([-np.inf, -np.inf, -1.0]), np.array([np.inf, np.inf, 1.0])
         state: dict = {}
+        ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
-        def inner(f, z0, lows, ups=None):
+        def inner(f, lows, ups):
             # inner minimisation over the other parameters, warm-started at the previous point
-            z, fz, _ = minimise_box(f, z0, lows, ups, xatol=1e-7, fatol=1e-9)
-            return z, fz
+            z, fz, _ = minimise_box(f, state["z"], lows, ups, xatol=1e-8, fatol=1e-10)
+            state["z"] = z
+            return fz
 
         if name == "correlation":
             if not (t1 > 0 and t2 > 0):
                 out = (math.nan, math.nan)
                 self._cache[key] = out
                 return out
-            z0 = np.array([t1, t2])
+            z0 = np.array([ln(t1), ln(t2)])
 
             def excess(c):
-                z, fz = inner(lambda z: eng.crit(_theta(z[0], z[1], c), False), state["z"],
-                              np.zeros(2))
-                state["z"] = z
-                return fz - dmin
+                f = lambda z: eng.crit(_theta(math.exp(z[0]), math.exp(z[1]), c), False)  # noqa: E731
+                return inner(f, np.full(2, -np.inf), np.full(2, np.inf)) - dmin
             kw = dict(lower=-1.0, upper=1.0, step=0.05)
             est = rho
         elif name in ("therapist", "therapist_slope"):
             k = 0 if name == "therapist" else 1
             other = t2 if k == 0 else t1
-            z0 = np.array([0.5 * math.log(s2), other, rho])
+            z0 = np.array([0.5 * math.log(s2), ln(other), rho])
 
             def excess(c, k=k):
                 def f(z):
                     sg2 = math.exp(2.0 * z[0])
-                    tk = math.sqrt(max(c, 0.0) / sg2)
-                    th_ = _theta(tk, z[1], z[2]) if k == 0 else _theta(z[1], tk, z[2])
+                    tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
+                    th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
                     return eng.dev_ml(th_, sg2)
-                z, fz = inner(f, state["z"], lows3, np.array([np.inf, np.inf, 1.0]))
-                state["z"] = z
-                return fz - dmin
+                return inner(f, lows3, ups3) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
-            z0 = np.array([t1, t2, rho])
+            z0 = np.array([ln(t1), ln(t2), rho])
 
             def excess(c):
-                z, fz = inner(lambda z: eng.dev_ml(_theta(z[0], z[1], z[2]), c),
-                              state["z"], np.array([0.0, 0.0, -1.0]), np.array([np.inf, np.inf, 1.0]))
-                state["z"] = z
-                return fz - dmin
+                f = lambda z: eng.dev_ml(_theta(math.exp(z[0]), math.exp(z[1]), z[2]), c)  # noqa: E731
+                return inner(f, lows3, ups3) - dmin
             est = s2
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:

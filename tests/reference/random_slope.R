@@ -28,6 +28,8 @@ bin <- lmer(phq9_post ~ phq9_pre + feedback + (1 + feedback | therapist_id), dat
 re <- ranef(bin)$therapist_id
 binary <- summarise(bin, "feedback")
 binary$ranef <- list(therapist = rownames(re), intercept = unname(re[, 1]), slope = unname(re[, 2]))
+ci <- confint(bin, method = "profile", level = 0.95, oldNames = FALSE)   # profile() refits by ML
+binary$confint_profile <- list(rows = rownames(ci), lower = unname(ci[, 1]), upper = unname(ci[, 2]))
 bin_ml <- lmer(phq9_post ~ phq9_pre + feedback + (1 + feedback | therapist_id), data = fb, REML = FALSE, control = ctrl)
 # continuous slope: the intake score
 cont <- lmer(phq9_post ~ phq9_pre + feedback + (1 + phq9_pre | therapist_id), data = fb, REML = TRUE, control = ctrl)

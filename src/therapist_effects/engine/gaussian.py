@@ -386,5 +386,7 @@ def minimise_box(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndar
                  ups: np.ndarray | None = None, xatol: float = 1e-9,
                  fatol: float = 1e-11) -> tuple[np.ndarray, float, bool]:
     """Minimise ``f`` over the box ``lows <= x <= ups`` from a warm start (the inner problems of
-    profiles, bootstrap refits)."""
-    return _nm(f, x0, lows, xatol, fatol, ups)
+    profiles): Nelder-Mead, then Newton polish of the coordinates off their bounds."""
+    x, fx, ok = _nm(f, x0, lows, xatol, fatol, ups)
+    x, fx, _ = _newton_polish(f, x, lows, ups)
+    return x, fx, ok
