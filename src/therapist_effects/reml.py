@@ -46,6 +46,8 @@ from scipy import stats
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .engine.gaussian import centre_design
+from .engine.results import ModelResults
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
 
 __all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
@@ -79,16 +81,7 @@ class _Engine:
                 raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
             self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
         self.ni = np.bincount(tcodes, minlength=G).astype(float)
-        ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
-        self.k0 = int(ones[0]) if len(ones) else None
-        self.S = np.eye(p)
-        if self.k0 is not None:
-            mu = X.mean(axis=0)
-            mu[self.k0] = 0.0
-            Xc = X - mu
-            self.S[self.k0, :] -= mu  # Xc = X S, S = I - e_k0 mu'
-        else:
-            Xc = X
+        Xc, self.S, self.k0 = centre_design(X)
         xbar = np.empty((G, p))
         for j in range(p):
             xbar[:, j] = np.bincount(tcodes, weights=Xc[:, j], minlength=G) / self.ni
@@ -370,7 +363,7 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class MixedResults:
+class MixedResults(ModelResults):
     """Estimates of a fitted therapist model, with intervals, ICC, LRT and therapist effects.
 
     Attributes: ``params`` (fixed effects by name, then the variance components ``therapist``,
@@ -419,6 +412,10 @@ class MixedResults:
             zero = [k for k, gk in zip(("therapist", "cluster"), self.g) if math.sqrt(gk) < SINGULAR_TOL]
             self._warn(f"singular fit: {' and '.join(zero)} variance estimated at (or next to) zero",
                        SingularFitWarning)
+
+    def _n_params(self) -> int:
+        """Fixed effects, the variance ratio(s) and the residual scale (lme4's df of logLik)."""
+        return int(self._eng.p + len(self.g) + 1)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _warn(self, msg: str, cls: type[Warning]) -> None:
@@ -831,7 +828,8 @@ class MixedResults:
                                   "ci_high": _f(chi), "ci_method": icc_method}
         lrt = self.lrt()
         out.update({
-            "loglik": _f(self.loglik), "converged": bool(self.converged),
+            "loglik": _f(self.loglik), **{k: _f(v) for k, v in self.information_criteria().items()},
+            "converged": bool(self.converged),
             "singular": bool(self.singular),
             "lrt": {k: _f(v) for k, v in lrt.items()},
             "n_patients": int(self.n_obs), "n_therapists": int(self.n_therapists),

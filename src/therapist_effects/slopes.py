@@ -31,6 +31,7 @@ import pandas as pd
 from .arm import arm_design
 from .design import fixed_effects_matrix, group_codes
 from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box
+from .engine.results import ModelResults
 from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
@@ -135,7 +136,7 @@ class RandomSlopeModel:
         return RandomSlopeResults(self, theta, fmin, ok)
 
 
-class RandomSlopeResults:
+class RandomSlopeResults(ModelResults):
     """Fitted random-slope model: exact estimates, profile/bootstrap intervals, BLUPs.
 
     Attributes: ``theta`` (lme4's), ``fe_params``, ``bse``, ``cov_params`` (lme4's ``vcov``),
@@ -168,11 +169,6 @@ class RandomSlopeResults:
                       "residual": float(self.scale)}
         self.params = pd.concat([self.fe_params, pd.Series(self.vcomp)])
         self.loglik = -0.5 * self._crit_min
-        self.llf = self.loglik
-        k = eng.p + 3 + 1  # fixed effects, theta, sigma (lme4's df of logLik)
-        self.df_model = k
-        self.aic = -2.0 * self.loglik + 2.0 * k
-        self.bic = -2.0 * self.loglik + math.log(eng.n) * k
         self.n_patients = eng.n
         self.n_therapists = eng.G
         self.converged = bool(converged)
@@ -184,6 +180,10 @@ class RandomSlopeResults:
         if self.singular:
             self._warn("singular fit: the intercept or slope variance is 0 or the intercept-slope "
                        f"correlation is -1/+1 (correlation {self.correlation:.4g})", SingularFitWarning)
+
+    def _n_params(self) -> int:
+        """Fixed effects, the three theta and sigma (lme4's df of logLik)."""
+        return int(self._eng.p + 3 + 1)
 
     def _warn(self, msg, category):
         if msg not in self.warnings:
@@ -218,9 +218,12 @@ class RandomSlopeResults:
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
         def inner(f, lows, ups):
-            # inner minimisation over the other parameters, warm-started at the previous point
-            z, fz, _ = minimise_box(f, state["z"], lows, ups, xatol=1e-8, fatol=1e-10)
-            state["z"] = z
+            # inner minimisation over the other parameters, warm-started at the solution of the
+            # nearest point profiled so far (not the last one: the search also visits the edge)
+            c = state["c"]
+            near = min(state["done"], key=lambda v: abs(v - c))
+            z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
+            state["done"][c] = z
             return fz
 
         if name == "correlation":
@@ -231,6 +234,7 @@ class RandomSlopeResults:
             z0 = np.array([ln(t1), ln(t2)])
 
             def excess(c):
+                state["c"] = c
                 f = lambda z: eng.crit(_theta(math.exp(z[0]), math.exp(z[1]), c), False)  # noqa: E731
                 return inner(f, np.full(2, -np.inf), np.full(2, np.inf)) - dmin
             kw = dict(lower=-1.0, upper=1.0, step=0.05)
@@ -241,6 +245,8 @@ class RandomSlopeResults:
             z0 = np.array([0.5 * math.log(s2), ln(other), rho])
 
             def excess(c, k=k):
+                state["c"] = c
+
                 def f(z):
                     sg2 = math.exp(2.0 * z[0])
                     tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
@@ -253,6 +259,7 @@ class RandomSlopeResults:
             z0 = np.array([ln(t1), ln(t2), rho])
 
             def excess(c):
+                state["c"] = c
                 f = lambda z: eng.dev_ml(_theta(math.exp(z[0]), math.exp(z[1]), z[2]), c)  # noqa: E731
                 return inner(f, lows3, ups3) - dmin
             est = s2
@@ -261,7 +268,7 @@ class RandomSlopeResults:
             raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, residual or correlation")
         ends = []
         for d in (-1, 1):
-            state["z"] = z0.copy()
+            state["done"] = {est: z0.copy()}
             lim = profile_limit(excess, est, q, d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
@@ -404,11 +411,7 @@ class RandomSlopeResults:
             "variance_components": vc,
             "correlation": {"estimate": num(cor["estimate"]), "ci_low": num(cor["ci_low"]),
                             "ci_high": num(cor["ci_high"]), "ci_method": interval},
-            "loglik": num(self.loglik),
-            "aic": num(self.aic),
-            "bic": num(self.bic),
-            "converged": bool(self.converged),
-            "singular": bool(self.singular),
+            **self.fit_fields(),
             "n_patients": int(self.n_patients),
             "n_therapists": int(self.n_therapists),
             "warnings": [str(w) for w in self.warnings],
