@@ -79,3 +79,29 @@ def test_registry_maps_every_type_to_its_class():
     assert lookup("nested", engine="bayes") is REGISTRY["bayes"]
     with pytest.raises(ModelError, match="no engine"):
         lookup("growth_curve")
+
+
+def test_one_bootstrap_seed_rule_and_failure_count():
+    """engine.inference.parametric_bootstrap: seed=None is seed 0; refits that raise or do not
+    converge are counted and NaN, and percentile intervals leave them out."""
+    import numpy as np
+
+    from therapist_effects.engine.inference import parametric_bootstrap
+
+    def simulate(rng):
+        return rng.normal(size=5)
+
+    def refit(x):
+        if x[0] > 1.0:
+            raise np.linalg.LinAlgError("singular")
+        return {"m": float(x.mean()), "converged": x[1] < 1.5, "flag": x[2] > 0}
+
+    a = parametric_bootstrap(simulate, refit, 200, None, ["m"], flags=("flag",))
+    b = parametric_bootstrap(simulate, refit, 200, 0, ["m"], flags=("flag",))
+    pd.testing.assert_frame_equal(a.draws, b.draws)
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=5) for _ in range(200)]
+    failed = sum(x[0] > 1.0 or x[1] >= 1.5 for x in xs)
+    assert a.n_failed == failed > 0 and int(a.draws["m"].isna().sum()) == failed
+    ok = [x.mean() for x in xs if not (x[0] > 1.0 or x[1] >= 1.5)]
+    assert a.interval("m", 0.9) == pytest.approx(tuple(np.quantile(ok, [0.05, 0.95])))

@@ -47,6 +47,7 @@ from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .engine.gaussian import centre_design
+from .engine.inference import parametric_bootstrap, percentile_interval
 from .engine.results import ModelResults
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
 
@@ -680,7 +681,8 @@ class MixedResults(ModelResults):
         """Parametric bootstrap: ``n_boot`` data sets simulated from the fitted model (fixed part
         ``X b``, therapist [and cluster] effects and residuals drawn from their fitted normal
         distributions with ``numpy.random.default_rng(seed)``; ``seed=None`` means 0), each refitted
-        by the same exact engine and method. Columns: fixed effects, variance components,
+        by the same exact engine and method (:func:`engine.inference.parametric_bootstrap`; failed
+        refits are counted, warned about and NaN). Columns: fixed effects, variance components,
         ``icc`` [``icc_cluster``], ``converged``, ``singular``."""
         seed = 0 if seed is None else int(seed)
         n_boot = int(n_boot)
@@ -689,19 +691,20 @@ class MixedResults(ModelResults):
         key = ("boot", n_boot, seed)
         if key in self._cache:
             return self._cache[key]
-        rng = np.random.default_rng(seed)
         m = self.model
         mu = m.exog @ self.fe_params.to_numpy()
         sd_t = math.sqrt(self.vcomp["therapist"])
         sd_c = math.sqrt(self.vcomp.get("cluster", 0.0))
         sd_e = math.sqrt(self.vcomp["residual"])
         n, G, p = self._eng.n, self._eng.G, self._eng.p
-        rows = []
-        for _ in range(n_boot):
+
+        def simulate(rng: np.random.Generator) -> np.ndarray:
             ystar = mu + sd_t * rng.standard_normal(G)[m.codes]
             if self.nested:
                 ystar += sd_c * rng.standard_normal(m.n_clusters)[m.cluster_codes]
-            ystar += sd_e * rng.standard_normal(n)
+            return ystar + sd_e * rng.standard_normal(n)
+
+        def refit(ystar: np.ndarray) -> dict:
             eng = self._eng.with_y(ystar)
             g, _, conv = eng.fit(self._reml)
             gt = float(g[0])
@@ -718,19 +721,20 @@ class MixedResults(ModelResults):
                 row["icc_cluster"] = gc / (1.0 + gt + gc)
             row["converged"] = bool(conv)
             row["singular"] = bool(np.any(np.sqrt(g) < SINGULAR_TOL))
-            rows.append(row)
-        out = pd.DataFrame(rows)
-        if not out["converged"].all():
-            self._warn(f"{int((~out['converged']).sum())} of {n_boot} bootstrap refits did not "
-                       "converge", ConvergenceWarning)
+            return row
+
+        cols = [*self.fe_params.index, *self._vc_names, "icc", *(["icc_cluster"] if self.nested else [])]
+        res = parametric_bootstrap(simulate, refit, n_boot, seed, cols, flags=("converged", "singular"))
+        out = res.draws
+        if res.n_failed:
+            self._warn(f"{res.n_failed} of {n_boot} bootstrap refits failed (did not converge); they are "
+                       "left out of the percentile intervals", ConvergenceWarning)
         self._cache[key] = out
         return out
 
     @staticmethod
     def _percentile(x: pd.Series, level: float) -> tuple[float, float]:
-        a = (1.0 - level) / 2.0
-        lo, hi = np.quantile(np.asarray(x, dtype=float), [a, 1.0 - a])
-        return float(lo), float(hi)
+        return percentile_interval(x, level)
 
     # -- therapist effects -----------------------------------------------------------------------
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None
