@@ -30,7 +30,7 @@ import pandas as pd
 
 from .arm import arm_design
 from .design import fixed_effects_matrix, group_codes
-from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box
+from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_minimise
 from .engine.results import ModelResults
 from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
@@ -222,7 +222,9 @@ class RandomSlopeResults(ModelResults):
             # nearest point profiled so far (not the last one: the search also visits the edge)
             c = state["c"]
             near = min(state["done"], key=lambda v: abs(v - c))
-            z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
+            z, fz, ok = newton_minimise(f, state["done"][near], lows, ups)  # fast from a warm start
+            if not ok:
+                z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
             state["done"][c] = z
             return fz
 
