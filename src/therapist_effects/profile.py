@@ -123,6 +123,13 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
         return np.array([x]), fx
     if len(x0) != 2:  # pragma: no cover - the models here have at most two free parameters
         raise ValueError("min_nd_local handles 1 or 2 coordinates")
+    # warm-started damped Newton first (a few dozen evaluations near the previous profile point);
+    # the nested Brent searches below only when it cannot vouch for its answer
+    from .engine.gaussian import newton_minimise
+
+    xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float))
+    if ok:
+        return xn, fn
     inner_start = [x0[0]]
 
     def outer(t1: float) -> float:
