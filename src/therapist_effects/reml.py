@@ -46,7 +46,7 @@ from scipy import stats
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from .engine.gaussian import centre_design
+from .engine.gaussian import centre_design, gls_from_cholesky
 from .engine.inference import parametric_bootstrap, percentile_interval
 from .engine.results import ModelResults
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
@@ -155,15 +155,8 @@ class _Engine:
     def fixed(self, gt: float, gc: float = 0.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
         r, _, _, L = self.core(gt, gc)
-        p = self.p
-        Lxx = L[:p, :p]
-        Linv = np.linalg.inv(Lxx)  # p x p lower triangular; tiny, and much cheaper than scipy here
-        bc = Linv.T @ L[p, :p]
-        covc = Linv.T @ Linv
-        b = self.S @ bc
-        if self.k0 is not None:
-            b[self.k0] += self.shift_y
-        return b, self.S @ covc @ self.S.T, r, bc
+        b, cov, bc = gls_from_cholesky(L, self.S, self.k0, self.shift_y)
+        return b, cov, r, bc
 
     def residual_means(self, bc: np.ndarray) -> np.ndarray:
         """Each therapist's mean residual ``ybar_i - xbar_i' b`` (the shift cancels)."""

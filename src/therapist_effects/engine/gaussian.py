@@ -35,7 +35,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import optimize
 
-__all__ = ["BlockEngine", "theta_to_lambda", "theta_lower_bounds", "SINGULAR_TOL", "minimise_theta", "minimise_box"]
+__all__ = ["BlockEngine", "theta_to_lambda", "theta_lower_bounds", "SINGULAR_TOL", "minimise_theta", "minimise_box",
+           "newton_minimise", "centre_design", "gls_from_cholesky", "psd_cholesky"]
 
 LOG2PI = math.log(2.0 * math.pi)
 #: lme4's ``isSingular`` tolerance on the diagonal of theta
@@ -76,6 +77,20 @@ def centre_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
     mu[k0] = 0.0
     S[k0, :] -= mu
     return X - mu, S, k0
+
+
+def gls_from_cholesky(R: np.ndarray, S: np.ndarray, k0: int | None, shift_y: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GLS fixed effects from the Cholesky factor ``R`` of ``[X y]'W[X y]`` (centred scale):
+    ``(b, (X'WX)^{-1}, b_centred)`` with the centring of :func:`centre_design` undone."""
+    p = R.shape[0] - 1
+    Rinv = np.linalg.inv(R[:p, :p])  # p x p lower triangular; tiny, and cheaper than scipy here
+    bc = Rinv.T @ R[p, :p]
+    covc = Rinv.T @ Rinv
+    b = S @ bc
+    if k0 is not None:
+        b[k0] += shift_y
+    return b, S @ covc @ S.T, bc
 
 
 def lambda_to_theta(lam: np.ndarray) -> np.ndarray:
@@ -246,14 +261,8 @@ class BlockEngine:
     def fixed(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
         r, _, _, R = self.core(theta)
-        p = self.p
-        Rinv = np.linalg.inv(R[:p, :p])
-        bc = Rinv.T @ R[p, :p]
-        covc = Rinv.T @ Rinv
-        b = self.S @ bc
-        if self.k0 is not None:
-            b[self.k0] += self.shift_y
-        return b, self.S @ covc @ self.S.T, r, bc
+        b, cov, bc = gls_from_cholesky(R, self.S, self.k0, self.shift_y)
+        return b, cov, r, bc
 
     def blups(self, theta: np.ndarray, bc: np.ndarray, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes ``E[u_i | y]`` (G x q) and conditional covariances (G x q x q), as
@@ -315,22 +324,26 @@ def _nm(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray, xato
     return x, float(fx), ok
 
 
-def _fd_grad(f: Callable[[np.ndarray], float], x: np.ndarray, lows: np.ndarray, ups: np.ndarray,
-             fx: float, rel: float = 1e-6) -> np.ndarray:
-    """Central-difference gradient (one-sided at a bound)."""
-    g = np.empty(len(x))
-    for k in range(len(x)):
-        h = rel * max(1.0, abs(x[k]))
-        e = np.zeros(len(x))
-        e[k] = h
-        up_ok, lo_ok = x[k] + h <= ups[k], x[k] - h >= lows[k]
-        if up_ok and lo_ok:
-            g[k] = (f(x + e) - f(x - e)) / (2 * h)
-        elif up_ok:
-            g[k] = (f(x + e) - fx) / h
-        else:
-            g[k] = (fx - f(x - e)) / h
-    return g
+def _fd_derivatives(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray,
+                    free: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient and Hessian of ``f`` in the coordinates ``free`` by finite differences: the
+    gradient from central differences at ``h`` and ``h/2`` combined by Richardson (error O(h^4)),
+    so that the criterion's rounding noise, not the step, limits the precision."""
+    n = len(free)
+    E = np.zeros((n, len(x)))
+    for a, k in enumerate(free):
+        E[a, k] = h[k]
+    hf = h[free]
+    d1 = np.array([(f(x + e) - f(x - e)) / 2 for e in E])
+    d2 = np.array([(f(x + e / 2) - f(x - e / 2)) for e in E])
+    g = (4 * d2 - d1) / 3 / hf
+    H = np.empty((n, n))
+    for a in range(n):
+        for b in range(a, n):
+            ea, eb = E[a], E[b]
+            H[a, b] = H[b, a] = ((f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb))
+                                 / (4 * hf[a] * hf[b]))
+    return g, H
 
 
 def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
@@ -348,21 +361,7 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
         free = [k for k in range(len(x)) if x[k] - 2 * h[k] >= lows[k] and x[k] + 2 * h[k] <= ups[k]]
         if not free:
             break
-        n = len(free)
-        E = np.zeros((n, len(x)))
-        for a, k in enumerate(free):
-            E[a, k] = h[k]
-        # gradient: central differences at h and h/2 combined by Richardson (error O(h^4)),
-        # so that the criterion's rounding noise, not the step, limits the polish
-        d1 = np.array([(f(x + e) - f(x - e)) / 2 for e in E])
-        d2 = np.array([(f(x + e / 2) - f(x - e / 2)) for e in E])
-        g = (4 * d2 - d1) / 3 / h[free]
-        H = np.empty((n, n))
-        for a in range(n):
-            for b in range(a, n):
-                ea, eb = E[a], E[b]
-                H[a, b] = H[b, a] = ((f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb))
-                                     / (4 * h[free[a]] * h[free[b]]))
+        g, H = _fd_derivatives(f, x, h, free)
         try:
             if np.any(np.linalg.eigvalsh(H) <= 0):
                 break
@@ -444,16 +443,7 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
         h = 1e-3 * np.maximum(np.abs(x), 0.1)
         if np.any(x - 2 * h < lows) or np.any(x + 2 * h > ups):
             return x, fx, False
-        E = np.diag(h)
-        d1 = np.array([(f(x + e) - f(x - e)) / 2 for e in E])
-        d2 = np.array([(f(x + e / 2) - f(x - e / 2)) for e in E])
-        g = (4 * d2 - d1) / 3 / h
-        H = np.empty((m, m))
-        for a in range(m):
-            for b in range(a, m):
-                ea, eb = E[a], E[b]
-                H[a, b] = H[b, a] = ((f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb))
-                                     / (4 * h[a] * h[b]))
+        g, H = _fd_derivatives(f, x, h, list(range(m)))
         if not np.all(np.isfinite(H)) or np.any(np.linalg.eigvalsh(H) <= 0):
             return x, fx, False
         step = -np.linalg.solve(H, g)
