@@ -170,6 +170,14 @@ class BlockEngine:
         AA[:p, p] = AA[p, :p] = self.Xc.T @ yc
         AA[p, p] = yc @ yc
         self.AA = AA
+        if self.q <= 2:  # per-therapist outer products of Z'A rows, for the closed-form Gram sums
+            Z0 = self.ZA[:, 0, :]
+            self.P00 = (Z0[:, :, None] * Z0[:, None, :]).reshape(self.G, -1)
+            if self.q == 2:
+                Z1 = self.ZA[:, 1, :]
+                self.P11 = (Z1[:, :, None] * Z1[:, None, :]).reshape(self.G, -1)
+                P01 = Z0[:, :, None] * Z1[:, None, :]
+                self.P01 = (P01 + P01.transpose(0, 2, 1)).reshape(self.G, -1)
 
     # -- criterion ----------------------------------------------------------------------------
     def _gram(self, lam: np.ndarray) -> tuple[np.ndarray, float]:
@@ -180,24 +188,26 @@ class BlockEngine:
             _, C, ldv = self._blocks(lam)
             Cf = C.reshape(-1, C.shape[2])
             return Cf.T @ Cf, ldv
-        W = np.einsum("ji,gja->gia", lam, self.ZA)  # Lambda' Z'A per therapist
         ZZ = self.ZZ
+        k = self.p + 1
         if q == 1:
             m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
-            C0 = W[:, 0, :] / np.sqrt(m11)[:, None]
-            return C0.T @ C0, float(np.log(m11).sum())
+            return ((lam[0, 0] ** 2 / m11) @ self.P00).reshape(k, k), float(np.log(m11).sum())
+        # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
+        # three length-G dot products with the precomputed outer products
         (p0, q0), (r0, s0) = lam
         z00, z01, z11 = ZZ[:, 0, 0], ZZ[:, 0, 1], ZZ[:, 1, 1]
         # M = I + Lambda' ZZ Lambda for any 2 x 2 Lambda = [[p0, q0], [r0, s0]]
         a = 1.0 + p0 * p0 * z00 + 2.0 * p0 * r0 * z01 + r0 * r0 * z11
         b = p0 * q0 * z00 + (p0 * s0 + r0 * q0) * z01 + r0 * s0 * z11
         c = 1.0 + q0 * q0 * z00 + 2.0 * q0 * s0 * z01 + s0 * s0 * z11
-        r11 = np.sqrt(a)
-        r21 = b / r11
-        r22 = np.sqrt(c - r21 * r21)
-        C0 = W[:, 0, :] / r11[:, None]
-        C1 = (W[:, 1, :] - r21[:, None] * C0) / r22[:, None]
-        return C0.T @ C0 + C1.T @ C1, float(2.0 * (np.log(r11).sum() + np.log(r22).sum()))
+        det = a * c - b * b
+        inv = 1.0 / det
+        k00 = (p0 * p0 * c - 2.0 * p0 * q0 * b + q0 * q0 * a) * inv
+        k01 = (p0 * r0 * c - (p0 * s0 + q0 * r0) * b + q0 * s0 * a) * inv
+        k11 = (r0 * r0 * c - 2.0 * r0 * s0 * b + s0 * s0 * a) * inv
+        CC = (k00 @ self.P00 + k01 @ self.P01 + k11 @ self.P11).reshape(k, k)
+        return CC, float(np.log(det).sum())
 
     def _blocks(self, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """``(chol M_i, C_i, sum log|M_i|)``."""
