@@ -284,7 +284,7 @@ def test_contract_entry(fits):
         assert res.to_contract(interval="wald")["icc_ratio"]["ci_method"] == "profile"
     assert set(c) == {
         "family", "method", "fixed_effects", "variance_components", "icc_by_arm", "icc_ratio", "icc_reduction",
-        "lrt_equal_variances", "feedback_level", "control_level", "loglik", "converged", "singular",
+        "lrt_equal_variances", "feedback_level", "control_level", "loglik", "aic", "bic", "converged", "singular",
         "n_patients", "n_therapists", "n_clusters", "warnings",
     }
     assert c["family"] == "gaussian" and c["method"] == "REML"

@@ -274,7 +274,7 @@ def test_contract_entry_is_plain_json_and_complete(data):
     c = res.to_contract()
     assert json.loads(json.dumps(c, allow_nan=False)) == c
     assert set(c) == {"family", "method", "fixed_effects", "variance_components", "icc",
-                      "icc_cluster", "loglik", "converged", "singular", "lrt", "n_patients",
+                      "icc_cluster", "loglik", "aic", "bic", "converged", "singular", "lrt", "n_patients",
                       "n_therapists", "n_clusters", "warnings"}
     assert c["family"] == "gaussian" and c["method"] == "REML"
     assert set(c["variance_components"]) == {"therapist", "cluster", "residual"}

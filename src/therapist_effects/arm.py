@@ -51,6 +51,7 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
+from .engine.results import ModelResults
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .progress import track
 
@@ -822,7 +823,7 @@ class _Target:
 
 
 @dataclass
-class ArmVarianceResults:
+class ArmVarianceResults(ModelResults):
     """Fitted arm-specific therapist-variance model."""
 
     model: ArmVarianceModel
@@ -883,6 +884,11 @@ class ArmVarianceResults:
         self._opt_cache = {opt.method: opt}
         self._profile_cache: dict = {}
         self._boot_cache: dict = {}
+
+    def _n_params(self) -> int:
+        """Fixed effects, the optimiser's covariance parameters (theta, residual ratios, cluster)
+        and the residual scale (lme4's df of logLik)."""
+        return int(len(self.fe_params) + len(self.opt.x) + 1)
 
     def _warn(self, msg, category):
         self.warnings.append(msg)
@@ -1498,9 +1504,7 @@ class ArmVarianceResults:
                                     "p_value": num(lrt["p_value"])},
             "feedback_level": m.feedback_level,
             "control_level": m.control_level,
-            "loglik": num(self.loglik),
-            "converged": bool(self.converged),
-            "singular": bool(self.singular),
+            **self.fit_fields(),
             "n_patients": int(self.n_patients),
             "n_therapists": int(self.n_therapists),
             "n_clusters": m.n_clusters,

@@ -82,6 +82,7 @@ import pandas as pd
 
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
+from .engine.results import ModelResults
 from .exceptions import ConfigError, ModelError, SamplerWarning
 from .progress import nutpie_progress
 from .pytensor_setup import configure as _configure_pytensor
@@ -773,7 +774,7 @@ def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
 # results
 
 
-class BayesResults:
+class BayesResults(ModelResults):
     """Posterior of a Bayesian therapist-effects model.
 
     ``idata`` (ArviZ InferenceData) holds the sampled (standardised) parameters and, on the data's
@@ -794,6 +795,10 @@ class BayesResults:
         self.model_type = prep.model_type
         self.family = prep.family
         self._model: BayesModel | None = None  # the compiled model that produced these draws
+
+    def _n_params(self) -> None:
+        """A posterior has no maximised likelihood: no AIC / BIC."""
+        return None
 
     # -- basic accessors ---------------------------------------------------------------------
     @property

@@ -209,11 +209,12 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
                 "(the likelihood engine fits binomial random-intercept models)"
             )
         if model["type"] == "random_slope" and model.get("engine") == "bayes":
-            raise ConfigError(f"{source}: {key}.engine: random_slope models are fitted by mixedlm only")
+            raise ConfigError(f"{source}: {key}.engine: random_slope models are fitted by the likelihood engine only")
         if explicit:
             for name, ds in cfg["datasets"].items():
                 cols = ds["columns"]
-                if model["type"] in ("arm_variance", "random_slope") and "arm" not in cols:
+                if (model["type"] == "arm_variance" or (model["type"] == "random_slope" and not model.get("slope"))) \
+                        and "arm" not in cols:
                     raise ConfigError(
                         f"{source}: {key}: a {model['type']} model needs datasets.{name}.columns.arm"
                     )
@@ -231,7 +232,8 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
 def model_applies(model: dict, dataset: dict) -> str | None:
     """Why ``model`` cannot be fitted to ``dataset`` (None if it can). Used to skip default models."""
     cols = dataset["columns"]
-    if model["type"] in ("arm_variance", "random_slope") and "arm" not in cols:
+    if (model["type"] == "arm_variance" or (model["type"] == "random_slope" and not model.get("slope"))) \
+            and "arm" not in cols:
         return "no arm column configured"
     if model["type"] == "nested" and "cluster" not in cols:
         return "no cluster column configured"

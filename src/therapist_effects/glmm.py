@@ -51,6 +51,7 @@ from scipy.special import expit
 
 from .classify import classify_effects
 from .design import build_design, group_codes
+from .engine.results import DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ModelResults
 from .exceptions import (
     ConvergenceWarning,
     ModelError,
@@ -562,7 +563,7 @@ class LogisticRandomInterceptModel:
 
 
 @dataclass
-class LogisticMixedResults:
+class LogisticMixedResults(ModelResults):
     """Fit of a random-intercept logistic model (therapist effects on a binary outcome).
 
     Attributes
@@ -628,6 +629,10 @@ class LogisticMixedResults:
         self._profile_cache: dict = {}
         self._profile_points: dict = {}
         self._boot_cache: dict = {}
+
+    def _n_params(self) -> int:
+        """Fixed effects and the therapist SD (no residual scale): lme4's df of logLik."""
+        return int(self.model.k_fe + 1)
 
     # ------------------------------------------------------------------ ICC and intervals
     def icc(self) -> float:
@@ -719,7 +724,7 @@ class LogisticMixedResults:
         return out
 
     @_single_thread_blas
-    def conf_int(self, level: float = 0.95, method: str = "wald") -> pd.DataFrame:
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL) -> pd.DataFrame:
         """Confidence intervals for the fixed effects and the therapist variance.
 
         ``method="wald"``: estimate +/- z * SE for fixed effects; for the therapist variance the
@@ -777,7 +782,8 @@ class LogisticMixedResults:
 
     @_single_thread_blas
     def icc_interval(
-        self, level: float = 0.95, method: str = "profile", n_boot: int = 500, seed: int = 0
+        self, level: float = DEFAULT_LEVEL, method: str = "profile", n_boot: int = DEFAULT_N_BOOT,
+        seed: int | None = 0
     ) -> tuple[float, float]:
         """Interval for the latent-scale ICC.
 
@@ -789,7 +795,7 @@ class LogisticMixedResults:
             lo, hi = self._profile_interval(self.model.k_fe, level)
             lo2, hi2 = lo * lo, hi * hi
         elif method == "bootstrap":
-            draws = self._bootstrap(int(n_boot), int(seed))
+            draws = self._bootstrap(int(n_boot), 0 if seed is None else int(seed))
             draws = draws[np.isfinite(draws)]
             if draws.size < 10:
                 raise ModelError(f"bootstrap failed: only {draws.size} of {n_boot} refits succeeded")

@@ -43,6 +43,7 @@ from .arm import arm_design, arm_labels
 from .arm import _label as _arm_label
 from .classify import classify_effects
 from .design import group_codes
+from .engine.results import ModelResults
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
@@ -424,7 +425,7 @@ class LogisticArmVarianceModel:
 
 
 @dataclass
-class LogisticArmVarianceResults:
+class LogisticArmVarianceResults(ModelResults):
     """Fit of :class:`LogisticArmVarianceModel`.
 
     ``fe_params``/``bse``: fixed effects (log-odds) and SEs from the inverse observed information of
@@ -441,6 +442,10 @@ class LogisticArmVarianceResults:
     modes: np.ndarray
     curvature: np.ndarray
     warnings_list: list = field(default_factory=list)
+
+    def _n_params(self) -> int:
+        """Fixed effects and the two arm-specific therapist SDs (no residual scale): glmer's df of logLik."""
+        return int(self.model.k_fe + 2)
 
     @_single_thread_blas
     def __post_init__(self):

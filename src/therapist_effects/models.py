@@ -1,6 +1,7 @@
 """Fit the configured models to a patient table and assemble the contract's ``estimates.json``.
 
-This module maps the workflow's configuration onto the model engines:
+This module maps the workflow's configuration onto the model engines, through the registry
+:mod:`therapist_effects.engine.registry` (model type -> class):
 
 =================  ==========  =========================================================
 type               family      engine
@@ -10,7 +11,7 @@ random_intercept   binomial    :class:`therapist_effects.glmm.LogisticRandomInte
 nested             gaussian    :class:`therapist_effects.reml.NestedModel`
 arm_variance       gaussian    :class:`therapist_effects.arm.ArmVarianceModel`
 arm_variance       binomial    :class:`therapist_effects.glmm_arm.LogisticArmVarianceModel`
-random_slope       gaussian    :func:`therapist_effects.slopes.fit_random_slope` (statsmodels MixedLM)
+random_slope       gaussian    :class:`therapist_effects.slopes.RandomSlopeModel` (exact engine)
 any (engine bayes)             :func:`therapist_effects.bayes.fit_bayes` (PyMC)
 =================  ==========  =========================================================
 
@@ -136,6 +137,11 @@ def model_frame(patients: pd.DataFrame, model: dict, dataset: dict) -> ModelFram
             covariates.append(names["arm"])
     if model["type"] == "arm_variance" and "cluster" in names and model.get("cluster_effect") == "fixed":
         covariates.append(names["cluster"])
+    if model["type"] == "random_slope" and model.get("slope") and model["slope"] != names.get("arm"):
+        if model["slope"] not in df.columns:
+            raise ModelError(f"model {model['id']!r}: slope {model['slope']!r} is not a column of the patient table")
+        if model["slope"] not in covariates:  # the slope variable is also a fixed effect, as in lme4 practice
+            covariates.append(model["slope"])
     missing_cols = [c for c in covariates if c not in df.columns]
     if missing_cols:
         raise ModelError(f"model {model['id']!r}: covariates {missing_cols} are not columns of the patient table")
@@ -189,7 +195,7 @@ def formula(model: dict, mf: ModelFrame) -> str:
         if model.get("cluster_effect") == "random":
             re = f"(1 | {mf.cluster}) + {re.replace(f'| {t})', f'| {mf.cluster}:{t})')}"
     elif kind == "random_slope":
-        re = f"(1 + {mf.arm} | {t})"
+        re = f"(1 + {model.get('slope') or mf.arm} | {t})"
     else:
         re = f"(1 | {t})"
     return f"{mf.outcome} ~ {rhs} + {re}"
@@ -216,115 +222,30 @@ def fit_model(
     idata_path: str | Path | None = None,
 ) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     """Fit one configured model. Returns (contract entry, therapist table or None, narrowing table or None)."""
+    from .engine.registry import FitRequest, lookup
+
     mf = model_frame(patients, model, dataset)
     family = model.get("family", "gaussian")
-    level = cfg["intervals"]["level"]
-    interval = model.get("interval") or cfg["intervals"]["method"]
-    # Engines without Wald intervals for variance components use the profile likelihood instead.
-    interval_or_profile = "profile" if interval == "wald" else interval
-    n_boot = cfg["intervals"]["bootstrap_replicates"]
-    seed = cfg["seed"]
     kind = model["type"]
     engine = model.get("engine", "reml")
     hib = higher_is_better if family == "gaussian" else True
     if family == "binomial" and model.get("outcome") in ("reliable_deterioration", "dropout"):
         hib = False
-    narrowing = None
+    request = FitRequest(
+        mf=mf, model=model, cfg=cfg, level=cfg["intervals"]["level"],
+        interval=model.get("interval") or cfg["intervals"]["method"],
+        n_boot=cfg["intervals"]["bootstrap_replicates"], seed=cfg["seed"], higher_is_better=hib,
+        idata_path=idata_path,
+    )
+    spec = lookup(kind, family, engine)  # the registry: model type -> class and adapter
     caught: list[warnings.WarningMessage]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TherapistEffectsWarning)
-        if engine == "bayes":
-            from .bayes import BayesConfig, fit_bayes
-
-            b = cfg["bayes"]
-            bcfg = BayesConfig(
-                chains=b["chains"], draws=b["draws"], tune=b["tune"], target_accept=b["target_accept"],
-                seed=seed, sampler=b["sampler"], priors=b.get("priors") or None,
-                parameterization=b["parameterization"],
-            )
-            data = dict(
-                family=family, therapist=mf.therapist, cluster=mf.cluster if kind == "nested" else None,
-                arm=mf.arm if kind == "arm_variance" else None, feedback_level=mf.feedback_level,
-            )
-            result = fit_bayes(kind, mf.df, mf.outcome, mf.covariates, config=bcfg, **data)
-            entry = dict(result.to_contract())
-            entry.setdefault("loglik", None)  # no maximised likelihood for a posterior
-            # Wall-clock timings would break byte-identical reruns: they go to the log only.
-            diag = dict(entry.get("diagnostics") or {})
-            for key in [k for k in diag if "seconds" in k]:
-                log.info("model %s: %s = %.2f", model["id"], key, diag.pop(key))
-            entry["diagnostics"] = diag
-            if model.get("prior_sensitivity") and b.get("sensitivity_priors"):
-                from .bayes import prior_sensitivity
-
-                entry["prior_sensitivity"] = prior_sensitivity(
-                    kind, mf.df, mf.outcome, mf.covariates, config=bcfg, alt_priors=b["sensitivity_priors"],
-                    base=result, **data,
-                )
-            if idata_path is not None:
-                result.to_netcdf(idata_path)
-            table = result.therapist_table(level=level, higher_is_better=hib)
-        elif kind == "random_slope":
-            from .slopes import RandomSlopeModel
-
-            res = RandomSlopeModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-                feedback_level=mf.feedback_level, method=model.get("method") or "REML",
-            ).fit()
-            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
-            gap = res.gap_table()
-            narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
-            table = None
-        elif kind == "arm_variance" and family == "binomial":
-            from .glmm_arm import LogisticArmVarianceModel
-
-            res = LogisticArmVarianceModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-                feedback_level=mf.feedback_level, method=model.get("method") or "agq", n_quad=model["n_quad"],
-            ).fit()
-            entry = res.to_contract(interval=interval_or_profile)
-            table = res.therapist_effects(level=level, higher_is_better=hib)
-        elif kind == "arm_variance":
-            from .arm import ArmVarianceModel
-
-            res = ArmVarianceModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-                feedback_level=mf.feedback_level, method=model.get("method") or "REML",
-                correlated=model.get("correlated", False), arm_residual=model.get("arm_residual", False),
-                **({"cluster": mf.cluster, "cluster_random": True} if model.get("cluster_effect") == "random" else {}),
-            ).fit()
-            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
-            try:
-                table = res.therapist_effects(level=level, higher_is_better=hib)
-            except ModelError as exc:  # e.g. with a random cluster level: no per-therapist table (yet)
-                log.warning("model %s: no therapist table: %s", model["id"], exc)
-                table = None
-        elif family == "binomial":
-            from .glmm import LogisticRandomInterceptModel
-
-            method = model.get("method") or "agq"
-            res = LogisticRandomInterceptModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=method, n_quad=model["n_quad"],
-            ).fit()
-            entry = res.to_contract(interval=interval_or_profile, n_boot=n_boot, seed=seed)
-            table = res.therapist_effects(level=level, higher_is_better=hib)
-        elif kind == "nested":
-            from .reml import NestedModel
-
-            res = NestedModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, cluster=mf.cluster,
-                method=model.get("method") or "REML",
-            ).fit()
-            entry = res.to_contract(interval=interval, n_boot=n_boot, seed=seed)
-            table = res.therapist_effects(level=level, higher_is_better=hib)
-        else:
-            from .reml import RandomInterceptModel
-
-            res = RandomInterceptModel.from_frame(
-                mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=model.get("method") or "REML",
-            ).fit()
-            entry = res.to_contract(interval=interval, n_boot=n_boot, seed=seed)
-            table = res.therapist_effects(level=level, higher_is_better=hib)
+        fitted = spec.fit(request)
+    entry, table, narrowing = fitted.entry, fitted.table, fitted.narrowing
+    # every model entry carries aic and bic (lme4's AIC()/BIC(); None without a maximised likelihood)
+    ic = getattr(fitted.result, "information_criteria", None)
+    entry = {**entry, **(ic() if ic is not None else {"aic": None, "bic": None})}
     messages = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, TherapistEffectsWarning)]
     entry = dict(entry)
     own = list(entry.pop("warnings", []) or [])

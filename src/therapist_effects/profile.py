@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import optimize
 
+from .engine.inference import profile_end  # noqa: F401  (re-exported: one profile search)
+
 #: grid in log(variance ratio) used to locate the global optimum before Brent refinement
 LOG_G_GRID = np.arange(-14.0, 10.0001, 0.5)
 #: a boundary optimum is preferred when it is within this of the interior one (-2 logLik units)
@@ -121,6 +123,13 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
         return np.array([x]), fx
     if len(x0) != 2:  # pragma: no cover - the models here have at most two free parameters
         raise ValueError("min_nd_local handles 1 or 2 coordinates")
+    # warm-started damped Newton first (a few dozen evaluations near the previous profile point);
+    # the nested Brent searches below only when it cannot vouch for its answer
+    from .engine.gaussian import newton_minimise
+
+    xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float))
+    if ok:
+        return xn, fn
     inner_start = [x0[0]]
 
     def outer(t1: float) -> float:
@@ -133,41 +142,3 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
     xa, fx = min1d_local(lambda t0: f(np.array([t0, x1])), inner_start[0], steps[0], lows[0],
                          xtol=xtol)
     return np.array([xa, x1]), fx
-
-
-def profile_end(excess: Callable[[float], float], xhat: float, q: float, direction: int, *,
-                positive: bool, step: float, zero_allowed: bool = False,
-                scale: float = 1.0, max_steps: int = 60) -> tuple[float, bool]:
-    """One end point of a profile-likelihood interval.
-
-    ``excess(x)`` is the profiled deviance at ``x`` minus its minimum (at ``xhat``); the end point
-    is where it reaches ``q`` (the chi-square(1) quantile of the level), searched in ``direction``
-    (+1 upper, -1 lower). Positive parameters are stepped multiplicatively (``step`` in log units;
-    from ``scale * step * 2**k`` upwards when ``xhat`` is 0);
-    with ``zero_allowed`` the lower end is 0 when ``excess(0) < q`` (a variance at the boundary
-    keeps an interval). Returns ``(end, found)``; ``found`` is False when the deviance never
-    reaches ``q`` (a flat profile), in which case ``end`` is the last point tried.
-    """
-    if direction < 0 and zero_allowed:
-        if xhat <= 0.0:
-            return 0.0, True
-        if excess(0.0) < q:
-            return 0.0, True
-    prev = xhat
-    x = xhat
-    for k in range(max_steps):
-        h = step * 2.0 ** k
-        if positive and h > 40.0:  # searched up to e^40 times the estimate: a flat profile
-            break
-        if positive:
-            x = xhat * math.exp(direction * h) if xhat > 0 else scale * h
-        else:
-            x = xhat + direction * h
-        e = excess(x)
-        if e >= q:
-            lo, hi = sorted((prev, x))
-            root = optimize.brentq(lambda t: excess(t) - q, lo, hi, xtol=1e-14,
-                                   rtol=1e-11, maxiter=200)
-            return float(root), True
-        prev = x
-    return float(x), False

@@ -46,6 +46,9 @@ from scipy import stats
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .engine.gaussian import centre_design, gls_from_cholesky
+from .engine.inference import parametric_bootstrap, percentile_interval
+from .engine.results import ModelResults
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
 from .progress import track
 
@@ -80,16 +83,7 @@ class _Engine:
                 raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
             self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
         self.ni = np.bincount(tcodes, minlength=G).astype(float)
-        ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
-        self.k0 = int(ones[0]) if len(ones) else None
-        self.S = np.eye(p)
-        if self.k0 is not None:
-            mu = X.mean(axis=0)
-            mu[self.k0] = 0.0
-            Xc = X - mu
-            self.S[self.k0, :] -= mu  # Xc = X S, S = I - e_k0 mu'
-        else:
-            Xc = X
+        Xc, self.S, self.k0 = centre_design(X)
         xbar = np.empty((G, p))
         for j in range(p):
             xbar[:, j] = np.bincount(tcodes, weights=Xc[:, j], minlength=G) / self.ni
@@ -162,15 +156,8 @@ class _Engine:
     def fixed(self, gt: float, gc: float = 0.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
         r, _, _, L = self.core(gt, gc)
-        p = self.p
-        Lxx = L[:p, :p]
-        Linv = np.linalg.inv(Lxx)  # p x p lower triangular; tiny, and much cheaper than scipy here
-        bc = Linv.T @ L[p, :p]
-        covc = Linv.T @ Linv
-        b = self.S @ bc
-        if self.k0 is not None:
-            b[self.k0] += self.shift_y
-        return b, self.S @ covc @ self.S.T, r, bc
+        b, cov, bc = gls_from_cholesky(L, self.S, self.k0, self.shift_y)
+        return b, cov, r, bc
 
     def residual_means(self, bc: np.ndarray) -> np.ndarray:
         """Each therapist's mean residual ``ybar_i - xbar_i' b`` (the shift cancels)."""
@@ -371,7 +358,7 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class MixedResults:
+class MixedResults(ModelResults):
     """Estimates of a fitted therapist model, with intervals, ICC, LRT and therapist effects.
 
     Attributes: ``params`` (fixed effects by name, then the variance components ``therapist``,
@@ -420,6 +407,10 @@ class MixedResults:
             zero = [k for k, gk in zip(("therapist", "cluster"), self.g) if math.sqrt(gk) < SINGULAR_TOL]
             self._warn(f"singular fit: {' and '.join(zero)} variance estimated at (or next to) zero",
                        SingularFitWarning)
+
+    def _n_params(self) -> int:
+        """Fixed effects, the variance ratio(s) and the residual scale (lme4's df of logLik)."""
+        return int(self._eng.p + len(self.g) + 1)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _warn(self, msg: str, cls: type[Warning]) -> None:
@@ -684,7 +675,8 @@ class MixedResults:
         """Parametric bootstrap: ``n_boot`` data sets simulated from the fitted model (fixed part
         ``X b``, therapist [and cluster] effects and residuals drawn from their fitted normal
         distributions with ``numpy.random.default_rng(seed)``; ``seed=None`` means 0), each refitted
-        by the same exact engine and method. Columns: fixed effects, variance components,
+        by the same exact engine and method (:func:`engine.inference.parametric_bootstrap`; failed
+        refits are counted, warned about and NaN). Columns: fixed effects, variance components,
         ``icc`` [``icc_cluster``], ``converged``, ``singular``."""
         seed = 0 if seed is None else int(seed)
         n_boot = int(n_boot)
@@ -693,19 +685,20 @@ class MixedResults:
         key = ("boot", n_boot, seed)
         if key in self._cache:
             return self._cache[key]
-        rng = np.random.default_rng(seed)
         m = self.model
         mu = m.exog @ self.fe_params.to_numpy()
         sd_t = math.sqrt(self.vcomp["therapist"])
         sd_c = math.sqrt(self.vcomp.get("cluster", 0.0))
         sd_e = math.sqrt(self.vcomp["residual"])
         n, G, p = self._eng.n, self._eng.G, self._eng.p
-        rows = []
-        for _ in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
+
+        def simulate(rng: np.random.Generator) -> np.ndarray:
             ystar = mu + sd_t * rng.standard_normal(G)[m.codes]
             if self.nested:
                 ystar += sd_c * rng.standard_normal(m.n_clusters)[m.cluster_codes]
-            ystar += sd_e * rng.standard_normal(n)
+            return ystar + sd_e * rng.standard_normal(n)
+
+        def refit(ystar: np.ndarray) -> dict:
             eng = self._eng.with_y(ystar)
             g, _, conv = eng.fit(self._reml)
             gt = float(g[0])
@@ -722,19 +715,20 @@ class MixedResults:
                 row["icc_cluster"] = gc / (1.0 + gt + gc)
             row["converged"] = bool(conv)
             row["singular"] = bool(np.any(np.sqrt(g) < SINGULAR_TOL))
-            rows.append(row)
-        out = pd.DataFrame(rows)
-        if not out["converged"].all():
-            self._warn(f"{int((~out['converged']).sum())} of {n_boot} bootstrap refits did not "
-                       "converge", ConvergenceWarning)
+            return row
+
+        cols = [*self.fe_params.index, *self._vc_names, "icc", *(["icc_cluster"] if self.nested else [])]
+        res = parametric_bootstrap(simulate, refit, n_boot, seed, cols, flags=("converged", "singular"))
+        out = res.draws
+        if res.n_failed:
+            self._warn(f"{res.n_failed} of {n_boot} bootstrap refits failed (did not converge); they are "
+                       "left out of the percentile intervals", ConvergenceWarning)
         self._cache[key] = out
         return out
 
     @staticmethod
     def _percentile(x: pd.Series, level: float) -> tuple[float, float]:
-        a = (1.0 - level) / 2.0
-        lo, hi = np.quantile(np.asarray(x, dtype=float), [a, 1.0 - a])
-        return float(lo), float(hi)
+        return percentile_interval(x, level)
 
     # -- therapist effects -----------------------------------------------------------------------
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None
@@ -832,7 +826,8 @@ class MixedResults:
                                   "ci_high": _f(chi), "ci_method": icc_method}
         lrt = self.lrt()
         out.update({
-            "loglik": _f(self.loglik), "converged": bool(self.converged),
+            "loglik": _f(self.loglik), **{k: _f(v) for k, v in self.information_criteria().items()},
+            "converged": bool(self.converged),
             "singular": bool(self.singular),
             "lrt": {k: _f(v) for k, v in lrt.items()},
             "n_patients": int(self.n_obs), "n_therapists": int(self.n_therapists),

@@ -1,21 +1,22 @@
-"""Random feedback slopes across therapists: who gains most from routine progress feedback?
+"""Random slopes across therapists: who gains most from routine progress feedback?
 
-The model (lme4: ``y ~ x + feedback + (1 + feedback | therapist)``), fitted with statsmodels'
-``MixedLM``::
+The model (lme4: ``y ~ x + feedback + (1 + feedback | therapist)``; any patient-level covariate
+may take the place of ``feedback`` as the slope variable, ``slope: <column>`` in the config)::
 
-    y_i = x_i' b + b_f feedback_i + a_t + s_t feedback_i + e_i,
-    (a_t, s_t) ~ N(0, [[s2_a, c], [c, s2_s]]),   e_i ~ N(0, s2)
+    y_i = x_i' b + b_s s_i + a_t + c_t s_i + e_i,
+    (a_t, c_t) ~ N(0, [[s2_a, cov], [cov, s2_c]]),   e_i ~ N(0, s2)
 
-``a_t`` (intercept) is therapist t's effect without feedback, ``s_t`` (slope) how much feedback
-changes the therapist's patients' outcomes beyond the average feedback effect ``b_f``. A negative
-intercept-slope correlation on an outcome where higher is worse (PHQ-9) means therapists whose
-patients do worse without feedback gain more from it: feedback *narrows the gap*.
+``a_t`` (intercept) is therapist t's effect at ``s = 0`` (without feedback), ``c_t`` (slope) how
+much the slope variable changes the therapist's patients' outcomes beyond the average ``b_s``. A
+negative intercept-slope correlation on an outcome where higher is worse (PHQ-9) means therapists
+whose patients do worse without feedback gain more from it: feedback *narrows the gap*.
 
-For a 0/1 feedback indicator the model is the correlated arm-specific model of
-:mod:`therapist_effects.arm` re-parameterised (control effect ``a_t``, feedback effect
-``a_t + s_t``), so its exact criterion from per-(therapist, arm) sums is used for
-profile-likelihood intervals and for the parametric bootstrap (fast refits), and to check the
-statsmodels optimum.
+Fitted by the exact engine :class:`therapist_effects.engine.gaussian.BlockEngine` (q = 2 random
+effects per therapist, per-therapist sufficient statistics, Cholesky parameterisation as lme4's
+theta, so a correlation of +-1 is reached exactly and flagged as lme4's ``isSingular`` flags it).
+Fixed-effect standard errors are lme4's ``vcov``. Intervals: profile likelihood of the ML deviance
+(as lme4's ``confint(method = "profile")``) with the root search of
+:mod:`therapist_effects.engine.inference`, or the seeded parametric bootstrap of the same module.
 """
 
 from __future__ import annotations
@@ -26,31 +27,49 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from .arm import _Engine, _G_from_theta, _minimise, _profile_limits, arm_design
-from .design import group_codes
+from .arm import arm_design
+from .design import fixed_effects_matrix, group_codes
+from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_minimise
+from .engine.results import ModelResults
+from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
+                               profile_limit, wald_interval)
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 
-_A = np.array([[1.0, 0.0], [1.0, 1.0]])  # (intercept, slope) -> (control effect, feedback effect)
+_VC = ("therapist", "therapist_slope", "residual")
+
+
+def _theta(t1: float, t2: float, rho: float) -> np.ndarray:
+    """lme4's theta of (relative intercept SD, relative slope SD, correlation)."""
+    return np.array([t1, rho * t2, t2 * math.sqrt(max(1.0 - rho * rho, 0.0))])
+
+
+def _correlation(theta: np.ndarray) -> float:
+    """Intercept-slope correlation of lme4's theta: ``l21 / sqrt(l21^2 + l22^2)`` (exactly +-1 on
+    the boundary l22 = 0); NaN when either variance is 0."""
+    t2 = math.hypot(theta[1], theta[2])
+    if not (theta[0] > 0.0 and t2 > 0.0):
+        return math.nan
+    return float(theta[1] / t2)
 
 
 class RandomSlopeModel:
-    """``outcome ~ covariates + feedback + (1 + feedback | therapist)`` (statsmodels MixedLM).
+    """``outcome ~ covariates + (1 + slope | therapist)``, exact REML or ML.
 
     Parameters
     ----------
     endog : outcome per patient.
-    exog : fixed-effects design including the intercept and the feedback indicator.
+    exog : fixed-effects design including the intercept (and, usually, the slope variable).
     therapist : therapist of each patient.
-    feedback : 0/1 feedback indicator per patient (the random slope's variable).
-    exog_names : names of the fixed effects; ``slope_name`` names the feedback term.
+    slope : the random slope's variable per patient (a 0/1 feedback indicator or any numeric
+        patient-level covariate).
+    exog_names : names of the fixed effects; ``slope_name`` names the slope variable.
     method : ``"REML"`` (default) or ``"ML"``.
     """
 
-    def __init__(self, endog, exog, therapist, feedback, *, exog_names: Sequence[str] | None = None,
+    def __init__(self, endog, exog, therapist, slope, *, exog_names: Sequence[str] | None = None,
                  slope_name: str = "feedback", method: str = "REML"):
         method = str(method).upper()
         if method not in ("REML", "ML"):
@@ -58,230 +77,272 @@ class RandomSlopeModel:
         self.y = np.asarray(endog, dtype=float).reshape(-1)
         X = np.asarray(exog, dtype=float)
         self.X = X[:, None] if X.ndim == 1 else X
-        self.feedback = np.asarray(feedback, dtype=float).reshape(-1)
-        if not np.isin(self.feedback, (0.0, 1.0)).all():
-            raise ModelError("the random-slope variable must be a 0/1 feedback indicator")
+        self.slope = np.asarray(slope, dtype=float).reshape(-1)
         self.therapist = np.asarray(therapist, dtype=object)
-        if not (len(self.therapist) == len(self.y) == len(self.feedback) == self.X.shape[0]):
-            raise ModelError("outcome, design, therapist and feedback must have one entry per patient")
+        if not (len(self.therapist) == len(self.y) == len(self.slope) == self.X.shape[0]):
+            raise ModelError("outcome, design, therapist and slope variable must have one entry per patient")
+        if not (np.all(np.isfinite(self.y)) and np.all(np.isfinite(self.X)) and np.all(np.isfinite(self.slope))):
+            raise ModelError("outcome, covariates or slope variable contain missing or infinite values")
         self.exog_names = list(exog_names) if exog_names is not None else [f"x{j}" for j in range(self.X.shape[1])]
+        if np.linalg.matrix_rank(self.X) < self.X.shape[1]:
+            raise ModelError(f"fixed-effects design {self.exog_names} is rank deficient")
         self.slope_name = slope_name
         self.method = method
+        self.binary = bool(np.isin(self.slope, (0.0, 1.0)).all())
         self.tcode, self.therapist_labels = group_codes(self.therapist)
-        acode = self.feedback.astype(np.int64)
-        self._eng = _Engine(self.y, self.X, self.tcode, acode, len(self.therapist_labels), 2)
-        both = (self._eng.n > 0).all(axis=1).sum()
-        if both < 3:
-            raise ModelError("a random feedback slope needs at least three therapists with patients in both arms")
+        G = len(self.therapist_labels)
+        Z = np.column_stack([np.ones(len(self.y)), self.slope])
+        self._eng = BlockEngine(self.y, self.X, Z, self.tcode, G)
+        # therapists whose patients vary in the slope variable carry information on the slope
+        lo = np.full(G, np.inf)
+        hi = np.full(G, -np.inf)
+        np.minimum.at(lo, self.tcode, self.slope)
+        np.maximum.at(hi, self.tcode, self.slope)
+        if int((hi > lo).sum()) < 3:
+            raise ModelError(f"a random slope on {slope_name!r} needs at least three therapists whose "
+                             "patients differ in it (e.g. patients in both arms)")
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *,
-                   therapist: str = "therapist", arm: str = "feedback", feedback_level=1,
-                   method: str = "REML") -> RandomSlopeModel:
-        """Build from a patient table; the arm column becomes the 0/1 feedback indicator (fixed
-        effect and random slope), named like :meth:`ArmVarianceModel.from_frame` names it."""
-        y, X, names, indicator, name = arm_design(
-            df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level,
-        )
-        return cls(y, X, df[therapist].to_numpy(), indicator, exog_names=names, slope_name=name, method=method)
+                   therapist: str = "therapist", arm: str | None = "feedback", feedback_level=1,
+                   slope: str | None = None, method: str = "REML") -> RandomSlopeModel:
+        """Build from a patient table. Without ``slope`` the arm column becomes the 0/1 feedback
+        indicator (fixed effect and random slope), named as :meth:`ArmVarianceModel.from_frame`
+        names it; with ``slope`` that numeric column is the random slope (and a fixed effect,
+        appended to the covariates when not listed)."""
+        if slope is None or (arm is not None and slope == arm):
+            if arm is None:
+                raise ModelError("a random slope needs an arm column or a slope column")
+            y, X, names, indicator, name = arm_design(
+                df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level,
+            )
+            return cls(y, X, df[therapist].to_numpy(), indicator, exog_names=names, slope_name=name,
+                       method=method)
+        for col in (outcome, therapist, slope, *covariates):
+            if col not in df.columns:
+                raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
+        if not pd.api.types.is_numeric_dtype(df[slope]):
+            raise ModelError(f"slope column {slope!r} must be numeric")
+        terms = list(covariates) + ([] if slope in covariates else [slope])
+        used = list(dict.fromkeys([outcome, therapist, *terms]))
+        if df[used].isna().any(axis=None):
+            raise ModelError(f"missing values in {used}; drop those rows before fitting")
+        X, names = fixed_effects_matrix(df, terms, intercept=True)
+        return cls(df[outcome].to_numpy(float), X, df[therapist].to_numpy(), df[slope].to_numpy(float),
+                   exog_names=names, slope_name=slope, method=method)
 
     def fit(self) -> RandomSlopeResults:
-        import statsmodels.api as sm
-        from statsmodels.tools.sm_exceptions import ConvergenceWarning as SMConvergenceWarning
-
-        exog = pd.DataFrame(self.X, columns=self.exog_names)
-        exog_re = pd.DataFrame({"(Intercept)": 1.0, self.slope_name: self.feedback})
-        msgs = []
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = sm.MixedLM(self.y, exog, groups=self.therapist.astype(str), exog_re=exog_re)
-            res = model.fit(reml=self.method == "REML", method=["lbfgs"])
-        for w in caught:
-            if issubclass(w.category, (SMConvergenceWarning, UserWarning, RuntimeWarning)):
-                msgs.append(str(w.message).splitlines()[0])
-        return RandomSlopeResults(self, res, msgs)
+        theta, fmin, ok = self._eng.fit(self.method == "REML")
+        return RandomSlopeResults(self, theta, fmin, ok)
 
 
-class RandomSlopeResults:
-    """Fitted random-slope model: statsmodels estimates plus exact profile/bootstrap intervals."""
+class RandomSlopeResults(ModelResults):
+    """Fitted random-slope model: exact estimates, profile/bootstrap intervals, BLUPs.
 
-    def __init__(self, model: RandomSlopeModel, sm_result, sm_messages):
+    Attributes: ``theta`` (lme4's), ``fe_params``, ``bse``, ``cov_params`` (lme4's ``vcov``),
+    ``cov_re`` (therapist covariance of intercept and slope), ``scale`` (residual variance),
+    ``vcomp``, ``correlation``, ``loglik``, ``aic``, ``bic``, ``converged``, ``singular``.
+    """
+
+    def __init__(self, model: RandomSlopeModel, theta: np.ndarray, crit_min: float, converged: bool):
         self.model = model
-        self.sm_result = sm_result
-        self.warnings: list[str] = []
+        eng = model._eng
+        self._eng = eng
         self.method = model.method
-        self.fe_params = pd.Series(np.asarray(sm_result.fe_params), index=model.exog_names, name="estimate")
-        self.bse = pd.Series(np.asarray(sm_result.bse_fe), index=model.exog_names, name="se")
-        cov = np.asarray(sm_result.cov_re, dtype=float)
-        self.cov_re = pd.DataFrame(cov, index=["(Intercept)", model.slope_name], columns=["(Intercept)", model.slope_name])
-        self.scale = float(sm_result.scale)
-        sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
-        self.correlation = float(cov[0, 1] / (sd[0] * sd[1])) if np.all(sd > 0) else float("nan")
-        self.vcomp = {"therapist": float(cov[0, 0]), "therapist_slope": float(cov[1, 1]), "residual": self.scale}
-        self.loglik = float(sm_result.llf)
-        self.n_patients = len(model.y)
-        self.n_therapists = len(model.therapist_labels)
-        self.converged = bool(sm_result.converged)
-        for msg in sm_messages:
-            self._warn(f"statsmodels MixedLM: {msg}", ConvergenceWarning)
-        # relative parameters (theta_a, theta_s, rho) of the statsmodels optimum, and the exact optimum
-        th = sd / math.sqrt(self.scale)
-        rho = 0.0 if not np.isfinite(self.correlation) else float(np.clip(self.correlation, -1.0, 1.0))
-        self._z_hat = np.array([th[0], th[1], rho])
-        self._opt_cache: dict = {}
+        self._reml = self.method == "REML"
+        self.theta = np.asarray(theta, dtype=float)
+        self._crit_min = float(crit_min)
+        b, covu, r, bc = eng.fixed(self.theta)
+        self.scale = r / (eng.n - eng.p) if self._reml else r / eng.n
+        self._bc = bc
+        names = model.exog_names
+        self.fe_params = pd.Series(b, index=names, name="estimate")
+        self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
+        self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
+        lam = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]])
+        cov = self.scale * lam @ lam.T
+        re_names = ["(Intercept)", model.slope_name]
+        self.cov_re = pd.DataFrame(cov, index=re_names, columns=re_names)
+        sd = np.sqrt(np.diag(cov))
+        self.correlation = _correlation(self.theta)
+        self.vcomp = {"therapist": float(cov[0, 0]), "therapist_slope": float(cov[1, 1]),
+                      "residual": float(self.scale)}
+        self.params = pd.concat([self.fe_params, pd.Series(self.vcomp)])
+        self.loglik = -0.5 * self._crit_min
+        self.n_patients = eng.n
+        self.n_therapists = eng.G
+        self.converged = bool(converged)
+        self.singular = bool(self.theta[0] < SINGULAR_TOL or self.theta[2] < SINGULAR_TOL)
+        self.warnings: list[str] = []
         self._cache: dict = {}
-        exact = self._optimum(self.method)
-        if exact[1] < -2 * self.loglik - 0.01:
-            self.converged = False
-            self._warn(
-                f"statsmodels' optimum (logLik {self.loglik:.4f}) is below the exact optimum "
-                f"({-0.5 * exact[1]:.4f}); estimates may be off",
-                ConvergenceWarning,
-            )
-        self.singular = bool(th.min() < 1e-4 or abs(rho) > 1 - 1e-6)
+        if not self.converged:
+            self._warn("random-slope optimiser did not report convergence", ConvergenceWarning)
         if self.singular:
-            self._warn("singular fit: a slope/intercept variance is ~0 or the correlation is at -1/+1",
-                       SingularFitWarning)
+            self._warn("singular fit: the intercept or slope variance is 0 or the intercept-slope "
+                       f"correlation is -1/+1 (correlation {self.correlation:.4g})", SingularFitWarning)
+
+    def _n_params(self) -> int:
+        """Fixed effects, the three theta and sigma (lme4's df of logLik)."""
+        return int(self._eng.p + 3 + 1)
 
     def _warn(self, msg, category):
-        self.warnings.append(msg)
+        if msg not in self.warnings:
+            self.warnings.append(msg)
         warnings.warn(msg, category, stacklevel=3)
 
-    # -- exact criterion in the slope parameterisation ---------------------------------------
-    def _dev(self, theta, rho, method, sigma2=None):
-        G = _A @ _G_from_theta(theta, rho) @ _A.T
-        return self.model._eng.deviance(G, np.ones(2), False, method, sigma2=sigma2)
+    # -- ML optimum (lme4's profile() refits by ML) -------------------------------------------
+    def _ml(self):
+        if "ml" not in self._cache:
+            if self._reml:
+                th, dmin, _ = self._eng.fit(False, self.theta)
+            else:
+                th, dmin = self.theta, self._crit_min
+            s2 = self._eng.scale(th, False)
+            t1 = th[0]
+            t2 = math.hypot(th[1], th[2])
+            rho = th[1] / t2 if t1 > 0 and t2 > 0 else 0.0
+            self._cache["ml"] = (th, dmin, s2, t1, t2, rho)
+        return self._cache["ml"]
 
-    def _optimum(self, method):
-        """Exact optimum (deviance) over (theta_a, theta_s, rho), started at statsmodels' estimate."""
-        if method not in self._opt_cache:
-            f = lambda z: self._dev(z[:2], z[2], method)  # noqa: E731
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                z, fz, _ = _minimise(f, self._z_hat, [(0.0, None), (0.0, None), (-1.0, 1.0)])
-            self._opt_cache[method] = (z, fz)
-        return self._opt_cache[method]
-
-    def _profile(self, name, level, deviance):
-        key = ("profile", name, level, deviance)
+    def _profile(self, name: str, level: float) -> tuple[float, float]:
+        key = ("profile", name, level)
         if key in self._cache:
             return self._cache[key]
-        z_opt, dev_min = self._optimum(deviance)
-        eng = self.model._eng
-        nu = eng.N - eng.p if deviance == "REML" else eng.N
-        # sigma2 at the optimum of this criterion
-        G = _A @ _G_from_theta(z_opt[:2], z_opt[2]) @ _A.T
-        s2 = eng.evaluate(G, np.ones(2), False).Q / nu
-        th, rho = z_opt[:2], z_opt[2]
-        bnd = (0.0, None)
+        eng = self._eng
+        th, dmin, s2, t1, t2, rho = self._ml()
+        q = chi2_cut(level)
+        # inner problems on log SDs (scale-free steps; the relative SDs differ by orders of
+        # magnitude when the slope variable is on a wide scale) and the correlation on [-1, 1]
+        lows3, ups3 = np.array([-np.inf, -np.inf, -1.0]), np.array([np.inf, np.inf, 1.0])
+        state: dict = {}
+        ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
+
+        def inner(f, lows, ups):
+            # inner minimisation over the other parameters, warm-started at the solution of the
+            # nearest point profiled so far (not the last one: the search also visits the edge)
+            c = state["c"]
+            near = min(state["done"], key=lambda v: abs(v - c))
+            z, fz, ok = newton_minimise(f, state["done"][near], lows, ups)  # fast from a warm start
+            if not ok:
+                z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
+            state["done"][c] = z
+            return fz
+
         if name == "correlation":
-            def pdev(c, z):
-                return self._inner(lambda zz: self._dev(zz[:2], c, deviance), z, [bnd, bnd])
-            z0, est, scale = th, rho, "atanh"
+            if not (t1 > 0 and t2 > 0):
+                out = (math.nan, math.nan)
+                self._cache[key] = out
+                return out
+            z0 = np.array([ln(t1), ln(t2)])
+
+            def excess(c):
+                state["c"] = c
+                f = lambda z: eng.crit(_theta(math.exp(z[0]), math.exp(z[1]), c), False)  # noqa: E731
+                return inner(f, np.full(2, -np.inf), np.full(2, np.inf)) - dmin
+            kw = dict(lower=-1.0, upper=1.0, step=0.05)
+            est = rho
         elif name in ("therapist", "therapist_slope"):
             k = 0 if name == "therapist" else 1
+            other = t2 if k == 0 else t1
+            z0 = np.array([0.5 * math.log(s2), ln(other), rho])
 
-            def pdev(c, z, k=k):
-                def f(zz):
-                    s2_ = math.exp(zz[0])
-                    t = [0.0, 0.0]
-                    t[k] = math.sqrt(max(c, 0.0) / s2_)
-                    t[1 - k] = zz[1]
-                    return self._dev(t, zz[2], deviance, sigma2=s2_)
-                return self._inner(f, z, [(-50, 50), bnd, (-1.0, 1.0)])
-            z0, est, scale = np.array([math.log(s2), th[1 - k], rho]), s2 * th[k] ** 2, "log"
+            def excess(c, k=k):
+                state["c"] = c
+
+                def f(z):
+                    sg2 = math.exp(2.0 * z[0])
+                    tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
+                    th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
+                    return eng.dev_ml(th_, sg2)
+                return inner(f, lows3, ups3) - dmin
+            est = s2 * (t1 if k == 0 else t2) ** 2
+            kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
-            def pdev(c, z):
-                return self._inner(lambda zz: self._dev(zz[:2], zz[2], deviance, sigma2=c), z, [bnd, bnd, (-1.0, 1.0)])
-            z0, est, scale = np.array([th[0], th[1], rho]), s2, "log"
+            z0 = np.array([ln(t1), ln(t2), rho])
+
+            def excess(c):
+                state["c"] = c
+                f = lambda z: eng.dev_ml(_theta(math.exp(z[0]), math.exp(z[1]), z[2]), c)  # noqa: E731
+                return inner(f, lows3, ups3) - dmin
+            est = s2
+            kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:
             raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, residual or correlation")
-        out = _profile_limits(pdev, est, dev_min, z0, scale, level)
+        ends = []
+        for d in (-1, 1):
+            state["done"] = {est: z0.copy()}
+            lim = profile_limit(excess, est, q, d, **kw)
+            ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
+            if not lim.found:
+                self._warn(f"profile likelihood of {name} does not reach the {level:.0%} cut-off "
+                           f"({'upper' if d > 0 else 'lower'} end open)", StatisticalWarning)
+        out = (float(ends[0]), float(ends[1]))
         self._cache[key] = out
         return out
 
-    @staticmethod
-    def _inner(f, z, bounds):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            zz, fz, _ = _minimise(f, z, bounds)
-        return fz, zz
-
-    def _bootstrap(self, n_boot, seed):
-        key = ("boot", n_boot, seed)
+    # -- bootstrap ------------------------------------------------------------------------------
+    def bootstrap(self, n_boot: int = DEFAULT_N_BOOT, seed: int | None = None):
+        """Seeded parametric bootstrap (:func:`~therapist_effects.engine.inference.parametric_bootstrap`):
+        outcomes simulated from the fit, refitted by the same engine; failed refits are counted."""
+        key = ("boot", int(n_boot), seed)
         if key in self._cache:
             return self._cache[key]
-        if seed is None:
-            raise ModelError("the parametric bootstrap needs an explicit seed (seed=...) to be reproducible")
-        m = self.model
-        eng = m._eng
-        rng = np.random.default_rng(seed)
+        m, eng = self.model, self._eng
         mu = m.X @ self.fe_params.to_numpy()
-        cov = self.cov_re.to_numpy()
-        w, V = np.linalg.eigh(cov)
-        Lre = V * np.sqrt(np.maximum(w, 0.0))
-        T = len(m.therapist_labels)
-        y0 = eng.y
-        rows = []
-        chol_bounds = [(0.0, None), (None, None), (0.0, None)]
-        z_opt, _ = self._optimum(self.method)
-        l0 = z_opt[0]
-        start = np.array([l0, z_opt[2] * z_opt[1], z_opt[1] * math.sqrt(max(1 - z_opt[2] ** 2, 0.0))])
-        try:
-            for _ in range(n_boot):
-                ab = rng.standard_normal((T, 2)) @ Lre.T
-                ystar = mu + ab[m.tcode, 0] + ab[m.tcode, 1] * m.feedback + rng.standard_normal(len(mu)) * math.sqrt(self.scale)
-                eng.set_y(ystar)
+        lam = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]]) * math.sqrt(self.scale)
+        G = eng.G
+        reml = self._reml
 
-                def f(x):
-                    L = np.array([[x[0], 0.0], [x[1], x[2]]])
-                    return eng.deviance(_A @ (L @ L.T) @ _A.T, np.ones(2), False, self.method)
+        def simulate(rng):
+            u = rng.standard_normal((G, 2)) @ lam.T
+            return mu + u[m.tcode, 0] + u[m.tcode, 1] * m.slope + math.sqrt(self.scale) * rng.standard_normal(len(mu))
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    x, _, _ = _minimise(f, start, chol_bounds, polish=False)
-                L = np.array([[x[0], 0.0], [x[1], x[2]]])
-                Gs = L @ L.T
-                Garm = _A @ Gs @ _A.T
-                nu = eng.N - eng.p if self.method == "REML" else eng.N
-                s2 = eng.evaluate(Garm, np.ones(2), False).Q / nu
-                d = np.sqrt(np.diag(Gs))
-                rows.append({"therapist": s2 * Gs[0, 0], "therapist_slope": s2 * Gs[1, 1], "residual": s2,
-                             "correlation": Gs[0, 1] / (d[0] * d[1]) if np.all(d > 0) else np.nan})
-        finally:
-            eng.set_y(y0)
-        boot = pd.DataFrame(rows)
-        self._cache[key] = boot
-        return boot
+        def refit(ystar):
+            e = _with_y(eng, ystar)
+            th, _, ok = e.fit(reml, self.theta)
+            s2 = e.scale(th, reml)
+            L = np.array([[th[0], 0.0], [th[1], th[2]]])
+            cv = s2 * L @ L.T
+            return {"therapist": cv[0, 0], "therapist_slope": cv[1, 1], "residual": s2,
+                    "correlation": _correlation(th),
+                    "converged": ok}
 
-    def interval(self, name: str, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000, seed=None,
-                 deviance: str = "ML") -> tuple[float, float]:
-        """Interval for ``therapist``, ``therapist_slope``, ``residual`` or ``correlation``.
+        res = parametric_bootstrap(simulate, refit, n_boot, seed, ["therapist", "therapist_slope", "residual",
+                                                                   "correlation"])
+        if res.n_failed:
+            self._warn(f"{res.n_failed} of {res.n_boot} bootstrap refits failed", ConvergenceWarning)
+        self._cache[key] = res
+        return res
 
-        ``method="profile"``: exact profile likelihood (ML deviance by default, as lme4's
-        ``profile()``); ``"bootstrap"``: seeded parametric-bootstrap percentiles.
-        """
+    def interval(self, name: str, level: float = DEFAULT_LEVEL, method: str = "profile", *,
+                 n_boot: int = DEFAULT_N_BOOT, seed: int | None = None) -> tuple[float, float]:
+        """Interval for ``therapist``, ``therapist_slope``, ``residual`` or ``correlation``:
+        ``"profile"`` (ML deviance, as lme4's ``profile()``) or ``"bootstrap"`` (seeded
+        percentiles; ``seed=None`` means 0)."""
         if method == "profile":
-            return self._profile(name, level, deviance.upper())
+            return self._profile(name, level)
         if method == "bootstrap":
-            vals = self._bootstrap(n_boot, seed)[name].to_numpy(float)
-            vals = vals[np.isfinite(vals)]
-            a = (1 - level) / 2
-            return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+            return self.bootstrap(n_boot, seed).interval(name, level)
         raise ModelError(f"interval method must be 'profile' or 'bootstrap', got {method!r}")
 
-    def correlation_interval(self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000,
-                             seed=None) -> dict:
+    def correlation_interval(self, level: float = DEFAULT_LEVEL, method: str = "profile", *,
+                             n_boot: int = DEFAULT_N_BOOT, seed: int | None = None) -> dict:
         """Intercept-slope correlation with its interval (negative: feedback narrows the gap)."""
         lo, hi = self.interval("correlation", level, method, n_boot=n_boot, seed=seed)
         return {"estimate": self.correlation, "ci_low": lo, "ci_high": hi, "ci_method": method}
 
-    def icc(self) -> dict:
-        """Therapist ICC in each arm implied by the slope model (point estimates).
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str = "profile", *,
+                 n_boot: int = DEFAULT_N_BOOT, seed: int | None = None) -> pd.DataFrame:
+        """Rows: fixed effects (Wald, from lme4's vcov) then variance components (``method``)."""
+        lo, hi = wald_interval(self.fe_params.to_numpy(), self.bse.to_numpy(), level)
+        rows = {nm: (a, b) for nm, a, b in zip(self.fe_params.index, lo, hi)}
+        for nm in _VC:
+            rows[nm] = self.interval(nm, level, method, n_boot=n_boot, seed=seed)
+        return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
-        Control: ``s2_a / (s2_a + s2)``; feedback: ``v_f / (v_f + s2)`` with the therapist variance
-        under feedback ``v_f = s2_a + 2 c + s2_s`` (intercept plus slope).
-        """
+    def icc(self) -> dict:
+        """Therapist ICC at ``slope = 0`` (control) and ``slope = 1`` (feedback) implied by the model:
+        ``v / (v + s2)`` with ``v = s2_a`` and ``v = s2_a + 2 cov + s2_c``."""
         cov = self.cov_re.to_numpy()
         v0 = cov[0, 0]
         v1 = cov[0, 0] + 2 * cov[0, 1] + cov[1, 1]
@@ -290,32 +351,32 @@ class RandomSlopeResults:
     def gap_table(self) -> pd.DataFrame:
         """Per-therapist "narrowing the gap" data, ready for a scatter plot.
 
-        One row per therapist: caseload per arm, ``intercept`` (BLUP: the therapist's effect
-        without feedback, relative to the average therapist; on PHQ-9 positive = worse outcomes),
-        ``slope`` (BLUP: how much feedback shifts this therapist's patients' outcomes beyond the
-        average feedback effect; on PHQ-9 negative = they gain more), ``effect_control`` and
-        ``effect_feedback`` (the therapist's deviation in each arm: intercept, intercept + slope)
-        and ``feedback_effect`` (the average feedback effect plus the slope: the therapist's own
-        feedback effect). Values are statsmodels' ``random_effects``.
+        One row per therapist: caseload (per arm for a 0/1 slope variable), ``intercept`` (BLUP:
+        the therapist's effect at slope 0, without feedback; on PHQ-9 positive = worse outcomes),
+        ``slope`` (BLUP: how much the slope variable shifts this therapist's patients' outcomes
+        beyond the average; on PHQ-9 negative = they gain more), ``effect_control`` and
+        ``effect_feedback`` (intercept, intercept + slope) and ``feedback_effect`` (the average
+        effect plus the slope). BLUPs are lme4's ``ranef``.
         """
-        m = self.model
-        re = self.sm_result.random_effects
-        n = m._eng.n
-        rows = []
-        for t, label in enumerate(m.therapist_labels):
-            r = re[str(label)]
-            a, s = float(r.iloc[0]), float(r.iloc[1])
-            rows.append({"therapist": label, "n_patients": int(n[t].sum()), "n_control": int(n[t, 0]),
-                         "n_feedback": int(n[t, 1]), "intercept": a, "slope": s, "effect_control": a,
-                         "effect_feedback": a + s,
-                         "feedback_effect": float(self.fe_params[m.slope_name]) + s})
-        return pd.DataFrame(rows)
+        m, eng = self.model, self._eng
+        u, _ = eng.blups(self.theta, self._bc, self.scale)
+        n = np.bincount(m.tcode, minlength=eng.G)
+        nf = np.bincount(m.tcode, weights=(m.slope == 1.0).astype(float), minlength=eng.G)
+        out = pd.DataFrame({"therapist": m.therapist_labels, "n_patients": n.astype(int),
+                            "n_control": (n - nf).astype(int), "n_feedback": nf.astype(int),
+                            "intercept": u[:, 0], "slope": u[:, 1], "effect_control": u[:, 0],
+                            "effect_feedback": u[:, 0] + u[:, 1],
+                            "feedback_effect": float(self.fe_params[m.slope_name]) + u[:, 1]})
+        if not m.binary:
+            out = out.drop(columns=["n_control", "n_feedback"])
+        return out
 
     def summary(self) -> str:
         m = self.model
-        lines = [f"Random feedback slope across therapists ({self.method}, statsmodels MixedLM); "
+        lines = [f"Random slope (1 + {m.slope_name} | therapist), exact {self.method}; "
                  f"{self.n_patients} patients, {self.n_therapists} therapists",
-                 f"log-likelihood {self.loglik:.4f}; converged {self.converged}; singular {self.singular}", "",
+                 f"log-likelihood {self.loglik:.4f}; AIC {self.aic:.2f}; BIC {self.bic:.2f}; "
+                 f"converged {self.converged}; singular {self.singular}", "",
                  f"{'fixed effect':<24}{'estimate':>12}{'se':>12}"]
         for nm in self.fe_params.index:
             lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
@@ -324,25 +385,25 @@ class RandomSlopeResults:
                       f"correlation {self.correlation:.4f}"]
         return "\n".join(lines)
 
-    def to_contract(self, interval: str = "profile", n_boot: int = 1000, seed=None) -> dict:
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's entry of ``estimates.json`` (``"type": "random_slope"``)."""
         if interval == "wald":  # no Wald intervals for variances (their sampling distribution is skewed)
             self._warn("Wald intervals are not offered for variance components, ICCs or correlations; "
                        "profile-likelihood intervals are reported instead", StatisticalWarning)
             interval = "profile"
-        z = stats.norm.ppf(0.975)
 
         def num(v):
             v = float(v)
             return v if np.isfinite(v) else None
 
-        fe = {nm: {"estimate": num(b), "se": num(s), "ci_low": num(b - z * s), "ci_high": num(b + z * s)}
-              for nm, b, s in zip(self.fe_params.index, self.fe_params, self.bse)}
+        lo, hi = wald_interval(self.fe_params.to_numpy(), self.bse.to_numpy())
+        fe = {nm: {"estimate": num(b), "se": num(s), "ci_low": num(a), "ci_high": num(c)}
+              for nm, b, s, a, c in zip(self.fe_params.index, self.fe_params, self.bse, lo, hi)}
         vc = {}
         for nm, v in self.vcomp.items():
-            lo, hi = self.interval(nm, 0.95, interval, n_boot=n_boot, seed=seed)
-            vc[nm] = {"estimate": num(v), "ci_low": num(lo), "ci_high": num(hi)}
-        cor = self.correlation_interval(0.95, interval, n_boot=n_boot, seed=seed)
+            a, c = self.interval(nm, DEFAULT_LEVEL, interval, n_boot=n_boot, seed=seed)
+            vc[nm] = {"estimate": num(v), "ci_low": num(a), "ci_high": num(c)}
+        cor = self.correlation_interval(DEFAULT_LEVEL, interval, n_boot=n_boot, seed=seed)
         return {
             "type": "random_slope",
             "family": "gaussian",
@@ -352,10 +413,16 @@ class RandomSlopeResults:
             "variance_components": vc,
             "correlation": {"estimate": num(cor["estimate"]), "ci_low": num(cor["ci_low"]),
                             "ci_high": num(cor["ci_high"]), "ci_method": interval},
-            "loglik": num(self.loglik),
-            "converged": bool(self.converged),
-            "singular": bool(self.singular),
+            **self.fit_fields(),
             "n_patients": int(self.n_patients),
             "n_therapists": int(self.n_therapists),
             "warnings": [str(w) for w in self.warnings],
         }
+
+
+def _with_y(eng: BlockEngine, y: np.ndarray) -> BlockEngine:
+    import copy
+
+    new = copy.copy(eng)
+    new.set_y(y)
+    return new

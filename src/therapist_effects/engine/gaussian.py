@@ -1,0 +1,474 @@
+"""Exact REML/ML for Gaussian models with ``q`` correlated random effects per therapist.
+
+The model (lme4: ``y ~ X + (Z | therapist)``, e.g. ``(1 + feedback | therapist)``)::
+
+    y_i = X_i b + Z_i u_i + e_i,    u_i ~ N(0, sigma^2 Lambda Lambda'),    e_i ~ N(0, sigma^2 I)
+
+with ``Lambda`` lower triangular: the relative Cholesky factor, parameterised as lme4's ``theta``
+(its lower triangle, column by column; the diagonal is bounded below by 0). The boundary of the
+parameter space — a variance of 0, a correlation of +-1 — is a diagonal element of exactly 0, so
+the optimiser reaches it exactly and singular fits are flagged as lme4's ``isSingular`` flags
+them (a diagonal theta below 1e-4).
+
+Everything the criterion needs is a per-therapist sufficient statistic, computed in one vectorised
+pass: ``Z_i'Z_i`` (q x q), ``Z_i'[X y]`` (q x (p+1)) and the pooled ``[X y]'[X y]``. With
+``M_i = I + Lambda' Z_i'Z_i Lambda`` (Cholesky ``L_i``) and ``C_i = L_i^{-1} Lambda' Z_i'[X y]``::
+
+    [X y]' (V / sigma^2)^{-1} [X y] = [X y]'[X y] - sum_i C_i' C_i,     log|V / sigma^2| = sum_i log|M_i|
+
+(Woodbury), so one evaluation costs O(therapists x q^3 + therapists x q x p^2) whatever the number
+of patients. ``sigma^2`` and ``b`` are profiled out analytically as in lme4, leaving the criterion
+in ``theta`` only::
+
+    ML    -2 logLik = n (1 + log(2 pi r / n)) + log|V/s2|
+    REML  -2 logLik = m (1 + log(2 pi r / m)) + log|V/s2| + log|X'(V/s2)^{-1}X|,   m = n - p
+
+(lme4's ``deviance`` / ``REMLcrit``); ``vcov = s2 (X'(V/s2)^{-1}X)^{-1}`` is lme4's ``vcov``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+from scipy import optimize
+
+__all__ = ["BlockEngine", "theta_to_lambda", "theta_lower_bounds", "SINGULAR_TOL", "minimise_theta", "minimise_box",
+           "newton_minimise", "centre_design", "gls_from_cholesky", "psd_cholesky"]
+
+LOG2PI = math.log(2.0 * math.pi)
+#: lme4's ``isSingular`` tolerance on the diagonal of theta
+SINGULAR_TOL = 1e-4
+
+
+def theta_lower_bounds(q: int) -> np.ndarray:
+    """lme4's lower bounds of theta (lower triangle column by column): 0 on the diagonal, else -inf."""
+    lows = []
+    for j in range(q):
+        for i in range(j, q):
+            lows.append(0.0 if i == j else -np.inf)
+    return np.array(lows)
+
+
+def theta_to_lambda(theta: np.ndarray, q: int) -> np.ndarray:
+    """The lower-triangular ``Lambda`` from theta (lme4's order: column by column)."""
+    lam = np.zeros((q, q))
+    k = 0
+    for j in range(q):
+        for i in range(j, q):
+            lam[i, j] = theta[k]
+            k += 1
+    return lam
+
+
+def centre_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(Xc, S, k0)``: the columns of ``X`` centred at their means when ``X`` has an intercept
+    column ``k0`` (``Xc = X S``, ``S = I - e_k0 mu'``: an exact reparameterisation with unit
+    determinant, undone by ``b = S bc``), which keeps cross-products well conditioned."""
+    n, p = X.shape
+    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
+    k0 = int(ones[0]) if len(ones) else None
+    S = np.eye(p)
+    if k0 is None:
+        return X, S, None
+    mu = X.mean(axis=0)
+    mu[k0] = 0.0
+    S[k0, :] -= mu
+    return X - mu, S, k0
+
+
+def gls_from_cholesky(R: np.ndarray, S: np.ndarray, k0: int | None, shift_y: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GLS fixed effects from the Cholesky factor ``R`` of ``[X y]'W[X y]`` (centred scale):
+    ``(b, (X'WX)^{-1}, b_centred)`` with the centring of :func:`centre_design` undone."""
+    p = R.shape[0] - 1
+    Rinv = np.linalg.inv(R[:p, :p])  # p x p lower triangular; tiny, and cheaper than scipy here
+    bc = Rinv.T @ R[p, :p]
+    covc = Rinv.T @ Rinv
+    b = S @ bc
+    if k0 is not None:
+        b[k0] += shift_y
+    return b, S @ covc @ S.T, bc
+
+
+def lambda_to_theta(lam: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`theta_to_lambda`."""
+    q = lam.shape[0]
+    return np.array([lam[i, j] for j in range(q) for i in range(j, q)])
+
+
+def psd_cholesky(S: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
+    """Lower-triangular ``L`` with ``L L' = S`` for a positive *semi*-definite ``S`` (a pivot below
+    ``rtol`` times the largest diagonal element is exactly 0, with its column), with a
+    non-negative diagonal: the theta of a singular covariance sits exactly on the boundary."""
+    q = S.shape[0]
+    L = np.zeros((q, q))
+    tol = rtol * max(float(np.max(np.abs(np.diag(S)))), 1e-300)
+    for j in range(q):
+        d = S[j, j] - L[j, :j] @ L[j, :j]
+        if d <= tol:
+            continue
+        L[j, j] = math.sqrt(d)
+        for i in range(j + 1, q):
+            L[i, j] = (S[i, j] - L[i, :j] @ L[j, :j]) / L[j, j]
+    return L
+
+
+class BlockEngine:
+    """Per-therapist sufficient statistics of ``y ~ X + (Z | group)`` and the profiled criterion.
+
+    ``codes`` are group (therapist) codes 0..G-1. Covariates and outcome are centred when ``X`` has
+    an intercept column (an exact reparameterisation with unit Jacobian, undone in :meth:`fixed`),
+    which keeps the cross-products well conditioned. When ``Z``'s first column is the intercept its
+    other columns are centred too, ``Z = Zc T`` (``T`` unit upper triangular): the random effects
+    become ``T u``, an exact reparameterisation of an unstructured covariance (``Lambda_c = T
+    Lambda``); the optimiser works on the well-conditioned centred scale and reports lme4's theta of
+    the model as given.
+    """
+
+    def __init__(self, y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, G: int):
+        n, p = X.shape
+        q = Z.shape[1]
+        self.n, self.p, self.q, self.G = n, p, q, G
+        self.codes = np.asarray(codes, dtype=np.int64)
+        self.X, self.Z = X, Z
+        self.Xc, self.S, self.k0 = centre_design(X)
+        self.T = np.eye(q)
+        Zc = Z
+        if q > 1 and n and np.all(Z[:, 0] == 1.0):
+            mz = Z.mean(axis=0)
+            mz[0] = 0.0
+            Zc = Z - mz
+            self.T[0, 1:] = mz[1:]  # Z = Zc T
+        self.Zc = Zc
+        self.Tinv = np.linalg.inv(self.T)
+        self.ZZ = self._group_cross(Zc, Zc)  # (G, q, q)
+        self.ZX = self._group_cross(Zc, self.Xc)  # (G, q, p)
+        self.XX = self.Xc.T @ self.Xc
+        self.lows = theta_lower_bounds(q)
+        self.set_y(y)
+
+    def _group_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        out = np.empty((self.G, A.shape[1], B.shape[1]))
+        for i in range(A.shape[1]):
+            for j in range(B.shape[1]):
+                out[:, i, j] = np.bincount(self.codes, weights=A[:, i] * B[:, j], minlength=self.G)
+        return out
+
+    def set_y(self, y: np.ndarray) -> None:
+        """(Re)compute the outcome's statistics (the design's are kept: used by the bootstrap)."""
+        y = np.asarray(y, dtype=float)
+        self.shift_y = float(y.mean()) if self.k0 is not None else 0.0
+        yc = y - self.shift_y
+        self.yc = yc
+        p = self.p
+        self.ZA = np.concatenate([self.ZX, self._group_cross(self.Zc, yc[:, None])], axis=2)
+        AA = np.empty((p + 1, p + 1))
+        AA[:p, :p] = self.XX
+        AA[:p, p] = AA[p, :p] = self.Xc.T @ yc
+        AA[p, p] = yc @ yc
+        self.AA = AA
+        if self.q <= 2:  # per-therapist outer products of Z'A rows, for the closed-form Gram sums
+            Z0 = self.ZA[:, 0, :]
+            self.P00 = (Z0[:, :, None] * Z0[:, None, :]).reshape(self.G, -1)
+            if self.q == 2:
+                Z1 = self.ZA[:, 1, :]
+                self.P11 = (Z1[:, :, None] * Z1[:, None, :]).reshape(self.G, -1)
+                P01 = Z0[:, :, None] * Z1[:, None, :]
+                self.P01 = (P01 + P01.transpose(0, 2, 1)).reshape(self.G, -1)
+
+    # -- criterion ----------------------------------------------------------------------------
+    def _gram(self, lam: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(sum_i C_i'C_i, sum_i log|M_i|)``; closed form for q <= 2 (vectorised over therapists:
+        batched LAPACK calls on 2 x 2 blocks cost more than the arithmetic)."""
+        q = self.q
+        if q > 2:
+            _, C, ldv = self._blocks(lam)
+            Cf = C.reshape(-1, C.shape[2])
+            return Cf.T @ Cf, ldv
+        ZZ = self.ZZ
+        k = self.p + 1
+        if q == 1:
+            m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            return ((lam[0, 0] ** 2 / m11) @ self.P00).reshape(k, k), float(np.log(m11).sum())
+        # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
+        # three length-G dot products with the precomputed outer products
+        (p0, q0), (r0, s0) = lam
+        z00, z01, z11 = ZZ[:, 0, 0], ZZ[:, 0, 1], ZZ[:, 1, 1]
+        # M = I + Lambda' ZZ Lambda for any 2 x 2 Lambda = [[p0, q0], [r0, s0]]
+        a = 1.0 + p0 * p0 * z00 + 2.0 * p0 * r0 * z01 + r0 * r0 * z11
+        b = p0 * q0 * z00 + (p0 * s0 + r0 * q0) * z01 + r0 * s0 * z11
+        c = 1.0 + q0 * q0 * z00 + 2.0 * q0 * s0 * z01 + s0 * s0 * z11
+        det = a * c - b * b
+        inv = 1.0 / det
+        k00 = (p0 * p0 * c - 2.0 * p0 * q0 * b + q0 * q0 * a) * inv
+        k01 = (p0 * r0 * c - (p0 * s0 + q0 * r0) * b + q0 * s0 * a) * inv
+        k11 = (r0 * r0 * c - 2.0 * r0 * s0 * b + s0 * s0 * a) * inv
+        CC = (k00 @ self.P00 + k01 @ self.P01 + k11 @ self.P11).reshape(k, k)
+        return CC, float(np.log(det).sum())
+
+    def _blocks(self, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(chol M_i, C_i, sum log|M_i|)``."""
+        q = self.q
+        M = lam.T @ self.ZZ @ lam
+        M += np.eye(q)
+        Lm = np.linalg.cholesky(M)
+        W = lam.T @ self.ZA  # Lambda' Z'A per therapist
+        C = np.linalg.solve(Lm, W)
+        ldv = float(2.0 * np.log(np.diagonal(Lm, axis1=1, axis2=2)).sum())
+        return Lm, C, ldv
+
+    def core(self, theta: np.ndarray, centred: bool = False) -> tuple[float, float, float, np.ndarray]:
+        """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])`` with ``W = (V/s2)^-1``
+        (``centred``: theta of the centred random effects ``T u``)."""
+        lam = theta_to_lambda(theta, self.q)
+        if not centred:
+            lam = self.T @ lam
+        CC, ldv = self._gram(lam)
+        A = self.AA - CC
+        R = np.linalg.cholesky(A)
+        d = np.diag(R)
+        p = self.p
+        return float(d[p] ** 2), float(2.0 * np.log(d[:p]).sum()), ldv, R
+
+    def to_centred(self, theta: np.ndarray) -> np.ndarray:
+        lam = theta_to_lambda(theta, self.q)
+        return lambda_to_theta(psd_cholesky(self.T @ lam @ lam.T @ self.T.T))
+
+    def from_centred(self, theta_c: np.ndarray) -> np.ndarray:
+        lam = theta_to_lambda(theta_c, self.q)
+        return lambda_to_theta(psd_cholesky(self.Tinv @ lam @ lam.T @ self.Tinv.T))
+
+    def crit(self, theta: np.ndarray, reml: bool, centred: bool = False) -> float:
+        """-2 x profiled (RE)ML log-likelihood at theta (lme4's deviance / REMLcrit)."""
+        try:
+            r, ldx, ldv, _ = self.core(np.asarray(theta, dtype=float), centred)
+        except np.linalg.LinAlgError:
+            return math.inf
+        if not (r > 0.0 and math.isfinite(r) and math.isfinite(ldv) and math.isfinite(ldx)):
+            return math.inf  # (also for theta so large that the blocks overflow)
+        if reml:
+            m = self.n - self.p
+            return m * (1.0 + LOG2PI + math.log(r / m)) + ldv + ldx
+        return self.n * (1.0 + LOG2PI + math.log(r / self.n)) + ldv
+
+    def dev_ml(self, theta: np.ndarray, sigma2: float) -> float:
+        """ML deviance at relative theta and residual variance ``sigma2`` (b profiled out)."""
+        try:
+            r, _, ldv, _ = self.core(np.asarray(theta, dtype=float))
+        except np.linalg.LinAlgError:
+            return math.inf
+        if not (math.isfinite(r) and math.isfinite(ldv) and sigma2 > 0.0):
+            return math.inf
+        return self.n * (LOG2PI + math.log(sigma2)) + ldv + r / sigma2
+
+    def scale(self, theta: np.ndarray, reml: bool) -> float:
+        r, _, _, _ = self.core(theta)
+        return r / (self.n - self.p) if reml else r / self.n
+
+    def fixed(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
+        r, _, _, R = self.core(theta)
+        b, cov, bc = gls_from_cholesky(R, self.S, self.k0, self.shift_y)
+        return b, cov, r, bc
+
+    def blups(self, theta: np.ndarray, bc: np.ndarray, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional modes ``E[u_i | y]`` (G x q) and conditional covariances (G x q x q), as
+        lme4's ``ranef(condVar = TRUE)``: ``u_i = Lambda M_i^{-1} Lambda' Z_i'(y_i - X_i b)``."""
+        lam = self.T @ theta_to_lambda(theta, self.q)  # of the centred effects T u
+        M = lam.T @ self.ZZ @ lam + np.eye(self.q)
+        Minv = np.linalg.inv(M)
+        resid = self.ZA[:, :, self.p] - self.ZA[:, :, : self.p] @ bc  # Zc'(y - X b), centred scale
+        K = lam @ Minv @ lam.T  # (G, q, q)
+        u = np.einsum("ij,gjk,gk->gi", self.Tinv, K, resid)
+        cov = sigma2 * (self.Tinv @ K @ self.Tinv.T)
+        return u, cov
+
+    # -- optimisation --------------------------------------------------------------------------
+    def fit(self, reml: bool, theta0: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
+        """Optimum ``(theta, crit_min, converged)``: the interior optimum and the optimum on every
+        face of the boundary (subsets of the diagonal at exactly 0); the boundary wins ties."""
+        if theta0 is None:
+            tc0 = np.where(self.lows == 0.0, 1.0, 0.0)  # lme4's start: Lambda = I
+        else:
+            tc0 = self.to_centred(np.asarray(theta0, dtype=float))
+        tc, fmin, ok = minimise_theta(lambda t: self.crit(t, reml, centred=True), tc0, self.q)
+        return self.from_centred(tc), fmin, ok
+
+
+def _diag_index(q: int) -> list[int]:
+    idx, k = [], 0
+    for j in range(q):
+        for i in range(j, q):
+            if i == j:
+                idx.append(k)
+            k += 1
+    return idx
+
+
+def _nm(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray, xatol: float,
+        fatol: float, ups: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
+    """Bounded Nelder-Mead, restarted from its own answer until it stops improving."""
+    ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
+    bounds = [(lo if np.isfinite(lo) else None, up if np.isfinite(up) else None) for lo, up in zip(lows, ups)]
+    x = np.minimum(np.maximum(np.asarray(x0, dtype=float), lows), ups)
+    fx = f(x)
+    ok = True
+    for _ in range(6):
+        step = np.maximum(0.1 * np.abs(x), 0.05)
+        sgn = np.where(x + step > ups, -1.0, 1.0)
+        sim = np.vstack([x] + [x + np.eye(len(x))[k] * step[k] * sgn[k] for k in range(len(x))])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = optimize.minimize(f, x, method="Nelder-Mead", bounds=bounds,
+                                    options={"xatol": xatol, "fatol": fatol, "maxfev": 20000,
+                                             "initial_simplex": sim, "adaptive": len(x) > 2})
+        ok = bool(res.success)
+        improved = fx - res.fun
+        if res.fun <= fx:
+            x, fx = np.minimum(np.maximum(res.x, lows), ups), float(res.fun)
+        if improved < 1e-11:
+            break
+    return x, float(fx), ok
+
+
+def _fd_derivatives(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray,
+                    free: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient and Hessian of ``f`` in the coordinates ``free`` by finite differences: the
+    gradient from central differences at ``h`` and ``h/2`` combined by Richardson (error O(h^4)),
+    so that the criterion's rounding noise, not the step, limits the precision."""
+    n = len(free)
+    E = np.zeros((n, len(x)))
+    for a, k in enumerate(free):
+        E[a, k] = h[k]
+    hf = h[free]
+    d1 = np.array([(f(x + e) - f(x - e)) / 2 for e in E])
+    d2 = np.array([(f(x + e / 2) - f(x - e / 2)) for e in E])
+    g = (4 * d2 - d1) / 3 / hf
+    H = np.empty((n, n))
+    for a in range(n):
+        for b in range(a, n):
+            ea, eb = E[a], E[b]
+            H[a, b] = H[b, a] = ((f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb))
+                                 / (4 * hf[a] * hf[b]))
+    return g, H
+
+
+def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
+                   ups: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
+    """Newton steps (central-difference gradient and Hessian) on the coordinates off their bounds,
+    from a Nelder-Mead answer: the smooth criteria here are polished to ~1e-9 in theta."""
+    ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
+    bounds = [(lo if np.isfinite(lo) else None, up if np.isfinite(up) else None) for lo, up in zip(lows, ups)]
+    x = np.minimum(np.maximum(np.asarray(x0, dtype=float), lows), ups)
+
+    fx = float(f(x))
+    ok = True
+    for _ in range(8):  # Newton polish on the free coordinates
+        h = 1e-3 * np.maximum(np.abs(x), 0.1)
+        free = [k for k in range(len(x)) if x[k] - 2 * h[k] >= lows[k] and x[k] + 2 * h[k] <= ups[k]]
+        if not free:
+            break
+        g, H = _fd_derivatives(f, x, h, free)
+        try:
+            if np.any(np.linalg.eigvalsh(H) <= 0):
+                break
+            step = -np.linalg.solve(H, g)
+        except np.linalg.LinAlgError:
+            break
+        if not np.all(np.isfinite(step)):
+            break
+        xn = x.copy()
+        xn[free] += step
+        xn = np.minimum(np.maximum(xn, lows), ups)
+        fn = float(f(xn))
+        if fn <= fx + 1e-13 * abs(fx):  # (a step within the criterion's rounding is taken)
+            x, fx = xn, min(fn, fx)
+            if np.max(np.abs(step)) < 1e-11:
+                break
+        else:
+            break
+    return x, fx, ok
+
+
+def minimise_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, q: int, *,
+                   xatol: float = 1e-10, fatol: float = 1e-12,
+                   boundary_tol: float = 1e-9) -> tuple[np.ndarray, float, bool]:
+    """Global minimiser of ``f(theta)`` over lme4's theta space for ``q`` random effects: the
+    interior optimum (bounded Nelder-Mead from ``theta0``, restarted) and the optimum on each face
+    of the boundary where a subset of the diagonal is exactly 0 (the columns below a zero diagonal
+    then enter only through the other columns, so they are dropped with it); a boundary optimum
+    within ``boundary_tol`` of the best wins, so singular fits are exactly singular."""
+    lows = theta_lower_bounds(q)
+    diag = _diag_index(q)
+    x, fx, ok = _nm(f, theta0, lows, 1e-7, 1e-10)
+    x, fx, _ = _newton_polish(f, x, lows)
+    best = (fx, x, ok)
+    near = [k for k, d in enumerate(diag) if x[d] < 1e-2]
+    # faces: one diagonal element of theta at 0 (and, for the last, nothing else to drop)
+    for k in near:
+        d = diag[k]
+        free = [i for i in range(len(x)) if i != d]
+
+        def g(z: np.ndarray, d: int = d, free: list = free) -> float:
+            t = np.zeros(len(x))
+            t[free] = z
+            return f(t)
+
+        z, fz, okz = _nm(g, x[free], lows[free], 1e-7, 1e-10)
+        z, fz, _ = _newton_polish(g, z, lows[free])
+        if fz <= best[0] + boundary_tol:
+            t = np.zeros(len(x))
+            t[free] = z
+            best = (fz, t, okz)
+    return best[1], best[0], best[2]
+
+
+def minimise_box(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
+                 ups: np.ndarray | None = None, xatol: float = 1e-9,
+                 fatol: float = 1e-11) -> tuple[np.ndarray, float, bool]:
+    """Minimise ``f`` over the box ``lows <= x <= ups`` from a warm start (the inner problems of
+    profiles): Nelder-Mead, then Newton polish of the coordinates off their bounds."""
+    x, fx, ok = _nm(f, x0, lows, xatol, fatol, ups)
+    x, fx, _ = _newton_polish(f, x, lows, ups)
+    return x, fx, ok
+
+
+def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
+                    ups: np.ndarray | None = None, max_iter: int = 12
+                    ) -> tuple[np.ndarray, float, bool]:
+    """Damped Newton from a warm start (central-difference gradient with Richardson extrapolation,
+    finite-difference Hessian, backtracking). Returns ``(x, f, ok)``; ``ok`` is False when it
+    cannot vouch for its answer (a Hessian that is not positive definite, a step that meets a
+    bound, no convergence): the caller then falls back to :func:`minimise_box`."""
+    ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
+    x = np.asarray(x0, dtype=float)
+    if np.any(x < lows) or np.any(x > ups):
+        return x, math.inf, False
+    fx = float(f(x))
+    m = len(x)
+    for _ in range(max_iter):
+        h = 1e-3 * np.maximum(np.abs(x), 0.1)
+        if np.any(x - 2 * h < lows) or np.any(x + 2 * h > ups):
+            return x, fx, False
+        g, H = _fd_derivatives(f, x, h, list(range(m)))
+        if not np.all(np.isfinite(H)) or np.any(np.linalg.eigvalsh(H) <= 0):
+            return x, fx, False
+        step = -np.linalg.solve(H, g)
+        t = 1.0
+        for _ in range(12):
+            xn = x + t * step
+            if np.any(xn < lows) or np.any(xn > ups):
+                return x, fx, False
+            fn = float(f(xn))
+            if fn <= fx + 1e-13 * abs(fx):
+                break
+            t /= 2
+        else:
+            return x, fx, False
+        x, fx = xn, min(fn, fx)
+        if np.max(np.abs(t * step)) < 1e-9:
+            return x, fx, True
+    return x, fx, False
