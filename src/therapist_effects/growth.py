@@ -231,34 +231,43 @@ class _Engine:
         return beta, sigma2, np.linalg.inv(XtX) * sigma2, b
 
 
-def _num_grad(f: Callable[[np.ndarray], float], x: np.ndarray, lower: np.ndarray, h: float = 1e-6
-              ) -> np.ndarray:
-    """Central differences (one-sided at a lower bound)."""
+def _num_grad(f: Callable[[np.ndarray], float], x: np.ndarray, lower: np.ndarray, h: float = 1e-6,
+              f0: float | None = None) -> np.ndarray:
+    """Central differences (one-sided at a lower bound); forward differences when ``f0`` = f(x)
+    is given (half the evaluations, for the inner optimisations of profiles)."""
     g = np.empty_like(x)
     for k in range(len(x)):
         e = np.zeros_like(x)
         e[k] = h
-        if x[k] - h < lower[k]:
+        if f0 is not None:
+            g[k] = (f(x + e) - f0) / h
+        elif x[k] - h < lower[k]:
             g[k] = (f(x + e) - f(x)) / h
         else:
             g[k] = (f(x + e) - f(x - e)) / (2 * h)
     return g
 
 
-def _minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lower: np.ndarray
+def _minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lower: np.ndarray, *, fast: bool = False
               ) -> tuple[np.ndarray, float, bool]:
     """Bounded quasi-Newton minimisation (L-BFGS-B, central-difference gradients), restarted once
-    from its own answer, then a check of every bounded coordinate at its bound."""
+    from its own answer, then a check of every bounded coordinate at its bound. ``fast``: forward
+    differences, one run and looser tolerances (profile points, where ~1e-6 in the criterion is
+    plenty against the chi-square quantile)."""
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
 
     def fg(x):
-        return f(x), _num_grad(f, x, lower)
+        fx = f(x)
+        if fast:
+            return fx, _num_grad(f, x, lower, h=1e-7, f0=fx)
+        return fx, _num_grad(f, x, lower)
 
     x = np.maximum(np.asarray(x0, dtype=float), lower)
     ok = True
-    for _ in range(2):
-        res = optimize.minimize(fg, x, jac=True, method="L-BFGS-B", bounds=bounds,
-                                options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-7, "maxls": 50})
+    opts = ({"maxiter": 500, "ftol": 1e-12, "gtol": 1e-5, "maxls": 30} if fast else
+            {"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-7, "maxls": 50})
+    for _ in range(1 if fast else 2):
+        res = optimize.minimize(fg, x, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
         x = res.x
         ok = bool(res.success) or "ABNORMAL" in str(res.message)
     fx = f(x)
@@ -553,13 +562,24 @@ class GrowthResults:
         r, c = _tri_index(q)
         return off, [off + k for k in range(len(r)) if r[k] == i]
 
+    def _two_starts(self, f, warm: np.ndarray) -> tuple[np.ndarray, float]:
+        """Minimise a profile's inner criterion from the previous profile point and, when that
+        lands far above the optimum's neighbourhood, also from the estimate; the better answer."""
+        best = _minimise(f, warm, self.model.lower, fast=True)
+        return best[0], best[1]
+
     def _profile_fn(self, name: str) -> tuple[Callable[[float], float], float, float | None]:
         """(profiled criterion at value v, the estimate, an upper limit of v or None) for ``name``:
         a variance component or ``slope_share``."""
         m = self.model
         e = m._eng
         lower = m.lower
-        start = [self.theta.copy()]
+        # warm starts: each profile point starts from the nearest point already profiled (starting
+        # from a far one can land in a worse local optimum and break the root bracketing)
+        starts: dict[float, np.ndarray] = {}
+
+        def nearest(v: float) -> np.ndarray:
+            return starts[min(starts, key=lambda u: abs(u - v))].copy()
 
         if name == "slope_share":
             if m.arm_slope_column is not None:
@@ -586,20 +606,24 @@ class GrowthResults:
                 def f(th):
                     t2 = project(th, s)
                     return np.inf if t2 is None else m.criterion(t2)
-                x, fx, _ = _minimise(f, start[0], lower)
+                x, fx = self._two_starts(f, nearest(s))
                 t2 = project(x, s)
                 if t2 is not None:
-                    start[0] = t2
+                    starts[s] = t2
                 return fx
 
+            starts[self.slope_share()] = self.theta.copy()
             return prof, self.slope_share(), 1.0
 
         if name == "residual":
             def prof(v: float) -> float:
-                x, fx, _ = _minimise(lambda th: self._full_criterion(th, v), start[0], lower)
-                start[0] = x
+                x0 = nearest(v)
+                x0 = x0 * math.sqrt(self.sigma2 / v)  # the other variances start at their estimates
+                x, fx = self._two_starts(lambda th: self._full_criterion(th, v), x0)
+                starts[v] = x
                 return fx
 
+            starts[self.sigma2] = self.theta.copy()
             return prof, self.sigma2, None
         if name in m.re_names_T:
             block, i = "T", m.re_names_T.index(name)
@@ -623,14 +647,19 @@ class GrowthResults:
                     return np.inf
                 return self._full_criterion(th, v / d)
 
-            x0 = start[0].copy()
+            x0 = nearest(v)
             if v > 0 and float(np.sum(x0[row] ** 2)) < 1e-12:
                 x0[diag] = max(x0[diag], 1e-3)
-            x, fx, _ = _minimise(f, x0, lower)
-            start[0] = x
+            d0 = float(np.sum(x0[row] ** 2))
+            if v > 0 and d0 > 0:
+                # rescale the row so that sigma2 starts at its estimate: only the component moves
+                x0[row] = x0[row] * math.sqrt(v / (self.sigma2 * d0))
+            x, fx = self._two_starts(f, x0)
+            starts[v] = x
             return fx
 
         est = self.variance_components()[name]
+        starts[est] = self.theta.copy()
         return prof, est, None
 
     def profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
@@ -641,8 +670,12 @@ class GrowthResults:
         q = float(stats.chi2.ppf(level, 1))
         f0 = self.criterion_value
 
+        cache: dict[float, float] = {}
+
         def excess(v: float) -> float:
-            return prof(v) - f0
+            if v not in cache:
+                cache[v] = prof(v) - f0
+            return cache[v]
 
         ends = []
         for direction in (-1, 1):
@@ -673,7 +706,7 @@ class GrowthResults:
                 continue
             start_theta = None
             a, b = sorted(found)
-            root = optimize.brentq(lambda v: excess(v) - q, a, b, xtol=1e-10 * max(abs(est), 1e-8), rtol=1e-8,
+            root = optimize.brentq(lambda v: excess(v) - q, a, b, xtol=1e-8 * max(abs(est), 1e-8), rtol=1e-6,
                                    maxiter=100)
             del start_theta
             ends.append(float(root))
@@ -684,7 +717,9 @@ class GrowthResults:
         """Conditional modes (BLUPs) of the therapists' intercept and slope effects with conditional
         intervals (``sigma2 L_T C_t^{-1} L_T'``, lme4's ``condVar``). ``classification`` is that of
         the slope effect: a therapist whose patients' scores fall faster (negative slope effect on a
-        lower-is-better score) is "better than average" when the interval excludes 0."""
+        lower-is-better score) is "better than average" when the interval excludes 0. Columns:
+        ``therapist``, ``caseload``, ``sessions``, ``intercept_effect`` (``_se``, ``_ci_low``,
+        ``_ci_high``), ``effect``/``effect_se``/``ci_low``/``ci_high`` (the slope), ``classification``."""
         m = self.model
         e = m._eng
         b = self._parts
@@ -700,19 +735,24 @@ class GrowthResults:
         n_pat = np.bincount(m.tcode_p, minlength=m.n_therapists)
         n_ses = np.bincount(m.tcode, minlength=m.n_therapists)
         out = pd.DataFrame({"therapist": m.therapist_labels, "caseload": n_pat, "sessions": n_ses})
-        names = m.re_names_T
-        for k, nm in enumerate(names):
-            key = "effect" if k == 0 else ("slope_effect" if nm == "therapist_slope" else
-                                           f"slope_effect[{nm[len('therapist_slope['):-1]}]")
-            se = np.sqrt(np.maximum(cv[:, k, k], 0.0))
-            out[key] = u[:, k]
-            out[f"{key}_se"] = se
-            out[f"{key}_ci_low"] = u[:, k] - z * se
-            out[f"{key}_ci_high"] = u[:, k] + z * se
-        skey = "slope_effect" if "slope_effect" in out.columns else [c for c in out.columns if c.startswith("slope_effect[")][0]
         del MTL
-        out["classification"] = classify_effects(out[f"{skey}_ci_low"], out[f"{skey}_ci_high"],
-                                                 None if higher_is_better is None else higher_is_better)
+        # the slope effect is the therapist's effect ("effect", "ci_low", ...; what the reports plot),
+        # the intercept effect is "intercept_effect", ...; arm-specific slopes "slope_effect[<arm>]"
+        for k, nm in enumerate(m.re_names_T):
+            se = np.sqrt(np.maximum(cv[:, k, k], 0.0))
+            if k == 0:
+                cols = ("intercept_effect", "intercept_se", "intercept_ci_low", "intercept_ci_high")
+            elif nm == "therapist_slope":
+                cols = ("effect", "effect_se", "ci_low", "ci_high")
+            else:
+                a = nm[len("therapist_slope["):-1]
+                cols = (f"slope_effect[{a}]", f"slope_effect_se[{a}]", f"slope_ci_low[{a}]", f"slope_ci_high[{a}]")
+            out[cols[0]] = u[:, k]
+            out[cols[1]] = se
+            out[cols[2]] = u[:, k] - z * se
+            out[cols[3]] = u[:, k] + z * se
+        if "ci_low" in out.columns:
+            out["classification"] = classify_effects(out["ci_low"], out["ci_high"], higher_is_better)
         return out
 
     # ------------------------------------------------------------------------- predictions

@@ -138,12 +138,13 @@ def severity_bands(intake: pd.Series, n_bands: int = 4) -> pd.Series:
     x = intake.to_numpy(dtype=float)
     qs = np.unique(np.quantile(x, np.linspace(0, 1, n_bands + 1)))
     if len(qs) < 2:
-        return pd.Series([f"intake {x.min():g}"] * len(x), index=intake.index)
+        return pd.Series([f"intake {x.min():.3g}"] * len(x), index=intake.index)
     code = np.clip(np.searchsorted(qs, x, side="right") - 1, 0, len(qs) - 2)
     labels = []
     for k in range(len(qs) - 1):
         inb = x[code == k]
-        labels.append(f"intake {inb.min():g}-{inb.max():g}" if len(inb) else f"intake {qs[k]:g}-{qs[k + 1]:g}")
+        lo, hi = (inb.min(), inb.max()) if len(inb) else (qs[k], qs[k + 1])
+        labels.append(f"intake {lo:.3g}-{hi:.3g}")
     return pd.Series([labels[c] for c in code], index=intake.index)
 
 

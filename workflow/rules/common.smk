@@ -32,6 +32,8 @@ def models_of(dataset, kind=None):
     out = []
     for m in fitted:
         rule_kind = "bayes" if m.get("engine") == "bayes" else ("slope" if m["type"] == "random_slope" else "likelihood")
+        if m["type"] == "growth":
+            rule_kind = "growth"
         if kind is None or kind == rule_kind:
             out.append(m["id"])
     return out
@@ -60,6 +62,9 @@ def all_outputs():
             f"results/{ds}/report.html",
             f"results/{ds}/therapist_report.html",
         ]
+    for ds in DATASETS:
+        if models_of(ds, "growth"):
+            out.append(f"results/{ds}/not_on_track.csv")
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")
     return out
@@ -71,3 +76,9 @@ def slope_narrowing(wc):
 
 def bayes_idata(wc):
     return [f"results/{wc.dataset}/models/{m}.nc" for m in models_of(wc.dataset, "bayes")]
+
+
+def growth_outputs(wc, kind):
+    """Per-model outputs of the growth models of a dataset: kind = curves | not_on_track | therapists."""
+    suffix = {"curves": "_curves.csv", "not_on_track": "_not_on_track.csv", "therapists": "_therapists.csv"}[kind]
+    return [f"results/{wc.dataset}/models/{m}{suffix}" for m in models_of(wc.dataset, "growth")]

@@ -7,6 +7,7 @@ rule research_report:
         rejects="results/{dataset}/rejects.csv",
         narrowing=slope_narrowing,
         idata=bayes_idata,
+        growth_curves=lambda wc: growth_outputs(wc, "curves"),
     output:
         report(
             "results/{dataset}/report.html",
@@ -30,6 +31,7 @@ rule service_report:
         estimates="results/{dataset}/estimates.json",
         patients="results/{dataset}/patients.parquet",
         therapists="results/{dataset}/therapists.csv",
+        not_on_track=lambda wc: growth_outputs(wc, "not_on_track")[:1],
     output:
         report(
             "results/{dataset}/therapist_report.html",

@@ -12,4 +12,5 @@ run(
     idata_paths=list(snakemake.input.idata),
     cfg=snakemake.params.cfg,
     out_html=snakemake.output[0],
+    growth_curves=list(snakemake.input.growth_curves),
 )

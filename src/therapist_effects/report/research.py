@@ -177,6 +177,8 @@ def effect_label(est: dict, mid: str) -> str:
     e = (est.get("models") or {}).get(mid, {})
     hib = higher_is_better(est, mid)
     scale = "log-odds" if e.get("family") == "binomial" else "outcome scale"
+    if e.get("type") == "growth":
+        scale = f"rate of change per unit of {e.get('time_variable', 'time')}"
     direction = {True: "higher = better", False: "lower = better", None: "direction not stated"}[hib]
     return f"effect on {e.get('outcome', 'outcome')} ({scale}; {direction})"
 
@@ -344,7 +346,7 @@ def provenance_view(est: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ entry
 def research_report(estimates, patients, therapists, rejects, out_path, *, narrowing=None,
-                    idata_paths=None) -> Path:
+                    idata_paths=None, growth_curves=None) -> Path:
     """Write the research report (``results/<dataset>/report.html``) and return its path.
 
     ``estimates`` is the ``estimates.json`` dict (or its path); ``patients``, ``therapists``,
@@ -369,4 +371,12 @@ def research_report(estimates, patients, therapists, rejects, out_path, *, narro
         models=models, alerts=alerts, effects=effects, arm_iccs=arm_icc_figures(est), narrowing=narrow_fig,
         diagnostics=diag_items, notes=notes, provenance=provenance_view(est),
         skipped=sorted((est.get("skipped_models") or {}).items()),
+        growth=_growth_sections(est, growth_curves),
     )
+
+
+def _growth_sections(est: dict, growth_curves) -> list[dict]:
+    """Sections of growth models (see :mod:`therapist_effects.report.growth`)."""
+    from .growth import growth_sections
+
+    return growth_sections(est, growth_curves)

@@ -68,7 +68,7 @@ def _rates(patients: pd.DataFrame | None, col: str) -> pd.DataFrame | None:
 
 def service_report(estimates, patients, therapists, out_path, *, min_caseload: int = 10, suppress_below: int = 8,
                    pseudonymise: bool = True, key_env: str = "TE_PSEUDONYM_KEY", higher_is_better: bool | None = None,
-                   model: str | None = None) -> Path:
+                   model: str | None = None, not_on_track=None) -> Path:
     """Write the therapist-level service report and return its path.
 
     ``estimates`` (dict or path of ``estimates.json``), ``patients`` (``patients.parquet``) and
@@ -175,4 +175,13 @@ def service_report(estimates, patients, therapists, out_path, *, min_caseload: i
         min_caseload=min_caseload, suppress_below=suppress_below, pseudonymised=key is not None,
         n_listed=len(listed), n_small=len(small), n_small_text=safe_count(len(small), suppress_below),
         n_therapists=len(ids), n_patients=int(caseload.sum()), instrument=est.get("instrument"),
+        not_on_track=_not_on_track(not_on_track, min_caseload, suppress_below, key is not None, key_env),
     )
+
+
+def _not_on_track(track, min_caseload: int, suppress_below: int, pseudonymise: bool, key_env: str):
+    """Not-on-track counts per therapist (growth models), see :mod:`therapist_effects.report.growth`."""
+    from .growth import not_on_track_counts
+
+    return not_on_track_counts(track, min_caseload=min_caseload, suppress_below=suppress_below,
+                               pseudonymise=pseudonymise, key_env=key_env)
