@@ -217,3 +217,22 @@ def test_recovery_curves_by_band():
     assert np.max(np.abs(curves["observed"] - curves["expected"])) < 2.5
     bands = severity_bands(pd.Series([1, 2, 3, 4, 5, 6, 7, 8.0]), 4)
     assert bands.nunique() == 4 and bands.iloc[0] == "intake 1-2"
+
+
+def test_arm_specific_slopes_match_lme4(ref):
+    """Arm-specific therapist slope variances: lme4's
+    lmer(score ~ lt + feedback + lt:feedback + (1 + ltc + ltf | therapist) + (1 + lt | therapist:patient))
+    with ltc = lt (1 - feedback), ltf = lt feedback, on the demo's sessions (growth.R: fit_arm)."""
+    r = ref["demo_arm_REML"]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        res = GrowthModel.from_frame(_read("growth_demo.csv"), "score", "lt", arm="feedback", feedback_level=1,
+                                     arm_slopes=True).fit()
+    vc = res.variance_components()
+    for name, expected in r["refined"]["variance_components"].items():
+        assert vc[name] == pytest.approx(expected, rel=RTOL), name
+    for name, expected in r["refined"]["fixed_effects"].items():
+        assert res.fe_params[name] == pytest.approx(expected, rel=1e-5), name
+    assert res.loglik >= r["default"]["loglik"]
+    assert res.loglik >= r["refined"]["loglik"] - 1e-9
+    assert res.singular == r["refined"]["singular"]  # isSingular(refined fit, tol = 1e-4): TRUE, rank-deficient 3 x 3 block

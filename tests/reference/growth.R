@@ -51,9 +51,33 @@ summarise <- function(f) {
 read <- function(path) read.csv(path, colClasses = c(patient = "character", therapist = "character"))
 demo <- read("growth_demo.csv")
 sing <- read("growth_singular.csv")
+# arm-specific therapist slopes: (1 + ltc + ltf | therapist) with ltc = lt (1 - feedback), ltf = lt feedback
+# (the fixed part has the arm and its interaction with time), as GrowthModel(..., arm_slopes=True)
+fit_arm <- function(d) {
+  d$ltc <- d$lt * (1 - d$feedback); d$ltf <- d$lt * d$feedback
+  f <- lmer(score ~ lt + feedback + lt:feedback + (1 + ltc + ltf | therapist) + (1 + lt | therapist:patient),
+            data = d, REML = TRUE)
+  ctrl <- lmerControl(optimizer = "nlminbwrap",
+                      optCtrl = list(rel.tol = 1e-15, x.tol = 1e-13, eval.max = 1e5, iter.max = 1e5),
+                      check.conv.singular = "ignore")
+  g <- suppressWarnings(update(f, start = getME(f, "theta"), control = ctrl))
+  s <- function(f) {
+    vc <- as.data.frame(VarCorr(f))
+    v <- function(grp, v1) vc$vcov[vc$grp == grp & vc$var1 == v1 & is.na(vc$var2)]
+    list(formula = deparse(formula(f), width.cutoff = 500L),
+         variance_components = list(therapist = v("therapist", "(Intercept)"), "therapist_slope[0]" = v("therapist", "ltc"),
+                                    "therapist_slope[1]" = v("therapist", "ltf"), patient = v("therapist:patient", "(Intercept)"),
+                                    patient_slope = v("therapist:patient", "lt"), residual = vc$vcov[vc$grp == "Residual"]),
+         fixed_effects = as.list(fixef(f)), criterion = REMLcrit(f), loglik = as.numeric(logLik(f)),
+         singular = isSingular(f, tol = 1e-4))
+  }
+  list(default = s(f), refined = s(g))
+}
+
 out <- list(
   versions = list(R = R.version.string, lme4 = as.character(packageVersion("lme4"))),
   demo_REML = fit_one(demo, TRUE),
   demo_ML = fit_one(demo, FALSE),
-  singular_REML = fit_one(sing, TRUE))
+  singular_REML = fit_one(sing, TRUE),
+  demo_arm_REML = fit_arm(demo))
 writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE), "growth.json")
