@@ -143,3 +143,19 @@ def test_growth_service_report_in_chromium(growth_run, tmp_path):
         else:
             assert f"{k} of {n}" in row
     assert "Patients not on track" in page.text
+
+
+def test_growth_step_is_byte_identical_on_rerun(growth_run, tmp_path):
+    """Same config and data give byte-identical model entry and not-on-track table (the folds of the
+    cross-validation are drawn from the config's seed)."""
+    from therapist_effects.growth_step import fit_growth_step
+
+    work, _, _ = growth_run
+    cfg = load_config(work / "my.yaml")
+    res = work / "results" / "sim"
+    out = {k: tmp_path / f"g{k}" for k in (".json", "_therapists.csv", "_not_on_track.csv", "_curves.csv")}
+    fit_growth_step(str(res / "validated.parquet"), str(res / "patients.parquet"), "g", cfg["datasets"]["sim"], cfg,
+                    str(out[".json"]), str(out["_therapists.csv"]), str(out["_not_on_track.csv"]),
+                    str(out["_curves.csv"]), higher_is_better=None)
+    for suffix, path in out.items():
+        assert path.read_bytes() == (res / "models" / f"g{suffix}").read_bytes(), suffix

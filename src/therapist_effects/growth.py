@@ -316,15 +316,18 @@ class GrowthModel:
         self.covariate_terms: list[str] = []
         self.arm_name: str | None = None
         tcode, tlabels = group_codes(np.asarray(therapist, dtype=object))
-        pid = pd.Series(np.asarray(patient, dtype=object)).astype(str).to_numpy()
-        # patients ordered by therapist, then label
-        key = pd.DataFrame({"t": tcode, "p": pid})
-        pt = key.drop_duplicates("p")
-        if pt["p"].duplicated().any() or key.groupby("p")["t"].nunique().max() > 1:
+        # patients numbered therapist by therapist, then by label (factorize once, then work on codes)
+        raw, plabels = pd.factorize(pd.Series(np.asarray(patient, dtype=object)).astype(str))
+        t_of_p = np.full(len(plabels), -1, dtype=np.int64)
+        t_of_p[raw] = tcode
+        if not np.array_equal(t_of_p[raw], tcode):
             raise ModelError("each patient must be nested in one therapist (a patient has sessions with several therapists)")
-        pt = pt.sort_values(["t", "p"], kind="stable").reset_index(drop=True)
-        pcode_of = pd.Series(np.arange(len(pt)), index=pt["p"].to_numpy())
-        pcode = pcode_of.reindex(pid).to_numpy()
+        lab_rank = np.argsort(np.argsort(np.asarray(plabels, dtype=object), kind="stable"), kind="stable")
+        order = np.lexsort((lab_rank, t_of_p))
+        new_code = np.empty(len(plabels), dtype=np.int64)
+        new_code[order] = np.arange(len(plabels))
+        pcode = new_code[raw]
+        pt = pd.DataFrame({"p": np.asarray(plabels, dtype=object)[order], "t": t_of_p[order]})
         self.patient_labels = pt["p"].to_numpy(dtype=object)
         self.therapist_labels = np.asarray(tlabels, dtype=object)
         self.tcode_p = pt["t"].to_numpy()
