@@ -732,7 +732,6 @@ class GrowthResults:
         b = self._parts
         c = np.r_[-self.beta, 1.0]
         LT = self.LT
-        MTL = e.MT @ LT
         # u_t = L_T C_t^{-1} L_T' M_T' (U_t' V_bar^-1 U_t) c ; equivalently D M_T' S2_t c
         r = np.einsum("ijt,j->ti", b["S2"], c)  # (T, m): U_t' V_t^{-1} r_t
         u = (LT @ LT.T @ e.MT.T @ r.T).T  # (T, qT)
@@ -742,7 +741,6 @@ class GrowthResults:
         n_pat = np.bincount(m.tcode_p, minlength=m.n_therapists)
         n_ses = np.bincount(m.tcode, minlength=m.n_therapists)
         out = pd.DataFrame({"therapist": m.therapist_labels, "caseload": n_pat, "sessions": n_ses})
-        del MTL
         # the slope effect is the therapist's effect ("effect", "ci_low", ...; what the reports plot),
         # the intercept effect is "intercept_effect", ...; arm-specific slopes "slope_effect[<arm>]"
         for k, nm in enumerate(m.re_names_T):
