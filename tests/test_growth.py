@@ -236,3 +236,16 @@ def test_arm_specific_slopes_match_lme4(ref):
     assert res.loglik >= r["default"]["loglik"]
     assert res.loglik >= r["refined"]["loglik"] - 1e-9
     assert res.singular == r["refined"]["singular"]  # isSingular(refined fit, tol = 1e-4): TRUE, rank-deficient 3 x 3 block
+
+
+def test_therapist_effects_match_lme4_ranef(fits, ref):
+    """Conditional modes and conditional SDs of the therapists' intercept and slope effects:
+    ranef(fit, condVar = TRUE)$therapist and sqrt(attr(., "postVar")) of the refined demo REML fit."""
+    res, _ = fits["demo_REML"]
+    r = ref["demo_REML"]["refined"]["ranef_therapist"]
+    t = res.therapist_effects().set_index("therapist").loc[r["therapist"]]
+    scale = max(np.abs(r["slope"]))
+    assert np.allclose(t["intercept_effect"], r["intercept"], rtol=0, atol=1e-4 * scale)
+    assert np.allclose(t["effect"], r["slope"], rtol=0, atol=1e-4 * scale)
+    assert np.allclose(t["intercept_se"], r["intercept_sd"], rtol=1e-3)
+    assert np.allclose(t["effect_se"], r["slope_sd"], rtol=1e-3)

@@ -18,7 +18,13 @@ fit_one <- function(d, REML) {
                       optCtrl = list(rel.tol = 1e-15, x.tol = 1e-13, eval.max = 1e5, iter.max = 1e5),
                       check.conv.singular = "ignore")
   g <- suppressWarnings(update(f, start = getME(f, "theta"), control = ctrl))
-  list(default = summarise(f), refined = summarise(g))
+  out <- list(default = summarise(f), refined = summarise(g))
+  # conditional modes of the therapist effects and their conditional SDs (refined fit)
+  re <- ranef(g, condVar = TRUE)$therapist
+  pv <- attr(re, "postVar")
+  out$refined$ranef_therapist <- list(therapist = rownames(re), intercept = re[["(Intercept)"]], slope = re[["lt"]],
+                                      intercept_sd = sqrt(pv[1, 1, ]), slope_sd = sqrt(pv[2, 2, ]))
+  out
 }
 
 summarise <- function(f) {
