@@ -210,6 +210,8 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
             )
         if model["type"] == "random_slope" and model.get("engine") == "bayes":
             raise ConfigError(f"{source}: {key}.engine: random_slope models are fitted by the likelihood engine only")
+        if model["type"] == "growth":
+            _check_growth_model(model, cfg, source, key, explicit)
         if explicit:
             for name, ds in cfg["datasets"].items():
                 cols = ds["columns"]
@@ -229,9 +231,27 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
                 # (checked when the file is read).
 
 
+def _check_growth_model(model: dict, cfg: dict, source: str, key: str, explicit: bool) -> None:
+    """Growth models: gaussian, likelihood engine, session-layout data (time: weeks needs dates,
+    checked when the data are read)."""
+    if model.get("family", "gaussian") != "gaussian":
+        raise ConfigError(f"{source}: {key}.family: growth models are gaussian")
+    if model.get("engine", "reml") != "reml":
+        raise ConfigError(f"{source}: {key}.engine: growth models are fitted by the exact likelihood engine (reml)")
+    if model.get("outcome") is not None:
+        raise ConfigError(f"{source}: {key}.outcome: a growth model's outcome is the session score (columns.score)")
+    for name, ds in cfg["datasets"].items():
+        if explicit and ds["layout"] != "session":
+            raise ConfigError(f"{source}: {key}: a growth model needs session-layout data (datasets.{name}.layout: session)")
+        if explicit and model.get("arm_slopes") and "arm" not in ds["columns"]:
+            raise ConfigError(f"{source}: {key}.arm_slopes: needs datasets.{name}.columns.arm")
+
+
 def model_applies(model: dict, dataset: dict) -> str | None:
     """Why ``model`` cannot be fitted to ``dataset`` (None if it can). Used to skip default models."""
     cols = dataset["columns"]
+    if model["type"] == "growth" and dataset.get("layout") != "session":
+        return "a growth model needs the session layout"
     if (model["type"] == "arm_variance" or (model["type"] == "random_slope" and not model.get("slope"))) \
             and "arm" not in cols:
         return "no arm column configured"

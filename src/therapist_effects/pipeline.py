@@ -319,6 +319,7 @@ def research_report_step(
     estimates_path: str, patients_path: str, therapists_path: str, rejects_path: str,
     narrowing_paths: list[str], idata_paths: list[str], cfg: dict, out_html: str,
     sensitivity_paths: list[str] | None = None,
+    growth_curves: list[str] | None = None,
 ) -> None:
     """The research report (one self-contained HTML file)."""
     from .report import research_report
@@ -333,11 +334,12 @@ def research_report_step(
     idata = {Path(p).stem: p for p in idata_paths}
     research_report(estimates_path, patients_path, therapists_path, rejects_path, out_html,
                     narrowing=narrowing, idata_paths=idata or None,
-                    sensitivity=sensitivity_paths[0] if sensitivity_paths else None)
+                    sensitivity=sensitivity_paths[0] if sensitivity_paths else None, growth_curves=growth_curves or None)
 
 
 def service_report_step(
     estimates_path: str, patients_path: str, therapists_path: str, dataset: dict, cfg: dict, out_html: str,
+    not_on_track_path: str | None = None,
 ) -> None:
     """The therapist-level service report: pseudonymised, small numbers suppressed, no patient data."""
     from .report import service_report
@@ -347,7 +349,7 @@ def service_report_step(
         estimates_path, patients_path, therapists_path, out_html,
         min_caseload=rep["min_caseload"], suppress_below=rep["suppress_below"],
         pseudonymise=rep["pseudonymise"], key_env=rep["key_env"],
-        higher_is_better=_higher_is_better(dataset, cfg), **_service_options(dataset, cfg),
+        higher_is_better=_higher_is_better(dataset, cfg), not_on_track=not_on_track_path, **_service_options(dataset, cfg),
     )
 
 

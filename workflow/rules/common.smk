@@ -36,6 +36,8 @@ def models_of(dataset, kind=None):
     out = []
     for m in fitted:
         rule_kind = "bayes" if m.get("engine") == "bayes" else ("slope" if m["type"] == "random_slope" else "likelihood")
+        if m["type"] == "growth":
+            rule_kind = "growth"
         if kind is None or kind == rule_kind:
             out.append(m["id"])
     return out
@@ -68,6 +70,9 @@ def all_outputs():
         ]
         if CFG.get("sensitivity"):
             out.append(f"results/{ds}/sensitivity.csv")
+    for ds in DATASETS:
+        if models_of(ds, "growth"):
+            out.append(f"results/{ds}/not_on_track.csv")
     if meta_inputs() or CFG["meta"]["studies"]:
         out.append("results/meta/report.html")
     if CFG.get("plan"):
@@ -92,3 +97,9 @@ onstart:
 # `--use-conda`: workflow/envs/therapist_effects.post-deploy.sh installs this package into the rule
 # environment from here (the repository root, where the Snakefile is), whatever --directory is.
 os.environ.update(THERAPIST_EFFECTS_SOURCE=str(Path(workflow.main_snakefile).resolve().parent))
+
+
+def growth_outputs(wc, kind):
+    """Per-model outputs of the growth models of a dataset: kind = curves | not_on_track | therapists."""
+    suffix = {"curves": "_curves.csv", "not_on_track": "_not_on_track.csv", "therapists": "_therapists.csv"}[kind]
+    return [f"results/{wc.dataset}/models/{m}{suffix}" for m in models_of(wc.dataset, "growth")]

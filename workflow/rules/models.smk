@@ -79,6 +79,49 @@ rule fit_bayes:
         "../scripts/fit_model.py"
 
 
+rule fit_growth:
+    """Growth model: sessions in patients in therapists, exact REML/ML from per-patient block statistics;
+    not-on-track flags against expected-recovery curves, cross-validated early-flag validity."""
+    input:
+        rows="results/{dataset}/validated.parquet",
+        patients="results/{dataset}/patients.parquet",
+    output:
+        json="results/{dataset}/models/{model}.json",
+        therapists="results/{dataset}/models/{model}_therapists.csv",
+        track="results/{dataset}/models/{model}_not_on_track.csv",
+        curves="results/{dataset}/models/{model}_curves.csv",
+    wildcard_constraints:
+        model=model_ids("growth"),
+    params:
+        dataset=lambda wc: DATASETS[wc.dataset],
+        cfg=CFG,
+    conda:
+        "../envs/therapist_effects.yaml"
+    log:
+        "logs/{dataset}/fit_{model}.log",
+    script:
+        "../scripts/fit_growth.py"
+
+
+rule not_on_track:
+    """results/<dataset>/not_on_track.csv: one row per patient session (the first growth model's flags)."""
+    input:
+        lambda wc: growth_outputs(wc, "not_on_track")[0],
+    output:
+        report(
+            "results/{dataset}/not_on_track.csv",
+            caption="../report/not_on_track.rst",
+            category="Estimates",
+            subcategory="{dataset}",
+        ),
+    conda:
+        "../envs/therapist_effects.yaml"
+    log:
+        "logs/{dataset}/not_on_track.log",
+    script:
+        "../scripts/not_on_track.py"
+
+
 rule per_cluster:
     """Per-cluster (service / trial) ICCs and their random-effects pooling (two-stage meta-analysis)."""
     input:

@@ -8,6 +8,7 @@ rule research_report:
         narrowing=slope_narrowing,
         idata=bayes_idata,
         sensitivity=lambda wc: [f"results/{wc.dataset}/sensitivity.csv"] if CFG.get("sensitivity") else [],
+        growth_curves=lambda wc: growth_outputs(wc, "curves"),
     output:
         report(
             "results/{dataset}/report.html",
@@ -37,6 +38,7 @@ rule service_report:
         estimates="results/{dataset}/estimates.json",
         patients="results/{dataset}/patients.parquet",
         therapists="results/{dataset}/therapists.csv",
+        not_on_track=lambda wc: growth_outputs(wc, "not_on_track")[:1],
     output:
         report(
             "results/{dataset}/therapist_report.html",

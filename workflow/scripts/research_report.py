@@ -13,4 +13,5 @@ run(
     cfg=snakemake.params.cfg,
     out_html=snakemake.output[0],
     sensitivity_paths=list(snakemake.input.get("sensitivity", [])),
+    growth_curves=list(snakemake.input.growth_curves),
 )

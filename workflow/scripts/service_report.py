@@ -10,4 +10,5 @@ run(
     dataset=snakemake.params.dataset,
     cfg=snakemake.params.cfg,
     out_html=snakemake.output[0],
+    not_on_track_path=(list(snakemake.input.not_on_track) or [None])[0],
 )

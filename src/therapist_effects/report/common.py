@@ -19,6 +19,7 @@ TYPE_WORDS = {
     "arm_variance": "a separate therapist variance in each arm",
     "nested": "random intercepts for services (clusters) and for therapists within services",
     "random_slope": "a random intercept and a random slope of feedback across therapists",
+    "growth": "sessions nested in patients nested in therapists, with random intercepts and slopes of time for therapists and patients",
 }
 METHOD_WORDS = {
     "reml": "restricted maximum likelihood (REML)",

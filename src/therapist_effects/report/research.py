@@ -185,6 +185,8 @@ def effect_label(est: dict, mid: str) -> str:
     e = (est.get("models") or {}).get(mid, {})
     hib = higher_is_better(est, mid)
     scale = "log-odds" if e.get("family") == "binomial" else "outcome scale"
+    if e.get("type") == "growth":
+        scale = f"rate of change per unit of {e.get('time_variable', 'time')}"
     direction = {True: "higher = better", False: "lower = better", None: "direction not stated"}[hib]
     return f"effect on {e.get('outcome', 'outcome')} ({scale}; {direction})"
 
@@ -363,7 +365,7 @@ def provenance_view(est: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ entry
 def research_report(estimates, patients, therapists, rejects, out_path, *, narrowing=None,
-                    idata_paths=None, sensitivity=None) -> Path:
+                    idata_paths=None, sensitivity=None, growth_curves=None) -> Path:
     """Write the research report (``results/<dataset>/report.html``) and return its path.
 
     ``estimates`` is the ``estimates.json`` dict (or its path); ``patients``, ``therapists``,
@@ -390,6 +392,7 @@ def research_report(estimates, patients, therapists, rejects, out_path, *, narro
         diagnostics=diag_items, notes=notes, provenance=provenance_view(est),
         skipped=sorted((est.get("skipped_models") or {}).items()),
         comparison=research_extras.comparison_view(est), sensitivity=_sensitivity_view(sensitivity),
+        growth=_growth_sections(est, growth_curves),
     )
 
 
@@ -399,3 +402,10 @@ def _sensitivity_view(sensitivity) -> dict | None:
         return None
     return {"rows": table.to_dict("records"), "fig": research_extras.sensitivity_forest(table),
             "labels": research_extras.ANALYSIS_LABELS}
+
+
+def _growth_sections(est: dict, growth_curves) -> list[dict]:
+    """Sections of growth models (see :mod:`therapist_effects.report.growth`)."""
+    from .growth import growth_sections
+
+    return growth_sections(est, growth_curves)

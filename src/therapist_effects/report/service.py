@@ -320,7 +320,7 @@ def service_report(estimates, patients, therapists, out_path, *, min_caseload: i
                    pseudonymise: bool = True, key_env: str = "TE_PSEUDONYM_KEY", higher_is_better: bool | None = None,
                    model: str | None = None, classification_level: float = CLASSIFICATION_LEVEL,
                    service_name: str | None = None, export_date: str | None = None,
-                   pages_dir: str | None = "therapists") -> Path:
+                   pages_dir: str | None = "therapists", not_on_track=None) -> Path:
     """Write the therapist-level service report and return its path.
 
     ``estimates`` (dict or path of ``estimates.json``), ``patients`` (``patients.parquet``) and
@@ -338,6 +338,7 @@ def service_report(estimates, patients, therapists, out_path, *, min_caseload: i
                           export_date=export_date)
     for r in ctx["rows"]:
         r["href"] = f"{pages_dir}/{page_name(r['name'])}" if pages_dir else None
+    ctx["not_on_track"] = _not_on_track(not_on_track, min_caseload, suppress_below, ctx["pseudonymised"], key_env)
     return render("service.html", out_path, **ctx)
 
 
@@ -386,3 +387,11 @@ def therapist_pages(estimates, patients, therapists, out_dir, *, min_caseload: i
         path = render("therapist_page.html", out / page_name(r["name"]), r=r, figs=figs, **ctx)
         paths.append(path)
     return paths
+
+
+def _not_on_track(track, min_caseload: int, suppress_below: int, pseudonymise: bool, key_env: str):
+    """Not-on-track counts per therapist (growth models), see :mod:`therapist_effects.report.growth`."""
+    from .growth import not_on_track_counts
+
+    return not_on_track_counts(track, min_caseload=min_caseload, suppress_below=suppress_below,
+                               pseudonymise=pseudonymise, key_env=key_env, round_base=ROUND)
