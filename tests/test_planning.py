@@ -98,7 +98,7 @@ def test_planning_grid_as_snakemake_jobs(tmp_path):
     assert proc.stderr.count("rule plan_cell:") == 4 and "rule plan_grid:" in proc.stderr
     table = pd.read_csv(work / "results" / "plan" / "grid.csv")
     assert len(table) == 4 and (work / "results" / "plan" / "grid.png").stat().st_size > 1000
-    assert (work / "benchmarks" / "plan" / "grid.tsv").is_file()
+    assert (work / "logs" / "benchmarks" / "plan" / "grid.tsv").is_file()
     row = table[(table["therapists"] == 12) & (table["reduction"] == 0.5)].iloc[0]
     direct = plan(12, 10, 0.05, reduction=0.5, reps=10, seed=11)  # the config's seed
     assert row["expected_ci_width"] == pytest.approx(direct["expected_ci_width"], rel=1e-12)

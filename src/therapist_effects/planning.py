@@ -35,6 +35,7 @@ from scipy import stats
 from .arm import ArmVarianceModel
 from .exceptions import ModelError
 from .meta import donner_var_icc
+from .progress import track
 from .reml import RandomInterceptModel
 
 __all__ = ["caseloads", "simulate_design", "plan", "large_sample_width", "plan_grid", "grid_cells"]
@@ -114,7 +115,7 @@ def plan(therapists: int, caseload: float, icc: float, *, dispersion: float = 0.
     widths, singular, est = [], [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(reps):
+        for _ in track(range(reps), f"planning: {reps} simulated designs (interval width, singular fits)"):
             d = simulate_design(rng, therapists, caseload, icc, dispersion)
             fit = RandomInterceptModel(d["y"].to_numpy(), np.ones((len(d), 1)), d["therapist"].to_numpy()).fit()
             lo, hi = fit.icc_interval(level=level, method="profile")
@@ -135,7 +136,7 @@ def plan(therapists: int, caseload: float, icc: float, *, dispersion: float = 0.
         hits = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(reps):
+            for _ in track(range(reps), f"planning: {reps} simulated designs (power)"):
                 d = simulate_design(rng, therapists, caseload, icc, dispersion, reduction)
                 try:
                     fit = ArmVarianceModel(d["y"].to_numpy(), np.column_stack([np.ones(len(d)), d["arm"]]),

@@ -95,6 +95,12 @@ rule fit_growth:
     params:
         dataset=lambda wc: DATASETS[wc.dataset],
         cfg=CFG,
+    benchmark:
+        "logs/benchmarks/{dataset}/fit_{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     conda:
         "../envs/therapist_effects.yaml"
     log:
@@ -114,6 +120,12 @@ rule not_on_track:
             category="Estimates",
             subcategory="{dataset}",
         ),
+    benchmark:
+        "logs/benchmarks/{dataset}/not_on_track.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../envs/therapist_effects.yaml"
     log:

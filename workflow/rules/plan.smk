@@ -18,10 +18,14 @@ rule plan_cell:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/plan/{cell}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
     log:
         "logs/plan/{cell}.log",
-    benchmark:
-        "benchmarks/plan/{cell}.tsv"
     script:
         "../scripts/plan_cell.py"
 
@@ -35,9 +39,13 @@ rule plan_grid:
         plot=report("results/plan/grid.png", caption="../report/plan_grid.rst", category="Design planning"),
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/plan/grid.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     log:
         "logs/plan/grid.log",
-    benchmark:
-        "benchmarks/plan/grid.tsv"
     script:
         "../scripts/plan_grid.py"

@@ -79,7 +79,11 @@ rule therapist_pages:
     log:
         "logs/{dataset}/therapist_pages.log",
     benchmark:
-        "benchmarks/{dataset}/therapist_pages.tsv"
+        "logs/benchmarks/{dataset}/therapist_pages.tsv"
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=20,
     script:
         "../scripts/therapist_pages.py"
 

@@ -18,6 +18,12 @@ rule sensitivity:
         cfg=CFG,
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/sensitivity.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
     log:
         "logs/{dataset}/sensitivity.log",
     script:
@@ -44,6 +50,12 @@ rule tables:
         flow="results/{dataset}/tables/flow.svg",
     conda:
         "../envs/therapist_effects.yaml"
+    benchmark:
+        "logs/benchmarks/{dataset}/tables.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     log:
         "logs/{dataset}/tables.log",
     script:
