@@ -346,3 +346,18 @@ def test_paule_mandel_i2_by_hand():
     # REML: the same I^2 formula with its own tau^2
     out_r = pool(y, v, "REML")
     assert out_r["I2"] == pytest.approx(100 * out_r["tau2"] / (out_r["tau2"] + s2), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 17: benchmarks/bench_bayes.py crashed because "auto" chose "marginal" for a per-patient model
+def test_auto_parameterization_of_a_per_patient_model_is_noncentred():
+    """The marginal likelihood is written on sufficient statistics only; "auto" must not pick it for a
+    per-patient model (it did, and build_model raised ModelError)."""
+    from therapist_effects.bayes import BayesConfig, BayesModel
+
+    df = _bayes_data()
+    per = BayesModel("random_intercept", df, "y", ("x",), config=BayesConfig(sampler="pymc"), per_patient=True)
+    assert per.config.parameterization == "noncentred"
+    assert "z_therapist" in per.model.named_vars and "y" in per.model.observed_RVs[0].name
+    ss = BayesModel("random_intercept", df, "y", ("x",), config=BayesConfig(sampler="pymc"))
+    assert ss.config.parameterization == "marginal" and "z_therapist" not in ss.model.named_vars
