@@ -1,0 +1,91 @@
+"""Tests added after mutation testing (``tools/mutation.sh``, issue 16): each pins behaviour that a
+surviving mutant showed to be untested. Expected values are worked by hand from the documented rules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from therapist_effects.classify import NOT_DISTINGUISHABLE, classify_effects
+from therapist_effects.csvsafe import neutralise_frame, safe_csv
+from therapist_effects.report.privacy import (
+    is_small,
+    pseudonym,
+    pseudonymise_ids,
+    safe_count,
+    safe_rate,
+    suppressed_label,
+)
+
+
+# ---- csvsafe ---------------------------------------------------------------------------------
+def test_neutralise_frame_leaves_numeric_and_bool_columns_numeric_and_treats_every_text_column():
+    """A numeric column before a text column must not stop the scan (``continue``, not ``break``);
+    numeric and bool columns keep their dtypes ("numbers untouched"); column names are neutralised."""
+    df = pd.DataFrame({"n": [-1.5, 2.0], "flag": [True, False], "=cmd": ["=1+1", "ok"], 3: ["-x", "y"]})
+    out = neutralise_frame(df)
+    assert out["n"].dtype == np.float64 and out["flag"].dtype == bool
+    assert list(out.columns) == ["n", "flag", "'=cmd", 3]
+    assert out["'=cmd"].tolist() == ["'=1+1", "ok"]
+    assert out[3].tolist() == ["'-x", "y"]
+    assert df.columns[2] == "=cmd" and df["=cmd"][0] == "=1+1"  # the input is not modified
+
+
+def test_safe_csv_writes_exact_text(tmp_path):
+    """No index column, no quoting without carriage returns, parent folders created, text cells next
+    to missing values and numbers in one object column handled."""
+    df = pd.DataFrame({"id": ["=A", None, "c"], "v": [-1, 2, 3], "mixed": ["@x", 5, None]})
+    path = safe_csv(df, tmp_path / "new" / "deeper" / "x.csv")
+    assert path.read_text() == "id,v,mixed\n'=A,-1,'@x\n,2,5\nc,3,\n"
+
+
+def test_safe_csv_quotes_only_when_a_cell_has_a_carriage_return(tmp_path):
+    df = pd.DataFrame({"id": ["a\rb", "c"], "v": [1, 2]})
+    assert safe_csv(df, tmp_path / "r.csv").read_bytes() == b'"id","v"\n"a\rb",1\n"c",2\n'
+    assert safe_csv(df, tmp_path / "i.csv", index=True).read_bytes().startswith(b'"","id","v"\n0,')
+
+
+# ---- classify --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("hib", "up", "down"), [
+    (None, "above average", "below average"),
+    (True, "better than average", "worse than average"),
+    (False, "worse than average", "better than average"),
+])
+def test_classify_effects_by_interval_and_direction(hib, up, down):
+    """Interval strictly above 0 -> up, strictly below -> down, touching or covering 0 -> not
+    distinguishable (an end exactly at 0 does not exclude 0)."""
+    lo = [0.1, -2.0, -1.0, 0.0, -0.5]
+    hi = [2.0, -0.1, 1.0, 1.0, 0.0]
+    got = classify_effects(lo, hi, higher_is_better=hib).tolist()
+    assert got == [up, down, NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE]
+
+
+# ---- privacy ---------------------------------------------------------------------------------
+def test_small_count_boundaries():
+    assert [is_small(n, 8) for n in (-1, 0, 1, 7, 8, 9)] == [False, False, True, True, False, False]
+    assert [is_small(n, 5) for n in (4, 5)] == [True, False]
+    assert is_small(None, 8) is False and is_small("x", 8) is False
+    assert is_small("3", 8) is True
+    assert suppressed_label(10) == "<10"
+    assert safe_count(None, 8) == "\u2013" and safe_count(12345, 8) == "12,345" and safe_count(3, 5) == "<5"
+
+
+def test_safe_rate_boundaries():
+    # complement exactly at the threshold is shown; one less is suppressed
+    assert safe_rate(12, 20, 8) == ("12 of 20", "60.0%", False)
+    assert safe_rate(13, 20, 8) == ("<8 of 20", "suppressed", True)
+    assert safe_rate(8, 8, 8) == ("8 of 8", "100.0%", False)
+    assert safe_rate(20, 20, 8) == ("20 of 20", "100.0%", False)  # complement 0 is not disclosive
+    assert safe_rate(0, 0, 8) == ("\u2013", "\u2013", False) and safe_rate(1, None, 8)[2] is False
+    assert safe_rate(1500, 2000, 8) == ("1,500 of 2,000", "75.0%", False)
+    assert safe_rate(2, 7, 8) == ("<8", "suppressed", True)
+
+
+def test_pseudonyms_are_stable_and_lengthen_only_on_collision():
+    key = b"k"
+    m = pseudonymise_ids(["b", "a", "a", 3], key)
+    assert list(m) == ["3", "a", "b"]
+    assert m["a"] == pseudonym("a", key) and len(m["a"]) == 2 + 10 and m["a"].startswith("T-")
+    assert pseudonym(3, key) == pseudonym("3", key)
