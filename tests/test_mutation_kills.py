@@ -89,3 +89,44 @@ def test_pseudonyms_are_stable_and_lengthen_only_on_collision():
     assert list(m) == ["3", "a", "b"]
     assert m["a"] == pseudonym("a", key) and len(m["a"]) == 2 + 10 and m["a"].startswith("T-")
     assert pseudonym(3, key) == pseudonym("3", key)
+
+
+def test_pseudonym_key_reads_the_documented_variable_as_utf8(monkeypatch):
+    from therapist_effects.report.privacy import pseudonym_key
+
+    monkeypatch.setenv("TE_PSEUDONYM_KEY", "caf\u00e9-key")
+    assert pseudonym_key() == "caf\u00e9-key".encode("utf-8")
+    monkeypatch.setenv("OTHER_KEY", "k2")
+    assert pseudonym_key("OTHER_KEY") == b"k2"
+
+
+def test_pseudonyms_lengthen_by_two_hex_digits_until_they_differ(monkeypatch):
+    """A collision at 10 hex digits lengthens every pseudonym to 12 (then 14, ...); if they collide even
+    at the full 64 digits a one-line PseudonymisationError says so."""
+    from therapist_effects.exceptions import PseudonymisationError
+    from therapist_effects.report import privacy
+
+    real = privacy.pseudonym
+    seen = []
+
+    def colliding_below_12(i, key, n_hex=privacy.PSEUDONYM_HEX):
+        seen.append(n_hex)
+        return "T-" + "0" * n_hex if n_hex < 12 else real(i, key, n_hex)
+
+    monkeypatch.setattr(privacy, "pseudonym", colliding_below_12)
+    m = privacy.pseudonymise_ids(["a", "b"], b"k")
+    assert sorted(set(seen)) == [10, 12]
+    assert m == {"a": real("a", b"k", 12), "b": real("b", b"k", 12)}
+
+    monkeypatch.setattr(privacy, "pseudonym", lambda i, key, n_hex=10: "T-" + "0" * n_hex)
+    with pytest.raises(PseudonymisationError, match="^pseudonyms collide even at full HMAC length$"):
+        privacy.pseudonymise_ids(["a", "b"], b"k")
+
+
+def test_classify_effects_treats_a_missing_interval_as_not_distinguishable():
+    """Missing ends (None, as read from JSON, or NaN) are converted to NaN, which compares false: a
+    missing end never decides, the other end still can."""
+    got = classify_effects([None, 0.5, np.nan], [None, 1.0, -0.2]).tolist()
+    assert got == [NOT_DISTINGUISHABLE, "above average", "below average"]
+    got = classify_effects([-1.0, 0.5], [None, None]).tolist()
+    assert got == [NOT_DISTINGUISHABLE, "above average"]
