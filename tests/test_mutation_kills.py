@@ -10,6 +10,7 @@ import pytest
 
 from therapist_effects.classify import NOT_DISTINGUISHABLE, classify_effects
 from therapist_effects.csvsafe import neutralise_frame, safe_csv
+from therapist_effects.meta import pool
 from therapist_effects.report.privacy import (
     is_small,
     pseudonym,
@@ -130,3 +131,67 @@ def test_classify_effects_treats_a_missing_interval_as_not_distinguishable():
     assert got == [NOT_DISTINGUISHABLE, "above average", "below average"]
     got = classify_effects([-1.0, 0.5], [None, None]).tolist()
     assert got == [NOT_DISTINGUISHABLE, "above average"]
+
+
+# ---- meta: the study table -------------------------------------------------------------------
+def _studies():
+    return pd.DataFrame({"study": ["A", "B", "C", "D"], "icc": [0.05, 0.02, 0.08, 0.0],
+                         "n_patients": [400, 900, 250, 60], "n_therapists": [20, 45, 12, 2]})
+
+
+@pytest.mark.parametrize(("change", "row"), [
+    ({"n_therapists": [20, 1, 12, 2]}, 2),        # fewer than 2 therapists
+    ({"n_patients": [400, 900, 12, 60]}, 3),      # as many patients as therapists
+    ({"n_patients": [400, None, 250, 60]}, 2),    # missing caseload total
+    ({"n_therapists": [None, 45, 12, 2]}, 1),     # missing number of therapists
+])
+def test_study_table_rejects_impossible_counts_with_row_and_study(change, row):
+    from therapist_effects.exceptions import InputError
+    from therapist_effects.meta import pool_study_table
+
+    bad = _studies().assign(**change)
+    study = "ABCD"[row - 1]
+    msg = (f"published.csv: row {row} (study '{study}'): expected n_therapists >= 2 and "
+           "n_patients > n_therapists")
+    with pytest.raises(InputError) as err:
+        pool_study_table(bad, source="published.csv")
+    assert str(err.value) == msg
+
+
+def test_study_table_accepts_the_boundary_counts_and_rejects_icc_one():
+    """2 therapists and n = k + 1 patients are allowed; an ICC of exactly 1 is not (logit infinite)."""
+    from therapist_effects.exceptions import InputError
+    from therapist_effects.meta import pool_study_table
+
+    ok = _studies().assign(n_patients=[400, 900, 250, 3])
+    assert pool_study_table(ok)["k"] == 4
+    with pytest.raises(InputError, match=r"study table: row 3 \(study 'C'\), column 'icc': expected a value in \[0, 1\), got 1\.0"):
+        pool_study_table(_studies().assign(icc=[0.05, 0.02, 1.0, 0.0]))
+
+
+def test_study_table_passes_level_and_prediction_and_reports_weights_by_hand():
+    from therapist_effects.meta import donner_var_icc, logit_icc, pool_study_table
+
+    t = _studies()
+    var = donner_var_icc(t["icc"], t["n_patients"], t["n_therapists"])
+    yi, vi = logit_icc(t["icc"], var)
+    for method, level, prediction in (("REML", 0.9, "t"), ("DL", 0.99, "normal")):
+        out = pool_study_table(t, method, level=level, prediction=prediction)
+        direct = pool(yi, vi, method, level=level, prediction=prediction)
+        for key in ("estimate", "ci_low", "ci_high", "pi_low", "pi_high", "tau2", "I2"):
+            assert out[key] == pytest.approx(direct[key], rel=1e-12, abs=0), key
+        s = pd.DataFrame(out["studies"])
+        np.testing.assert_allclose(s["logit_icc"], yi, rtol=1e-12)
+        np.testing.assert_allclose(s["var_logit_icc"], vi, rtol=1e-12)
+        w = 1.0 / (vi + direct["tau2"])
+        np.testing.assert_allclose(s["weight_percent"], 100 * w / w.sum(), rtol=1e-12)
+        assert list(s["study"]) == list(t["study"])
+
+
+def test_pool_accepts_integer_and_list_inputs():
+    out = pool([0, 1, 3], [1, 1, 2], "DL")
+    w = np.array([1.0, 1.0, 0.5])
+    y = np.array([0.0, 1.0, 3.0])
+    mu = (w * y).sum() / w.sum()
+    q = (w * (y - mu) ** 2).sum()
+    assert out["Q"] == pytest.approx(q, rel=1e-12)
