@@ -195,3 +195,48 @@ def test_pool_accepts_integer_and_list_inputs():
     mu = (w * y).sum() / w.sum()
     q = (w * (y - mu) ** 2).sum()
     assert out["Q"] == pytest.approx(q, rel=1e-12)
+
+
+# ---- instruments: one-line config errors naming the key ------------------------------------------
+_GOOD = {"min": 0, "max": 40, "higher_is_better": False, "cutoff": 15, "rci": 5}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({**_GOOD, "colour": 1, "aliases": []},
+     "instruments.MYSCALE: unknown key(s) 'colour'; allowed keys are cutoff, higher_is_better, max, min, "
+     "rci, reliability, sd, source"),
+    ({k: v for k, v in _GOOD.items() if k != "cutoff"}, "instruments.MYSCALE: missing required key 'cutoff'"),
+    ({**_GOOD, "min": "0"}, "instruments.MYSCALE.min: expected a finite number, got '0'"),
+    ({**_GOOD, "max": float("inf")}, "instruments.MYSCALE.max: expected a finite number, got inf"),
+    ({**_GOOD, "cutoff": True}, "instruments.MYSCALE.cutoff: expected a finite number, got True"),
+    ({**_GOOD, "min": 40}, "instruments.MYSCALE: min (40) must be smaller than max (40)"),
+    ({**_GOOD, "higher_is_better": "no"}, "instruments.MYSCALE.higher_is_better: expected true or false, got 'no'"),
+    ({**_GOOD, "cutoff": 41}, "instruments.MYSCALE.cutoff: 41 is outside the score range 0-40"),
+    ({**_GOOD, "sd": 5}, "instruments.MYSCALE: give either rci or (sd and reliability), not both"),
+    ({**_GOOD, "rci": 0}, "instruments.MYSCALE.rci: expected a positive number of points, got 0"),
+    ({**{k: v for k, v in _GOOD.items() if k != "rci"}, "sd": 5},
+     "instruments.MYSCALE: instrument 'MYSCALE' needs rci, or sd and reliability for the Jacobson-Truax reliable "
+     "change 1.96*sd*sqrt(2*(1-reliability)); set them under instruments.MYSCALE in the config"),
+    ({**{k: v for k, v in _GOOD.items() if k != "rci"}, "sd": -1, "reliability": 0.8},
+     "instruments.MYSCALE.sd: expected a positive standard deviation, got -1"),
+    ({**{k: v for k, v in _GOOD.items() if k != "rci"}, "sd": 5, "reliability": 1},
+     "instruments.MYSCALE.reliability: expected a value in [0, 1), got 1"),
+])
+def test_user_instrument_errors_name_the_key(entry, message):
+    from therapist_effects.exceptions import ConfigError
+    from therapist_effects.instruments import get_instrument
+
+    with pytest.raises(ConfigError) as err:
+        get_instrument("MYSCALE", {"MYSCALE": entry})
+    assert str(err.value) == message
+
+
+def test_user_instrument_built_from_sd_and_reliability():
+    """Jacobson & Truax (1991): RCI = 1.96 * sd * sqrt(2 (1 - r)); 1.96 * 5 * sqrt(0.4) = 6.1980642."""
+    from therapist_effects.instruments import get_instrument
+
+    inst = get_instrument("my-scale", {"MYSCALE": {**{k: v for k, v in _GOOD.items() if k != "rci"},
+                                                    "sd": 5, "reliability": 0.8, "source": " a\n  b "}})
+    assert inst.rci == pytest.approx(6.1980642, rel=1e-7)
+    assert (inst.min, inst.max, inst.cutoff, inst.sd, inst.reliability) == (0.0, 40.0, 15.0, 5.0, 0.8)
+    assert inst.source == "a b" and inst.higher_is_better is False
