@@ -240,3 +240,32 @@ def test_user_instrument_built_from_sd_and_reliability():
     assert inst.rci == pytest.approx(6.1980642, rel=1e-7)
     assert (inst.min, inst.max, inst.cutoff, inst.sd, inst.reliability) == (0.0, 40.0, 15.0, 5.0, 0.8)
     assert inst.source == "a b" and inst.higher_is_better is False
+
+
+# ---- outcomes: feedback coding ----------------------------------------------------------------
+def _feedback_of(arm_values, feedback_level=None):
+    from therapist_effects.ingest import ingest_frame
+    from therapist_effects.outcomes import derive_patient_outcomes
+
+    table = pd.DataFrame({"pid": [f"P{i}" for i in range(len(arm_values))], "tid": ["T1", "T2"] * (len(arm_values) // 2)
+                          + ["T1"] * (len(arm_values) % 2), "post": range(5, 5 + len(arm_values)), "arm": arm_values})
+    spec = {"layout": "patient", "feedback_level": feedback_level,
+            "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "arm": "arm"}}
+    patients, _ = derive_patient_outcomes(ingest_frame(table, spec).rows, spec)
+    return patients["feedback"].tolist()
+
+
+def test_numeric_arm_levels_sort_numerically_and_labels_alphabetically():
+    """Module docstring: "the second level in sorted order (numbers numerically, labels alphabetically)":
+    2 < 10 numerically (as text "10" < "2"); "arm10" < "arm2" as labels."""
+    assert _feedback_of([2, 10, 10]) == [0.0, 1.0, 1.0]
+    assert _feedback_of([10, 2, 2]) == [1.0, 0.0, 0.0]
+    assert _feedback_of(["arm2", "arm10", "arm10"]) == [1.0, 0.0, 0.0]
+    assert _feedback_of([2, 10, 10], feedback_level="2") == [1.0, 0.0, 0.0]
+
+
+def test_single_arm_level_warns_and_codes_zero():
+    from therapist_effects.exceptions import DataWarning
+
+    with pytest.warns(DataWarning, match="the arm column has a single level 'ROM'; feedback set to 0"):
+        assert _feedback_of(["ROM", "ROM", "ROM"]) == [0.0, 0.0, 0.0]
