@@ -361,3 +361,36 @@ def test_auto_parameterization_of_a_per_patient_model_is_noncentred():
     assert "z_therapist" in per.model.named_vars and "y" in per.model.observed_RVs[0].name
     ss = BayesModel("random_intercept", df, "y", ("x",), config=BayesConfig(sampler="pymc"))
     assert ss.config.parameterization == "marginal" and "z_therapist" not in ss.model.named_vars
+
+
+# ----------------------------------------------------------------------------------------------
+# profile-interval ends against the closed-form restricted likelihood of a balanced design
+@pytest.mark.parametrize(("msb", "seed"), [(1.3, 8), (3.0, 9), (1.0 + 20 * 9e-6, 5)])
+def test_icc_profile_ends_match_the_closed_form_reml_profile(msb, seed):
+    """Balanced one-way design, intercept only (G therapists x n patients): with sigma^2 profiled
+    out, -2 REML logLik = (G-1) log(1 + n g) + (N-1) log(r(g) / (N-1)) + const,
+    r(g) = SSW + SSB / (1 + n g), g = s2_t / s2 (Searle, Casella & McCulloch 1992, ch. 6). The ICC
+    interval ends are where this rises by chi2_1(0.95) = 3.8415 above its minimum, ICC = g / (1 + g);
+    the lower end is 0 when the rise at g = 0 stays below it. Solved here by brentq, independently
+    of the package. Covers ends far (> 100x) from the estimate (the near-boundary case)."""
+    G = 100 if msb < 1.01 else 20
+    n = 20 if msb < 1.01 else 10
+    y, t = _balanced(G, n, msb=msb, msw=1.0, seed=seed)
+    N = G * n
+    ssw, ssb = 1.0 * G * (n - 1), msb * (G - 1)
+
+    def dev(g):
+        return (G - 1) * math.log1p(n * g) + (N - 1) * math.log((ssw + ssb / (1 + n * g)) / (N - 1))
+
+    ghat = max((msb - 1.0) / n, 0.0)
+    q = stats.chi2.ppf(0.95, 1)
+    hi = optimize.brentq(lambda g: dev(g) - dev(ghat) - q, ghat, 100.0, xtol=1e-15, rtol=1e-13)
+    lo = 0.0 if dev(0.0) - dev(ghat) < q else optimize.brentq(lambda g: dev(g) - dev(ghat) - q, 0.0, ghat,
+                                                             xtol=1e-15, rtol=1e-13)
+    res = RandomInterceptModel(y, np.ones((N, 1)), t).fit()
+    got_lo, got_hi = res.icc_interval(0.95)
+    assert got_hi == pytest.approx(hi / (1 + hi), rel=1e-6)
+    if lo == 0.0:
+        assert got_lo == 0.0
+    else:
+        assert got_lo == pytest.approx(lo / (1 + lo), rel=1e-6)
