@@ -27,8 +27,8 @@ declare -A TESTS=(
     [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand"
     [instruments]="tests/test_instruments.py tests/test_mutation_kills.py"
     [outcomes]="tests/test_outcomes.py tests/test_mutation_kills.py"
-    [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
-    [reml]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
+    [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
+    [reml]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_parametric_bootstrap_reproduces_the_anova_sampling_distribution tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
     [arm]="tests/test_arm_reference.py tests/test_surviving_mutants.py::test_arm_equal_variance_lrt_p_is_the_full_chi2_tail"
     [glmm]="tests/test_glmm_reference.py"
 )
