@@ -269,3 +269,53 @@ def test_single_arm_level_warns_and_codes_zero():
 
     with pytest.warns(DataWarning, match="the arm column has a single level 'ROM'; feedback set to 0"):
         assert _feedback_of(["ROM", "ROM", "ROM"]) == [0.0, 0.0, 0.0]
+
+
+_NO_RCI = {k: v for k, v in _GOOD.items() if k != "rci"}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({**_GOOD, "colour": 1, "shade": 2},
+     "instruments.MYSCALE: unknown key(s) 'colour', 'shade'; allowed keys are cutoff, higher_is_better, max, "
+     "min, rci, reliability, sd, source"),
+    ({**_GOOD, "rci": "5"}, "instruments.MYSCALE.rci: expected a finite number, got '5'"),
+    ({**_NO_RCI, "sd": "5", "reliability": 0.8}, "instruments.MYSCALE.sd: expected a finite number, got '5'"),
+    ({**_NO_RCI, "sd": 5, "reliability": None}, None),
+    ({**_NO_RCI, "sd": 5, "reliability": "high"},
+     "instruments.MYSCALE.reliability: expected a finite number, got 'high'"),
+])
+def test_more_user_instrument_errors(entry, message):
+    from therapist_effects.exceptions import ConfigError
+    from therapist_effects.instruments import get_instrument
+
+    with pytest.raises(ConfigError) as err:
+        get_instrument("MYSCALE", {"MYSCALE": entry})
+    if message is not None:
+        assert str(err.value) == message
+    else:
+        assert "needs rci, or sd and reliability" in str(err.value)
+
+
+def test_user_instrument_boundaries_are_allowed():
+    """A cutoff at the ends of the range and an RCI below one point are valid."""
+    from therapist_effects.instruments import get_instrument
+
+    assert get_instrument("A", {"A": {**_GOOD, "cutoff": 0}}).cutoff == 0.0
+    assert get_instrument("B", {"B": {**_GOOD, "cutoff": 40}}).cutoff == 40.0
+    assert get_instrument("C", {"C": {**_GOOD, "rci": 0.5}}).rci == 0.5
+
+
+def test_instrument_functions_return_scalars_for_scalars_and_arrays_for_arrays():
+    from therapist_effects.instruments import get_instrument
+
+    phq = get_instrument("PHQ-9")
+    assert type(phq.improvement(20, 8)) is float and phq.improvement(20, 8) == 12.0
+    got = phq.improvement(20, np.array([8, 25]))
+    assert isinstance(got, np.ndarray) and got.dtype == float and got.tolist() == [12.0, -5.0]
+    got = phq.improvement(np.array([20, 10]), 8)
+    assert isinstance(got, np.ndarray) and got.tolist() == [12.0, 2.0]
+    assert type(phq.is_case(12)) is float and phq.is_case(12) == 1.0
+    assert np.isnan(phq.is_case(np.nan))
+    assert phq.is_case(np.array([9, 10, np.nan])).tolist()[:2] == [0.0, 1.0]
+    assert type(phq.reliable_improvement(20, 8)) is float
+    assert np.isnan(phq.reliable_deterioration(np.nan, 8))
