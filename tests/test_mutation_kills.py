@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from therapist_effects.classify import NOT_DISTINGUISHABLE, classify_effects
 from therapist_effects.csvsafe import neutralise_frame, safe_csv
@@ -319,3 +320,33 @@ def test_instrument_functions_return_scalars_for_scalars_and_arrays_for_arrays()
     assert phq.is_case(np.array([9, 10, np.nan])).tolist()[:2] == [0.0, 1.0]
     assert type(phq.reliable_improvement(20, 8)) is float
     assert np.isnan(phq.reliable_deterioration(np.nan, 8))
+
+
+# ---- meta: pool's checks and Cochran's Q under every estimator --------------------------------
+def test_pool_q_is_cochrans_q_for_every_method_and_inputs_are_checked():
+    from therapist_effects.exceptions import ModelError
+
+    y = np.array([-3.1, -3.9, -2.6, -3.4])
+    v = np.array([0.10, 0.30, 0.05, 0.20])
+    w = 1 / v
+    mu = (w * y).sum() / w.sum()
+    q = (w * (y - mu) ** 2).sum()
+    for method in ("DL", "PM", "REML"):
+        out = pool(y, v, method)
+        assert out["Q"] == pytest.approx(q, rel=1e-12) and out["Q_df"] == 3, method
+        assert out["Q_p_value"] == pytest.approx(float(stats.chi2.sf(q, 3)), rel=1e-12)
+    assert pool(y[:2], v[:2], "DL")["k"] == 2  # two studies suffice
+    assert pool(y[:3], v[:3], "DL", prediction="t")["k"] == 3  # the t interval needs k >= 3
+    with pytest.raises(ModelError, match=r"^a t-based prediction interval needs at least three studies$"):
+        pool(y[:2], v[:2], "DL", prediction="t")
+    with pytest.raises(ModelError, match=r"^pool needs at least two studies with one effect and one variance each$"):
+        pool([0.1], [0.2])
+    with pytest.raises(ModelError, match=r"^pool needs at least two studies"):
+        pool([0.1, 0.2], [0.2, 0.3, 0.4])
+    for bad_y, bad_v in (([0.1, np.inf], [0.2, 0.3]), ([0.1, 0.2], [0.2, np.nan]), ([0.1, 0.2], [0.2, 0.0])):
+        with pytest.raises(ModelError, match=r"^pool: effects must be finite and variances finite and positive$"):
+            pool(bad_y, bad_v)
+    with pytest.raises(ModelError, match=r"^pool method must be 'DL', 'PM' or 'REML', got 'FE'$"):
+        pool(y, v, "FE")
+    with pytest.raises(ModelError, match=r"^prediction must be 'normal' or 't', got 'z'$"):
+        pool(y, v, "DL", prediction="z")
