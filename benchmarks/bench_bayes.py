@@ -1,22 +1,32 @@
 """Benchmark: Bayesian random-intercept model on sufficient statistics vs. written per patient.
 
-    cd /work/main && /work/venv/bin/python benchmarks/bench_bayes.py
+    python benchmarks/bench_bayes.py            # full size (about 10 minutes on 2 cores)
+    python benchmarks/bench_bayes.py --quick    # small sizes, same code paths (CI)
 
-1. 100,000 patients of 2,500 therapists (caseload 40), ``y ~ baseline + (1 | therapist)``, sampled
-   with nutpie on per-therapist sufficient statistics (``therapist_effects.bayes``), 4 chains x 1,000
-   draws (1,000 tuning).
-2. The same model written per patient (``pm.Normal(..., observed=y)``, no sufficient statistics) on
-   10,000 patients (the first 250 therapists), sampled with PyMC's own NUTS, same chains / draws.
-3. For reference, the per-patient model on the same 10,000 patients sampled with nutpie: this
-   separates the gain of the sufficient statistics from the gain of the compiled sampler.
-4. (1) with ``parameterization="marginal"``: the therapist effects integrated out analytically
-   (still only sufficient statistics), NUTS on 4 parameters, effects drawn exactly afterwards.
+Rows, each with the parameterisation it uses (``BayesConfig.parameterization``; all rows set it
+explicitly, none relies on ``"auto"``):
+
+1. ``noncentred``, sufficient statistics, nutpie: 100,000 patients of 2,500 therapists (caseload
+   40), ``y ~ baseline + (1 | therapist)``, sampled on per-therapist sufficient statistics
+   (``therapist_effects.bayes``) with the therapist effects ``u = sigma_therapist * z`` sampled
+   (``z`` standard normal), 4 chains x 1,000 draws (1,000 tuning).
+2. ``noncentred``, per patient, PyMC NUTS: the same model written per patient
+   (``pm.Normal(..., observed=y)``, no sufficient statistics) on 10,000 patients (the first 250
+   therapists), sampled with PyMC's own NUTS, same chains / draws. (The marginal parameterisation
+   exists only on sufficient statistics.)
+3. ``noncentred``, per patient, nutpie: (2) sampled with nutpie: this separates the gain of the
+   sufficient statistics from the gain of the compiled sampler.
+4. ``marginal``, sufficient statistics, nutpie: (1) with the therapist effects integrated out
+   analytically (the default of ``"auto"`` for Gaussian models), NUTS on 4 parameters, effects
+   drawn exactly afterwards.
 
 For each: compile and sampling wall time, and ESS per second = min bulk ESS of the variance
 parameters (sigma_therapist, sigma_residual) / sampling seconds (compilation excluded). The ratio
 (1) / (2) is the headline (target >= 10x); (1) / (3) the like-for-like sampler comparison;
-(4) / (2) and (4) / (3) the same for the marginal parameterization.
-Options: --patients, --therapists, --small-patients, --chains, --draws, --tune, --skip-pymc, --seed.
+(4) / (2) and (4) / (3) the same for the marginal parameterisation.
+Options: --quick, --patients, --therapists, --small-patients, --chains, --draws, --tune, --skip-pymc, --seed.
+``--quick``: 2,000 patients of 50 therapists, 500 per patient, 2 chains x 200 draws (200 tune):
+the same code paths in seconds of sampling (compilation dominates); its ratios mean nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ def simulate(n_patients: int, n_therapists: int, seed: int) -> pd.DataFrame:
 
 
 def run(label: str, df: pd.DataFrame, cfg: BayesConfig, per_patient: bool) -> dict:
+    label = f"{label} [{cfg.parameterization}]"
     t0 = time.perf_counter()
     model = BayesModel("random_intercept", df, "y", ["baseline"], config=cfg, per_patient=per_patient)
     compile_s = time.perf_counter() - t0
@@ -64,7 +75,7 @@ def run(label: str, df: pd.DataFrame, cfg: BayesConfig, per_patient: bool) -> di
         "divergences": res.diagnostics["divergences"], "warnings": len(caught),
     }
     print(
-        f"{label:<46s} n={out['patients']:>7d} T={out['therapists']:>5d} {out['sampler']:<6s} "
+        f"{label:<58s} n={out['patients']:>7d} T={out['therapists']:>5d} {out['sampler']:<6s} "
         f"compile {compile_s:7.1f}s  sample {sample_s:8.1f}s  min ESS(var) {min_ess:7.0f}  "
         f"ESS/s {out['ess_per_s']:8.2f}  ICC {out['icc']:.4f}  max R-hat {out['max_rhat']:.3f}  "
         f"div {out['divergences']}  failed {out['failed']}",
@@ -73,7 +84,7 @@ def run(label: str, df: pd.DataFrame, cfg: BayesConfig, per_patient: bool) -> di
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=100_000)
     ap.add_argument("--therapists", type=int, default=2_500)
@@ -83,14 +94,18 @@ def main() -> None:
     ap.add_argument("--tune", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=20240917)
     ap.add_argument("--skip-pymc", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="small sizes, same code paths (CI smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.patients, args.therapists, args.small_patients = 2_000, 50, 500
+        args.chains, args.draws, args.tune = 2, 200, 200
     print(f"bench_bayes: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.chains} chains x {args.draws} draws ({args.tune} tune)", flush=True)
     big = simulate(args.patients, args.therapists, args.seed)
     caseload = args.patients // args.therapists
     small = big[big["therapist"].isin(sorted(big["therapist"].unique())[: args.small_patients // caseload])]
     small = small.reset_index(drop=True)
-    base = dict(chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed)
+    base = dict(chains=args.chains, draws=args.draws, tune=args.tune, seed=args.seed, parameterization="noncentred")
     a = run("sufficient statistics, nutpie", big, BayesConfig(**base, sampler="nutpie"), per_patient=False)
     results = [a]
     if not args.skip_pymc:
@@ -102,8 +117,8 @@ def main() -> None:
     results.append(c)
     print(f"ratio ESS/s sufficient statistics ({a['patients']} patients) / per-patient nutpie "
           f"({c['patients']} patients): {a['ess_per_s'] / c['ess_per_s']:.1f}x", flush=True)
-    d = run("sufficient statistics, marginal, nutpie", big,
-            BayesConfig(**base, sampler="nutpie", parameterization="marginal"), per_patient=False)
+    d = run("sufficient statistics, nutpie", big,
+            BayesConfig(**{**base, "parameterization": "marginal"}, sampler="nutpie"), per_patient=False)
     if not args.skip_pymc:
         print(f"ratio ESS/s marginal sufficient statistics ({d['patients']} patients) / per-patient PyMC "
               f"({b['patients']} patients): {d['ess_per_s'] / b['ess_per_s']:.1f}x (target >= 10x)", flush=True)

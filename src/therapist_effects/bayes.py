@@ -114,7 +114,8 @@ class BayesConfig:
     (nutpie where it is importable). The same config and data give identical draws.
     ``priors``: overrides of the default priors (see the module docstring), on the data's scale.
     ``parameterization``: ``"auto"`` (the default: ``"marginal"`` where it applies -- Gaussian
-    random_intercept and arm_variance models -- else ``"noncentred"``),
+    random_intercept and arm_variance models on sufficient statistics, i.e. not ``per_patient`` --
+    else ``"noncentred"``),
     ``"noncentred"`` (sample ``z``; therapist effects ``u = sigma_therapist * z``)
     or ``"marginal"`` (Gaussian random_intercept / arm_variance only: the therapist effects are
     integrated out analytically, NUTS samples only the fixed effects and SDs, and the effects are then
@@ -1041,7 +1042,8 @@ class BayesModel:
         self.priors = resolve_priors(self.prep, self.config.priors)
         self.sampler = self.config.resolved_sampler()
         if self.config.parameterization == "auto":
-            collapsible = self.family == "gaussian" and self.model_type in ("random_intercept", "arm_variance")
+            collapsible = (self.family == "gaussian" and self.model_type in ("random_intercept", "arm_variance")
+                           and not self.per_patient)  # the marginal likelihood is on sufficient statistics
             self.config = replace(self.config, parameterization="marginal" if collapsible else "noncentred")
         if self.config.parameterization not in ("noncentred", "marginal"):
             raise ConfigError(
