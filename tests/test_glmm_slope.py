@@ -243,3 +243,14 @@ def test_workflow_writes_the_binomial_random_slope_entry(tmp_path):
     assert e["singular"] is True and e["loglik"] >= ref["logLik"] - 1e-6
     assert set(e["icc_by_arm"]) == {"0", "1"} and "icc_ratio" in e and "icc_reduction" in e
     assert e["aic"] == pytest.approx(ref["AIC"], abs=2e-3) and e["bic"] == pytest.approx(ref["BIC"], abs=2e-3)
+
+
+def test_profile_intervals_match_glmer_confint_trials():
+    """confint(m, parm = "theta_", method = "profile") of the therapy_trials fit (glmer_slope.R):
+    SD intervals (ours: the variance intervals' square roots) and the correlation's."""
+    ref, res = REF["therapy_trials"]["profile_ci"], _fit("therapy_trials")
+    for name, key in (("therapist", "sd_intercept"), ("therapist_slope", "sd_slope")):
+        lo, hi = np.sqrt(res.interval(name))
+        assert lo == pytest.approx(ref[key][0], abs=1e-4)
+        assert hi == pytest.approx(ref[key][1], rel=2e-3)
+    assert res.interval("correlation") == pytest.approx(tuple(ref["correlation"]), abs=2e-3)
