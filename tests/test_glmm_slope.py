@@ -121,13 +121,15 @@ def test_laplace_equals_glmer_arm_model_at_zero_arm_correlation():
         assert m2.loglik(b, _theta_from_arms(0.4, 0.3, 0.0)) == pytest.approx(a2.loglik(b, [0.4, 0.3]), abs=1e-9)
 
 
-def test_agq_converges_to_brute_force_integral():
+@pytest.mark.parametrize("slope", ["arm", "continuous"])
+def test_agq_converges_to_brute_force_integral(slope):
     """Correlated effects: the AGQ log-likelihood with many nodes equals the integral over a dense
-    2-D grid (trapezoid on [-9, 9]^2, independent of the mode and curvature); Laplace does not."""
+    2-D grid (trapezoid on [-9, 9]^2, independent of the mode and curvature); Laplace does not.
+    Both for a 0/1 arm slope and for a continuous slope variable (``slope: <column>``)."""
     rng = np.random.default_rng(11)
     G, n = 6, 25
     t = np.repeat(np.arange(G), n)
-    z = rng.integers(0, 2, G * n).astype(float)
+    z = rng.integers(0, 2, G * n).astype(float) if slope == "arm" else rng.normal(0, 0.7, G * n)
     x = rng.normal(size=G * n)
     X = np.column_stack([np.ones(G * n), x, z])
     b = np.array([0.3, 0.8, -0.5])

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize
 from scipy.special import expit
 
 from .arm import arm_design
@@ -337,7 +337,6 @@ class LogisticRandomSlopeModel:
         Af = A[np.ix_(idx, idx)]
         base = psi0[idx].copy()
         p = self.k_fe
-        Ainv = np.linalg.inv(Af)
 
         def unpack(zz):
             ps = psi0.copy()
@@ -352,19 +351,21 @@ class LogisticRandomSlopeModel:
             return -ll if np.isfinite(ll) else 1e300
 
         def fg(zz):
+            """Value and central-difference gradient (one-sided next to an infeasible point)."""
             f0 = f(zz)
             gr = np.zeros_like(zz)
+            h = 1e-5
             for k in range(zz.size):
-                h = 1e-5
                 e = np.zeros_like(zz)
                 e[k] = h
                 fp, fm = f(zz + e), f(zz - e)
-                if fp >= 1e299 or fm >= 1e299:
-                    fp = fp if fp < 1e299 else f0
-                    fm = fm if fm < 1e299 else f0
-                    gr[k] = (fp - fm) / (h if (fp == f0) != (fm == f0) else 2 * h)
-                else:
+                up_ok, down_ok = fp < 1e299, fm < 1e299
+                if up_ok and down_ok:
                     gr[k] = (fp - fm) / (2 * h)
+                elif up_ok:
+                    gr[k] = (fp - f0) / h
+                elif down_ok:
+                    gr[k] = (f0 - fm) / h
             return f0, gr
 
         zb = None
@@ -387,7 +388,6 @@ class LogisticRandomSlopeModel:
                 if (lo is not None and res.x[j] <= lo + 1e-10) or (hi is not None and res.x[j] >= hi - 1e-10):
                     lo_ok[j] = False
         ok = bool(np.max(np.abs(gz[lo_ok]), initial=0.0) < 1e-2)
-        del Ainv
         return ps, -float(res.fun), ok, str(res.message)
 
     def _fit_theta(self, th0, free):
@@ -725,8 +725,6 @@ class LogisticRandomSlopeResults(ModelResults):
         m = self.model
         L = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]])
         u = self.modes @ L.T
-        inv = np.empty(m.n_groups)
-        inv[:] = 0
         n = m.counts
         nf = np.bincount(m.g, weights=(m.z == 1.0).astype(float), minlength=m.n_groups)
         out = pd.DataFrame({"therapist": m.therapist_labels, "n_patients": n.astype(int),
