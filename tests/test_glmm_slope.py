@@ -20,6 +20,7 @@ from scipy.special import expit
 
 from refdata import REFERENCE_DIR
 from therapist_effects.config import load_config
+from therapist_effects.engine.inference import chi2_cut
 from therapist_effects.engine.registry import model_class
 from therapist_effects.engine.results import ModelResults
 from therapist_effects.exceptions import SingularFitWarning, TherapistEffectsWarning
@@ -247,12 +248,76 @@ def test_workflow_writes_the_binomial_random_slope_entry(tmp_path):
     assert e["aic"] == pytest.approx(ref["AIC"], abs=2e-3) and e["bic"] == pytest.approx(ref["BIC"], abs=2e-3)
 
 
-def test_profile_intervals_match_glmer_confint_trials():
-    """confint(m, parm = "theta_", method = "profile") of the therapy_trials fit (glmer_slope.R):
-    SD intervals (ours: the variance intervals' square roots) and the correlation's."""
-    ref, res = REF["therapy_trials"]["profile_ci"], _fit("therapy_trials")
-    for name, key in (("therapist", "sd_intercept"), ("therapist_slope", "sd_slope")):
-        lo, hi = np.sqrt(res.interval(name))
-        assert lo == pytest.approx(ref[key][0], abs=1e-4)
-        assert hi == pytest.approx(ref[key][1], rel=2e-3)
-    assert res.interval("correlation") == pytest.approx(tuple(ref["correlation"]), abs=2e-3)
+@pytest.mark.parametrize("ds", ["therapy_feedback", "therapy_trials"])
+def test_profile_intervals_match_glmer_confint(ds):
+    """confint(m, parm = "theta_", method = "profile") (glmer_slope.R). The intercept SD is compared
+    with the profile of the same parameter in the arm parameterisation, sd_c0 of
+    (0 + c0 + c1 | therapist_id): on the singular therapy_feedback fit lme4's profile in the slope
+    parameterisation puts the lower end at 0.1835, its arm-parameterisation profile at 0.1858 (ours
+    0.1858); both are given in the JSON."""
+    ref, arm, res = REF[ds]["profile_ci"], REF[ds]["arm_parameterisation"]["profile_ci"], _fit(ds)
+    lo, hi = np.sqrt(res.interval("therapist"))
+    assert lo == pytest.approx(arm["sd_c0"][0], rel=1e-3, abs=1e-4)
+    assert hi == pytest.approx(arm["sd_c0"][1], rel=1e-3)
+    assert hi == pytest.approx(ref["sd_intercept"][1], rel=1e-3)
+    lo, hi = np.sqrt(res.interval("therapist_slope"))
+    assert lo == pytest.approx(ref["sd_slope"][0], rel=2e-3, abs=1e-4)
+    assert hi == pytest.approx(ref["sd_slope"][1], rel=1e-3)
+
+
+@pytest.mark.parametrize("ds", ["therapy_feedback", "therapy_trials"])
+def test_per_arm_icc_intervals_match_glmer_arm_parameterisation(ds):
+    """The per-arm variances are the SDs^2 of glmer(recovered ~ phq9_pre + feedback +
+    (0 + c0 + c1 | therapist_id), binomial) (glmer_slope.R, the same model); their confint() profile
+    intervals mapped by v / (v + pi^2/3) are the per-arm ICC intervals."""
+    arm, res = REF[ds]["arm_parameterisation"], _fit(ds)
+    assert res.loglik >= arm["logLik"] - 1e-6
+    assert res.variance_by_arm()[0] == pytest.approx(arm["variance"]["c0"], rel=1e-3)
+    assert res.variance_by_arm()[1] == pytest.approx(arm["variance"]["c1"], rel=1e-3)
+    icc = res.icc_by_arm()
+    for a, key in ((0, "sd_c0"), (1, "sd_c1")):
+        lo, hi = (x * x / (x * x + C) for x in arm["profile_ci"][key])
+        row = icc.iloc[a]
+        assert row["ci_low"] == pytest.approx(lo, rel=2e-3, abs=1e-5)
+        assert row["ci_high"] == pytest.approx(hi, rel=2e-3)
+
+
+@pytest.mark.parametrize("ds", ["therapy_feedback", "therapy_trials"])
+def test_correlation_profile_matches_the_uncorrelated_glmer(ds):
+    """The correlation's profile log-likelihood at 0 is glmer's logLik of (1 + feedback || therapist_id)
+    (glmer_slope.R): on therapy_feedback the deviance there is 5.46 > 3.84, so 0 is outside the
+    interval (lme4's confint reports [-1, 1] for this singular fit, which its own uncorrelated fit
+    contradicts); on therapy_trials it is 1.48 and the interval is glmer's [-1, 1]."""
+    unc, res = REF[ds]["uncorrelated"], _fit(ds)
+    assert res._profile_ll("rho", 0.0) == pytest.approx(unc["logLik"], abs=1e-4)
+    lo, hi = res.interval("correlation")
+    dev0 = 2 * (res.loglik - unc["logLik"])
+    assert (lo < 0.0 < hi) == (dev0 < chi2_cut(0.95))
+    if ds == "therapy_trials":
+        assert (lo, hi) == pytest.approx(tuple(REF[ds]["profile_ci"]["correlation"]), abs=2e-3)
+    else:
+        assert lo == -1.0 and -1.0 < hi < 0.0
+        # the upper end is where the profile deviance reaches qchisq(0.95, 1)
+        assert 2 * (res.loglik - res._profile_ll("rho", hi)) == pytest.approx(chi2_cut(0.95), abs=1e-3)
+
+
+def test_agq_fit_maximises_the_quadrature_likelihood_and_converges_in_nodes():
+    """method agq (no glmer counterpart: glmer refuses nAGQ > 1 here): the AGQ fit's log-likelihood is
+    at least the AGQ log-likelihood at glmer's Laplace estimates, and 5 and 7 nodes per dimension give
+    the same estimates (the quadrature has converged)."""
+    d = _data("therapy_trials")
+    fits = {}
+    for k in (5, 7):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TherapistEffectsWarning)
+            fits[k] = LogisticRandomSlopeModel.from_frame(d, "recovered", ["phq9_pre"], therapist="therapist_id",
+                                                          arm="feedback", method="agq", n_quad=k).fit()
+    ref = REF["therapy_trials"]
+    m = fits[7].model
+    b = np.array([ref["fixed"][k] for k in m.exog_names])
+    assert fits[7].loglik >= m.loglik(b, ref["theta"]) - 1e-8
+    assert fits[7].loglik - m.loglik(b, ref["theta"]) > 1e-3  # AGQ moves the optimum away from Laplace's
+    assert fits[5].loglik == pytest.approx(fits[7].loglik, abs=1e-5)
+    for nm in ("therapist", "therapist_slope"):
+        assert fits[5].vcomp[nm] == pytest.approx(fits[7].vcomp[nm], rel=1e-3)
+    assert fits[7].method == "AGQ7" and fits[7].converged
