@@ -321,3 +321,24 @@ def test_agq_fit_maximises_the_quadrature_likelihood_and_converges_in_nodes():
     for nm in ("therapist", "therapist_slope"):
         assert fits[5].vcomp[nm] == pytest.approx(fits[7].vcomp[nm], rel=1e-3)
     assert fits[7].method == "AGQ7" and fits[7].converged
+
+
+@pytest.mark.parametrize("ds", ["therapy_feedback", "therapy_trials"])
+def test_icc_ratio_profile_at_one_is_the_equal_variance_glmer(ds):
+    """The ICC ratio's profile log-likelihood at 1 (equal per-arm variances, free correlation) is
+    glmer's logLik of (1 | therapist_id) + (0 + k | therapist_id), k = 1 - 2 feedback
+    (glmer_slope_ratio.R -> glmer_slope_ratio.json); 1 lies in the ratio's interval exactly when that
+    deviance is below qchisq(0.95, 1) (therapy_feedback: 4.87, excluded; therapy_trials: 0.04)."""
+    ref = json.loads((REFERENCE_DIR / "glmer_slope_ratio.json").read_text())[ds]
+    res = _fit(ds)
+    assert res._profile_ll("ratio", 1.0) == pytest.approx(ref["logLik"], abs=1e-4)
+    r = res.icc_ratio()
+    assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
+    dev1 = 2 * (res.loglik - ref["logLik"])
+    assert (r["ci_low"] <= 1.0 <= r["ci_high"]) == (dev1 < chi2_cut(0.95))
+    if math.isfinite(r["ci_high"]):
+        assert 2 * (res.loglik - res._profile_ll("ratio", r["ci_high"])) == pytest.approx(chi2_cut(0.95), abs=1e-3)
+    else:  # the control ICC's interval reaches 0: the ratio is unbounded above
+        assert res.interval("therapist")[0] == 0.0
+    red = res.icc_reduction()
+    assert (red["ci_low"], red["ci_high"]) == (1 - r["ci_high"], 1 - r["ci_low"])
