@@ -203,10 +203,11 @@ def _check_models(cfg: dict, source: str, explicit: bool) -> None:
             if model.get("cluster_effect") == "random":
                 raise ConfigError(f"{source}: {key}.cluster_effect: 'random' is not available for binomial "
                                   "arm_variance models; use 'fixed'")
-        if family == "binomial" and model["type"] not in ("random_intercept", "arm_variance") and model.get("engine") != "bayes":
+        if family == "binomial" and model["type"] not in ("random_intercept", "arm_variance", "random_slope") \
+                and model.get("engine") != "bayes":
             raise ConfigError(
                 f"{source}: {key}: binomial {model['type']} models need engine: bayes "
-                "(the likelihood engine fits binomial random-intercept models)"
+                "(the likelihood engine fits binomial random_intercept, arm_variance and random_slope models)"
             )
         if model["type"] == "random_slope" and model.get("engine") == "bayes":
             raise ConfigError(f"{source}: {key}.engine: random_slope models are fitted by the likelihood engine only")

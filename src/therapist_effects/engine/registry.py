@@ -168,6 +168,20 @@ def _fit_random_slope(r: FitRequest) -> Fitted:
     return Fitted(entry, None, narrowing, res)
 
 
+@register(("random_slope", "binomial"), ".glmm_slope:LogisticRandomSlopeModel")
+def _fit_logistic_random_slope(r: FitRequest) -> Fitted:
+    mf = r.mf
+    res = model_class("random_slope", "binomial").from_frame(
+        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
+        feedback_level=mf.feedback_level, slope=r.model.get("slope"), method=r.method or "laplace",
+        n_quad=r.model["n_quad"],
+    ).fit()
+    entry = res.to_contract(interval=r.interval_or_profile)
+    gap = res.gap_table()
+    narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
+    return Fitted(entry, None, narrowing, res)
+
+
 @register("bayes", ".bayes:BayesModel")
 def _fit_bayes(r: FitRequest) -> Fitted:
     from ..bayes import BayesConfig, fit_bayes, prior_sensitivity
