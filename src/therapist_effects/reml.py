@@ -47,8 +47,8 @@ from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .engine.gaussian import centre_design, gls_from_cholesky
-from .engine.inference import parametric_bootstrap, percentile_interval
-from .engine.results import ModelResults
+from .engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
+from .engine.results import ICC, ModelResults, icc_table
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
 from .progress import track
 
@@ -385,6 +385,7 @@ class MixedResults(ModelResults):
         names = model.exog_names
         self.fe_params = pd.Series(b, index=names, name="estimate")
         self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
+        self.vcov = self.cov_params  # lme4's vcov(fit)
         self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
         self.vcomp: dict[str, float] = {"therapist": gt * self.scale}
         if self.nested:
@@ -446,10 +447,21 @@ class MixedResults(ModelResults):
         return self._cache["ml"]
 
     # -- ICC -------------------------------------------------------------------------------------
-    def icc(self) -> float:
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed: int | None = None) -> ICC:
         """Intraclass correlation for therapists: share of the total outcome variance (given the
-        covariates) that lies between therapists, ``s2_t / (s2_c + s2_t + s2)``."""
-        return self.vcomp["therapist"] / sum(self.vcomp.values())
+        covariates) that lies between therapists, ``s2_t / (s2_c + s2_t + s2)`` (row ``icc``; the
+        float value of the result), and for nested models the cluster share (row ``icc_cluster``).
+        With a ``level``, each row carries its :meth:`icc_interval` (``method``, default profile)."""
+        est = {"icc": self.vcomp["therapist"] / sum(self.vcomp.values())}
+        if self.nested:
+            est["icc_cluster"] = self.icc_cluster()
+        if level is None:
+            return icc_table(est)
+        method = method or self.default_interval
+        iv = {k: self.icc_interval(level, method, n_boot, seed, which="therapist" if k == "icc" else "cluster")
+              for k in est}
+        return icc_table(est, iv, method)
 
     def icc_cluster(self) -> float:
         """Cluster (service/trial) share of the total variance, ``s2_c / (s2_c + s2_t + s2)``."""
@@ -501,7 +513,7 @@ class MixedResults(ModelResults):
         self._cache[key] = (res_lo, res_hi)
         return res_lo, res_hi
 
-    def icc_interval(self, level: float = 0.95, method: str = "profile", n_boot: int = 1000,
+    def icc_interval(self, level: float = 0.95, method: str = "profile", n_boot: int = DEFAULT_N_BOOT,
                      seed: int | None = None, *, which: str = "therapist") -> tuple[float, float]:
         """Confidence interval of the therapist ICC (``which="cluster"``: the cluster ICC).
 
@@ -629,7 +641,7 @@ class MixedResults(ModelResults):
         self._cache[key] = out
         return out
 
-    def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000,
+    def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT,
                  seed: int | None = None) -> pd.DataFrame:
         """Confidence intervals, rows = fixed effects then variance components (as variances).
 
@@ -781,28 +793,11 @@ class MixedResults(ModelResults):
         return pd.DataFrame(out)
 
     # -- reporting -------------------------------------------------------------------------------
-    def summary(self) -> str:
-        """Plain-text summary: model, fit, fixed effects, variance components and ICC."""
+    def _summary_title(self) -> str:
         kind = "nested (1 | cluster/therapist)" if self.nested else "random intercept (1 | therapist)"
-        lines = [f"Gaussian {kind} model fitted by {self.method}",
-                 f"patients: {self.n_obs}   therapists: {self.n_therapists}"
-                 + (f"   clusters: {self.n_clusters}" if self.nested else ""),
-                 f"{'REML' if self._reml else 'ML'} log-likelihood: {self.loglik:.4f}   "
-                 f"converged: {self.converged}   singular: {self.singular}", "",
-                 "Fixed effects:", f"{'':<24}{'estimate':>12}{'se':>12}"]
-        for name in self.fe_params.index:
-            lines.append(f"{name:<24}{self.fe_params[name]:>12.5g}{self.bse[name]:>12.5g}")
-        lines += ["", "Variance components:", f"{'':<24}{'variance':>12}{'sd':>12}"]
-        for name, v in self.vcomp.items():
-            lines.append(f"{name:<24}{v:>12.5g}{math.sqrt(v):>12.5g}")
-        lines += ["", f"ICC (therapist share of variance): {self.icc():.4f}"]
-        if self.nested:
-            lines.append(f"ICC (cluster share of variance): {self.icc_cluster():.4f}")
-        for w in self.warnings:
-            lines.append(f"warning: {w}")
-        return "\n".join(lines)
+        return f"Gaussian {kind} model fitted by {self.method}"
 
-    def to_contract(self, interval: str = "profile", n_boot: int = 1000,
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT,
                     seed: int | None = None) -> dict[str, Any]:
         """This model's entry of ``estimates.json`` (all but type/outcome/formula): plain Python
         floats/bools/None, deterministic given the data and ``seed``."""
