@@ -565,9 +565,9 @@ class MixedResults(ModelResults):
                 def f(th: np.ndarray) -> float:
                     gt = th[0] ** 2
                     gc = th[1] ** 2 if nsd > 1 else 0.0
-                    b, covu, r, _ = eng.fixed(gt, gc)
+                    r, _, ldv, L = eng.core(gt, gc)  # one factorisation gives b, covu, r and ldv
+                    b, covu, _ = gls_from_cholesky(L, eng.S, eng.k0, eng.shift_y)
                     rj = r + (b[j] - beta) ** 2 / covu[j, j]
-                    _, _, ldv, _ = eng.core(gt, gc)
                     return n * (1.0 + LOG2PI + math.log(rj / n)) + ldv
 
                 x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd))
