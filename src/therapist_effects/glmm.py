@@ -160,15 +160,7 @@ class LogisticRandomInterceptModel:
         method: str = "laplace",
         n_quad: int = 10,
     ) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
+        method, n_quad = check_quadrature(method, n_quad)
         if exog_names is None and isinstance(exog, pd.DataFrame):
             exog_names = [str(c) for c in exog.columns]
         y = np.asarray(endog, dtype=float).ravel()
@@ -241,13 +233,7 @@ class LogisticRandomInterceptModel:
         if therapist not in df.columns:
             raise ModelError(f"therapist column {therapist!r} is not a column of the patient table")
         design = build_design(df, outcome, list(covariates))
-        notbin = (design.y != 0) & (design.y != 1)
-        if notbin.any():
-            i = int(np.flatnonzero(notbin)[0])
-            raise ModelError(
-                f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
-                f" {design.y[i]:g} ({int(notbin.sum())} such rows)"
-            )
+        check_binary(design.y, df, outcome)
         if df[therapist].isna().any():
             raise ModelError(
                 f"{int(df[therapist].isna().sum())} rows have no therapist in column {therapist!r};"
@@ -940,6 +926,30 @@ class LogisticMixedResults(ModelResults):
                 "warnings": caught,
             }
         )
+
+
+def check_binary(y: np.ndarray, df: pd.DataFrame, outcome: str) -> None:
+    """One-line ModelError naming the first row of ``df`` whose outcome is not 0/1."""
+    notbin = (y != 0) & (y != 1)
+    if notbin.any():
+        i = int(np.flatnonzero(notbin)[0])
+        raise ModelError(
+            f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
+            f" {y[i]:g} ({int(notbin.sum())} such rows)"
+        )
+
+
+def check_quadrature(method: str, n_quad) -> tuple[str, int]:
+    """``(method, n_quad)`` of a binomial model: ``"laplace"`` (one node) or ``"agq"`` with a
+    positive integer number of nodes; anything else is a one-line ModelError."""
+    method = str(method).lower()
+    if method not in ("laplace", "agq"):
+        raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
+    if method == "laplace":
+        return method, 1
+    if int(n_quad) != n_quad or int(n_quad) < 1:
+        raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
+    return method, int(n_quad)
 
 
 def _safe_inv(a: np.ndarray) -> np.ndarray:

@@ -55,6 +55,8 @@ from .glmm import (
     _jsonable,
     _safe_inv,
     _single_thread_blas,
+    check_binary,
+    check_quadrature,
 )
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
@@ -101,15 +103,7 @@ class LogisticArmVarianceModel:
         method: str = "laplace",
         n_quad: int = 10,
     ) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
+        method, n_quad = check_quadrature(method, n_quad)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
         if X.ndim == 1:
@@ -200,13 +194,7 @@ class LogisticArmVarianceModel:
         y, X, names, _ind, _name = arm_design(
             df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level
         )
-        notbin = (y != 0) & (y != 1)
-        if notbin.any():
-            i = int(np.flatnonzero(notbin)[0])
-            raise ModelError(
-                f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value {y[i]:g}"
-                f" ({int(notbin.sum())} such rows)"
-            )
+        check_binary(y, df, outcome)
         return cls(
             y, X, df[therapist].to_numpy(), df[arm].to_numpy(), exog_names=names, feedback_level=feedback_level,
             method=method, n_quad=n_quad,
