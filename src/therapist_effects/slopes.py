@@ -220,14 +220,26 @@ class RandomSlopeResults(ModelResults):
         state: dict = {}
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
-        def inner(f, lows, ups):
+        def inner(f, lows, ups, drop=None):
             # inner minimisation over the other parameters, warm-started at the solution of the
-            # nearest point profiled so far (not the last one: the search also visits the edge)
+            # nearest point profiled so far (not the last one: the search also visits the edge);
+            # ``drop``: a coordinate the criterion does not depend on at this point (kept fixed)
             c = state["c"]
             near = min(state["done"], key=lambda v: abs(v - c))
-            z, fz, ok = newton_minimise(f, state["done"][near], lows, ups)  # fast from a warm start
+            start = state["done"][near]
+            keep = [i for i in range(len(start)) if i != drop]
+
+            def fk(zk):
+                zz = start.copy()
+                zz[keep] = zk
+                return f(zz)
+            # fast from a warm start, with the Hessian of the previous point (BFGS-updated)
+            zk, fz, ok = newton_minimise(fk, start[keep], lows[keep], ups[keep], max_iter=30,
+                                         hess=state["hess"] if drop is None else None)
             if not ok:
-                z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
+                zk, fz, _ = minimise_box(fk, start[keep], lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
+            z = start.copy()
+            z[keep] = zk
             state["done"][c] = z
             return fz
 
@@ -257,7 +269,8 @@ class RandomSlopeResults(ModelResults):
                     tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
                     th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
                     return eng.dev_ml(th_, sg2)
-                return inner(f, lows3, ups3) - dmin
+                # a variance of 0: the correlation (z[2]) no longer enters the criterion
+                return inner(f, lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
@@ -274,6 +287,7 @@ class RandomSlopeResults(ModelResults):
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
+            state["hess"] = {}
             lim = profile_limit(excess, est, q, d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:

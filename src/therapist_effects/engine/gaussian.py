@@ -444,13 +444,29 @@ def minimise_box(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndar
     return x, fx, ok
 
 
+def _fd_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The gradient of :func:`_fd_derivatives` alone (Richardson-extrapolated central differences)."""
+    g = np.empty(len(x))
+    for k in range(len(x)):
+        e = np.zeros(len(x))
+        e[k] = h[k]
+        d1 = (f(x + e) - f(x - e)) / 2
+        d2 = f(x + e / 2) - f(x - e / 2)
+        g[k] = (4 * d2 - d1) / 3 / h[k]
+    return g
+
+
 def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
-                    ups: np.ndarray | None = None, max_iter: int = 12
+                    ups: np.ndarray | None = None, max_iter: int = 12, hess: dict | None = None
                     ) -> tuple[np.ndarray, float, bool]:
-    """Damped Newton from a warm start (central-difference gradient with Richardson extrapolation,
-    finite-difference Hessian, backtracking). Returns ``(x, f, ok)``; ``ok`` is False when it
-    cannot vouch for its answer (a Hessian that is not positive definite, a step that meets a
-    bound, no convergence): the caller then falls back to :func:`minimise_box`."""
+    """Damped (quasi-)Newton from a warm start: central-difference gradient with Richardson
+    extrapolation; a finite-difference Hessian at the first iterate, or the one handed over in
+    ``hess["H"]`` (the Hessian of a neighbouring problem, e.g. the previous point of a profile),
+    then BFGS updates from the gradients; a fresh finite-difference Hessian whenever a
+    quasi-Newton step fails. Backtracking line search. Returns ``(x, f, ok)``; ``ok`` is False
+    when it cannot vouch for its answer (a Hessian that is not positive definite, a step that
+    meets a bound, no convergence): the caller then falls back to :func:`minimise_box`. With
+    ``hess``, the last Hessian is written back to ``hess["H"]``."""
     ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
     x = np.asarray(x0, dtype=float)
     if np.any(x < lows) or np.any(x > ups):
@@ -458,26 +474,50 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
     fx = float(f(x))
     f_at_x = fx
     m = len(x)
+    H = None
+    if hess is not None and hess.get("H") is not None and np.shape(hess["H"]) == (m, m):
+        H = np.array(hess["H"], dtype=float)
+    g_prev = x_prev = None
     for _ in range(max_iter):
         h = 1e-3 * np.maximum(np.abs(x), 0.1)
         if np.any(x - 2 * h < lows) or np.any(x + 2 * h > ups):
             return x, fx, False
-        g, H = _fd_derivatives(f, x, h, list(range(m)), f_at_x)
-        if not np.all(np.isfinite(H)) or np.any(np.linalg.eigvalsh(H) <= 0):
-            return x, fx, False
-        step = -np.linalg.solve(H, g)
-        t = 1.0
-        for _ in range(12):
-            xn = x + t * step
-            if np.any(xn < lows) or np.any(xn > ups):
-                return x, fx, False
-            fn = float(f(xn))
-            if fn <= fx + 1e-13 * abs(fx):
-                break
-            t /= 2
+        fresh = H is None
+        if fresh:
+            g, H = _fd_derivatives(f, x, h, list(range(m)), f_at_x)
         else:
+            g = _fd_gradient(f, x, h)
+            if g_prev is not None:  # BFGS update with the last step
+                sv, yv = x - x_prev, g - g_prev
+                sy = float(sv @ yv)
+                if sy > 1e-12 * float(np.linalg.norm(sv) * np.linalg.norm(yv)):
+                    Hs = H @ sv
+                    H = H + np.outer(yv, yv) / sy - np.outer(Hs, Hs) / float(sv @ Hs)
+        step = None
+        for attempt in range(2):
+            if np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0):
+                step = -np.linalg.solve(H, g)
+                t = 1.0
+                for _ in range(12):
+                    xn = x + t * step
+                    if np.any(xn < lows) or np.any(xn > ups):
+                        return x, fx, False
+                    fn = float(f(xn))
+                    if fn <= fx + 1e-13 * abs(fx):
+                        break
+                    t /= 2
+                else:
+                    step = None
+            if step is not None or fresh:
+                break
+            fresh = True  # the quasi-Newton step failed: one retry with a fresh Hessian
+            g, H = _fd_derivatives(f, x, h, list(range(m)), f_at_x)
+        if step is None:
             return x, fx, False
+        g_prev, x_prev = g, x
         x, fx, f_at_x = xn, min(fn, fx), fn
         if np.max(np.abs(t * step)) < 1e-9:
+            if hess is not None:
+                hess["H"] = H
             return x, fx, True
     return x, fx, False
