@@ -52,7 +52,7 @@ from scipy import optimize, stats
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
 from .engine.inference import DEFAULT_N_BOOT
-from .engine.results import ICC, ModelResults, icc_table
+from .engine.results import ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .progress import track
 
@@ -1140,11 +1140,10 @@ class ArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------------------------------
     # parametric bootstrap
     def _bootstrap(self, n_boot: int, seed):
+        seed = 0 if seed is None else seed  # the one seed rule: seed=None is seed 0
         key = (n_boot, seed)
         if key in self._boot_cache:
             return self._boot_cache[key]
-        if seed is None:
-            raise ModelError("the parametric bootstrap needs an explicit seed (seed=...) to be reproducible")
         m = self.model
         eng = m._eng
         rng = np.random.default_rng(seed)
@@ -1336,16 +1335,11 @@ class ArmVarianceResults(ModelResults):
         """The engines' common ``icc()``: rows ``icc[<arm>]`` (with a ``role`` column), the ICC of
         each arm; no single therapist ICC, so the float value is NaN. With a ``level``, the
         intervals of :meth:`icc_by_arm`."""
-        icc = self.icc_point()
-        lv = self.model.arm_levels
-        extra = {f"icc[{v}]": {"role": "control" if a == 0 else "feedback"} for a, v in enumerate(lv)}
-        est = {f"icc[{v}]": float(icc[a]) for a, v in enumerate(lv)}
         if level is None:
-            return icc_table(est, extra=extra)
+            return per_arm_icc(self.model.arm_levels, self.icc_point())
         method = method or self.default_interval
-        t = self.icc_by_arm(level, method, n_boot=n_boot, seed=seed, deviance=deviance)
-        iv = {f"icc[{v}]": (t.loc[v, "ci_low"], t.loc[v, "ci_high"]) for v in lv}
-        return icc_table(est, iv, method, extra)
+        return per_arm_icc(self.model.arm_levels, self.icc_point(),
+                           self.icc_by_arm(level, method, n_boot=n_boot, seed=seed, deviance=deviance), method)
 
     def icc_ratio(
         self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"

@@ -44,7 +44,7 @@ from .arm import _label as _arm_label
 from .classify import classify_effects
 from .design import group_codes
 from .engine.inference import DEFAULT_N_BOOT
-from .engine.results import ICC, ModelResults, icc_table, interval_frame
+from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
@@ -660,15 +660,10 @@ class LogisticArmVarianceResults(ModelResults):
         """The engines' common ``icc()``: rows ``icc[<arm>]`` (latent scale, with a ``role`` column);
         no single therapist ICC, so the float value is NaN. With a ``level``, the profile intervals
         of :meth:`icc_by_arm` (the only method offered)."""
-        icc = self.icc_point()
-        lv = self.model.arm_levels
-        extra = {f"icc[{v}]": {"role": "control" if a == 0 else "feedback"} for a, v in enumerate(lv)}
-        est = {f"icc[{v}]": float(icc[a]) for a, v in enumerate(lv)}
-        if level is None:
-            return icc_table(est, extra=extra)
         _profile_only(method)
-        t = self.icc_by_arm(level)
-        return icc_table(est, {f"icc[{v}]": (t.loc[v, "ci_low"], t.loc[v, "ci_high"]) for v in lv}, "profile", extra)
+        if level is None:
+            return per_arm_icc(self.model.arm_levels, self.icc_point())
+        return per_arm_icc(self.model.arm_levels, self.icc_point(), self.icc_by_arm(level), "profile")
 
     def conf_int(self, level: float = 0.95, method: str | None = None) -> pd.DataFrame:
         """Wald intervals of the fixed effects, profile intervals of the two variances (the only

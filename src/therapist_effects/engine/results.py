@@ -18,7 +18,7 @@ import pandas as pd
 
 from .inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
 
-__all__ = ["ModelResults", "ICC", "Summary", "icc_table", "interval_frame", "ICC_COLUMNS", "CONF_INT_COLUMNS",
+__all__ = ["ModelResults", "ICC", "Summary", "icc_table", "per_arm_icc", "interval_frame", "ICC_COLUMNS", "CONF_INT_COLUMNS",
            "DEFAULT_INTERVAL", "DEFAULT_LEVEL", "DEFAULT_N_BOOT"]
 
 #: the default interval method of every engine's ``conf_int``
@@ -184,6 +184,19 @@ def icc_table(estimates: dict, intervals: dict | None = None, method: str | None
                       "ci_method": method if name in intervals else None,
                       **((extra or {}).get(name, {}))}
     return ICC(pd.DataFrame.from_dict(rows, orient="index"))
+
+
+def per_arm_icc(levels, estimates, by_arm: pd.DataFrame | None = None, method: str | None = None) -> ICC:
+    """The :class:`ICC` of an arm model: rows ``icc[<arm>]`` with a ``role`` column (control for the
+    first arm, feedback for the second); ``by_arm``: the model's ``icc_by_arm`` frame (index = arm
+    level, columns ``ci_low``/``ci_high``) when intervals were asked for."""
+    names = [f"icc[{v}]" for v in levels]
+    extra = {n: {"role": "control" if a == 0 else "feedback"} for a, n in enumerate(names)}
+    est = {n: float(e) for n, e in zip(names, estimates)}
+    if by_arm is None:
+        return icc_table(est, extra=extra)
+    iv = {n: (by_arm.loc[v, "ci_low"], by_arm.loc[v, "ci_high"]) for n, v in zip(names, levels)}
+    return icc_table(est, iv, method, extra)
 
 
 def interval_frame(rows: dict) -> pd.DataFrame:
