@@ -558,6 +558,7 @@ class MixedResults(ModelResults):
         # fixed effects: min over theta of n(1 + log(2 pi r_j / n)) + log|V/s2|,
         # r_j = r + (b_j(theta) - beta)^2 / [(X'WX)^-1]_jj (constrained GLS, sigma profiled)
         th_hat = np.sqrt(ml["g"])
+        hess: dict = {}  # the inner optimiser's Hessian, handed from one profile point to the next
         for j, name in track(list(enumerate(self.fe_params.index)), "profile intervals of the fixed effects"):
             start = [th_hat.copy()]
 
@@ -570,13 +571,14 @@ class MixedResults(ModelResults):
                     rj = r + (b[j] - beta) ** 2 / covu[j, j]
                     return n * (1.0 + LOG2PI + math.log(rj / n)) + ldv
 
-                x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd))
+                x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd), hess=hess)
                 start[0] = x
                 return fv - dmin
 
             ends = []
             for d in (-1, 1):
                 start[0] = th_hat.copy()
+                hess.clear()
                 e, found = profile_end(excess, float(ml["b"][j]), q, d, positive=False,
                                        step=0.5 * float(ml["se"][j]))
                 ends.append(e if found else math.nan)
@@ -602,13 +604,14 @@ class MixedResults(ModelResults):
                         sv[o] = v[1 + i]
                     return eng.dev_sd(sv, math.exp(v[0]))
 
-                x, fv = min_nd_local(f, start[0], steps, lows)
+                x, fv = min_nd_local(f, start[0], steps, lows, hess=hess)
                 start[0] = x
                 return fv - dmin
 
             ends = []
             for d in (-1, 1):
                 start[0] = x0.copy()
+                hess.clear()
                 e, found = profile_end(excess, float(sds[k]), q, d, positive=True, step=0.1,
                                        zero_allowed=True, scale=0.01 * sigma)
                 ends.append(e ** 2 if found else math.nan)
