@@ -105,6 +105,8 @@ class _Engine:
         within[p, p] = dy @ dy
         self.within = within
         self.means = np.column_stack([self.xbar, ybar])
+        # per-therapist outer products of the means (nested models: sum_i a_i m_i m_i' in one product)
+        self._mm = None if self.cl is None else (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
 
     def with_y(self, y: np.ndarray) -> _Engine:
         new = copy.copy(self)
@@ -121,11 +123,13 @@ class _Engine:
             return A, ldv, a, None
         # therapist units are sorted by cluster: per-cluster sums over contiguous segments
         tau = np.add.reduceat(a, self.cstart)
-        mbar = np.add.reduceat(self.means * a[:, None], self.cstart, axis=0) / tau[:, None]
-        D = self.means - mbar[self.cl]
-        # Woodbury on W + g_c 11' per cluster, written as a sum of PSD terms (no cancellation)
-        A = (self.within + D.T @ (D * a[:, None])
-             + mbar.T @ (mbar * (tau / (1.0 + gc * tau))[:, None]))
+        sm = np.add.reduceat(self.means * a[:, None], self.cstart, axis=0)  # tau_c * (weighted cluster mean)
+        # Woodbury on W + g_c 11' per cluster: sum_i a_i m_i m_i' - sum_c g_c / (1 + g_c tau_c) sm_c sm_c'
+        # (the outcome and covariates are centred, so the subtraction loses no more than the
+        # between-cluster share of the cross-products)
+        k = self.p + 1
+        A = (self.within + (a @ self._mm).reshape(k, k)
+             - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None]))
         ldv += float(np.log1p(gc * tau).sum())
         return A, ldv, a, tau
 
