@@ -83,6 +83,10 @@ class _Engine:
                 raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
             self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
         self.ni = np.bincount(tcodes, minlength=G).astype(float)
+        # therapists with the same caseload share their weights a_i = n_i / (1 + n_i g_t): the
+        # criterion sums over distinct caseloads (and clusters), not over therapists
+        self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
+        self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
         Xc, self.S, self.k0 = centre_design(X)
         xbar = np.empty((G, p))
         for j in range(p):
@@ -105,8 +109,16 @@ class _Engine:
         within[p, p] = dy @ dy
         self.within = within
         self.means = np.column_stack([self.xbar, ybar])
-        # per-therapist outer products of the means (nested models: sum_i a_i m_i m_i' in one product)
-        self._mm = None if self.cl is None else (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
+        # outer products of the therapists' means summed by caseload (sum_i a_i m_i m_i' in one
+        # product), and for nested models the means summed by cluster and caseload
+        U, k = len(self._nu), p + 1
+        mm = (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
+        self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
+        if self.cl is not None:
+            idx = self.cl * U + self._ninv
+            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
+            self._m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
+                                   for j in range(k)], axis=1).reshape(self.C, U, k)
 
     def with_y(self, y: np.ndarray) -> _Engine:
         new = copy.copy(self)
@@ -114,28 +126,29 @@ class _Engine:
         return new
 
     # -- criterion ---------------------------------------------------------------------------
-    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
-        """``[X y]' W [X y]`` at the variance ratios, log|V/s2|, therapist weights, cluster tau."""
-        a = self.ni / (1.0 + self.ni * gt)  # 1' (I + g 11')^{-1} 1 per therapist
-        ldv = float(np.log1p(self.ni * gt).sum())
-        if self.cl is None:
-            A = self.within + self.means.T @ (self.means * a[:, None])
-            return A, ldv, a, None
-        # therapist units are sorted by cluster: per-cluster sums over contiguous segments
-        tau = np.add.reduceat(a, self.cstart)
-        sm = np.add.reduceat(self.means * a[:, None], self.cstart, axis=0)  # tau_c * (weighted cluster mean)
-        # Woodbury on W + g_c 11' per cluster: sum_i a_i m_i m_i' - sum_c g_c / (1 + g_c tau_c) sm_c sm_c'
-        # (the outcome and covariates are centred, so the subtraction loses no more than the
-        # between-cluster share of the cross-products)
+    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float]:
+        """``[X y]' W [X y]`` at the variance ratios and log|V/s2|, from sums over distinct
+        caseloads: ``a_u = n_u / (1 + n_u g_t)`` (``1' (I + g 11')^{-1} 1`` of a therapist with
+        ``n_u`` patients)."""
+        nu = self._nu
+        au = nu / (1.0 + nu * gt)
+        ldv = float(self._cnt_u @ np.log1p(nu * gt))
         k = self.p + 1
-        A = (self.within + (a @ self._mm).reshape(k, k)
-             - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None]))
+        A = self.within + (au @ self._mm_u).reshape(k, k)
+        if self.cl is None:
+            return A, ldv
+        # Woodbury on W + g_c 11' per cluster: sum_i a_i m_i m_i' - sum_c g_c / (1 + g_c tau_c) s_c s_c'
+        # with tau_c = sum_{i in c} a_i and s_c = sum_{i in c} a_i m_i (the outcome and covariates
+        # are centred, so the subtraction loses no more than the between-cluster share)
+        tau = self._cnt_cu @ au
+        sm = np.einsum("cuk,u->ck", self._m_cu, au)
+        A = A - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None])
         ldv += float(np.log1p(gc * tau).sum())
-        return A, ldv, a, tau
+        return A, ldv
 
     def core(self, gt: float, gc: float = 0.0) -> tuple[float, float, float, np.ndarray]:
         """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])``."""
-        A, ldv, _, _ = self._A(gt, gc)
+        A, ldv = self._A(gt, gc)
         L = np.linalg.cholesky(A)
         d = np.diag(L)
         p = self.p
