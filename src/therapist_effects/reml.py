@@ -117,8 +117,9 @@ class _Engine:
         if self.cl is not None:
             idx = self.cl * U + self._ninv
             self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
-            self._m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
-                                   for j in range(k)], axis=1).reshape(self.C, U, k)
+            m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
+                             for j in range(k)], axis=1).reshape(self.C, U, k)
+            self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
 
     def with_y(self, y: np.ndarray) -> _Engine:
         new = copy.copy(self)
@@ -141,7 +142,7 @@ class _Engine:
         # with tau_c = sum_{i in c} a_i and s_c = sum_{i in c} a_i m_i (the outcome and covariates
         # are centred, so the subtraction loses no more than the between-cluster share)
         tau = self._cnt_cu @ au
-        sm = np.einsum("cuk,u->ck", self._m_cu, au)
+        sm = (self._m_cku @ au).reshape(self.C, k)
         A = A - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None])
         ldv += float(np.log1p(gc * tau).sum())
         return A, ldv
