@@ -272,8 +272,9 @@ def test_bootstrap_is_seeded_and_close_to_profile(fits):
     # residual variance is well determined: the two kinds of interval nearly coincide
     assert ci_boot.loc["residual", "lower"] == pytest.approx(ci_prof.loc["residual", "lower"], rel=0.02)
     assert ci_boot.loc["residual", "upper"] == pytest.approx(ci_prof.loc["residual", "upper"], rel=0.02)
-    with pytest.raises(ModelError, match="seed"):
-        res.icc_ratio(method="bootstrap", n_boot=10, seed=None)
+    # one seed rule everywhere: seed=None is seed 0
+    assert res.icc_ratio(method="bootstrap", n_boot=10, seed=None) == res.icc_ratio(method="bootstrap", n_boot=10,
+                                                                                    seed=0)
 
 
 def test_contract_entry(fits):

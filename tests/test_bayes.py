@@ -221,7 +221,7 @@ def test_therapist_effects_match_hand_computed_blups(feedback_fit, feedback_df):
 def test_icc_is_variance_share_of_draws(feedback_fit):
     post = feedback_fit.idata.posterior
     icc_draws = (post["var_therapist"] / (post["var_therapist"] + post["var_residual"])).values.ravel()
-    row = feedback_fit.icc().loc["icc"]
+    row = feedback_fit.icc(0.95).loc["icc"]
     assert row["median"] == pytest.approx(np.median(icc_draws))
     lo, hi = az.hdi(icc_draws, hdi_prob=0.95)
     assert row["ci_low"] == pytest.approx(lo) and row["ci_high"] == pytest.approx(hi)

@@ -105,7 +105,7 @@ def test_profile_interval_coverage_laplace():
     wald_hits = []
     for f in fits:
         w = f.conf_int(method="wald").loc["feedback"]
-        wald_hits.append(w["ci_low"] <= B_TRUE[2] <= w["ci_high"])
+        wald_hits.append(w["lower"] <= B_TRUE[2] <= w["upper"])
     print(
         f"\nLaplace profile 95% interval for s2_u: coverage {cov:.3f} over {len(fits)} data sets"
         f" (median width {width:.3f}); Wald 95% coverage for the feedback effect"

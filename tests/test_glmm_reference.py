@@ -312,19 +312,19 @@ def test_profile_interval_ends_are_at_chi2_quantile():
                               options={"xatol": 1e-9, "fatol": 1e-11, "maxiter": 4000})
         return -r.fun
 
-    hi = math.sqrt(ci.loc["therapist", "ci_high"])
+    hi = math.sqrt(ci.loc["therapist", "upper"])
     assert 2 * (res.loglik - profile_s(hi)) == pytest.approx(q, abs=2e-3)
     # the LRT statistic is below the chi2_1 quantile here, so the lower end is the boundary 0
-    assert res.lrt()["statistic"] < q and ci.loc["therapist", "ci_low"] == 0.0
-    assert ci.loc["therapist", "ci_low"] <= res.vcomp["therapist"] <= ci.loc["therapist", "ci_high"]
+    assert res.lrt()["statistic"] < q and ci.loc["therapist", "lower"] == 0.0
+    assert ci.loc["therapist", "lower"] <= res.vcomp["therapist"] <= ci.loc["therapist", "upper"]
     # fixed effects: profile close to Wald for a well-determined logistic coefficient
     wald = res.conf_int(method="wald")
     for name in res.exog_names:
-        width = wald.loc[name, "ci_high"] - wald.loc[name, "ci_low"]
-        assert ci.loc[name, "ci_low"] == pytest.approx(wald.loc[name, "ci_low"], abs=0.03 * width)
-        assert ci.loc[name, "ci_high"] == pytest.approx(wald.loc[name, "ci_high"], abs=0.03 * width)
+        width = wald.loc[name, "upper"] - wald.loc[name, "lower"]
+        assert ci.loc[name, "lower"] == pytest.approx(wald.loc[name, "lower"], abs=0.03 * width)
+        assert ci.loc[name, "upper"] == pytest.approx(wald.loc[name, "upper"], abs=0.03 * width)
     lo, hi_icc = res.icc_interval(method="profile")
-    s2_hi = ci.loc["therapist", "ci_high"]
+    s2_hi = ci.loc["therapist", "upper"]
     assert hi_icc == pytest.approx(s2_hi / (s2_hi + math.pi**2 / 3), rel=1e-12) and lo == 0.0
 
 

@@ -105,3 +105,181 @@ def test_one_bootstrap_seed_rule_and_failure_count():
     assert a.n_failed == failed > 0 and int(a.draws["m"].isna().sum()) == failed
     ok = [x.mean() for x in xs if not (x[0] > 1.0 or x[1] >= 1.5)]
     assert a.interval("m", 0.9) == pytest.approx(tuple(np.quantile(ok, [0.05, 0.95])))
+
+
+# ------------------------------------------------------------------ one API for every results class
+# Every results class (Gaussian engines, random slopes, both GLMMs, Bayes) answers the same calls
+# with the same types and defaults. The values are checked against quantities computed here from
+# the fit's own variance components (an ICC is a variance share), not against themselves.
+
+import inspect
+import math
+
+import numpy as np
+
+from therapist_effects.engine.results import CONF_INT_COLUMNS, ICC, ICC_COLUMNS, Summary
+from therapist_effects.glmm_arm import LogisticArmVarianceModel
+from therapist_effects.slopes import RandomSlopeModel
+
+LATENT = math.pi**2 / 3
+THERAPIST_COLUMNS = {"therapist", "caseload", "effect", "effect_se", "ci_low", "ci_high", "classification"}
+
+
+def _icc_by_hand(key, res) -> dict:
+    """The ICC(s) each model defines, from its variance components."""
+    vc = res.vcomp
+    if key in ("ri_REML", "ri_ML", "nested_REML"):
+        tot = sum(vc.values())
+        out = {"icc": vc["therapist"] / tot}
+        if "cluster" in vc:
+            out["icc_cluster"] = vc["cluster"] / tot
+        return out
+    if key == "logit_laplace":
+        return {"icc": vc["therapist"] / (vc["therapist"] + LATENT)}
+    if key == "arm_REML":  # one residual: v_a / (v_a + s2)
+        return {f"icc[{lv}]": vc[f"therapist[{lv}]"] / (vc[f"therapist[{lv}]"] + vc["residual"])
+                for lv in res.model.arm_levels}
+    if key == "logit_arm":
+        return {f"icc[{lv}]": vc[f"therapist[{lv}]"] / (vc[f"therapist[{lv}]"] + LATENT)
+                for lv in res.model.arm_levels}
+    if key == "slope_REML":  # var at slope 0 and 1 from the random-effects covariance
+        c = res.cov_re.to_numpy()
+        s = res.model.slope_name
+        v1 = c[0, 0] + 2 * c[0, 1] + c[1, 1]
+        return {f"icc[{s}=0]": c[0, 0] / (c[0, 0] + vc["residual"]), f"icc[{s}=1]": v1 / (v1 + vc["residual"])}
+    if key == "bayes":  # posterior median of the draws' variance share
+        post = res.idata.posterior
+        d = (post["var_therapist"] / (post["var_therapist"] + post["var_residual"])).values.ravel()
+        return {"icc": float(np.median(d))}
+    raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def every_fit(fits):
+    from dataclasses import replace  # noqa: F401
+
+    from therapist_effects.bayes import BayesConfig, BayesModel
+
+    out = dict(fits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # lmer(phq9_post ~ phq9_pre + feedback + (1 + feedback | therapist_id))
+        out["slope_REML"] = RandomSlopeModel.from_frame(FB, "phq9_post", ["phq9_pre"], therapist="therapist_id",
+                                                        arm="feedback").fit()
+        # glmer(recovered ~ phq9_pre + feedback + (0 + control | t) + (0 + feedback | t), binomial)
+        out["logit_arm"] = LogisticArmVarianceModel.from_frame(FB, "recovered", ["phq9_pre"], therapist="therapist_id",
+                                                               arm="feedback").fit()
+        small = FB[FB["therapist_id"].isin(sorted(FB["therapist_id"].unique())[:20])]
+        out["bayes"] = BayesModel("random_intercept", small, "phq9_post", ["phq9_pre", "feedback"],
+                                  therapist="therapist_id",
+                                  config=BayesConfig(chains=2, draws=200, tune=200, seed=3)).fit()
+    return out
+
+
+KEYS = ["ri_REML", "ri_ML", "nested_REML", "arm_REML", "slope_REML", "logit_laplace", "logit_arm", "bayes"]
+
+
+def test_every_results_class_has_the_same_signatures(every_fit):
+    classes = {type(every_fit[k]) for k in KEYS}
+    assert len(classes) == 6  # reml (RI and nested share MixedResults), arm, slopes, glmm, glmm_arm, bayes
+    for cls in classes:
+        assert issubclass(cls, ModelResults)
+        icc = list(inspect.signature(cls.icc).parameters.values())
+        assert [p.name for p in icc[1:3]] == ["level", "method"], cls
+        assert icc[1].default is None and icc[2].default is None, cls
+        ci = list(inspect.signature(cls.conf_int).parameters.values())
+        assert [p.name for p in ci[1:3]] == ["level", "method"], cls
+        assert ci[1].default == 0.95, cls
+        te_ = list(inspect.signature(cls.therapist_effects).parameters.values())
+        assert [p.name for p in te_[1:3]] == ["level", "higher_is_better"], cls
+        assert te_[1].default == 0.95, cls
+        assert callable(cls.summary) and callable(cls.to_contract)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_same_types_for_every_results_class(every_fit, key):
+    res = every_fit[key]
+    assert isinstance(res.params, pd.Series) and isinstance(res.bse, pd.Series)
+    fe = list(res.fe_params.index)
+    v = res.vcov
+    assert isinstance(v, pd.DataFrame) and list(v.index) == fe == list(v.columns)
+    np.testing.assert_allclose(np.sqrt(np.diag(v.to_numpy())), res.bse[fe].to_numpy(), rtol=1e-10)
+    for ic in (res.llf, res.aic, res.bic):
+        assert ic is None or isinstance(ic, float)
+    assert (res.llf is None) == (key == "bayes")
+    # icc(): one type; estimates equal the variance shares; no interval without a level
+    icc = res.icc()
+    assert type(icc) is ICC and list(icc.table.columns[:4]) == ICC_COLUMNS
+    expected = _icc_by_hand(key, res)
+    assert list(icc.table.index) == list(expected)
+    for name, val in expected.items():
+        assert icc[name] == pytest.approx(val, rel=1e-9)
+    assert icc.table["ci_low"].isna().all() and icc.table["ci_method"].isna().all()
+    if "icc" in expected:
+        assert float(icc) == pytest.approx(expected["icc"], rel=1e-9)
+    else:  # one ICC per arm: no single number
+        assert math.isnan(float(icc))
+    # conf_int(): the same columns everywhere, default method = the class's default interval
+    ci = res.conf_int()
+    assert list(ci.columns) == CONF_INT_COLUMNS
+    assert set(fe) <= set(ci.index)
+    assert (ci.loc[fe, "lower"] < res.fe_params[fe]).all() and (res.fe_params[fe] < ci.loc[fe, "upper"]).all()
+    # therapist_effects(): the shared columns, effect inside its interval
+    t = res.therapist_effects()
+    assert THERAPIST_COLUMNS <= set(t.columns)
+    data = TR if key == "nested_REML" else FB
+    assert set(t["therapist"]) <= set(data["therapist_id"]) and len(set(t["therapist"])) == res.n_therapists
+    assert ((t["ci_low"] <= t["effect"]) & (t["effect"] <= t["ci_high"])).all()
+    # summary(): a Summary, i.e. printable text built from tables
+    s = res.summary()
+    assert isinstance(s, Summary) and isinstance(s, str) and s.title in s
+    assert any("ICC" in name for name in s.tables) and "<table" in s.as_html()
+    for name in fe:
+        assert name in s
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_icc_with_level_carries_the_class_intervals(every_fit, key):
+    res = every_fit[key]
+    kw = {"method": "bootstrap", "n_boot": 40, "seed": 1} if key == "slope_REML" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        icc = res.icc(0.95, **kw)
+    t = icc.table
+    assert (t["ci_method"] == kw.get("method", res.default_interval)).all()
+    assert ((t["ci_low"] <= t["estimate"]) & (t["estimate"] <= t["ci_high"])).all()
+    # the same numbers as the class's own interval methods
+    if key in ("ri_REML", "ri_ML", "nested_REML"):
+        assert icc.interval("icc") == res.icc_interval(0.95)
+        if key == "nested_REML":
+            assert icc.interval("icc_cluster") == res.icc_interval(0.95, which="cluster")
+    elif key == "logit_laplace":
+        assert icc.interval("icc") == res.icc_interval(0.95)
+    elif key in ("arm_REML", "logit_arm"):
+        by_arm = res.icc_by_arm(0.95)
+        for lv in res.model.arm_levels:
+            assert icc.interval(f"icc[{lv}]") == (by_arm.loc[lv, "ci_low"], by_arm.loc[lv, "ci_high"])
+    elif key == "slope_REML":
+        bt = res.bootstrap(40, 1).draws
+        s = res.model.slope_name
+        assert icc.interval(f"icc[{s}=0]") == pytest.approx(tuple(np.nanquantile(bt["icc0"], [0.025, 0.975])))
+    elif key == "bayes":
+        import arviz as az
+
+        post = res.idata.posterior
+        d = (post["var_therapist"] / (post["var_therapist"] + post["var_residual"])).values.ravel()
+        assert icc.interval("icc") == pytest.approx(tuple(az.hdi(d, hdi_prob=0.95)))
+
+
+def test_bayes_therapist_table_is_therapist_effects(every_fit):
+    res = every_fit["bayes"]
+    pd.testing.assert_frame_equal(res.therapist_effects(), res.therapist_table())
+
+
+def test_interval_methods_not_offered_are_refused(every_fit):
+    with pytest.raises(ModelError, match="hdi"):
+        every_fit["bayes"].conf_int(method="profile")
+    with pytest.raises(ModelError, match="profile"):
+        every_fit["logit_arm"].conf_int(method="bootstrap")
+    with pytest.raises(ModelError, match="bootstrap"):
+        every_fit["slope_REML"].icc(0.95)

@@ -162,8 +162,9 @@ def test_icc_per_arm_from_slope_model(feedback_data, feedback_fit):
                                       therapist="therapist_id", arm="feedback", correlated=True).fit()
     icc = feedback_fit.icc()
     expected = arm.icc_point()
-    assert icc["control"] == pytest.approx(expected[0], rel=5e-3)
-    assert icc["feedback"] == pytest.approx(expected[1], rel=5e-3)
+    s = feedback_fit.model.slope_name
+    assert icc[f"icc[{s}=0]"] == pytest.approx(expected[0], rel=5e-3)
+    assert icc[f"icc[{s}=1]"] == pytest.approx(expected[1], rel=5e-3)
 
 
 def test_fit_model_slope_key(tmp_path):

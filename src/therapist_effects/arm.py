@@ -51,7 +51,8 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.results import ModelResults
+from .engine.inference import DEFAULT_N_BOOT
+from .engine.results import ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .progress import track
 
@@ -842,6 +843,7 @@ class ArmVarianceResults(ModelResults):
         self.residual_var = sigma2 * opt.r
         self.fe_params = pd.Series(beta, index=m.exog_names, name="estimate")
         self.cov_params_fe = pd.DataFrame(cov_beta, index=m.exog_names, columns=m.exog_names)
+        self.vcov = self.cov_params_fe
         self.bse = pd.Series(np.sqrt(np.diag(cov_beta)), index=m.exog_names, name="se")
         self.deviance = opt.deviance
         self.loglik = -0.5 * opt.deviance
@@ -1138,11 +1140,10 @@ class ArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------------------------------
     # parametric bootstrap
     def _bootstrap(self, n_boot: int, seed):
+        seed = 0 if seed is None else seed  # the one seed rule: seed=None is seed 0
         key = (n_boot, seed)
         if key in self._boot_cache:
             return self._boot_cache[key]
-        if seed is None:
-            raise ModelError("the parametric bootstrap needs an explicit seed (seed=...) to be reproducible")
         m = self.model
         eng = m._eng
         rng = np.random.default_rng(seed)
@@ -1283,7 +1284,7 @@ class ArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------------------------------
     # public interface
     def conf_int(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000, seed=None, deviance: str = "ML"
+        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
     ) -> pd.DataFrame:
         """Intervals for the fixed effects (Wald) and the variance components (profile or bootstrap).
 
@@ -1312,7 +1313,7 @@ class ArmVarianceResults(ModelResults):
         return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
     def icc_by_arm(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000, seed=None, deviance: str = "ML"
+        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
     ) -> pd.DataFrame:
         """Therapist ICC in each arm, ``s2_a / (s2_a + residual_a)``, with its interval.
 
@@ -1329,19 +1330,26 @@ class ArmVarianceResults(ModelResults):
                         "ci_low": lo, "ci_high": hi, "ci_method": method})
         return pd.DataFrame(out).set_index("arm")
 
-    def icc(self, level: float = 0.95, method: str = "profile", **kwargs) -> pd.DataFrame:
-        """The engines' common ``icc()``: for this model the ICC of each arm (see :meth:`icc_by_arm`)."""
-        return self.icc_by_arm(level, method, **kwargs)
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed=None, deviance: str = "ML") -> ICC:
+        """The engines' common ``icc()``: rows ``icc[<arm>]`` (with a ``role`` column), the ICC of
+        each arm; no single therapist ICC, so the float value is NaN. With a ``level``, the
+        intervals of :meth:`icc_by_arm`."""
+        if level is None:
+            return per_arm_icc(self.model.arm_levels, self.icc_point())
+        method = method or self.default_interval
+        return per_arm_icc(self.model.arm_levels, self.icc_point(),
+                           self.icc_by_arm(level, method, n_boot=n_boot, seed=seed, deviance=deviance), method)
 
     def icc_ratio(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000, seed=None, deviance: str = "ML"
+        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
     ) -> dict:
         """Feedback ICC / control ICC (< 1: feedback narrows the gap between therapists)."""
         lo, hi = self._interval("icc_ratio", level, method, n_boot, seed, deviance)
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": method}
 
     def icc_reduction(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000, seed=None, deviance: str = "ML"
+        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
     ) -> dict:
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
         r = self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance)
@@ -1444,29 +1452,20 @@ class ArmVarianceResults(ModelResults):
                 })
         return pd.DataFrame(rows)
 
-    def summary(self) -> str:
-        """Plain-text summary: fixed effects, variance components, ICC per arm and the ICC ratio."""
+    def _summary_title(self) -> str:
         m = self.model
-        lines = [
-            f"Arm-specific therapist variances ({self.method}); {self.n_patients} patients, "
-            f"{self.n_therapists} therapists; control = {m.control_level}, feedback = {m.feedback_level}",
-            f"log-likelihood {self.loglik:.4f}; converged {self.converged}; singular {self.singular}",
-            "",
-            f"{'fixed effect':<24}{'estimate':>12}{'se':>12}",
-        ]
-        for nm in self.fe_params.index:
-            lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
-        lines += ["", f"{'variance component':<24}{'estimate':>12}"]
-        for nm, v in self.vcomp.items():
-            lines.append(f"{nm:<24}{v:>12.5f}")
-        if m.correlated:
-            lines.append(f"{'correlation':<24}{self.correlation:>12.5f}")
-        icc = self.icc_point()
-        lines += ["", f"ICC control ({m.control_level}) {icc[0]:.4f}; ICC feedback ({m.feedback_level}) {icc[1]:.4f}",
-                  f"ICC ratio (feedback/control) {self.ratio_point():.4f}; reduction {1 - self.ratio_point():.1%}"]
-        return "\n".join(lines)
+        return (f"Arm-specific therapist variances ({self.method}); control = {m.control_level}, "
+                f"feedback = {m.feedback_level}")
 
-    def to_contract(self, interval: str = "profile", n_boot: int = 1000, seed=None) -> dict:
+    def _summary_info(self) -> dict:
+        info = super()._summary_info()
+        if self.model.correlated:
+            info["correlation"] = self.correlation
+        info["ICC ratio (fb/ctrl)"] = self.ratio_point()
+        info["ICC reduction"] = 1.0 - self.ratio_point()
+        return info
+
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's entry of ``estimates.json`` (plain JSON-serialisable values)."""
         m = self.model
         if interval == "wald":  # no Wald intervals for variances (their sampling distribution is skewed)

@@ -82,7 +82,7 @@ import pandas as pd
 
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
-from .engine.results import ModelResults
+from .engine.results import ICC, ModelResults, icc_table
 from .exceptions import ConfigError, ModelError, SamplerWarning
 from .progress import nutpie_progress
 from .pytensor_setup import configure as _configure_pytensor
@@ -689,6 +689,11 @@ def _flat(da) -> np.ndarray:
     return v.reshape((-1,) + v.shape[2:])
 
 
+def _hdi_only(method: str | None) -> None:
+    if method not in (None, "hdi"):
+        raise ModelError(f"Bayesian intervals are highest-density intervals: method must be 'hdi', got {method!r}")
+
+
 def _summ(draws: np.ndarray, level: float = 0.95) -> dict:
     lo, hi = hdi(draws, level)
     med = float(np.median(draws))
@@ -841,8 +846,49 @@ class BayesResults(ModelResults):
         """Posterior medians: fixed effects (R-style names) then variances ``var(therapist)``, ``var(residual)``, ..."""
         return self._param_draws().median(axis=0)
 
-    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
-        """Highest-density intervals (columns ``lower``, ``upper``) of the parameters in ``params``."""
+    #: Bayesian intervals are highest-density intervals of the posterior
+    default_interval = "hdi"
+
+    @property
+    def bse(self) -> pd.Series:
+        """Posterior standard deviations of the parameters in ``params``."""
+        return self._param_draws().std(axis=0, ddof=1).rename("se")
+
+    @property
+    def fe_params(self) -> pd.Series:
+        """Posterior medians of the fixed effects."""
+        return self.params.loc[list(self._prep.names)].rename("estimate")
+
+    @property
+    def vcomp(self) -> dict[str, float]:
+        """Posterior medians of the variance components."""
+        return {k: float(np.median(v)) for k, v in self._variance_draws().items()}
+
+    @property
+    def vcov(self) -> pd.DataFrame:
+        """Posterior covariance of the fixed effects."""
+        d = self._param_draws()[list(self._prep.names)]
+        return d.cov()
+
+    @property
+    def n_therapists(self) -> int:
+        return int(self._prep.n_therapists)
+
+    @property
+    def n_patients(self) -> int:
+        return int(self._prep.n)
+
+    @property
+    def converged(self) -> bool:
+        """The sampler's diagnostics passed (R-hat, ESS, divergences)."""
+        return not self.failed
+
+    singular = False
+
+    def conf_int(self, level: float = 0.95, method: str | None = None) -> pd.DataFrame:
+        """Highest-density intervals (columns ``lower``, ``upper``) of the parameters in ``params``
+        (``method``: ``"hdi"``, the only one offered)."""
+        _hdi_only(method)
         d = self._param_draws()
         lo, hi = hdi(d.to_numpy(), level)
         return pd.DataFrame({"lower": lo, "upper": hi}, index=d.columns)
@@ -859,10 +905,22 @@ class BayesResults(ModelResults):
             out["icc_cluster"] = _flat(post["icc_cluster"].values)
         return out
 
-    def icc(self, level: float = 0.95) -> pd.DataFrame:
+    def icc(self, level: float | None = None, method: str | None = None) -> ICC:
         """Posterior of the ICC(s): rows ``icc`` (``icc_cluster`` for nested; ``icc[<arm>]`` and
-        ``icc_ratio`` for arm_variance), columns estimate (median), mean, median, ci_low, ci_high (HDI)."""
-        return pd.DataFrame({k: _summ(v, level) for k, v in self._icc_draws().items()}).T
+        ``icc_ratio`` for arm_variance), columns estimate (median), ci_low, ci_high (HDI at
+        ``level``; NaN without one), ci_method, then mean and median."""
+        _hdi_only(method)
+        draws = self._icc_draws()
+        summ = {k: _summ(v, 0.95 if level is None else level) for k, v in draws.items()}
+        est = {k: v["estimate"] for k, v in summ.items()}
+        extra = {k: {"mean": v["mean"], "median": v["median"]} for k, v in summ.items()}
+        if level is None:
+            return icc_table(est, extra=extra)
+        return icc_table(est, {k: (v["ci_low"], v["ci_high"]) for k, v in summ.items()}, "hdi", extra)
+
+    def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
+        """The engines' common name of :meth:`therapist_table` (same table)."""
+        return self.therapist_table(level, higher_is_better)
 
     # -- therapist ranking ---------------------------------------------------------------------
     def therapist_table(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
@@ -919,28 +977,27 @@ class BayesResults(ModelResults):
         return table.reset_index(drop=True)
 
     # -- output ------------------------------------------------------------------------------
-    def summary(self) -> str:
-        """A short text report: model, fixed effects, variance components, ICC(s), diagnostics."""
-        prep = self._prep
+    def _summary_title(self) -> str:
+        return f"Bayesian {self.model_type} ({self.family}), sampler {self.sampler}: {self.formula}"
+
+    def _summary_info(self) -> dict:
+        prep, d = self._prep, self.diagnostics
+        info = {"patients": prep.n, "therapists": prep.n_therapists}
+        if prep.cluster_labels:
+            info["clusters"] = len(prep.cluster_labels)
+        info.update({"max R-hat": d["max_rhat"], "min ESS bulk": d["min_ess_bulk"], "min ESS tail": d["min_ess_tail"],
+                     "divergences": d["divergences"], "diagnostics": "FAILED" if self.failed else "ok"})
+        return info
+
+    def _summary_tables(self) -> dict:
         ci = self.conf_int()
-        lines = [
-            f"Bayesian {self.model_type} ({self.family}), sampler {self.sampler}: {self.formula}",
-            f"{prep.n} patients, {prep.n_therapists} therapists"
-            + (f", {len(prep.cluster_labels)} clusters" if prep.cluster_labels else ""),
-            "posterior median [95% HDI]:",
-        ]
-        for name, v in self.params.items():
-            lines.append(f"  {name:<28s} {v: .4g} [{ci.loc[name, 'lower']: .4g}, {ci.loc[name, 'upper']: .4g}]")
-        for name, row in self.icc().iterrows():
-            lines.append(f"  {name:<28s} {row['median']: .4g} [{row['ci_low']: .4g}, {row['ci_high']: .4g}]")
-        d = self.diagnostics
-        lines.append(
-            f"diagnostics: max R-hat {d['max_rhat']:.4f}, min ESS bulk {d['min_ess_bulk']:.0f} / tail "
-            f"{d['min_ess_tail']:.0f}, {d['divergences']} divergences -> {'FAILED' if self.failed else 'ok'}"
-        )
-        if self.advice:
-            lines.append(f"advice: {self.advice}")
-        return "\n".join(lines)
+        par = pd.DataFrame({"median": self.params, "sd": self.bse, "hdi_low": ci["lower"], "hdi_high": ci["upper"]})
+        icc = self.icc(0.95).table
+        return {"Parameters: posterior median [95% HDI]": par,
+                "ICC: posterior median [95% HDI]": icc[["estimate", "ci_low", "ci_high"]]}
+
+    def _summary_notes(self) -> list:
+        return list(self.warnings) + ([f"advice: {self.advice}"] if self.advice else [])
 
     def to_netcdf(self, path) -> str:
         """Write the InferenceData (posterior with the data-scale quantities) to a netCDF file."""
@@ -1200,7 +1257,8 @@ def prior_sensitivity(
         alt = model.fit(df, config=alt_cfg)
     else:
         alt = fit_bayes(model_type, df, outcome, covariates, config=alt_cfg, **fit_kwargs)
-    ib, ia = base.icc(), alt.icc()
+    ib, ia = base.icc(0.95).table[["estimate", "mean", "median", "ci_low", "ci_high"]], \
+        alt.icc(0.95).table[["estimate", "mean", "median", "ci_low", "ci_high"]]
     change = {k: float(ia.loc[k, "median"] - ib.loc[k, "median"]) for k in ib.index}
     rel = {k: (change[k] / float(ib.loc[k, "median"]) if float(ib.loc[k, "median"]) != 0 else None) for k in ib.index}
     return _plain({

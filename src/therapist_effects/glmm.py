@@ -51,7 +51,8 @@ from scipy.special import expit
 
 from .classify import classify_effects
 from .design import build_design, group_codes
-from .engine.results import DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ModelResults
+from .engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
+                             icc_table)
 from .exceptions import (
     ConvergenceWarning,
     ModelError,
@@ -159,15 +160,7 @@ class LogisticRandomInterceptModel:
         method: str = "laplace",
         n_quad: int = 10,
     ) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
+        method, n_quad = check_quadrature(method, n_quad)
         if exog_names is None and isinstance(exog, pd.DataFrame):
             exog_names = [str(c) for c in exog.columns]
         y = np.asarray(endog, dtype=float).ravel()
@@ -240,13 +233,7 @@ class LogisticRandomInterceptModel:
         if therapist not in df.columns:
             raise ModelError(f"therapist column {therapist!r} is not a column of the patient table")
         design = build_design(df, outcome, list(covariates))
-        notbin = (design.y != 0) & (design.y != 1)
-        if notbin.any():
-            i = int(np.flatnonzero(notbin)[0])
-            raise ModelError(
-                f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
-                f" {design.y[i]:g} ({int(notbin.sum())} such rows)"
-            )
+        check_binary(design.y, df, outcome)
         if df[therapist].isna().any():
             raise ModelError(
                 f"{int(df[therapist].isna().sum())} rows have no therapist in column {therapist!r};"
@@ -624,6 +611,7 @@ class LogisticMixedResults(ModelResults):
             cov_b = cov[:p, :p]
             se_s2 = 2.0 * s * math.sqrt(cov[p, p]) if np.isfinite(cov[p, p]) and cov[p, p] > 0 else np.nan
         self.cov_fe = pd.DataFrame(cov_b, index=self.exog_names, columns=self.exog_names)
+        self.vcov = self.cov_fe
         se_b = np.sqrt(np.where(np.diag(cov_b) > 0, np.diag(cov_b), np.nan))
         self.bse = pd.Series(np.append(se_b, se_s2), index=self.params.index, name="se")
         self._profile_cache: dict = {}
@@ -635,10 +623,16 @@ class LogisticMixedResults(ModelResults):
         return int(self.model.k_fe + 1)
 
     # ------------------------------------------------------------------ ICC and intervals
-    def icc(self) -> float:
-        """Latent-scale ICC: s_u^2 / (s_u^2 + pi^2/3), the therapist share of latent variance."""
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed: int | None = None) -> ICC:
+        """Latent-scale ICC: s_u^2 / (s_u^2 + pi^2/3), the therapist share of latent variance (row
+        ``icc``, the float value of the result); with a ``level``, its :meth:`icc_interval`."""
         s2 = self.vcomp["therapist"]
-        return s2 / (s2 + LATENT_RESIDUAL_VARIANCE)
+        est = {"icc": s2 / (s2 + LATENT_RESIDUAL_VARIANCE)}
+        if level is None:
+            return icc_table(est)
+        method = method or self.default_interval
+        return icc_table(est, {"icc": self.icc_interval(level, method, n_boot, seed)}, method)
 
     def _profile_ll(self, j: int, value: float) -> float:
         """Profile log-likelihood: parameter j of (b, s) fixed at ``value``, the others re-optimised
@@ -752,7 +746,7 @@ class LogisticMixedResults(ModelResults):
             rows.append((lo * lo, hi * hi))
         else:
             raise ModelError(f"conf_int method must be 'wald' or 'profile', got {method!r}")
-        return pd.DataFrame(rows, index=self.params.index, columns=["ci_low", "ci_high"])
+        return pd.DataFrame(rows, index=self.params.index, columns=CONF_INT_COLUMNS)
 
     @_single_thread_blas
     def _bootstrap(self, n_boot: int, seed: int) -> np.ndarray:
@@ -783,13 +777,13 @@ class LogisticMixedResults(ModelResults):
     @_single_thread_blas
     def icc_interval(
         self, level: float = DEFAULT_LEVEL, method: str = "profile", n_boot: int = DEFAULT_N_BOOT,
-        seed: int | None = 0
+        seed: int | None = None
     ) -> tuple[float, float]:
         """Interval for the latent-scale ICC.
 
         ``"profile"``: the profile-likelihood interval of s_u^2 mapped through the (monotone) ICC
         transformation. ``"bootstrap"``: percentile interval of a parametric bootstrap with
-        ``n_boot`` refits, random numbers from ``numpy.random.default_rng(seed)``.
+        ``n_boot`` refits, random numbers from ``numpy.random.default_rng(seed)`` (``seed=None``: 0).
         """
         if method == "profile":
             lo, hi = self._profile_interval(self.model.k_fe, level)
@@ -858,38 +852,16 @@ class LogisticMixedResults(ModelResults):
         )
 
     # ------------------------------------------------------------------ output
-    def summary(self) -> str:
-        """Plain-text summary in the style of lme4's ``summary(glmer(...))``."""
-        ci = self.conf_int(method="wald")
-        lines = [
-            f"Random-intercept logistic model (patients in therapists), {self.method}",
-            f"Patients: {self.n_obs}   Therapists: {self.n_therapists}",
-            f"Log-likelihood: {self.loglik:.4f}   converged: {self.converged}   singular: {self.singular}",
-            "",
-            "Therapist variance (logit scale): "
-            f"{self.vcomp['therapist']:.5f}  (SD {self.s_u:.5f})",
-            f"Latent-scale ICC: {self.icc():.4f}",
-            "",
-            f"{'Fixed effects':<24}{'Estimate':>12}{'SE':>12}{'z':>9}{'2.5%':>11}{'97.5%':>11}",
-        ]
-        for name in self.exog_names:
-            est, se = self.fe_params[name], self.bse[name]
-            lines.append(
-                f"{name:<24}{est:>12.5f}{se:>12.5f}{est / se:>9.3f}"
-                f"{ci.loc[name, 'ci_low']:>11.5f}{ci.loc[name, 'ci_high']:>11.5f}"
-            )
+    def _summary_title(self) -> str:
+        return f"Random-intercept logistic model (patients in therapists), {self.method}"
+
+    def _summary_info(self) -> dict:
         t = self.lrt()
-        lines += [
-            "",
-            f"LRT vs logistic regression without therapists: chi2 = {t['statistic']:.3f},"
-            f" p = {t['p_value']:.4g} (0.5 chi2_0 + 0.5 chi2_1)",
-        ]
-        if self.warnings_list:
-            lines += ["", "Warnings:"] + [f"  {w}" for w in self.warnings_list]
-        return "\n".join(lines)
+        return {**super()._summary_info(), "ICC scale": "latent (pi^2/3)",
+                "LRT chi2 (no therapists)": t["statistic"], "LRT p (0.5chi2_0+0.5chi2_1)": t["p_value"]}
 
     @_single_thread_blas
-    def to_contract(self, interval: str = "profile", n_boot: int = 500, seed: int | None = None) -> dict:
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed: int | None = None) -> dict:
         """The model's entry of ``estimates.json`` (see shared/CONTRACT.md), plain JSON values.
 
         Fixed effects: estimate, SE and Wald interval. Therapist variance and ICC: profile interval
@@ -928,8 +900,8 @@ class LogisticMixedResults(ModelResults):
                     name: {
                         "estimate": self.fe_params[name],
                         "se": self.bse[name],
-                        "ci_low": wald.loc[name, "ci_low"],
-                        "ci_high": wald.loc[name, "ci_high"],
+                        "ci_low": wald.loc[name, "lower"],
+                        "ci_high": wald.loc[name, "upper"],
                     }
                     for name in self.exog_names
                 },
@@ -954,6 +926,30 @@ class LogisticMixedResults(ModelResults):
                 "warnings": caught,
             }
         )
+
+
+def check_binary(y: np.ndarray, df: pd.DataFrame, outcome: str) -> None:
+    """One-line ModelError naming the first row of ``df`` whose outcome is not 0/1."""
+    notbin = (y != 0) & (y != 1)
+    if notbin.any():
+        i = int(np.flatnonzero(notbin)[0])
+        raise ModelError(
+            f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
+            f" {y[i]:g} ({int(notbin.sum())} such rows)"
+        )
+
+
+def check_quadrature(method: str, n_quad) -> tuple[str, int]:
+    """``(method, n_quad)`` of a binomial model: ``"laplace"`` (one node) or ``"agq"`` with a
+    positive integer number of nodes; anything else is a one-line ModelError."""
+    method = str(method).lower()
+    if method not in ("laplace", "agq"):
+        raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
+    if method == "laplace":
+        return method, 1
+    if int(n_quad) != n_quad or int(n_quad) < 1:
+        raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
+    return method, int(n_quad)
 
 
 def _safe_inv(a: np.ndarray) -> np.ndarray:

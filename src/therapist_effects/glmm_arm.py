@@ -43,7 +43,8 @@ from .arm import arm_design, arm_labels
 from .arm import _label as _arm_label
 from .classify import classify_effects
 from .design import group_codes
-from .engine.results import ModelResults
+from .engine.inference import DEFAULT_N_BOOT
+from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
@@ -54,6 +55,8 @@ from .glmm import (
     _jsonable,
     _safe_inv,
     _single_thread_blas,
+    check_binary,
+    check_quadrature,
 )
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
@@ -100,15 +103,7 @@ class LogisticArmVarianceModel:
         method: str = "laplace",
         n_quad: int = 10,
     ) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
+        method, n_quad = check_quadrature(method, n_quad)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
         if X.ndim == 1:
@@ -199,13 +194,7 @@ class LogisticArmVarianceModel:
         y, X, names, _ind, _name = arm_design(
             df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level
         )
-        notbin = (y != 0) & (y != 1)
-        if notbin.any():
-            i = int(np.flatnonzero(notbin)[0])
-            raise ModelError(
-                f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value {y[i]:g}"
-                f" ({int(notbin.sum())} such rows)"
-            )
+        check_binary(y, df, outcome)
         return cls(
             y, X, df[therapist].to_numpy(), df[arm].to_numpy(), exog_names=names, feedback_level=feedback_level,
             method=method, n_quad=n_quad,
@@ -470,6 +459,7 @@ class LogisticArmVarianceResults(ModelResults):
         cov_b = cov[:p, :p]
         se_b = np.sqrt(np.where(np.diag(cov_b) > 0, np.diag(cov_b), np.nan))
         self.cov_fe = pd.DataFrame(cov_b, index=self.exog_names, columns=self.exog_names)
+        self.vcov = self.cov_fe
         self.bse = pd.Series(se_b, index=self.exog_names, name="se")
         self.params = pd.concat([self.fe_params, pd.Series({k: self.vcomp[k] for k in keys})]).rename("estimate")
         self._profile_cache: dict = {}
@@ -665,14 +655,26 @@ class LogisticArmVarianceResults(ModelResults):
         self._profile_cache["lrt"] = out
         return out
 
-    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
-        """Wald intervals of the fixed effects, profile intervals of the two variances."""
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed=None) -> ICC:
+        """The engines' common ``icc()``: rows ``icc[<arm>]`` (latent scale, with a ``role`` column);
+        no single therapist ICC, so the float value is NaN. With a ``level``, the profile intervals
+        of :meth:`icc_by_arm` (the only method offered)."""
+        _profile_only(method)
+        if level is None:
+            return per_arm_icc(self.model.arm_levels, self.icc_point())
+        return per_arm_icc(self.model.arm_levels, self.icc_point(), self.icc_by_arm(level), "profile")
+
+    def conf_int(self, level: float = 0.95, method: str | None = None) -> pd.DataFrame:
+        """Wald intervals of the fixed effects, profile intervals of the two variances (the only
+        ``method`` offered is ``"profile"``)."""
+        _profile_only(method)
         z = stats.norm.ppf(0.5 + level / 2)
         rows = {nm: (self.fe_params[nm] - z * self.bse[nm], self.fe_params[nm] + z * self.bse[nm])
                 for nm in self.exog_names}
         for a, lv in enumerate(self.model.arm_levels):
             rows[f"therapist[{lv}]"] = self.variance_interval(a, level)
-        return pd.DataFrame.from_dict(rows, orient="index", columns=["ci_low", "ci_high"])
+        return interval_frame(rows)
 
     # ------------------------------------------------------------------ therapists
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = True) -> pd.DataFrame:
@@ -702,21 +704,17 @@ class LogisticArmVarianceResults(ModelResults):
             "classification": classify_effects(lo, hi, higher_is_better),
         })
 
-    def summary(self) -> str:
-        icc = self.icc_point()
+    def _summary_title(self) -> str:
         m = self.model
-        lines = [f"Arm-specific therapist variances, logistic ({self.method}); {self.n_obs} patients, "
-                 f"{self.n_therapists} therapists; control = {m.control_level}, feedback = {m.feedback_level}",
-                 f"log-likelihood {self.loglik:.4f}; converged {self.converged}; singular {self.singular}", ""]
-        for nm in self.exog_names:
-            lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
-        for nm, v in self.vcomp.items():
-            lines.append(f"{nm:<24}{v:>12.5f}")
-        lines.append(f"latent ICC control {icc[0]:.4f}; feedback {icc[1]:.4f}; ratio {self.ratio_point():.4f}")
-        return "\n".join(lines)
+        return (f"Arm-specific therapist variances, logistic ({self.method}); control = {m.control_level}, "
+                f"feedback = {m.feedback_level}")
+
+    def _summary_info(self) -> dict:
+        return {**super()._summary_info(), "ICC scale": "latent (pi^2/3)",
+                "ICC ratio (fb/ctrl)": self.ratio_point()}
 
     @_single_thread_blas
-    def to_contract(self, interval: str = "profile", n_boot: int = 0, seed=None) -> dict:
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's ``estimates.json`` entry: the gaussian arm model's keys, ICCs on the latent scale.
 
         Only profile intervals are offered for the variances, ICCs and ratio (a ``bootstrap`` or
@@ -742,12 +740,12 @@ class LogisticArmVarianceResults(ModelResults):
             if nm == "residual":
                 vc[nm] = {"estimate": v, "ci_low": None, "ci_high": None}
             else:
-                vc[nm] = {"estimate": v, "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+                vc[nm] = {"estimate": v, "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
         return _jsonable({
             "family": "binomial",
             "method": self.method,
             "fixed_effects": {nm: {"estimate": self.fe_params[nm], "se": self.bse[nm],
-                                   "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+                                   "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
                               for nm in self.exog_names},
             "variance_components": vc,
             "icc_by_arm": {lv: {"estimate": icc.loc[lv, "estimate"], "ci_low": icc.loc[lv, "ci_low"],
@@ -766,3 +764,8 @@ class LogisticArmVarianceResults(ModelResults):
             "n_clusters": None,
             "warnings": caught,
         })
+
+
+def _profile_only(method: str | None) -> None:
+    if method not in (None, "profile"):
+        raise ModelError(f"binomial arm_variance offers profile intervals only, got method {method!r}")

@@ -113,10 +113,11 @@ def min1d_local(f: Callable[[float], float], x0: float, step: float, lo: float =
 
 
 def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.ndarray,
-                 lows: np.ndarray, xtol: float = 1e-7) -> tuple[np.ndarray, float]:
+                 lows: np.ndarray, xtol: float = 1e-7, hess: dict | None = None) -> tuple[np.ndarray, float]:
     """Minimise ``f`` over 1 or 2 coordinates (``x >= lows``) by nested :func:`min1d_local`
     (the first coordinate profiled inside the second), warm-started at ``x0``. ``xtol`` is in
-    the coordinates' units; 1e-7 on O(1) coordinates leaves a criterion error of ~1e-14."""
+    the coordinates' units; 1e-7 on O(1) coordinates leaves a criterion error of ~1e-14. ``hess``:
+    a dict carrying the Hessian from one call to the next (see :func:`newton_minimise`)."""
     x0 = np.maximum(np.asarray(x0, dtype=float), lows)
     if len(x0) == 1:
         x, fx = min1d_local(lambda t: f(np.array([t])), x0[0], steps[0], lows[0], xtol=xtol)
@@ -127,7 +128,7 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
     # the nested Brent searches below only when it cannot vouch for its answer
     from .engine.gaussian import newton_minimise
 
-    xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float))
+    xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float), hess=hess)
     if ok:
         return xn, fn
     inner_start = [x0[0]]

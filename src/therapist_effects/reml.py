@@ -47,8 +47,8 @@ from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .engine.gaussian import centre_design, gls_from_cholesky
-from .engine.inference import parametric_bootstrap, percentile_interval
-from .engine.results import ModelResults
+from .engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
+from .engine.results import ICC, ModelResults, icc_table
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
 from .progress import track
 
@@ -83,6 +83,10 @@ class _Engine:
                 raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
             self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
         self.ni = np.bincount(tcodes, minlength=G).astype(float)
+        # therapists with the same caseload share their weights a_i = n_i / (1 + n_i g_t): the
+        # criterion sums over distinct caseloads (and clusters), not over therapists
+        self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
+        self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
         Xc, self.S, self.k0 = centre_design(X)
         xbar = np.empty((G, p))
         for j in range(p):
@@ -105,6 +109,17 @@ class _Engine:
         within[p, p] = dy @ dy
         self.within = within
         self.means = np.column_stack([self.xbar, ybar])
+        # outer products of the therapists' means summed by caseload (sum_i a_i m_i m_i' in one
+        # product), and for nested models the means summed by cluster and caseload
+        U, k = len(self._nu), p + 1
+        mm = (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
+        self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
+        if self.cl is not None:
+            idx = self.cl * U + self._ninv
+            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
+            m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
+                             for j in range(k)], axis=1).reshape(self.C, U, k)
+            self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
 
     def with_y(self, y: np.ndarray) -> _Engine:
         new = copy.copy(self)
@@ -112,26 +127,29 @@ class _Engine:
         return new
 
     # -- criterion ---------------------------------------------------------------------------
-    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray | None]:
-        """``[X y]' W [X y]`` at the variance ratios, log|V/s2|, therapist weights, cluster tau."""
-        a = self.ni / (1.0 + self.ni * gt)  # 1' (I + g 11')^{-1} 1 per therapist
-        ldv = float(np.log1p(self.ni * gt).sum())
+    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float]:
+        """``[X y]' W [X y]`` at the variance ratios and log|V/s2|, from sums over distinct
+        caseloads: ``a_u = n_u / (1 + n_u g_t)`` (``1' (I + g 11')^{-1} 1`` of a therapist with
+        ``n_u`` patients)."""
+        nu = self._nu
+        au = nu / (1.0 + nu * gt)
+        ldv = float(self._cnt_u @ np.log1p(nu * gt))
+        k = self.p + 1
+        A = self.within + (au @ self._mm_u).reshape(k, k)
         if self.cl is None:
-            A = self.within + self.means.T @ (self.means * a[:, None])
-            return A, ldv, a, None
-        # therapist units are sorted by cluster: per-cluster sums over contiguous segments
-        tau = np.add.reduceat(a, self.cstart)
-        mbar = np.add.reduceat(self.means * a[:, None], self.cstart, axis=0) / tau[:, None]
-        D = self.means - mbar[self.cl]
-        # Woodbury on W + g_c 11' per cluster, written as a sum of PSD terms (no cancellation)
-        A = (self.within + D.T @ (D * a[:, None])
-             + mbar.T @ (mbar * (tau / (1.0 + gc * tau))[:, None]))
+            return A, ldv
+        # Woodbury on W + g_c 11' per cluster: sum_i a_i m_i m_i' - sum_c g_c / (1 + g_c tau_c) s_c s_c'
+        # with tau_c = sum_{i in c} a_i and s_c = sum_{i in c} a_i m_i (the outcome and covariates
+        # are centred, so the subtraction loses no more than the between-cluster share)
+        tau = self._cnt_cu @ au
+        sm = (self._m_cku @ au).reshape(self.C, k)
+        A = A - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None])
         ldv += float(np.log1p(gc * tau).sum())
-        return A, ldv, a, tau
+        return A, ldv
 
     def core(self, gt: float, gc: float = 0.0) -> tuple[float, float, float, np.ndarray]:
         """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])``."""
-        A, ldv, _, _ = self._A(gt, gc)
+        A, ldv = self._A(gt, gc)
         L = np.linalg.cholesky(A)
         d = np.diag(L)
         p = self.p
@@ -385,6 +403,7 @@ class MixedResults(ModelResults):
         names = model.exog_names
         self.fe_params = pd.Series(b, index=names, name="estimate")
         self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
+        self.vcov = self.cov_params  # lme4's vcov(fit)
         self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
         self.vcomp: dict[str, float] = {"therapist": gt * self.scale}
         if self.nested:
@@ -446,10 +465,21 @@ class MixedResults(ModelResults):
         return self._cache["ml"]
 
     # -- ICC -------------------------------------------------------------------------------------
-    def icc(self) -> float:
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed: int | None = None) -> ICC:
         """Intraclass correlation for therapists: share of the total outcome variance (given the
-        covariates) that lies between therapists, ``s2_t / (s2_c + s2_t + s2)``."""
-        return self.vcomp["therapist"] / sum(self.vcomp.values())
+        covariates) that lies between therapists, ``s2_t / (s2_c + s2_t + s2)`` (row ``icc``; the
+        float value of the result), and for nested models the cluster share (row ``icc_cluster``).
+        With a ``level``, each row carries its :meth:`icc_interval` (``method``, default profile)."""
+        est = {"icc": self.vcomp["therapist"] / sum(self.vcomp.values())}
+        if self.nested:
+            est["icc_cluster"] = self.icc_cluster()
+        if level is None:
+            return icc_table(est)
+        method = method or self.default_interval
+        iv = {k: self.icc_interval(level, method, n_boot, seed, which="therapist" if k == "icc" else "cluster")
+              for k in est}
+        return icc_table(est, iv, method)
 
     def icc_cluster(self) -> float:
         """Cluster (service/trial) share of the total variance, ``s2_c / (s2_c + s2_t + s2)``."""
@@ -501,7 +531,7 @@ class MixedResults(ModelResults):
         self._cache[key] = (res_lo, res_hi)
         return res_lo, res_hi
 
-    def icc_interval(self, level: float = 0.95, method: str = "profile", n_boot: int = 1000,
+    def icc_interval(self, level: float = 0.95, method: str = "profile", n_boot: int = DEFAULT_N_BOOT,
                      seed: int | None = None, *, which: str = "therapist") -> tuple[float, float]:
         """Confidence interval of the therapist ICC (``which="cluster"``: the cluster ICC).
 
@@ -546,6 +576,7 @@ class MixedResults(ModelResults):
         # fixed effects: min over theta of n(1 + log(2 pi r_j / n)) + log|V/s2|,
         # r_j = r + (b_j(theta) - beta)^2 / [(X'WX)^-1]_jj (constrained GLS, sigma profiled)
         th_hat = np.sqrt(ml["g"])
+        hess: dict = {}  # the inner optimiser's Hessian, handed from one profile point to the next
         for j, name in track(list(enumerate(self.fe_params.index)), "profile intervals of the fixed effects"):
             start = [th_hat.copy()]
 
@@ -553,18 +584,19 @@ class MixedResults(ModelResults):
                 def f(th: np.ndarray) -> float:
                     gt = th[0] ** 2
                     gc = th[1] ** 2 if nsd > 1 else 0.0
-                    b, covu, r, _ = eng.fixed(gt, gc)
+                    r, _, ldv, L = eng.core(gt, gc)  # one factorisation gives b, covu, r and ldv
+                    b, covu, _ = gls_from_cholesky(L, eng.S, eng.k0, eng.shift_y)
                     rj = r + (b[j] - beta) ** 2 / covu[j, j]
-                    _, _, ldv, _ = eng.core(gt, gc)
                     return n * (1.0 + LOG2PI + math.log(rj / n)) + ldv
 
-                x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd))
+                x, fv = min_nd_local(f, start[0], 0.1 * np.maximum(th_hat, 0.05), np.zeros(nsd), hess=hess)
                 start[0] = x
                 return fv - dmin
 
             ends = []
             for d in (-1, 1):
                 start[0] = th_hat.copy()
+                hess.clear()
                 e, found = profile_end(excess, float(ml["b"][j]), q, d, positive=False,
                                        step=0.5 * float(ml["se"][j]))
                 ends.append(e if found else math.nan)
@@ -590,13 +622,14 @@ class MixedResults(ModelResults):
                         sv[o] = v[1 + i]
                     return eng.dev_sd(sv, math.exp(v[0]))
 
-                x, fv = min_nd_local(f, start[0], steps, lows)
+                x, fv = min_nd_local(f, start[0], steps, lows, hess=hess)
                 start[0] = x
                 return fv - dmin
 
             ends = []
             for d in (-1, 1):
                 start[0] = x0.copy()
+                hess.clear()
                 e, found = profile_end(excess, float(sds[k]), q, d, positive=True, step=0.1,
                                        zero_allowed=True, scale=0.01 * sigma)
                 ends.append(e ** 2 if found else math.nan)
@@ -629,7 +662,7 @@ class MixedResults(ModelResults):
         self._cache[key] = out
         return out
 
-    def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = 1000,
+    def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT,
                  seed: int | None = None) -> pd.DataFrame:
         """Confidence intervals, rows = fixed effects then variance components (as variances).
 
@@ -781,28 +814,11 @@ class MixedResults(ModelResults):
         return pd.DataFrame(out)
 
     # -- reporting -------------------------------------------------------------------------------
-    def summary(self) -> str:
-        """Plain-text summary: model, fit, fixed effects, variance components and ICC."""
+    def _summary_title(self) -> str:
         kind = "nested (1 | cluster/therapist)" if self.nested else "random intercept (1 | therapist)"
-        lines = [f"Gaussian {kind} model fitted by {self.method}",
-                 f"patients: {self.n_obs}   therapists: {self.n_therapists}"
-                 + (f"   clusters: {self.n_clusters}" if self.nested else ""),
-                 f"{'REML' if self._reml else 'ML'} log-likelihood: {self.loglik:.4f}   "
-                 f"converged: {self.converged}   singular: {self.singular}", "",
-                 "Fixed effects:", f"{'':<24}{'estimate':>12}{'se':>12}"]
-        for name in self.fe_params.index:
-            lines.append(f"{name:<24}{self.fe_params[name]:>12.5g}{self.bse[name]:>12.5g}")
-        lines += ["", "Variance components:", f"{'':<24}{'variance':>12}{'sd':>12}"]
-        for name, v in self.vcomp.items():
-            lines.append(f"{name:<24}{v:>12.5g}{math.sqrt(v):>12.5g}")
-        lines += ["", f"ICC (therapist share of variance): {self.icc():.4f}"]
-        if self.nested:
-            lines.append(f"ICC (cluster share of variance): {self.icc_cluster():.4f}")
-        for w in self.warnings:
-            lines.append(f"warning: {w}")
-        return "\n".join(lines)
+        return f"Gaussian {kind} model fitted by {self.method}"
 
-    def to_contract(self, interval: str = "profile", n_boot: int = 1000,
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT,
                     seed: int | None = None) -> dict[str, Any]:
         """This model's entry of ``estimates.json`` (all but type/outcome/formula): plain Python
         floats/bools/None, deterministic given the data and ``seed``."""

@@ -27,11 +27,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .arm import arm_design
+from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
 from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_minimise
-from .engine.results import ModelResults
+from .engine.results import ICC, ModelResults, icc_table
 from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
@@ -158,6 +160,7 @@ class RandomSlopeResults(ModelResults):
         names = model.exog_names
         self.fe_params = pd.Series(b, index=names, name="estimate")
         self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
+        self.vcov = self.cov_params  # lme4's vcov(fit)
         self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
         lam = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]])
         cov = self.scale * lam @ lam.T
@@ -217,14 +220,26 @@ class RandomSlopeResults(ModelResults):
         state: dict = {}
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
-        def inner(f, lows, ups):
+        def inner(f, lows, ups, drop=None):
             # inner minimisation over the other parameters, warm-started at the solution of the
-            # nearest point profiled so far (not the last one: the search also visits the edge)
+            # nearest point profiled so far (not the last one: the search also visits the edge);
+            # ``drop``: a coordinate the criterion does not depend on at this point (kept fixed)
             c = state["c"]
             near = min(state["done"], key=lambda v: abs(v - c))
-            z, fz, ok = newton_minimise(f, state["done"][near], lows, ups)  # fast from a warm start
+            start = state["done"][near]
+            keep = [i for i in range(len(start)) if i != drop]
+
+            def fk(zk):
+                zz = start.copy()
+                zz[keep] = zk
+                return f(zz)
+            # fast from a warm start, with the Hessian of the previous point (BFGS-updated)
+            zk, fz, ok = newton_minimise(fk, start[keep], lows[keep], ups[keep], max_iter=30,
+                                         hess=state["hess"] if drop is None else None)
             if not ok:
-                z, fz, _ = minimise_box(f, state["done"][near], lows, ups, xatol=1e-8, fatol=1e-10)
+                zk, fz, _ = minimise_box(fk, start[keep], lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
+            z = start.copy()
+            z[keep] = zk
             state["done"][c] = z
             return fz
 
@@ -254,7 +269,8 @@ class RandomSlopeResults(ModelResults):
                     tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
                     th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
                     return eng.dev_ml(th_, sg2)
-                return inner(f, lows3, ups3) - dmin
+                # a variance of 0: the correlation (z[2]) no longer enters the criterion
+                return inner(f, lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
@@ -271,6 +287,7 @@ class RandomSlopeResults(ModelResults):
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
+            state["hess"] = {}
             lim = profile_limit(excess, est, q, d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
@@ -303,12 +320,13 @@ class RandomSlopeResults(ModelResults):
             s2 = e.scale(th, reml)
             L = np.array([[th[0], 0.0], [th[1], th[2]]])
             cv = s2 * L @ L.T
+            v1 = cv[0, 0] + 2 * cv[0, 1] + cv[1, 1]
             return {"therapist": cv[0, 0], "therapist_slope": cv[1, 1], "residual": s2,
-                    "correlation": _correlation(th),
+                    "correlation": _correlation(th), "icc0": cv[0, 0] / (cv[0, 0] + s2), "icc1": v1 / (v1 + s2),
                     "converged": ok}
 
         res = parametric_bootstrap(simulate, refit, n_boot, seed, ["therapist", "therapist_slope", "residual",
-                                                                   "correlation"])
+                                                                   "correlation", "icc0", "icc1"])
         if res.n_failed:
             self._warn(f"{res.n_failed} of {res.n_boot} bootstrap refits failed", ConvergenceWarning)
         self._cache[key] = res
@@ -340,13 +358,44 @@ class RandomSlopeResults(ModelResults):
             rows[nm] = self.interval(nm, level, method, n_boot=n_boot, seed=seed)
         return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
-    def icc(self) -> dict:
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed: int | None = None) -> ICC:
         """Therapist ICC at ``slope = 0`` (control) and ``slope = 1`` (feedback) implied by the model:
-        ``v / (v + s2)`` with ``v = s2_a`` and ``v = s2_a + 2 cov + s2_c``."""
+        ``v / (v + s2)`` with ``v = s2_a`` and ``v = s2_a + 2 cov + s2_c``; rows ``icc[<slope>=0]``
+        and ``icc[<slope>=1]`` (no single therapist ICC: the float value is NaN). With a ``level``,
+        bootstrap percentile intervals (``method="bootstrap"``; the profile of these ICCs is not
+        offered)."""
         cov = self.cov_re.to_numpy()
         v0 = cov[0, 0]
         v1 = cov[0, 0] + 2 * cov[0, 1] + cov[1, 1]
-        return {"control": float(v0 / (v0 + self.scale)), "feedback": float(v1 / (v1 + self.scale))}
+        names = [f"icc[{self.model.slope_name}=0]", f"icc[{self.model.slope_name}=1]"]
+        est = {names[0]: v0 / (v0 + self.scale), names[1]: v1 / (v1 + self.scale)}
+        if level is None:
+            return icc_table(est)
+        method = method or self.default_interval
+        if method != "bootstrap":
+            raise ModelError(f"random_slope ICC intervals: method must be 'bootstrap', got {method!r} "
+                             "(profile intervals are offered for the variances and the correlation)")
+        bt = self.bootstrap(n_boot, seed)
+        return icc_table(est, {names[0]: bt.interval("icc0", level), names[1]: bt.interval("icc1", level)},
+                         method)
+
+    def therapist_effects(self, level: float = DEFAULT_LEVEL, higher_is_better: bool | None = None
+                          ) -> pd.DataFrame:
+        """BLUPs (lme4's ``ranef(condVar = TRUE)``), one row per therapist: ``caseload``, ``effect``
+        (the therapist's effect at slope 0, the intercept BLUP) with ``effect_se`` (conditional SD),
+        ``ci_low``/``ci_high`` and ``classification`` as every engine's table, then ``slope_effect``
+        (the therapist's deviation in the slope) with ``slope_effect_se``."""
+        m, eng = self.model, self._eng
+        u, cv = eng.blups(self.theta, self._bc, self.scale)
+        z = stats.norm.ppf(0.5 + level / 2)
+        se = np.sqrt(np.clip(cv[:, 0, 0], 0.0, None))
+        lo, hi = u[:, 0] - z * se, u[:, 0] + z * se
+        return pd.DataFrame({"therapist": m.therapist_labels,
+                             "caseload": np.bincount(m.tcode, minlength=eng.G).astype(int),
+                             "effect": u[:, 0], "effect_se": se, "ci_low": lo, "ci_high": hi,
+                             "classification": classify_effects(lo, hi, higher_is_better),
+                             "slope_effect": u[:, 1], "slope_effect_se": np.sqrt(np.clip(cv[:, 1, 1], 0.0, None))})
 
     def gap_table(self) -> pd.DataFrame:
         """Per-therapist "narrowing the gap" data, ready for a scatter plot.
@@ -371,19 +420,11 @@ class RandomSlopeResults(ModelResults):
             out = out.drop(columns=["n_control", "n_feedback"])
         return out
 
-    def summary(self) -> str:
-        m = self.model
-        lines = [f"Random slope (1 + {m.slope_name} | therapist), exact {self.method}; "
-                 f"{self.n_patients} patients, {self.n_therapists} therapists",
-                 f"log-likelihood {self.loglik:.4f}; AIC {self.aic:.2f}; BIC {self.bic:.2f}; "
-                 f"converged {self.converged}; singular {self.singular}", "",
-                 f"{'fixed effect':<24}{'estimate':>12}{'se':>12}"]
-        for nm in self.fe_params.index:
-            lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
-        lines += ["", f"var(intercept) {self.vcomp['therapist']:.5f}; var({m.slope_name} slope) "
-                      f"{self.vcomp['therapist_slope']:.5f}; residual {self.scale:.5f}; "
-                      f"correlation {self.correlation:.4f}"]
-        return "\n".join(lines)
+    def _summary_title(self) -> str:
+        return f"Random slope (1 + {self.model.slope_name} | therapist), exact {self.method}"
+
+    def _summary_info(self) -> dict:
+        return {**super()._summary_info(), "correlation": self.correlation}
 
     def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's entry of ``estimates.json`` (``"type": "random_slope"``)."""
