@@ -1,6 +1,6 @@
 """The binomial arm-variance model against glmer on the committed reference data, with timings.
 
-Run:  python benchmarks/bench_glmm_arm.py
+Run:  python benchmarks/bench_glmm_arm.py [--quick]   (--quick: therapy_feedback by Laplace only, the same code path)
 
 For therapy_feedback.csv and therapy_trials.csv (tests/reference/), by Laplace and AGQ10: the two
 arm variances next to glmer's (Laplace; tests/reference/glmer_arm.json from glmer_arm.R) with the
@@ -12,6 +12,7 @@ nAGQ > 1 with vector random effects); its rows show how far Laplace is from the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import warnings
@@ -24,13 +25,16 @@ from therapist_effects.glmm_arm import LogisticArmVarianceModel
 REF = Path(__file__).resolve().parents[1] / "tests" / "reference"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="therapy_feedback by Laplace only (CI)")
+    args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     ref = json.loads((REF / "glmer_arm.json").read_text())
-    for ds in ("therapy_feedback", "therapy_trials"):
+    for ds in ("therapy_feedback",) if args.quick else ("therapy_feedback", "therapy_trials"):
         d = pd.read_csv(REF / f"{ds}.csv")
         r_ = ref[ds]["laplace"]
-        for meth in ("laplace", "agq"):
+        for meth in ("laplace",) if args.quick else ("laplace", "agq"):
             t0 = time.perf_counter()
             res = LogisticArmVarianceModel.from_frame(d, "recovered", ["phq9_pre"], therapist="therapist_id",
                                                       arm="feedback", method=meth, n_quad=10).fit()

@@ -28,7 +28,7 @@ from therapist_effects.growth import simulate_growth
 from therapist_effects.report.privacy import pseudonymise_ids
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "growth-test-key"
+KEY = "growth-test-key-not-secret"  # >= 16 characters
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +138,11 @@ def test_growth_service_report_in_chromium(growth_run, tmp_path):
             assert names[tid] not in section  # small caseloads only in aggregate
             continue
         row = section.split(names[tid], 1)[1].split("</tr>", 1)[0]
+        r5 = lambda x: 5 * ((x + 2) // 5)  # noqa: E731  the service report's rounding to the nearest 5
         if 0 < k < 8 or 0 < n - k < 8:
-            assert f"&lt;8 of {n}" in row and "suppressed" in row
+            assert f"&lt;8 of {r5(n)}" in row and "suppressed" in row
         else:
-            assert f"{k} of {n}" in row
+            assert f"{r5(k)} of {r5(n)}" in row
     assert "Patients not on track" in page.text
 
 

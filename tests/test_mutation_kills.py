@@ -96,10 +96,10 @@ def test_pseudonyms_are_stable_and_lengthen_only_on_collision():
 def test_pseudonym_key_reads_the_documented_variable_as_utf8(monkeypatch):
     from therapist_effects.report.privacy import pseudonym_key
 
-    monkeypatch.setenv("TE_PSEUDONYM_KEY", "caf\u00e9-key")
-    assert pseudonym_key() == "caf\u00e9-key".encode("utf-8")
-    monkeypatch.setenv("OTHER_KEY", "k2")
-    assert pseudonym_key("OTHER_KEY") == b"k2"
+    monkeypatch.setenv("TE_PSEUDONYM_KEY", "caf\u00e9-key-of-16-chars")
+    assert pseudonym_key() == "caf\u00e9-key-of-16-chars".encode("utf-8")
+    monkeypatch.setenv("OTHER_KEY", "another-key-of-16-chars")
+    assert pseudonym_key("OTHER_KEY") == b"another-key-of-16-chars"
 
 
 def test_pseudonyms_lengthen_by_two_hex_digits_until_they_differ(monkeypatch):
@@ -140,23 +140,26 @@ def _studies():
                          "n_patients": [400, 900, 250, 60], "n_therapists": [20, 45, 12, 2]})
 
 
-@pytest.mark.parametrize(("change", "row"), [
-    ({"n_therapists": [20, 1, 12, 2]}, 2),        # fewer than 2 therapists
-    ({"n_patients": [400, 900, 12, 60]}, 3),      # as many patients as therapists
-    ({"n_patients": [400, None, 250, 60]}, 2),    # missing caseload total
-    ({"n_therapists": [None, 45, 12, 2]}, 1),     # missing number of therapists
+IMPOSSIBLE = "expected n_therapists >= 2 and n_patients > n_therapists (columns 'n_therapists', 'n_patients')"
+NO_VARIANCE = ("no variance: give 'var_icc', an interval ('ci_low', 'ci_high'), 'n_patients' and "
+               "'n_therapists', or 'yi' and 'vi'")
+
+
+@pytest.mark.parametrize(("change", "row", "reason"), [
+    ({"n_therapists": [20, 1, 12, 2]}, 2, IMPOSSIBLE),        # fewer than 2 therapists
+    ({"n_patients": [400, 900, 12, 60]}, 3, IMPOSSIBLE),      # as many patients as therapists
+    ({"n_patients": [400, None, 250, 60]}, 2, NO_VARIANCE),   # missing caseload total: no variance at all
+    ({"n_therapists": [None, 45, 12, 2]}, 1, NO_VARIANCE),    # missing number of therapists
 ])
-def test_study_table_rejects_impossible_counts_with_row_and_study(change, row):
+def test_study_table_rejects_impossible_counts_with_row_and_study(change, row, reason):
     from therapist_effects.exceptions import InputError
     from therapist_effects.meta import pool_study_table
 
     bad = _studies().assign(**change)
     study = "ABCD"[row - 1]
-    msg = (f"published.csv: row {row} (study '{study}'): expected n_therapists >= 2 and "
-           "n_patients > n_therapists")
     with pytest.raises(InputError) as err:
         pool_study_table(bad, source="published.csv")
-    assert str(err.value) == msg
+    assert str(err.value) == f"published.csv: row {row} (study '{study}'): {reason}"
 
 
 def test_study_table_accepts_the_boundary_counts_and_rejects_icc_one():
@@ -177,13 +180,13 @@ def test_study_table_passes_level_and_prediction_and_reports_weights_by_hand():
     var = donner_var_icc(t["icc"], t["n_patients"], t["n_therapists"])
     yi, vi = logit_icc(t["icc"], var)
     for method, level, prediction in (("REML", 0.9, "t"), ("DL", 0.99, "normal")):
-        out = pool_study_table(t, method, level=level, prediction=prediction)
+        out = pool_study_table(t, method, level=level, prediction=prediction, scale="logit")
         direct = pool(yi, vi, method, level=level, prediction=prediction)
         for key in ("estimate", "ci_low", "ci_high", "pi_low", "pi_high", "tau2", "I2"):
             assert out[key] == pytest.approx(direct[key], rel=1e-12, abs=0), key
         s = pd.DataFrame(out["studies"])
-        np.testing.assert_allclose(s["logit_icc"], yi, rtol=1e-12)
-        np.testing.assert_allclose(s["var_logit_icc"], vi, rtol=1e-12)
+        np.testing.assert_allclose(s["yi"], yi, rtol=1e-12)
+        np.testing.assert_allclose(s["vi"], vi, rtol=1e-12)
         w = 1.0 / (vi + direct["tau2"])
         np.testing.assert_allclose(s["weight_percent"], 100 * w / w.sum(), rtol=1e-12)
         assert list(s["study"]) == list(t["study"])
@@ -346,7 +349,7 @@ def test_pool_q_is_cochrans_q_for_every_method_and_inputs_are_checked():
     for bad_y, bad_v in (([0.1, np.inf], [0.2, 0.3]), ([0.1, 0.2], [0.2, np.nan]), ([0.1, 0.2], [0.2, 0.0])):
         with pytest.raises(ModelError, match=r"^pool: effects must be finite and variances finite and positive$"):
             pool(bad_y, bad_v)
-    with pytest.raises(ModelError, match=r"^pool method must be 'DL', 'PM' or 'REML', got 'FE'$"):
+    with pytest.raises(ModelError, match=r"^pool method must be one of \['REML', 'DL', 'PM'\], got 'FE'$"):
         pool(y, v, "FE")
     with pytest.raises(ModelError, match=r"^prediction must be 'normal' or 't', got 'z'$"):
         pool(y, v, "DL", prediction="z")

@@ -303,17 +303,18 @@ def test_funnel_leaves_out_a_therapist_whose_point_reveals_a_small_count(tmp_pat
     est = {"dataset": "svc", "models": {"ri": {"type": "random_intercept", "family": "gaussian",
                                                "outcome": "end", "converged": True, "singular": False}}}
     captured = {}
-    real = service_mod.figures.funnel
+    real = service_mod.figures.control_funnel
 
-    def spy(n, rate, *args, **kw):
-        captured["n"], captured["rate"] = list(np.asarray(n)), list(np.asarray(rate))
-        return real(n, rate, *args, **kw)
+    def spy(n, value, *args, **kw):
+        if kw.get("percent"):  # the recovery-rate funnel (the other one plots adjusted outcomes)
+            captured["n"], captured["rate"] = list(np.asarray(n)), list(np.asarray(value))
+        return real(n, value, *args, **kw)
 
-    monkeypatch.setattr(service_mod.figures, "funnel", spy)
+    monkeypatch.setattr(service_mod.figures, "control_funnel", spy)
     out = service_report(est, patients, therapists, tmp_path / "s.html", pseudonymise=False)
     # plotted: TC (10 of 20) and TD (0 of 20: zero is not disclosive)
     assert sorted(captured["rate"]) == [0.0, 0.5]
-    html = out.read_text()
+    html = re.sub(r"<[^>]+>", "", out.read_text())  # the text a reader sees
     assert "2 listed therapists are not plotted because their point would reveal a count below 8" in html
     assert "3 of 20" not in html and "16 of 20" not in html and "10 of 20" in html
 

@@ -47,8 +47,8 @@ from scipy.special import expit
 
 from .arm import arm_design
 from .design import fixed_effects_matrix, group_codes
-from .engine.inference import DEFAULT_LEVEL, chi2_cut, profile_limit, wald_interval
-from .engine.results import ModelResults
+from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
+from .engine.results import ICC, ModelResults, icc_table, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
@@ -503,6 +503,7 @@ class LogisticRandomSlopeResults(ModelResults):
         cov = _safe_inv(info)
         cb = cov[:p, :p]
         self.cov_fe = pd.DataFrame(cb, index=self.exog_names, columns=self.exog_names)
+        self.vcov = self.cov_fe
         self.bse = pd.Series(np.sqrt(np.where(np.diag(cb) > 0, np.diag(cb), np.nan)), index=self.exog_names,
                              name="se")
         self.params = pd.concat([self.fe_params, pd.Series({"therapist": self.vcomp["therapist"],
@@ -689,13 +690,28 @@ class LogisticRandomSlopeResults(ModelResults):
         raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, correlation"
                          + (", therapist[<arm>] or ratio" if arms else ""))
 
-    def conf_int(self, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
-        """Wald intervals of the fixed effects, profile intervals of the variances and correlation."""
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str | None = None) -> pd.DataFrame:
+        """Wald intervals of the fixed effects, profile intervals of the variances and correlation
+        (the only ``method`` offered is ``"profile"``); columns ``lower``/``upper`` as every engine's."""
+        _profile_only(method)
         lo, hi = wald_interval(self.fe_params.to_numpy(), self.bse.to_numpy(), level)
         rows = {nm: (a, c) for nm, a, c in zip(self.exog_names, lo, hi)}
         for nm in ("therapist", "therapist_slope", "correlation"):
             rows[nm] = self.interval(nm, level)
-        return pd.DataFrame.from_dict(rows, orient="index", columns=["ci_low", "ci_high"])
+        return interval_frame(rows)
+
+    def icc(self, level: float | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
+            seed=None) -> ICC:
+        """The engines' common ``icc()``. With the arm as the slope: rows ``icc[<arm>]`` (latent scale;
+        the float value is NaN, as for every arm model), with a ``level`` their profile intervals.
+        With a continuous slope: row ``icc[<slope>=0]``, the latent ICC where the slope variable is 0
+        (no interval)."""
+        _profile_only(method)
+        if self.is_arm:
+            by_arm = self.icc_by_arm(level) if level is not None else None
+            return per_arm_icc(self.model.arm_levels, self.icc_point(), by_arm, "profile" if by_arm is not None else None)
+        v = self.vcomp["therapist"]
+        return icc_table({f"icc[{self.model.slope_name}=0]": v / (v + LATENT_RESIDUAL_VARIANCE)})
 
     def icc_by_arm(self, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
         """Latent-scale ICC per arm with the profile interval (the arm variance's interval mapped)."""
@@ -736,23 +752,17 @@ class LogisticRandomSlopeResults(ModelResults):
             out = out.drop(columns=["n_control", "n_feedback"])
         return out
 
-    def summary(self) -> str:
-        m = self.model
-        lines = [f"Random slope (1 + {m.slope_name} | therapist), logistic ({self.method}); {self.n_obs} patients, "
-                 f"{self.n_therapists} therapists",
-                 f"log-likelihood {self.loglik:.4f}; AIC {self.aic:.2f}; BIC {self.bic:.2f}; "
-                 f"converged {self.converged}; singular {self.singular}", ""]
-        for nm in self.exog_names:
-            lines.append(f"{nm:<24}{self.fe_params[nm]:>12.5f}{self.bse[nm]:>12.5f}")
-        lines.append(f"var(intercept) {self.vcomp['therapist']:.5f}; var({m.slope_name} slope) "
-                     f"{self.vcomp['therapist_slope']:.5f}; correlation {self.correlation:.4f}")
+    def _summary_title(self) -> str:
+        return f"Random slope (1 + {self.model.slope_name} | therapist), logistic ({self.method})"
+
+    def _summary_info(self) -> dict:
+        info = {**super()._summary_info(), "correlation": self.correlation, "ICC scale": "latent (pi^2/3)"}
         if self.is_arm:
-            icc = self.icc_point()
-            lines.append(f"latent ICC control {icc[0]:.4f}; feedback {icc[1]:.4f}; ratio {self.ratio_point():.4f}")
-        return "\n".join(lines)
+            info["ICC ratio (fb/ctrl)"] = self.ratio_point()
+        return info
 
     @_single_thread_blas
-    def to_contract(self, interval: str = "profile", n_boot: int = 0, seed=None) -> dict:
+    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's ``estimates.json`` entry: the gaussian random_slope keys (``therapist``,
         ``therapist_slope``, ``residual``, ``correlation``, ``slope``), and for an arm slope the arm
         model's ``icc_by_arm``, ``icc_ratio``, ``icc_reduction`` (latent scale). Only profile
@@ -780,7 +790,7 @@ class LogisticRandomSlopeResults(ModelResults):
         for w in rec:
             caught.append(f"{w.category.__name__}: {w.message}")
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        vc = {nm: {"estimate": self.vcomp[nm], "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+        vc = {nm: {"estimate": self.vcomp[nm], "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
               for nm in ("therapist", "therapist_slope")}
         vc["residual"] = {"estimate": LATENT_RESIDUAL_VARIANCE, "ci_low": None, "ci_high": None}
         return _jsonable({
@@ -789,11 +799,11 @@ class LogisticRandomSlopeResults(ModelResults):
             "method": self.method,
             "slope": self.model.slope_name,
             "fixed_effects": {nm: {"estimate": self.fe_params[nm], "se": self.bse[nm],
-                                   "ci_low": ci.loc[nm, "ci_low"], "ci_high": ci.loc[nm, "ci_high"]}
+                                   "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
                               for nm in self.exog_names},
             "variance_components": vc,
-            "correlation": {"estimate": self.correlation, "ci_low": ci.loc["correlation", "ci_low"],
-                            "ci_high": ci.loc["correlation", "ci_high"], "ci_method": "profile"},
+            "correlation": {"estimate": self.correlation, "ci_low": ci.loc["correlation", "lower"],
+                            "ci_high": ci.loc["correlation", "upper"], "ci_method": "profile"},
             **extra,
             **self.fit_fields(),
             "n_patients": self.n_obs,
@@ -811,3 +821,8 @@ def _single_thread_blas_ctx():
     if glmm._threadpool_limits is not None:
         return glmm._threadpool_limits(limits=1, user_api="blas")
     return contextlib.nullcontext()
+
+
+def _profile_only(method: str | None) -> None:
+    if method not in (None, "profile"):
+        raise ModelError(f"binomial random_slope offers profile intervals only, got method {method!r}")

@@ -565,7 +565,7 @@ def study_table(df: pd.DataFrame, *, columns: Mapping[str, str] | None = None, s
             inputs.append("yi/vi")
             continue
         if not (np.isfinite(r["icc"]) and 0.0 <= r["icc"] < 1.0):
-            raise InputError(f"{where}, column {name['icc']!r}: expected a value in [0, 1), got {df[name['icc']].iloc[i]!r}"
+            raise InputError(f"{where}, column {name['icc']!r}: expected a value in [0, 1), got {df[name['icc']].iloc[i]}"
                              if name["icc"] in df.columns else f"{where}: expected {name['icc']!r} or {name['yi']!r}/{name['vi']!r}")
         if np.isfinite(r["var_icc"]):
             if not r["var_icc"] > 0:
