@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from .comparison import information_criteria, n_params_of
+from .report.fmt import _finite
 
 __all__ = ["apa", "models_table", "descriptives_table", "flow_svg", "write_tables"]
 
@@ -36,14 +37,6 @@ CI_NAMES = {"profile": "profile-likelihood", "wald": "Wald", "bootstrap": "param
 METHOD_NAMES = {"reml": "restricted maximum likelihood (REML)", "ml": "maximum likelihood (ML)",
                 "laplace": "maximum likelihood, Laplace approximation",
                 "bayes": "Bayesian (PyMC, NUTS; posterior medians)"}
-
-
-def _finite(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _decimals(v: float, kind: str) -> int:
