@@ -738,19 +738,12 @@ class LogisticRandomSlopeResults(ModelResults):
     def gap_table(self) -> pd.DataFrame:
         """Per therapist: caseload, conditional modes of the intercept and slope effects (log-odds;
         lme4's ``ranef``), the control and feedback effects and the therapist's feedback effect."""
+        from .slopes import gap_frame
+
         m = self.model
         L = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]])
         u = self.modes @ L.T
-        n = m.counts
-        nf = np.bincount(m.g, weights=(m.z == 1.0).astype(float), minlength=m.n_groups)
-        out = pd.DataFrame({"therapist": m.therapist_labels, "n_patients": n.astype(int),
-                            "n_control": (n - nf).astype(int), "n_feedback": nf.astype(int),
-                            "intercept": u[:, 0], "slope": u[:, 1], "effect_control": u[:, 0],
-                            "effect_feedback": u[:, 0] + u[:, 1],
-                            "feedback_effect": float(self.fe_params[m.slope_name]) + u[:, 1]})
-        if not m.binary:
-            out = out.drop(columns=["n_control", "n_feedback"])
-        return out
+        return gap_frame(m.therapist_labels, m.g, m.z, u, float(self.fe_params[m.slope_name]), m.binary)
 
     def _summary_title(self) -> str:
         return f"Random slope (1 + {self.model.slope_name} | therapist), logistic ({self.method})"

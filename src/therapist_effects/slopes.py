@@ -43,6 +43,24 @@ __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 _VC = ("therapist", "therapist_slope", "residual")
 
 
+def gap_frame(labels, codes: np.ndarray, slope: np.ndarray, u: np.ndarray, slope_fixed: float,
+              binary: bool) -> pd.DataFrame:
+    """The narrowing-the-gap table of a random-slope fit (gaussian or logistic): per therapist the
+    caseload (split by arm for a binary slope), the intercept and slope effects ``u`` (rows of the
+    therapists' random effects), the control and feedback effects and the therapist's feedback effect
+    (the fixed slope ``slope_fixed`` plus their own)."""
+    G = len(labels)
+    n = np.bincount(codes, minlength=G)
+    nf = np.bincount(codes, weights=(slope == 1.0).astype(float), minlength=G)
+    out = pd.DataFrame({"therapist": labels, "n_patients": n.astype(int),
+                        "n_control": (n - nf).astype(int), "n_feedback": nf.astype(int),
+                        "intercept": u[:, 0], "slope": u[:, 1], "effect_control": u[:, 0],
+                        "effect_feedback": u[:, 0] + u[:, 1], "feedback_effect": slope_fixed + u[:, 1]})
+    if not binary:
+        out = out.drop(columns=["n_control", "n_feedback"])
+    return out
+
+
 def _theta(t1: float, t2: float, rho: float) -> np.ndarray:
     """lme4's theta of (relative intercept SD, relative slope SD, correlation)."""
     return np.array([t1, rho * t2, t2 * math.sqrt(max(1.0 - rho * rho, 0.0))])
@@ -409,16 +427,7 @@ class RandomSlopeResults(ModelResults):
         """
         m, eng = self.model, self._eng
         u, _ = eng.blups(self.theta, self._bc, self.scale)
-        n = np.bincount(m.tcode, minlength=eng.G)
-        nf = np.bincount(m.tcode, weights=(m.slope == 1.0).astype(float), minlength=eng.G)
-        out = pd.DataFrame({"therapist": m.therapist_labels, "n_patients": n.astype(int),
-                            "n_control": (n - nf).astype(int), "n_feedback": nf.astype(int),
-                            "intercept": u[:, 0], "slope": u[:, 1], "effect_control": u[:, 0],
-                            "effect_feedback": u[:, 0] + u[:, 1],
-                            "feedback_effect": float(self.fe_params[m.slope_name]) + u[:, 1]})
-        if not m.binary:
-            out = out.drop(columns=["n_control", "n_feedback"])
-        return out
+        return gap_frame(m.therapist_labels, m.tcode, m.slope, u, float(self.fe_params[m.slope_name]), m.binary)
 
     def _summary_title(self) -> str:
         return f"Random slope (1 + {self.model.slope_name} | therapist), exact {self.method}"
