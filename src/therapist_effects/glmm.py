@@ -128,6 +128,43 @@ class _Eval:
     newton_ok: bool
 
 
+def block_modes(y: np.ndarray, g: np.ndarray, gsum, eta0: np.ndarray, s, v0: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Conditional modes v^_j of h_j(v) = sum_i log p(y_i | eta0_i + s_j v) - v^2/2 for all blocks j
+    at once (therapists, or therapist x arm blocks); returns (v^, mu, ok).
+
+    ``s``: the blocks' random-effect SD, one number or one per block; ``g``: each patient's block;
+    ``gsum``: the per-block sum of per-patient terms. h_j is strictly concave (h'' <= -1), so h'_j is
+    strictly decreasing: Newton steps point to the root, and halving a step (per block) until |h'_j|
+    decreases guarantees progress. ``mu`` are the patients' fitted probabilities at the modes.
+    """
+    s = np.asarray(s, dtype=float)
+    if s.ndim == 0 and s == 0.0:
+        return np.zeros_like(v0), expit(eta0), True
+    s_obs = s[g] if s.ndim else s
+    v = np.where(s == 0.0, 0.0, v0)
+    mu = expit(eta0 + s_obs * v[g])
+    gr = s * gsum(y - mu) - v
+    H = 1.0 + s * s * gsum(mu * (1.0 - mu))
+    ok = False
+    for _ in range(_NEWTON_MAXIT):
+        step = gr / H
+        if np.max(np.abs(step)) < _NEWTON_TOL:
+            ok = True
+            break
+        for _halving in range(60):
+            v_new = v + step
+            mu_new = expit(eta0 + s_obs * v_new[g])
+            gr_new = s * gsum(y - mu_new) - v_new
+            bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
+            if not bad.any():
+                break
+            step = np.where(bad, 0.5 * step, step)
+        v, mu, gr = v_new, mu_new, gr_new
+        H = 1.0 + s * s * gsum(mu * (1.0 - mu))
+    return v, mu, ok
+
+
 class LogisticRandomInterceptModel:
     """Random-intercept logistic model: binary patient outcome, patients nested in therapists.
 
@@ -256,36 +293,9 @@ class LogisticRandomInterceptModel:
     def _modes(
         self, eta0: np.ndarray, s: float, v0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Conditional modes v^_j of h_j(v) for all therapists at once; returns (v^, mu, ok).
-
-        h_j is strictly concave (h'' <= -1), so h'_j is strictly decreasing: Newton steps point to
-        the root, and halving a step (per therapist) until |h'_j| decreases guarantees progress.
-        ``mu`` are the patients' fitted probabilities at the modes.
-        """
-        y, g = self.y, self.g
-        if s == 0.0:
-            return np.zeros_like(v0), expit(eta0), True
-        v = v0.copy()
-        mu = expit(eta0 + s * v[g])
-        gr = s * self._gsum(y - mu) - v
-        H = 1.0 + s * s * self._gsum(mu * (1.0 - mu))
-        ok = False
-        for _ in range(_NEWTON_MAXIT):
-            step = gr / H
-            if np.max(np.abs(step)) < _NEWTON_TOL:
-                ok = True
-                break
-            for _halving in range(60):
-                v_new = v + step
-                mu_new = expit(eta0 + s * v_new[g])
-                gr_new = s * self._gsum(y - mu_new) - v_new
-                bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
-                if not bad.any():
-                    break
-                step = np.where(bad, 0.5 * step, step)
-            v, mu, gr = v_new, mu_new, gr_new
-            H = 1.0 + s * s * self._gsum(mu * (1.0 - mu))
-        return v, mu, ok
+        """Conditional modes v^_j of h_j(v) for all therapists at once; returns (v^, mu, ok)
+        (:func:`block_modes`)."""
+        return block_modes(self.y, self.g, self._gsum, eta0, s, v0)
 
     def _evaluate(self, b: np.ndarray, s: float, *, grad: bool = True, warm: bool = True) -> _Eval:
         """Approximate log-likelihood (Laplace or AGQ) and its exact gradient in (b, s)."""

@@ -47,6 +47,7 @@ from .engine.inference import DEFAULT_N_BOOT
 from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
+    block_modes,
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
     LogisticRandomInterceptModel,
@@ -61,8 +62,6 @@ from .glmm import (
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
 
-_NEWTON_TOL = 1e-10
-_NEWTON_MAXIT = 100
 _C = LATENT_RESIDUAL_VARIANCE
 
 
@@ -205,29 +204,8 @@ class LogisticArmVarianceModel:
         return np.add.reduceat(a, self.starts, axis=0)
 
     def _modes(self, eta0, sb, v0):
-        """Conditional modes of all blocks (vectorised safeguarded Newton, as in glmm)."""
-        y, g = self.y, self.g
-        v = np.where(sb == 0.0, 0.0, v0)
-        mu = expit(eta0 + sb[g] * v[g])
-        gr = sb * self._gsum(y - mu) - v
-        H = 1.0 + sb * sb * self._gsum(mu * (1.0 - mu))
-        ok = False
-        for _ in range(_NEWTON_MAXIT):
-            step = gr / H
-            if np.max(np.abs(step)) < _NEWTON_TOL:
-                ok = True
-                break
-            for _halving in range(60):
-                v_new = v + step
-                mu_new = expit(eta0 + sb[g] * v_new[g])
-                gr_new = sb * self._gsum(y - mu_new) - v_new
-                bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
-                if not bad.any():
-                    break
-                step = np.where(bad, 0.5 * step, step)
-            v, mu, gr = v_new, mu_new, gr_new
-            H = 1.0 + sb * sb * self._gsum(mu * (1.0 - mu))
-        return v, mu, ok
+        """Conditional modes of all blocks (:func:`therapist_effects.glmm.block_modes`, SD ``sb`` per block)."""
+        return block_modes(self.y, self.g, self._gsum, eta0, sb, v0)
 
     def _evaluate(self, b: np.ndarray, s: np.ndarray, *, grad: bool = True, warm: bool = True) -> _Eval:
         """Laplace/AGQ log-likelihood and its exact gradient in (b, s_0, s_1)."""

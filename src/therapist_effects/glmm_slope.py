@@ -53,6 +53,8 @@ from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, Stat
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
+    _NEWTON_MAXIT,
+    _NEWTON_TOL,
     LogisticRandomInterceptModel,
     _bernoulli_loglik,
     _gauss_hermite,
@@ -63,8 +65,6 @@ from .glmm import (
 
 __all__ = ["LogisticRandomSlopeModel", "LogisticRandomSlopeResults"]
 
-_NEWTON_TOL = 1e-10
-_NEWTON_MAXIT = 100
 _C = LATENT_RESIDUAL_VARIANCE
 
 
