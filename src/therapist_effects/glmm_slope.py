@@ -46,7 +46,7 @@ from scipy import optimize
 from scipy.special import expit
 
 from .arm import arm_design
-from .design import fixed_effects_matrix, group_codes
+from .design import group_codes
 from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
 from .engine.results import ICC, ModelResults, icc_table, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
@@ -225,17 +225,9 @@ class LogisticRandomSlopeModel:
             _check_binary(y, df, outcome)
             return cls(y, X, df[therapist].to_numpy(), indicator, exog_names=names, slope_name=name,
                        arm_levels=levels, method=method, n_quad=n_quad)
-        for col in (outcome, therapist, slope, *covariates):
-            if col not in df.columns:
-                raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
-        if not pd.api.types.is_numeric_dtype(df[slope]):
-            raise ModelError(f"slope column {slope!r} must be numeric")
-        terms = list(covariates) + ([] if slope in covariates else [slope])
-        used = list(dict.fromkeys([outcome, therapist, *terms]))
-        if df[used].isna().any(axis=None):
-            raise ModelError(f"missing values in {used}; drop those rows before fitting")
-        X, names = fixed_effects_matrix(df, terms, intercept=True)
-        y = df[outcome].to_numpy(float)
+        from .slopes import slope_design
+
+        y, X, names = slope_design(df, outcome, covariates, therapist, slope)
         _check_binary(y, df, outcome)
         return cls(y, X, df[therapist].to_numpy(), df[slope].to_numpy(float), exog_names=names,
                    slope_name=slope, method=method, n_quad=n_quad)

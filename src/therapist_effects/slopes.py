@@ -43,6 +43,23 @@ __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 _VC = ("therapist", "therapist_slope", "residual")
 
 
+def slope_design(df: pd.DataFrame, outcome: str, covariates, therapist: str, slope: str):
+    """(y, X, exog names) of a random slope on a numeric patient-level column: the slope column is
+    also a fixed effect (appended to the covariates when not listed); one-line errors for a missing
+    column, a non-numeric slope and missing values."""
+    for col in (outcome, therapist, slope, *covariates):
+        if col not in df.columns:
+            raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
+    if not pd.api.types.is_numeric_dtype(df[slope]):
+        raise ModelError(f"slope column {slope!r} must be numeric")
+    terms = list(covariates) + ([] if slope in covariates else [slope])
+    used = list(dict.fromkeys([outcome, therapist, *terms]))
+    if df[used].isna().any(axis=None):
+        raise ModelError(f"missing values in {used}; drop those rows before fitting")
+    X, names = fixed_effects_matrix(df, terms, intercept=True)
+    return df[outcome].to_numpy(float), X, names
+
+
 def gap_frame(labels, codes: np.ndarray, slope: np.ndarray, u: np.ndarray, slope_fixed: float,
               binary: bool) -> pd.DataFrame:
     """The narrowing-the-gap table of a random-slope fit (gaussian or logistic): per therapist the
@@ -138,18 +155,9 @@ class RandomSlopeModel:
             )
             return cls(y, X, df[therapist].to_numpy(), indicator, exog_names=names, slope_name=name,
                        method=method)
-        for col in (outcome, therapist, slope, *covariates):
-            if col not in df.columns:
-                raise ModelError(f"column {col!r} is not in the patient table (columns: {list(df.columns)})")
-        if not pd.api.types.is_numeric_dtype(df[slope]):
-            raise ModelError(f"slope column {slope!r} must be numeric")
-        terms = list(covariates) + ([] if slope in covariates else [slope])
-        used = list(dict.fromkeys([outcome, therapist, *terms]))
-        if df[used].isna().any(axis=None):
-            raise ModelError(f"missing values in {used}; drop those rows before fitting")
-        X, names = fixed_effects_matrix(df, terms, intercept=True)
-        return cls(df[outcome].to_numpy(float), X, df[therapist].to_numpy(), df[slope].to_numpy(float),
-                   exog_names=names, slope_name=slope, method=method)
+        y, X, names = slope_design(df, outcome, covariates, therapist, slope)
+        return cls(y, X, df[therapist].to_numpy(), df[slope].to_numpy(float), exog_names=names,
+                   slope_name=slope, method=method)
 
     def fit(self) -> RandomSlopeResults:
         theta, fmin, ok = self._eng.fit(self.method == "REML")
@@ -184,7 +192,6 @@ class RandomSlopeResults(ModelResults):
         cov = self.scale * lam @ lam.T
         re_names = ["(Intercept)", model.slope_name]
         self.cov_re = pd.DataFrame(cov, index=re_names, columns=re_names)
-        sd = np.sqrt(np.diag(cov))
         self.correlation = _correlation(self.theta)
         self.vcomp = {"therapist": float(cov[0, 0]), "therapist_slope": float(cov[1, 1]),
                       "residual": float(self.scale)}
