@@ -40,7 +40,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from .classify import classify_effects
-from .design import INTERCEPT, fixed_effects_matrix, group_codes
+from .design import fixed_effects_matrix, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning
 
 __all__ = ["GrowthModel", "GrowthResults", "session_time", "simulate_growth", "TIME_KINDS"]
@@ -580,7 +580,6 @@ class GrowthResults:
         a variance component or ``slope_share``."""
         m = self.model
         e = m._eng
-        lower = m.lower
         # warm starts: each profile point starts from the nearest point already profiled (starting
         # from a far one can land in a worse local optimum and break the root bracketing)
         starts: dict[float, np.ndarray] = {}

@@ -38,7 +38,6 @@ alphabetically: ``control`` < ``feedback``, ``TAU`` > ``ROM`` so check the order
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats
 
 from .exceptions import ModelError
-from .growth import GrowthModel, GrowthResults, session_time
+from .growth import GrowthResults, session_time
 
 __all__ = ["growth_frame", "not_on_track", "recovery_curves", "severity_bands", "early_flag_validation",
            "TIME_NAMES"]

@@ -368,7 +368,6 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
     """Newton steps (central-difference gradient and Hessian) on the coordinates off their bounds,
     from a Nelder-Mead answer: the smooth criteria here are polished to ~1e-9 in theta."""
     ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
-    bounds = [(lo if np.isfinite(lo) else None, up if np.isfinite(up) else None) for lo, up in zip(lows, ups)]
     x = np.minimum(np.maximum(np.asarray(x0, dtype=float), lows), ups)
 
     fx = float(f(x))

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import figures
 from .common import triple
 from .figures import OKABE_ITO, Figure, _RC, _encode, plt
 from .privacy import pseudonymise_ids, pseudonym_key, safe_count, safe_rate
