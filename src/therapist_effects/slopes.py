@@ -32,7 +32,8 @@ from scipy import stats
 from .arm import arm_design
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_minimise
+from .engine.derivatives import slope_deviance
+from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
 from .engine.results import ICC, ModelResults, icc_table
 from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
@@ -81,6 +82,13 @@ def gap_frame(labels, codes: np.ndarray, slope: np.ndarray, u: np.ndarray, slope
 def _theta(t1: float, t2: float, rho: float) -> np.ndarray:
     """lme4's theta of (relative intercept SD, relative slope SD, correlation)."""
     return np.array([t1, rho * t2, t2 * math.sqrt(max(1.0 - rho * rho, 0.0))])
+
+
+def _criterion(eng: BlockEngine, g: np.ndarray, criterion: str) -> float:
+    """The value alone of :func:`~therapist_effects.engine.derivatives.slope_deviance` at ``g = (log
+    t1, log t2, rho, log s2)``, by the engine's criterion."""
+    th = _theta(math.exp(g[0]), math.exp(g[1]), g[2])
+    return eng.dev_ml(th, math.exp(g[3])) if criterion == "ml" else eng.crit(th, criterion == "profiled_reml")
 
 
 def _correlation(theta: np.ndarray) -> float:
@@ -245,27 +253,32 @@ class RandomSlopeResults(ModelResults):
         state: dict = {}
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
-        def inner(f, lows, ups, drop=None):
-            # inner minimisation over the other parameters, warm-started at the solution of the
-            # nearest point profiled so far (not the last one: the search also visits the edge);
-            # ``drop``: a coordinate the criterion does not depend on at this point (kept fixed)
+        def inner(g0, J, criterion, lows, ups, drop=None):
+            # inner minimisation over the other parameters z (the criterion's g = g0 + J z, see
+            # :func:`slope_deviance`) by Newton with the analytic gradient and Hessian, warm-started
+            # at the solution of the nearest point profiled so far (not the last one: the search also
+            # visits the edge); ``drop``: a coordinate the criterion does not depend on at this point
+            # (kept fixed). Bounded Nelder-Mead where Newton cannot vouch for its answer.
             c = state["c"]
             near = min(state["done"], key=lambda v: abs(v - c))
             start = state["done"][near]
             keep = [i for i in range(len(start)) if i != drop]
+            Jk = J[:, keep]
 
-            def fk(zk):
+            def full(zk):
                 zz = start.copy()
                 zz[keep] = zk
-                return f(zz)
-            # fast from a warm start, with the Hessian of the previous point (BFGS-updated)
-            zk, fz, ok = newton_minimise(fk, start[keep], lows[keep], ups[keep], max_iter=30,
-                                         hess=state["hess"] if drop is None else None)
+                return zz
+
+            def fgh(zk):
+                f, grad, hess = slope_deviance(eng, g0 + J @ full(zk), criterion)
+                return f, Jk.T @ grad, Jk.T @ hess @ Jk
+
+            zk, fz, ok = newton_box(fgh, start[keep], lows[keep], ups[keep])
             if not ok:
-                zk, fz, _ = minimise_box(fk, start[keep], lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
-            z = start.copy()
-            z[keep] = zk
-            state["done"][c] = z
+                zk, fz, _ = minimise_box(lambda zk: _criterion(eng, g0 + J @ full(zk), criterion), start[keep],
+                                         lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
+            state["done"][c] = full(zk)
             return fz
 
         if name == "correlation":
@@ -274,37 +287,37 @@ class RandomSlopeResults(ModelResults):
                 self._cache[key] = out
                 return out
             z0 = np.array([ln(t1), ln(t2)])
+            J = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # z = (log t1, log t2)
 
             def excess(c):
                 state["c"] = c
-                f = lambda z: eng.crit(_theta(math.exp(z[0]), math.exp(z[1]), c), False)  # noqa: E731
-                return inner(f, np.full(2, -np.inf), np.full(2, np.inf)) - dmin
+                return inner(np.array([0.0, 0.0, c, 0.0]), J, "profiled_ml", np.full(2, -np.inf),
+                             np.full(2, np.inf)) - dmin
             kw = dict(lower=-1.0, upper=1.0, step=0.05)
             est = rho
         elif name in ("therapist", "therapist_slope"):
             k = 0 if name == "therapist" else 1
             other = t2 if k == 0 else t1
             z0 = np.array([0.5 * math.log(s2), ln(other), rho])
+            # z = (log sigma, log t_other, rho): log t_k = log(c) / 2 - log sigma, log s2 = 2 log sigma
+            J = np.zeros((4, 3))
+            J[k, 0], J[1 - k, 1], J[2, 2], J[3, 0] = -1.0, 1.0, 1.0, 2.0
 
             def excess(c, k=k):
                 state["c"] = c
-
-                def f(z):
-                    sg2 = math.exp(2.0 * z[0])
-                    tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
-                    th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
-                    return eng.dev_ml(th_, sg2)
+                g0 = np.zeros(4)
+                g0[k] = 0.5 * math.log(c) if c > 0.0 else -math.inf
                 # a variance of 0: the correlation (z[2]) no longer enters the criterion
-                return inner(f, lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
+                return inner(g0, J, "ml", lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
             z0 = np.array([ln(t1), ln(t2), rho])
+            J = np.vstack([np.eye(3), np.zeros(3)])  # z = (log t1, log t2, rho)
 
             def excess(c):
                 state["c"] = c
-                f = lambda z: eng.dev_ml(_theta(math.exp(z[0]), math.exp(z[1]), z[2]), c)  # noqa: E731
-                return inner(f, lows3, ups3) - dmin
+                return inner(np.array([0.0, 0.0, 0.0, math.log(c)]), J, "ml", lows3, ups3) - dmin
             est = s2
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:
@@ -312,7 +325,6 @@ class RandomSlopeResults(ModelResults):
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
-            state["hess"] = {}
             lim = profile_limit(excess, est, q, d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
