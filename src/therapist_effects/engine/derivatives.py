@@ -32,8 +32,7 @@ __all__ = ["BlockDerivatives", "block_derivatives", "slope_deviance"]
 
 LOG2PI = math.log(2.0 * math.pi)
 _E = np.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
-# (E_a P E_b + E_b P E_a)_ij = sum_kl _SYM[a, b, i, j, k, l] P_kl
-_SYM = np.einsum("aik,blj->abijkl", _E, _E) + np.einsum("bik,alj->abijkl", _E, _E)
+_PAIRS = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
 
 
 @dataclass(frozen=True)
@@ -68,34 +67,42 @@ def block_derivatives(eng, D: np.ndarray) -> BlockDerivatives:
         raise ValueError("analytic derivatives are implemented for two random effects per therapist")
     Dc = eng.T @ D @ eng.T.T
     d00, d01, d11 = Dc[0, 0], Dc[0, 1], Dc[1, 1]
-    ZZ, ZA, p = eng.ZZ, eng.ZA, eng.p
+    ZZ, p = eng.ZZ, eng.p
     z00, z01, z11 = ZZ[:, 0, 0], ZZ[:, 0, 1], ZZ[:, 1, 1]
     b00, b01 = 1.0 + z00 * d00 + z01 * d01, z00 * d01 + z01 * d11  # B = I + Z D
     b10, b11 = z01 * d00 + z11 * d01, 1.0 + z01 * d01 + z11 * d11
     det = b00 * b11 - b01 * b10
     n00, n01, n10, n11 = b11 / det, -b01 / det, -b10 / det, b00 / det  # N = B^{-1}
-    P = np.empty((len(det), 2, 2))
-    P[:, 0, 0] = n00 * z00 + n01 * z01
-    P[:, 0, 1] = P[:, 1, 0] = n00 * z01 + n01 * z11
-    P[:, 1, 1] = n10 * z01 + n11 * z11
-    W0, W1 = ZA[:, 0, :], ZA[:, 1, :]
-    V0 = n00[:, None] * W0 + n01[:, None] * W1
-    V1 = n10[:, None] * W0 + n11[:, None] * W1
-    k = W0.shape[1]
-    O = np.stack([np.einsum("gi,gj->gij", V0, V0).reshape(-1, k * k),
-                  (np.einsum("gi,gj->gij", V0, V1) + np.einsum("gi,gj->gij", V1, V0)).reshape(-1, k * k),
-                  np.einsum("gi,gj->gij", V1, V1).reshape(-1, k * k)])  # (3, G, k^2)
-    U0, U1 = d00 * W0 + d01 * W1, d01 * W0 + d11 * W1  # D W
-    CC = np.einsum("gi,gj->ij", U0, V0) + np.einsum("gi,gj->ij", U1, V1)
-    A = eng.AA - 0.5 * (CC + CC.T)
-    dA = -O.sum(axis=1).reshape(3, k, k)
-    S = np.einsum("abijkl,gkl->abgij", _SYM, P)  # (3, 3, G, 2, 2)
-    Sw = np.stack([S[..., 0, 0], S[..., 0, 1], S[..., 1, 1]], axis=2)  # (3, 3, 3, G)
-    hA = np.einsum("abcg,cgk->abk", Sw, O).reshape(3, 3, k, k)
+    # P = N Z (symmetric) and, per pair (a, b), S_ab = E_a P E_b + E_b P E_a, as (s00, s01, s11)
+    p00, p01, p11 = n00 * z00 + n01 * z01, n00 * z01 + n01 * z11, n10 * z01 + n11 * z11
+    zero = np.zeros_like(p00)
+    S = [(2 * p00, zero, zero), (2 * p01, p00, zero), (zero, p01, zero),
+         (2 * p11, 2 * p01, 2 * p00), (zero, p11, 2 * p01), (zero, zero, 2 * p11)]
+    # every k x k sum is sum_i W_i' R_i W_i with R_i symmetric: (r00, r01, r11) weight the outer
+    # products of the rows of W that the engine keeps (P00, P01, P11), as in its closed-form Gram sums
+
+    def sandwich(s00, s01, s11):  # R = N' S N
+        return (n00 * n00 * s00 + 2 * n00 * n10 * s01 + n10 * n10 * s11,
+                n00 * n01 * s00 + (n00 * n11 + n10 * n01) * s01 + n10 * n11 * s11,
+                n01 * n01 * s00 + 2 * n01 * n11 * s01 + n11 * n11 * s11)
+
+    one = np.ones_like(p00)
+    K = (d00 * n00 + d01 * n10, d00 * n01 + d01 * n11, d01 * n01 + d11 * n11)  # K = D N, symmetric
+    R = [K, sandwich(one, zero, zero), sandwich(zero, one, zero), sandwich(zero, zero, one)]
+    R += [sandwich(*sab) for sab in S]
+    Wt = np.array(R)  # (10, 3, G)
+    sums = Wt[:, 0] @ eng.P00 + Wt[:, 1] @ eng.P01 + Wt[:, 2] @ eng.P11
+    k = p + 1
+    A = eng.AA - sums[0].reshape(k, k)
+    dA = -sums[1:4].reshape(3, k, k)
+    hA = np.empty((3, 3, k, k))
+    for (a, b), m in zip(_PAIRS, sums[4:]):
+        hA[a, b] = hA[b, a] = m.reshape(k, k)
     ldv = float(np.log(det).sum())
-    dldv = np.array([P[:, 0, 0].sum(), 2.0 * P[:, 0, 1].sum(), P[:, 1, 1].sum()])
-    PE = np.einsum("gik,akj->agij", P, _E)
-    hldv = -np.einsum("agij,bgji->ab", PE, PE)
+    dldv = np.array([p00.sum(), 2.0 * p01.sum(), p11.sum()])
+    hldv = np.empty((3, 3))  # -tr(P E_a P E_b) = -tr(P S_ab) / 2
+    for (a, b), (s00, s01, s11) in zip(_PAIRS, S):
+        hldv[a, b] = hldv[b, a] = -0.5 * float(p00 @ s00 + 2.0 * p01 @ s01 + p11 @ s11)
     # the Schur complement r and log|A_xx|
     Axx = A[:p, :p]
     Ai = np.linalg.inv(Axx)

@@ -1,0 +1,94 @@
+"""The analytic gradient and Hessian of the random-slope criterion (engine/derivatives.py) against
+finite differences of the engine's own criterion, and the projected Newton that uses them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from therapist_effects.engine.derivatives import slope_deviance
+from therapist_effects.engine.gaussian import minimise_box, newton_box
+from therapist_effects.slopes import RandomSlopeModel, _criterion
+
+
+def _data(slope_kind: str, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    G, n = 60, 900
+    t = np.arange(n) % G
+    s = rng.integers(0, 2, n).astype(float) if slope_kind == "binary" else rng.normal(12.0, 4.0, n)
+    x = rng.normal(size=n)
+    ab = rng.multivariate_normal([0, 0], [[0.3, -0.05], [-0.05, 0.04]], size=G)
+    y = 2.0 + 0.4 * x + 0.2 * s + ab[t, 0] + ab[t, 1] * s + rng.normal(size=n)
+    return RandomSlopeModel(y, np.column_stack([np.ones(n), x, s]), t, s)._eng
+
+
+def _fd(f, g, h=1e-5):
+    """Central differences of a scalar (gradient) or vector (Jacobian of the gradient) function."""
+    return np.array([(f(g + h * e) - f(g - h * e)) / (2 * h) for e in np.eye(len(g))])
+
+
+POINTS = {"interior": [math.log(0.4), math.log(0.15), -0.35, math.log(0.9)],
+          "correlation -1": [math.log(0.5), math.log(0.1), -1.0, math.log(1.1)],
+          "correlation +1": [math.log(0.3), math.log(0.2), 1.0, math.log(0.8)]}
+
+
+@pytest.mark.parametrize("slope_kind", ["binary", "continuous"])
+@pytest.mark.parametrize("criterion", ["ml", "profiled_ml", "profiled_reml"])
+@pytest.mark.parametrize("point", list(POINTS))
+def test_derivatives_match_finite_differences(slope_kind, criterion, point):
+    eng = _data(slope_kind)
+    g = np.array(POINTS[point])
+    f, grad, hess = slope_deviance(eng, g, criterion)
+    # the value is the engine's criterion (lme4's deviance / REMLcrit, or the ML deviance at s2)
+    assert f == pytest.approx(_criterion(eng, g, criterion), rel=1e-12)
+    # at a correlation of +-1 the engine's theta is not differentiable in rho (sqrt(1 - rho^2)), the
+    # criterion in D = [[a^2, rho a b], [rho a b, b^2]] is: difference that one there
+    value = (lambda v: _criterion(eng, v, criterion)) if point == "interior" else (
+        lambda v: slope_deviance(eng, v, criterion)[0])
+    fd_grad = _fd(value, g)
+    np.testing.assert_allclose(grad, fd_grad, rtol=1e-6, atol=1e-6 * np.max(np.abs(fd_grad)))
+    fd_hess = _fd(lambda v: slope_deviance(eng, v, criterion)[1], g)
+    np.testing.assert_allclose(hess, fd_hess, rtol=1e-5, atol=1e-6 * np.max(np.abs(fd_hess)))
+    np.testing.assert_allclose(hess, hess.T, rtol=1e-12, atol=1e-9)
+    if criterion != "ml":  # s2 profiled out: no dependence on g[3]
+        assert grad[3] == 0.0 and not hess[3].any()
+
+
+def test_zero_variance_is_exact():
+    """A variance of exactly 0 (log SD -inf): finite value equal to the engine's, zero derivatives in
+    the vanished SD and the correlation."""
+    eng = _data("binary")
+    g = np.array([-math.inf, math.log(0.2), 0.3, math.log(0.9)])
+    f, grad, hess = slope_deviance(eng, g, "ml")
+    assert math.isfinite(f) and f == pytest.approx(_criterion(eng, g, "ml"), rel=1e-12)
+    assert grad[0] == 0.0 and grad[2] == 0.0 and np.all(np.isfinite(hess))
+    g2 = g.copy()
+    g2[2] = -0.8  # the correlation does not enter
+    assert slope_deviance(eng, g2, "ml")[0] == pytest.approx(f, rel=1e-14)
+
+
+def test_newton_box_reaches_the_bound_and_the_interior_optimum():
+    """Against the bounded Nelder-Mead of the engine on the correlation bound (a profile of the
+    residual variance at s2 = 1), and exactly on the bound of a quadratic."""
+    eng = _data("binary")
+    J = np.vstack([np.eye(3), np.zeros(3)])  # z = (log t1, log t2, rho) at s2 = 1
+    g0 = np.zeros(4)
+    lows, ups = np.array([-np.inf, -np.inf, -1.0]), np.array([np.inf, np.inf, 1.0])
+
+    def fgh(z):
+        f, gr, H = slope_deviance(eng, g0 + J @ z, "ml")
+        return f, J.T @ gr, J.T @ H @ J
+
+    x0 = np.array([math.log(0.3), math.log(0.1), 0.0])
+    xn, fn, ok = newton_box(fgh, x0, lows, ups)
+    xm, fm, _ = minimise_box(lambda z: _criterion(eng, g0 + J @ z, "ml"), x0, lows, ups)
+    assert ok and fn <= fm + 1e-9
+    np.testing.assert_allclose(xn, xm, atol=1e-4)
+    # a quadratic whose minimum lies outside the box: held exactly at the bound
+    A = np.array([[2.0, 0.5], [0.5, 1.0]])
+    b = np.array([-4.0, 1.0])
+    x, f, ok = newton_box(lambda z: (0.5 * z @ A @ z + b @ z, A @ z + b, A), np.zeros(2),
+                          np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+    assert ok and x.tolist() == [1.0, -1.0]  # the KKT point: both gradients point out of the box
