@@ -42,6 +42,9 @@ from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, Stat
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 
 _VC = ("therapist", "therapist_slope", "residual")
+#: lower bound of the log relative SDs in the profiles' inner problems: an SD of exp(-50) ~ 2e-22
+#: (relative to sigma) is 0 to double precision, and a bound lets Newton stop there
+_LOG_SD_FLOOR = -50.0
 
 
 def slope_design(df: pd.DataFrame, outcome: str, covariates, therapist: str, slope: str):
@@ -248,8 +251,10 @@ class RandomSlopeResults(ModelResults):
         th, dmin, s2, t1, t2, rho = self._ml()
         q = chi2_cut(level)
         # inner problems on log SDs (scale-free steps; the relative SDs differ by orders of
-        # magnitude when the slope variable is on a wide scale) and the correlation on [-1, 1]
-        lows3, ups3 = np.array([-np.inf, -np.inf, -1.0]), np.array([np.inf, np.inf, 1.0])
+        # magnitude when the slope variable is on a wide scale; bounded below by _LOG_SD_FLOOR) and the
+        # correlation on [-1, 1]
+        fl = _LOG_SD_FLOOR
+        ups3 = np.array([np.inf, np.inf, 1.0])
         state: dict = {}
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
@@ -291,7 +296,7 @@ class RandomSlopeResults(ModelResults):
 
             def excess(c):
                 state["c"] = c
-                return inner(np.array([0.0, 0.0, c, 0.0]), J, "profiled_ml", np.full(2, -np.inf),
+                return inner(np.array([0.0, 0.0, c, 0.0]), J, "profiled_ml", np.full(2, fl),
                              np.full(2, np.inf)) - dmin
             kw = dict(lower=-1.0, upper=1.0, step=0.05)
             est = rho
@@ -308,7 +313,7 @@ class RandomSlopeResults(ModelResults):
                 g0 = np.zeros(4)
                 g0[k] = 0.5 * math.log(c) if c > 0.0 else -math.inf
                 # a variance of 0: the correlation (z[2]) no longer enters the criterion
-                return inner(g0, J, "ml", lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
+                return inner(g0, J, "ml", np.array([-np.inf, fl, -1.0]), ups3, drop=2 if c <= 0.0 else None) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
@@ -317,7 +322,7 @@ class RandomSlopeResults(ModelResults):
 
             def excess(c):
                 state["c"] = c
-                return inner(np.array([0.0, 0.0, 0.0, math.log(c)]), J, "ml", lows3, ups3) - dmin
+                return inner(np.array([0.0, 0.0, 0.0, math.log(c)]), J, "ml", np.array([fl, fl, -1.0]), ups3) - dmin
             est = s2
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:

@@ -531,27 +531,32 @@ def newton_box(fgh: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]]
     A coordinate at a bound whose gradient points out of the box is held there (so an inner optimum
     on the boundary, a correlation of +-1, is reached exactly); the others take the Newton step,
     with a diagonal shift where their Hessian is not positive definite, projected onto the box and
-    halved until the criterion does not increase. Converged (``ok``) when the Newton decrement
-    ``g' H^-1 g`` of the free coordinates is below ``tol`` (criterion units) at a positive-definite
-    Hessian, or the criterion cannot decrease further within its rounding at a decrement below
-    ``1e3 tol``; otherwise ``ok`` is False and the caller falls back to :func:`minimise_box`."""
+    halved until the criterion does not increase. A coordinate that keeps drifting towards a finite
+    bound by at least ``0.5`` a step (a log SD whose optimum is an SD of 0: Newton only halves the
+    distance in the criterion there) is tried on the bound. Converged (``ok``) when the Newton
+    decrement ``g' H^-1 g`` of the free coordinates is below ``tol`` (criterion units) at a positive
+    semi-definite Hessian, or the criterion cannot decrease further within its rounding at a
+    decrement below ``1e3 tol``; otherwise ``ok`` is False and the caller falls back to
+    :func:`minimise_box`."""
     x = np.minimum(np.maximum(np.asarray(x0, dtype=float), lows), ups)
     f, g, H = fgh(x)
     if not math.isfinite(f):
         return x, f, False
+    drift = np.zeros(len(x))
     for _ in range(max_iter):
         free = ~(((x <= lows) & (g > 0)) | ((x >= ups) & (g < 0)))
         if not free.any():
             return x, f, True
         Hf, gf = H[np.ix_(free, free)], g[free]
         eig = np.linalg.eigvalsh(Hf)
-        shifted = not eig[0] > 1e-12 * max(eig[-1], 1e-300)
-        if shifted:
-            Hf = Hf + (abs(eig[0]) + 1e-6 * max(abs(eig[-1]), 1.0)) * np.eye(len(gf))
+        scale = max(abs(eig[-1]), 1.0)
+        psd = eig[0] > -1e-9 * scale
+        if not eig[0] > 1e-12 * scale:
+            Hf = Hf + (abs(eig[0]) + 1e-6 * scale) * np.eye(len(gf))
         step = np.zeros(len(x))
         step[free] = -np.linalg.solve(Hf, gf)
         dec = float(-gf @ step[free])
-        if not shifted and dec < tol:
+        if psd and dec < tol:
             return x, f, True
         t = 1.0
         for _ in range(40):
@@ -561,8 +566,17 @@ def newton_box(fgh: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]]
                 break
             t /= 2
         else:
-            return x, f, (not shifted and dec < 1e3 * tol)
+            return x, f, psd and dec < 1e3 * tol
+        moved = xn - x
+        drift = np.where(np.sign(moved) * np.sign(drift) > 0, drift + moved, moved)
+        jump = (np.abs(drift) >= 1.0) & (np.abs(moved) >= 0.5) & np.isfinite(np.where(moved < 0, lows, ups))
+        if jump.any():  # try the drifting coordinates on their bounds
+            xj = xn.copy()
+            xj[jump] = np.where(moved < 0, lows, ups)[jump]
+            fj, gj, Hj = fgh(xj)
+            if fj <= fn:
+                xn, fn, gn, Hn = xj, fj, gj, Hj
         if np.array_equal(xn, x):
-            return x, f, (not shifted and dec < 1e3 * tol)
+            return x, f, psd and dec < 1e3 * tol
         x, f, g, H = xn, fn, gn, Hn
     return x, f, False
