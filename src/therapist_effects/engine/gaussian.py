@@ -523,14 +523,15 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
 
 
 def newton_box(fgh: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]], x0: np.ndarray,
-               lows: np.ndarray, ups: np.ndarray, max_iter: int = 60, tol: float = 1e-11
+               lows: np.ndarray, ups: np.ndarray, max_iter: int = 100, tol: float = 1e-11
                ) -> tuple[np.ndarray, float, bool]:
     """Projected Newton on the box ``lows <= x <= ups`` with the analytic value, gradient and
     Hessian ``fgh(x)`` (e.g. :func:`therapist_effects.engine.derivatives.slope_deviance`).
 
     A coordinate at a bound whose gradient points out of the box is held there (so an inner optimum
     on the boundary, a correlation of +-1, is reached exactly); the others take the Newton step,
-    with a diagonal shift where their Hessian is not positive definite, projected onto the box and
+    with the absolute values of the Hessian's eigenvalues (a descent step along a direction of
+    negative curvature), projected onto the box and
     halved until the criterion does not increase. A coordinate that keeps drifting towards a finite
     bound by at least ``0.5`` a step (a log SD whose optimum is an SD of 0: Newton only halves the
     distance in the criterion there) is tried on the bound. Converged (``ok``) when the Newton
@@ -548,13 +549,13 @@ def newton_box(fgh: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]]
         if not free.any():
             return x, f, True
         Hf, gf = H[np.ix_(free, free)], g[free]
-        eig = np.linalg.eigvalsh(Hf)
+        eig, vec = np.linalg.eigh(Hf)
         scale = max(abs(eig[-1]), 1.0)
         psd = eig[0] > -1e-9 * scale
-        if not eig[0] > 1e-12 * scale:
-            Hf = Hf + (abs(eig[0]) + 1e-6 * scale) * np.eye(len(gf))
+        # negative or vanishing curvature: |eigenvalue| (a descent step along that direction)
+        eig = np.maximum(np.abs(eig), 1e-12 * scale)
         step = np.zeros(len(x))
-        step[free] = -np.linalg.solve(Hf, gf)
+        step[free] = -vec @ ((vec.T @ gf) / eig)
         dec = float(-gf @ step[free])
         if psd and dec < tol:
             return x, f, True
