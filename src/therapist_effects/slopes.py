@@ -233,7 +233,7 @@ class RandomSlopeResults(ModelResults):
     def _ml(self):
         if "ml" not in self._cache:
             if self._reml:
-                th, dmin, _ = self._eng.fit(False, self.theta)
+                th, dmin = self._ml_refit()
             else:
                 th, dmin = self.theta, self._crit_min
             s2 = self._eng.scale(th, False)
@@ -242,6 +242,46 @@ class RandomSlopeResults(ModelResults):
             rho = th[1] / t2 if t1 > 0 and t2 > 0 else 0.0
             self._cache["ml"] = (th, dmin, s2, t1, t2, rho)
         return self._cache["ml"]
+
+    def _ml_refit(self) -> tuple[np.ndarray, float]:
+        """ML optimum ``(theta, deviance)`` from the REML one: Newton with the analytic derivatives in
+        ``(log t1, log t2, rho)`` (a few steps: the two optima are close; an SD at the floor is 0,
+        a correlation of +-1 is held on its bound, so a singular ML fit is exactly singular), or the
+        engine's global search where Newton cannot vouch for its answer."""
+        eng, fl = self._eng, _LOG_SD_FLOOR
+        th = self.theta
+        t1, t2 = th[0], math.hypot(th[1], th[2])
+        z0 = np.array([math.log(max(t1, math.exp(fl))), math.log(max(t2, math.exp(fl))),
+                       th[1] / t2 if t1 > 0.0 and t2 > 0.0 else 0.0])
+        lows, ups = np.array([fl, fl, -1.0]), np.array([np.inf, np.inf, 1.0])
+
+        def fgh(z):
+            f, grad, hess = slope_deviance(eng, np.append(z, 0.0), "profiled_ml")
+            return f, grad[:3], hess[:3, :3]
+        z, fz, ok = newton_box(fgh, z0, lows, ups)
+        if not ok:
+            th_ml, dmin, _ = eng.fit(False, th)
+            return th_ml, dmin
+        sd = [0.0 if v <= fl else math.exp(v) for v in z[:2]]
+        th_ml = _theta(sd[0], sd[1], z[2])
+        return th_ml, eng.crit(th_ml, False)
+
+    def _wald_step(self, name: str, q: float) -> float | None:
+        """Distance from the ML estimate to the profile limit predicted by the quadratic approximation
+        of the ML deviance (its analytic Hessian at the optimum), on the scale the profile steps on
+        (log variance, correlation); None at a boundary estimate or a Hessian that is not positive
+        definite (the profile then steps from its default)."""
+        th, _, s2, t1, t2, rho = self._ml()
+        if not (t1 > 0.0 and t2 > 0.0 and abs(rho) < 1.0):
+            return None
+        _, _, hess = slope_deviance(self._eng, np.array([math.log(t1), math.log(t2), rho, math.log(s2)]), "ml")
+        grad = {"therapist": [2.0, 0.0, 0.0, 1.0], "therapist_slope": [0.0, 2.0, 0.0, 1.0],
+                "residual": [0.0, 0.0, 0.0, 1.0], "correlation": [0.0, 0.0, 1.0, 0.0]}[name]
+        try:
+            var = 2.0 * float(np.asarray(grad) @ np.linalg.solve(hess, grad))  # deviance: cov = 2 H^-1
+        except np.linalg.LinAlgError:
+            return None
+        return math.sqrt(q * var) if var > 0.0 and math.isfinite(var) else None
 
     def _profile(self, name: str, level: float) -> tuple[float, float]:
         key = ("profile", name, level)
@@ -327,10 +367,17 @@ class RandomSlopeResults(ModelResults):
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:
             raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, residual or correlation")
+        wald = self._wald_step(name, q)
+        if wald is not None:  # the first trial near the root the quadratic approximation predicts
+            # (at most a factor e^2 on a variance, 0.5 on the correlation: the approximation is local)
+            kw["step"] = min(wald, 2.0 if kw.get("log_scale") else 0.5)
+
+        def signed_root(c):  # nearly linear in c: Brent's interpolation converges in a few steps
+            return math.sqrt(max(excess(c), 0.0))
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
-            lim = profile_limit(excess, est, q, d, **kw)
+            lim = profile_limit(signed_root, est, math.sqrt(q), d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
                 self._warn(f"profile likelihood of {name} does not reach the {level:.0%} cut-off "
