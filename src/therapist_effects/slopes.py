@@ -94,6 +94,47 @@ def _criterion(eng: BlockEngine, g: np.ndarray, criterion: str) -> float:
     return eng.dev_ml(th, math.exp(g[3])) if criterion == "ml" else eng.crit(th, criterion == "profiled_reml")
 
 
+def _newton_fit(eng: BlockEngine, criterion: str, theta0: np.ndarray) -> tuple[np.ndarray, float, bool] | None:
+    """Minimum ``(theta, criterion, trusted)`` of lme4's deviance (``"profiled_ml"``) or REMLcrit
+    (``"profiled_reml"``) by :func:`~therapist_effects.engine.gaussian.newton_box` in ``(log t1,
+    log t2, rho)`` from ``theta0``: a correlation of +-1 is held exactly on its bound, so such a
+    singular optimum is exactly singular. None when Newton does not vouch for its answer; not
+    ``trusted`` when an SD ends at the floor (the log scale cannot tell an SD of 0 from a small one)
+    or an SD or a diagonal of theta ends within ``(0, 1e-3)``, near the boundary but not on it."""
+    fl = _LOG_SD_FLOOR
+    t1, t2 = theta0[0], math.hypot(theta0[1], theta0[2])
+    z0 = np.array([math.log(max(t1, math.exp(fl))), math.log(max(t2, math.exp(fl))),
+                   theta0[1] / t2 if t1 > 0.0 and t2 > 0.0 else 0.0])
+
+    def fgh(z):
+        f, grad, hess = slope_deviance(eng, np.append(z, 0.0), criterion)
+        return f, grad[:3], hess[:3, :3]
+    z, _, ok = newton_box(fgh, z0, np.array([fl, fl, -1.0]), np.array([np.inf, np.inf, 1.0]))
+    if not ok:
+        return None
+    sd = [0.0 if v <= fl else math.exp(v) for v in z[:2]]
+    theta = _theta(sd[0], sd[1], z[2])
+    trusted = not any(0.0 <= v < 1e-3 for v in sd) and not any(0.0 < theta[k] < 1e-3 for k in (0, 2))
+    return theta, eng.crit(theta, criterion == "profiled_reml"), trusted
+
+
+def _optimum(eng: BlockEngine, reml: bool, theta0: np.ndarray, global_start: np.ndarray | None = None
+             ) -> tuple[np.ndarray, float, bool]:
+    """Exact optimum ``(theta, criterion, converged)``: :func:`_newton_fit` from ``theta0`` where it
+    vouches for its answer; otherwise the engine's global search (interior and every face of the
+    boundary, :func:`~therapist_effects.engine.gaussian.minimise_theta`, from ``global_start``),
+    unless Newton's point is lower than the search's answer (the search can stop short of the
+    optimum: e.g. at a face of the boundary 5 units of deviance above it)."""
+    criterion = "profiled_reml" if reml else "profiled_ml"
+    cand = _newton_fit(eng, criterion, theta0)
+    if cand is not None and cand[2]:
+        return cand[0], cand[1], True
+    theta, fmin, ok = eng.fit(reml, global_start)
+    if cand is not None and cand[1] < fmin - 1e-9:
+        return cand[0], cand[1], True
+    return theta, fmin, ok
+
+
 def _correlation(theta: np.ndarray) -> float:
     """Intercept-slope correlation of lme4's theta: ``l21 / sqrt(l21^2 + l22^2)`` (exactly +-1 on
     the boundary l22 = 0); NaN when either variance is 0."""
@@ -171,7 +212,10 @@ class RandomSlopeModel:
                    slope_name=slope, method=method)
 
     def fit(self) -> RandomSlopeResults:
-        theta, fmin, ok = self._eng.fit(self.method == "REML")
+        """Exact optimum (:func:`_optimum`): Newton with the analytic derivatives from lme4's start
+        (Lambda = I on the engine's centred scale), or the engine's global search."""
+        start = self._eng.from_centred(np.array([1.0, 0.0, 1.0]))
+        theta, fmin, ok = _optimum(self._eng, self.method == "REML", start)
         return RandomSlopeResults(self, theta, fmin, ok)
 
 
@@ -233,7 +277,7 @@ class RandomSlopeResults(ModelResults):
     def _ml(self):
         if "ml" not in self._cache:
             if self._reml:
-                th, dmin = self._ml_refit()
+                th, dmin, _ = _optimum(self._eng, False, self.theta, self.theta)  # close: a few Newton steps
             else:
                 th, dmin = self.theta, self._crit_min
             s2 = self._eng.scale(th, False)
@@ -242,29 +286,6 @@ class RandomSlopeResults(ModelResults):
             rho = th[1] / t2 if t1 > 0 and t2 > 0 else 0.0
             self._cache["ml"] = (th, dmin, s2, t1, t2, rho)
         return self._cache["ml"]
-
-    def _ml_refit(self) -> tuple[np.ndarray, float]:
-        """ML optimum ``(theta, deviance)`` from the REML one: Newton with the analytic derivatives in
-        ``(log t1, log t2, rho)`` (a few steps: the two optima are close; an SD at the floor is 0,
-        a correlation of +-1 is held on its bound, so a singular ML fit is exactly singular), or the
-        engine's global search where Newton cannot vouch for its answer."""
-        eng, fl = self._eng, _LOG_SD_FLOOR
-        th = self.theta
-        t1, t2 = th[0], math.hypot(th[1], th[2])
-        z0 = np.array([math.log(max(t1, math.exp(fl))), math.log(max(t2, math.exp(fl))),
-                       th[1] / t2 if t1 > 0.0 and t2 > 0.0 else 0.0])
-        lows, ups = np.array([fl, fl, -1.0]), np.array([np.inf, np.inf, 1.0])
-
-        def fgh(z):
-            f, grad, hess = slope_deviance(eng, np.append(z, 0.0), "profiled_ml")
-            return f, grad[:3], hess[:3, :3]
-        z, fz, ok = newton_box(fgh, z0, lows, ups)
-        if not ok:
-            th_ml, dmin, _ = eng.fit(False, th)
-            return th_ml, dmin
-        sd = [0.0 if v <= fl else math.exp(v) for v in z[:2]]
-        th_ml = _theta(sd[0], sd[1], z[2])
-        return th_ml, eng.crit(th_ml, False)
 
     def _wald_step(self, name: str, q: float) -> float | None:
         """Distance from the ML estimate to the profile limit predicted by the quadratic approximation
