@@ -426,7 +426,7 @@ class RandomSlopeResults(ModelResults):
 
         def refit(ystar):
             e = _with_y(eng, ystar)
-            th, _, ok = e.fit(reml, self.theta)
+            th, _, ok = _optimum(e, reml, self.theta, self.theta)
             s2 = e.scale(th, reml)
             L = np.array([[th[0], 0.0], [th[1], th[2]]])
             cv = s2 * L @ L.T
