@@ -137,3 +137,43 @@ def test_fit_no_lower_than_lme4_singular_stop():
     assert res.loglik > ref["logLik"] + 0.01
     _, f_search, _ = res._eng.fit(True)
     assert -2 * res.loglik <= f_search + 1e-9
+
+
+def test_slope_variance_limit_is_the_profile_root_on_a_wide_scale():
+    """A continuous slope variable on a wide scale (mean 500, SD 100; slope variance ~1e-5): the upper
+    limit of the slope variance is where the profile deviance, minimised over the other parameters
+    by an independent multi-start search (scipy Nelder-Mead and L-BFGS-B), reaches qchisq(.95, 1).
+    (The former finite-difference inner search stopped short there: its limit was 37% too low.)"""
+    from scipy import optimize
+
+    from therapist_effects.engine.inference import chi2_cut
+
+    rng = np.random.default_rng(1011)
+    G, m = int(rng.integers(10, 60)), int(rng.integers(5, 25))
+    n = G * m
+    t = np.repeat(np.arange(G), m)
+    s = rng.normal(500, 100, n)
+    x = rng.normal(size=n)
+    sa, sb, r = rng.choice([0.0, 0.2, 0.6]), rng.choice([0.0, 0.1, 0.4]) * 0.01, rng.uniform(-0.9, 0.9)
+    ab = rng.multivariate_normal([0, 0], [[sa ** 2, r * sa * sb], [r * sa * sb, sb ** 2]], size=G)
+    y = 1 + 0.3 * x + 0.002 * s + ab[t, 0] + ab[t, 1] * s + rng.normal(size=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = RandomSlopeModel(y, np.column_stack([np.ones(n), x, s]), t, s).fit()
+        lo, hi = res.interval("therapist_slope")
+    eng = res._eng
+    _, dmin, s2, t1, _, _ = res._ml()
+
+    def profile(c):  # z = (log sigma, log t1, rho); the slope variance fixed at c
+        def f(z):
+            return _criterion(eng, np.array([z[1], 0.5 * math.log(c) - z[0], z[2], 2 * z[0]]), "ml")
+        best = math.inf
+        for rho in (-0.9, 0.0, 0.9):
+            z0 = np.array([0.5 * math.log(s2), math.log(max(t1, 1e-8)), rho])
+            for method in ("Nelder-Mead", "L-BFGS-B"):
+                best = min(best, optimize.minimize(f, z0, method=method, bounds=[(-20, 20), (-50, 20), (-1, 1)],
+                                                   options={"maxiter": 20000}).fun)
+        return best - dmin
+    assert lo == 0.0 and 0.0 < hi < 1e-4
+    assert profile(hi) == pytest.approx(chi2_cut(0.95), abs=1e-5)
+    assert profile(0.9 * hi) < chi2_cut(0.95) < profile(1.1 * hi)
