@@ -43,7 +43,7 @@ from .arm import arm_design, arm_labels
 from .arm import _label as _arm_label
 from .classify import classify_effects
 from .design import group_codes
-from .engine.inference import DEFAULT_N_BOOT
+from .engine.inference import DEFAULT_N_BOOT, chi2_cut, profile_limit
 from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from .glmm import (
@@ -51,22 +51,21 @@ from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
     LogisticRandomInterceptModel,
-    _bernoulli_loglik,
     _gauss_hermite,
     _jsonable,
     _safe_inv,
     _single_thread_blas,
     check_binary,
+    check_binary_design,
     check_quadrature,
+    latent_icc,
+    observed_information,
+    quadrature,
 )
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
 
 _C = LATENT_RESIDUAL_VARIANCE
-
-
-def _latent_icc(s2):
-    return s2 / (s2 + _C)
 
 
 @dataclass
@@ -90,18 +89,8 @@ class LogisticArmVarianceModel:
     method : ``"laplace"`` or ``"agq"`` (with ``n_quad`` nodes)
     """
 
-    def __init__(
-        self,
-        endog,
-        exog,
-        therapist,
-        arm,
-        *,
-        exog_names: Sequence[str] | None = None,
-        feedback_level=1,
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> None:
+    def __init__(self, endog, exog, therapist, arm, *, exog_names: Sequence[str] | None = None, feedback_level=1,
+                 method: str = "laplace", n_quad: int = 10) -> None:
         method, n_quad = check_quadrature(method, n_quad)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
@@ -118,17 +107,8 @@ class LogisticArmVarianceModel:
             raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
         if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
             raise ModelError("therapist or arm is missing for some patients; drop them first")
-        if not np.all((y == 0) | (y == 1)):
-            bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
-            raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
-        if y.min() == y.max():
-            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
+        names = check_binary_design(y, X, exog_names)
         p = X.shape[1]
-        names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
-        if len(names) != p:
-            raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
-        if np.linalg.matrix_rank(X) < p:
-            raise ModelError(f"fixed-effects design {names} is rank deficient")
         labels = arm_labels(arm)
         levels = sorted(set(labels))
         fb = _arm_label(feedback_level)
@@ -176,18 +156,9 @@ class LogisticArmVarianceModel:
         self._v_warm = np.zeros(self.n_blocks)
 
     @classmethod
-    def from_frame(
-        cls,
-        df: pd.DataFrame,
-        outcome: str,
-        covariates: Sequence[str] = (),
-        *,
-        therapist: str = "therapist",
-        arm: str = "arm",
-        feedback_level=1,
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> LogisticArmVarianceModel:
+    def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *, therapist: str = "therapist",
+                   arm: str = "arm", feedback_level=1, method: str = "laplace", n_quad: int = 10
+                   ) -> LogisticArmVarianceModel:
         """``outcome ~ covariates + arm`` with a therapist variance per arm, from a patient table
         (the arm coded as in :func:`therapist_effects.arm.arm_design`)."""
         y, X, names, _ind, _name = arm_design(
@@ -221,23 +192,8 @@ class LogisticArmVarianceModel:
         W = self._gsum(w)
         H = 1.0 + sb * sb * W
         sigma = 1.0 / np.sqrt(H)
-        t, loga = self._t, self._loga
-        if t.size == 1:
-            vk = v[:, None]
-            mu = mu0[:, None]
-            eta = (eta0 + sp * v[g])[:, None]
-        else:
-            vk = v[:, None] + sigma[:, None] * t[None, :]
-            eta = eta0[:, None] + sp[:, None] * vk[g]
-            mu = expit(eta)
-        hk = self._gsum(_bernoulli_loglik(y[:, None], eta)) - 0.5 * vk**2
-        la = loga[None, :] + hk
-        if t.size == 1:
-            logS = la[:, 0]
-        else:
-            top = la.max(axis=1)
-            logS = top + np.log(np.exp(la - top[:, None]).sum(axis=1))
-        loglik = float(np.sum(np.log(sigma) + logS))
+        t = self._t
+        vk, mu, la, logS, loglik = quadrature(y, g, self._gsum, eta0, sp, v, mu0, sigma, t, self._loga)
         if not grad:
             return _Eval(loglik, None, v, H, ok)
         pi = np.exp(la - logS[:, None])
@@ -315,17 +271,7 @@ class LogisticArmVarianceModel:
         """Observed information by central differences of the analytic gradient (free coordinates)."""
         p = self.k_fe
         idx = np.arange(theta.size) if free is None else np.flatnonzero(free)
-        m = idx.size
-        Hm = np.zeros((m, m))
-        for a, i in enumerate(idx):
-            step = 1e-4 * max(1.0, abs(theta[i]))
-            tp, tm = theta.copy(), theta.copy()
-            tp[i] += step
-            tm[i] -= step
-            gp = self._evaluate(tp[:p], tp[p:]).grad[idx]
-            gm = self._evaluate(tm[:p], tm[p:]).grad[idx]
-            Hm[:, a] = -(gp - gm) / (tp[i] - tm[i])
-        return 0.5 * (Hm + Hm.T)
+        return observed_information(lambda th: self._evaluate(th[:p], th[p:]).grad, theta, idx)
 
     def _fit_from(self, theta0, free):
         """Laplace stage, then (AGQ) the quadrature stage started at the Laplace maximum."""
@@ -447,7 +393,7 @@ class LogisticArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------ point estimates
     def icc_point(self) -> np.ndarray:
         """Latent-scale ICC per arm (control, feedback)."""
-        return _latent_icc(self.s**2)
+        return latent_icc(self.s**2)
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
@@ -504,13 +450,13 @@ class LogisticArmVarianceResults(ModelResults):
             r = float(value)
             free = np.ones(p + 2, bool)
             free[p + 1] = False
-            if r * _latent_icc(th0[p] ** 2) >= 0.5:  # start inside ICC_feedback = r * ICC_control < 1
+            if r * latent_icc(th0[p] ** 2) >= 0.5:  # start inside ICC_feedback = r * ICC_control < 1
                 i0 = 0.5 / r
                 th0[p] = math.sqrt(_C * i0 / (1.0 - i0))
 
             def transform(th, r=r):
                 s0 = th[p]
-                i0 = _latent_icc(s0 * s0)
+                i0 = latent_icc(s0 * s0)
                 i1 = r * i0
                 if i1 >= 1.0 - 1e-12:
                     return None, None
@@ -538,55 +484,41 @@ class LogisticArmVarianceResults(ModelResults):
 
     def _profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
         """Likelihood-ratio interval of s_a (``"s0"``/``"s1"``) or of the ICC ratio (``"ratio"``):
-        where 2 (l_max - l_profile) reaches the chi2_1 quantile; a lower end at 0 where the deviance
-        at 0 stays below it."""
+        where 2 (l_max - l_profile) reaches the chi2_1 quantile, by the shared outward-bracketing
+        root search (:func:`~therapist_effects.engine.inference.profile_limit`); the lower end is 0
+        where the deviance at 0 stays below it, and the ratio is unbounded above when a control ICC
+        of 0 is inside its interval."""
         key = (name, level)
         if key in self._profile_cache:
             return self._profile_cache[key]
-        q = stats.chi2.ppf(level, 1)
+        q = chi2_cut(level)
         lmax = self.loglik
 
-        def dev(x):
-            return math.sqrt(max(2.0 * (lmax - self._profile_ll(name, x)), 0.0)) - math.sqrt(q)
+        def excess(x):
+            return max(2.0 * (lmax - self._profile_ll(name, x)), 0.0)
 
         if name == "ratio":
             est = self.ratio_point()
-            if not np.isfinite(est):
-                self._profile_cache[key] = (float("nan"), float("nan"))
-                return self._profile_cache[key]
-            scale = max(0.5 * est, 0.1)
+            step = max(0.5 * est, 0.1)
         else:
             est = float(self.s[int(name[1])])
-            scale = max(0.3 * est, 0.05)
-        ends = []
-        # lower end
-        if est <= 0 or dev(0.0) <= 0:
-            ends.append(0.0)
+            step = max(0.3 * est, 0.05)
+        if not np.isfinite(est):
+            out = (math.nan, math.nan)
+        elif name == "ratio" and self._profile_interval("s0", level)[0] == 0.0:
+            out = (self._profile_end(excess, est, q, -1, step), math.inf)
         else:
-            ends.append(optimize.brentq(dev, 0.0, est, rtol=1e-6, xtol=1e-9))
-        if name == "ratio" and self._profile_interval("s0", level)[0] == 0.0:
-            # a control ICC of 0 is inside its interval: ICC_feedback / ICC_control is unbounded above
-            out = (float(ends[0]), float("inf"))
-            self._profile_cache[key] = out
-            return out
-        # upper end: step outward until the deviance exceeds the quantile
-        a, x = est, est + scale
-        found = False
-        for _ in range(60):
-            if dev(x) > 0:
-                found = True
-                break
-            a, x = x, x + scale
-            scale *= 1.6
-        if found:
-            ends.append(optimize.brentq(dev, a, x, rtol=1e-6, xtol=1e-9))
-        else:
-            warnings.warn(f"profile interval for {name}: deviance did not reach the chi2 quantile; end set to {x:g}",
-                          StatisticalWarning, stacklevel=3)
-            ends.append(x)
-        out = (float(ends[0]), float(ends[1]))
+            out = (self._profile_end(excess, est, q, -1, step), self._profile_end(excess, est, q, 1, step))
         self._profile_cache[key] = out
         return out
+
+    @staticmethod
+    def _profile_end(excess, est: float, q: float, direction: int, step: float) -> float:
+        lim = profile_limit(excess, est, q, direction, lower=0.0, step=step, growth=1.6, xtol=1e-9, rtol=1e-6)
+        if not lim.found:
+            warnings.warn("profile interval: the deviance did not reach the chi2 quantile; that end is open",
+                          StatisticalWarning, stacklevel=4)
+        return float(lim.value)
 
     # ------------------------------------------------------------------ intervals
     @_single_thread_blas
@@ -602,7 +534,7 @@ class LogisticArmVarianceResults(ModelResults):
         for a, lv in enumerate(self.model.arm_levels):
             lo, hi = self.variance_interval(a, level)
             rows.append({"arm": lv, "role": "control" if a == 0 else "feedback", "estimate": float(icc[a]),
-                         "ci_low": float(_latent_icc(lo)), "ci_high": float(_latent_icc(hi)), "ci_method": "profile"})
+                         "ci_low": float(latent_icc(lo)), "ci_high": float(latent_icc(hi)), "ci_method": "profile"})
         return pd.DataFrame(rows).set_index("arm")
 
     @_single_thread_blas

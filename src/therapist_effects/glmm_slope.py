@@ -61,15 +61,14 @@ from .glmm import (
     _jsonable,
     _safe_inv,
     _single_thread_blas,
+    check_binary_design,
+    check_quadrature,
+    latent_icc,
 )
 
 __all__ = ["LogisticRandomSlopeModel", "LogisticRandomSlopeResults"]
 
 _C = LATENT_RESIDUAL_VARIANCE
-
-
-def _latent_icc(v):
-    return v / (v + _C)
 
 
 def _cov(theta) -> np.ndarray:
@@ -139,15 +138,7 @@ class LogisticRandomSlopeModel:
     def __init__(self, endog, exog, therapist, slope, *, exog_names: Sequence[str] | None = None,
                  slope_name: str = "feedback", arm_levels: Sequence[str] | None = None,
                  method: str = "laplace", n_quad: int = 10) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
+        method, n_quad = check_quadrature(method, n_quad)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
         if X.ndim == 1:
@@ -163,17 +154,8 @@ class LogisticRandomSlopeModel:
             raise ModelError("outcome, covariates or slope contain missing/non-finite values; drop them first")
         if pd.isna(pd.Series(therapist)).any():
             raise ModelError("therapist is missing for some patients; drop them first")
-        if not np.all((y == 0) | (y == 1)):
-            bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
-            raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
-        if y.min() == y.max():
-            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
+        names = check_binary_design(y, X, exog_names)
         p = X.shape[1]
-        names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
-        if len(names) != p:
-            raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
-        if np.linalg.matrix_rank(X) < p:
-            raise ModelError(f"fixed-effects design {names} is rank deficient")
         tcode, tlabels = group_codes(therapist)
         G = len(tlabels)
         lo = np.full(G, np.inf)
@@ -550,7 +532,7 @@ class LogisticRandomSlopeResults(ModelResults):
         return np.array([s0 * s0, s1 * s1])
 
     def icc_point(self) -> np.ndarray:
-        return _latent_icc(self.variance_by_arm())
+        return latent_icc(self.variance_by_arm())
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
@@ -590,7 +572,7 @@ class LogisticRandomSlopeResults(ModelResults):
 
             def full(ps):
                 sc_, ratio, r_ = ps[p], ps[p + 1], ps[p + 2]
-                i1 = ratio * _latent_icc(sc_ * sc_)
+                i1 = ratio * latent_icc(sc_ * sc_)
                 if i1 >= 1.0 - 1e-12:
                     return None
                 sf_ = math.sqrt(_C * i1 / (1.0 - i1))
@@ -609,7 +591,7 @@ class LogisticRandomSlopeResults(ModelResults):
         cache = self._points.setdefault(kind, {})
         psi0 = cache[min(cache, key=lambda x: abs(x - value))].copy() if cache else psi_hat.copy()
         psi0[p:] = np.clip(psi0[p:], [0.02, 0.02, -0.98], [np.inf, np.inf, 0.98])
-        if kind == "ratio" and value * _latent_icc(psi0[p] ** 2) >= 0.5:
+        if kind == "ratio" and value * latent_icc(psi0[p] ** 2) >= 0.5:
             i0 = 0.5 / value
             psi0[p] = math.sqrt(_C * i0 / (1.0 - i0))
         psi0[j] = value
@@ -714,7 +696,7 @@ class LogisticRandomSlopeResults(ModelResults):
         for a, lv in enumerate(self.model.arm_levels):
             lo, hi = self.interval(f"therapist[{lv}]", level)
             rows.append({"arm": lv, "role": "control" if a == 0 else "feedback", "estimate": float(icc[a]),
-                         "ci_low": float(_latent_icc(lo)), "ci_high": float(_latent_icc(hi)), "ci_method": "profile"})
+                         "ci_low": float(latent_icc(lo)), "ci_high": float(latent_icc(hi)), "ci_method": "profile"})
         return pd.DataFrame(rows).set_index("arm")
 
     def icc_ratio(self, level: float = DEFAULT_LEVEL) -> dict:
