@@ -51,9 +51,9 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.inference import DEFAULT_N_BOOT
+from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from .arm_inference import ArmBootstrap, ArmProfiles
-from .engine.results import ICC, ModelResults, per_arm_icc
+from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["ArmVarianceModel", "ArmVarianceResults", "arm_labels"]
@@ -80,6 +80,19 @@ def arm_labels(values) -> np.ndarray:
     codes, uniques = pd.factorize(pd.Series(np.asarray(values, dtype=object)), use_na_sentinel=False)
     labels = np.array([_label(v) for v in uniques], dtype=object)
     return labels[codes]
+
+
+def two_arms(arm, feedback_level) -> tuple[np.ndarray, str, str]:
+    """``(labels, control, feedback)``: the arm label of every patient (:func:`arm_labels`) and the
+    two levels of an arm variable with exactly two levels, ``feedback_level`` one of them."""
+    labels = arm_labels(arm)
+    levels = sorted(set(labels))
+    fb = _label(feedback_level)
+    if len(levels) != 2:
+        raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
+    if fb not in levels:
+        raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
+    return labels, [lv for lv in levels if lv != fb][0], fb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,14 +458,7 @@ class ArmVarianceModel:
             raise ModelError("outcome or covariates contain missing or infinite values; drop them before fitting")
         if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
             raise ModelError("therapist or arm contains missing values; drop those patients before fitting")
-        labels = arm_labels(arm)
-        levels = sorted(set(labels))
-        fb = _label(feedback_level)
-        if len(levels) != 2:
-            raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
-        if fb not in levels:
-            raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
-        control = [lv for lv in levels if lv != fb][0]
+        labels, control, fb = two_arms(arm, feedback_level)
         self.arm_levels = [control, fb]  # index 0 = control, 1 = feedback
         self.feedback_level, self.control_level = fb, control
         acode = (labels == fb).astype(np.int64)
@@ -672,10 +678,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         self.G_rel, self.r_rel = opt.G, opt.r
         self.cov_re = sigma2 * opt.G  # therapist covariance (control, feedback)
         self.residual_var = sigma2 * opt.r
-        self.fe_params = pd.Series(beta, index=m.exog_names, name="estimate")
-        self.cov_params_fe = pd.DataFrame(cov_beta, index=m.exog_names, columns=m.exog_names)
-        self.vcov = self.cov_params_fe
-        self.bse = pd.Series(np.sqrt(np.diag(cov_beta)), index=m.exog_names, name="se")
+        self.cov_params_fe = self._set_fixed_effects(beta, cov_beta, m.exog_names)
         self.deviance = opt.deviance
         self.loglik = -0.5 * opt.deviance
         self.method = opt.method
@@ -753,7 +756,8 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
     # ------------------------------------------------------------------------------------------
     # public interface
     def conf_int(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> pd.DataFrame:
         """Intervals for the fixed effects (Wald) and the variance components (profile or bootstrap).
 
@@ -782,7 +786,8 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
     def icc_by_arm(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> pd.DataFrame:
         """Therapist ICC in each arm, ``s2_a / (s2_a + residual_a)``, with its interval.
 
@@ -811,14 +816,16 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
                            self.icc_by_arm(level, method, n_boot=n_boot, seed=seed, deviance=deviance), method)
 
     def icc_ratio(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> dict:
         """Feedback ICC / control ICC (< 1: feedback narrows the gap between therapists)."""
         lo, hi = self._interval("icc_ratio", level, method, n_boot, seed, deviance)
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": method}
 
     def icc_reduction(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> dict:
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
         r = self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance)
@@ -887,7 +894,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         info["ICC reduction"] = 1.0 - self.ratio_point()
         return info
 
-    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
+    def to_contract(self, interval: str = DEFAULT_INTERVAL, n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's entry of ``estimates.json`` (plain JSON-serialisable values)."""
         m = self.model
         if interval == "wald":  # no Wald intervals for variances (their sampling distribution is skewed)

@@ -117,6 +117,73 @@ def _bernoulli_loglik(y: np.ndarray, eta: np.ndarray) -> np.ndarray:
     return np.minimum((2.0 * y - 1.0) * eta, 0.0) - np.log1p(np.exp(-np.abs(eta)))
 
 
+def block_terms(model, eta0: np.ndarray, s_block, s_patient, warm: bool) -> tuple:
+    """The conditional modes of ``model``'s blocks (warm-started from ``model._v_warm``, which
+    keeps a converged result when ``warm``), the quantities there and the quadrature of
+    :func:`quadrature` with ``model``'s nodes: ``(v, mu0, ok, w, W, H, sigma, vk, mu, la, logS,
+    loglik)``, with Bernoulli weights ``w`` per patient, their block sums ``W``, the curvature
+    ``H = 1 + s^2 W`` and the conditional SDs ``sigma = H^-1/2`` (``s_block``/``s_patient``: the
+    random-effect SD of each block / patient, or one number)."""
+    v, mu0, ok = model._modes(eta0, s_block, model._v_warm if warm else np.zeros(model._v_warm.shape))
+    if warm and ok and np.all(np.isfinite(v)):
+        model._v_warm = v
+    w = mu0 * (1.0 - mu0)
+    W = model._gsum(w)
+    H = 1.0 + s_block * s_block * W
+    sigma = 1.0 / np.sqrt(H)
+    quad = quadrature(model.y, model.g, model._gsum, eta0, s_patient, v, mu0, sigma, model._t, model._loga)
+    return (v, mu0, ok, w, W, H, sigma, *quad)
+
+
+@contextlib.contextmanager
+def recorded_warnings(caught: list[str]):
+    """Record every warning raised inside (appended to ``caught`` as ``"<Category>: <message>"``,
+    for an ``estimates.json`` entry's ``warnings``) and issue it again on leaving."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        yield
+    for w in rec:
+        caught.append(f"{w.category.__name__}: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def profile_only_notice(what: str, interval: str) -> None:
+    """Warn that ``interval`` intervals are not offered by the binomial ``what`` model and profile
+    intervals are reported instead (a StatisticalWarning; nothing for ``"profile"``)."""
+    if interval != "profile":
+        warnings.warn(f"binomial {what}: {interval!r} intervals are not offered for variance components, ICCs or"
+                      " correlations; profile-likelihood intervals are reported instead", StatisticalWarning,
+                      stacklevel=3)
+
+
+def fit_warnings(label: str, ok: bool, message: str, singular: str | None) -> list[str]:
+    """Warn (``ConvergenceWarning`` when the optimiser did not report convergence,
+    ``SingularFitWarning`` with the text ``singular`` when given) and return the warnings as the
+    results' ``warnings_list`` entries (``"<Category>: <label>: <text>"``)."""
+    msgs = []
+    for cond, cat, text in ((not ok, ConvergenceWarning,
+                             f"optimiser did not converge ({message}); estimates may not be at the maximum"),
+                            (singular, SingularFitWarning, singular)):
+        if cond:
+            warnings.warn(f"{label}: {text}", cat, stacklevel=4)
+            msgs.append(f"{cat.__name__}: {label}: {text}")
+    return msgs
+
+
+def best_start(fit, starts):
+    """The best of ``fit(start)`` -> ``(theta, loglik, ok, message)`` over ``starts``, tried in
+    order until one converges (a later one replaces the best only if its loglik is higher by more
+    than 1e-8)."""
+    best = None
+    for start in starts:
+        out = fit(start)
+        if best is None or out[1] > best[1] + 1e-8:
+            best = out
+        if out[2]:
+            break
+    return best
+
+
 def quadrature(y, g, gsum, eta0, s, v, mu0, sigma, t, loga):
     """The adaptive Gauss-Hermite (one node: Laplace) log-likelihood of Bernoulli blocks ``g`` with
     random-effect SD ``s`` (a number, or one per patient), conditional modes ``v`` (means ``mu0``
@@ -216,25 +283,9 @@ class LogisticRandomInterceptModel:
         method, n_quad = check_quadrature(method, n_quad)
         if exog_names is None and isinstance(exog, pd.DataFrame):
             exog_names = [str(c) for c in exog.columns]
-        y = np.asarray(endog, dtype=float).ravel()
-        X = np.asarray(exog, dtype=float)
-        if X.ndim == 1:
-            X = X[:, None]
         labels = np.asarray(therapist)
-        n = y.shape[0]
-        if X.shape[0] != n or labels.shape[0] != n:
-            raise ModelError(
-                f"endog ({n} rows), exog ({X.shape[0]} rows) and therapist ({labels.shape[0]} rows)"
-                " must have the same number of patients"
-            )
-        if n == 0:
-            raise ModelError("no patients to fit: the outcome has no rows")
-        if not np.all(np.isfinite(y)) or not np.all(np.isfinite(X)):
-            raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
-        if pd.isna(pd.Series(labels)).any():
-            raise ModelError("therapist identifier is missing for some patients; drop them first")
-        exog_names = check_binary_design(y, X, exog_names)
-        p = X.shape[1]
+        y, X, exog_names = binary_inputs(endog, exog, exog_names, {"therapist": labels})
+        n, p = X.shape
         codes, uniques = group_codes(labels)
         G = len(uniques)
         if G < 2:
@@ -297,22 +348,14 @@ class LogisticRandomInterceptModel:
         y, X, g = self.y, self.X, self.g
         s = float(s)  # the likelihood is even in s; negative values are allowed internally
         eta0 = X @ b
-        v, mu0, ok = self._modes(eta0, s, self._v_warm if warm else np.zeros(self.n_therapists))
-        if warm and ok and np.all(np.isfinite(v)):
-            self._v_warm = v
-        # quantities at the mode
-        w = mu0 * (1.0 - mu0)
-        W = self._gsum(w)
-        H = 1.0 + s * s * W
-        sigma = 1.0 / np.sqrt(H)
-        t = self._t
-        vk, mu, la, logS, loglik = quadrature(y, g, self._gsum, eta0, s, v, mu0, sigma, t, self._loga)
+        v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, s, s, warm)
         if not grad:
             return _Eval(loglik, None, v, H, ok)
 
         pi = np.exp(la - logS[:, None])  # G x K, normalised node weights
         r = y[:, None] - mu  # n x K
         Rk = self._gsum(r)  # G x K
+        t = self._t
         rbar = r[:, 0] if t.size == 1 else np.sum(r * pi[g], axis=1)  # n
         hv = s * Rk - vk
         c = np.sum(pi * hv, axis=1)
@@ -450,19 +493,15 @@ class LogisticRandomInterceptModel:
         p = self.k_fe
         b_glm, ll_glm, ok_glm = self._fit_glm()  # s_u = 0: same for every n_quad
         free = np.ones(p + 1, bool)
-        best = None
         nodes = (self._t, self._loga)
         self._t, self._loga = _gauss_hermite(1)  # Laplace first
+
+        def from_start(s0: float):
+            self._v_warm = np.zeros(self.n_therapists)
+            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, s0, free))
+
         try:
-            for s0 in (0.5, 0.1):
-                self._v_warm = np.zeros(self.n_therapists)
-                theta0 = np.concatenate([b_glm, [s0]])
-                th, ll, ok, msg = self._maximise(theta0, free, self._b_scale(b_glm, s0, free))
-                if best is None or ll > best[1] + 1e-8:
-                    best = (th, ll, ok, msg)
-                if ok:
-                    break
-            th, ll, ok, msg = best
+            th, ll, ok, msg = best_start(from_start, (0.5, 0.1))
             scale = None
             if self.n_quad > 1 and th[p] > SINGULAR_TOL:
                 # metric for the AGQ stage: the Laplace observed information (AGQ's is close)
@@ -496,22 +535,9 @@ class LogisticRandomInterceptModel:
         without therapist effect.
         """
         p = self.k_fe
-        msgs: list[str] = []
         th, ll, ok, msg, singular, ll_glm = self._estimate()
-        if not ok:
-            m = (
-                f"{self._label()}: optimiser did not converge ({msg}); estimates may not be at the"
-                " maximum"
-            )
-            warnings.warn(m, ConvergenceWarning, stacklevel=2)
-            msgs.append(f"ConvergenceWarning: {m}")
-        if singular:
-            m = (
-                f"{self._label()}: therapist variance estimated at 0 (singular fit); estimates are"
-                " those of the logistic regression without therapist effect"
-            )
-            warnings.warn(m, SingularFitWarning, stacklevel=2)
-            msgs.append(f"SingularFitWarning: {m}")
+        msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
+                            " those of the logistic regression without therapist effect" if singular else None)
         ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
         return LogisticMixedResults(
             model=self,
@@ -834,8 +860,7 @@ class LogisticMixedResults(ModelResults):
         ``n_boot`` refits and ``numpy.random.default_rng(seed)``, seed 0 when None).
         """
         caught: list[str] = list(self.warnings_list)
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
+        with recorded_warnings(caught):
             wald = self.conf_int(method="wald")
             if interval == "profile":
                 lo, hi = self._profile_interval(self.model.k_fe, 0.95)
@@ -852,9 +877,6 @@ class LogisticMixedResults(ModelResults):
                 )
             else:
                 raise ModelError(f"interval must be 'profile' or 'bootstrap', got {interval!r}")
-        for w in rec:
-            caught.append(f"{w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         t = self.lrt()
         return _jsonable(
             {
@@ -901,6 +923,33 @@ def check_binary(y: np.ndarray, df: pd.DataFrame, outcome: str) -> None:
             f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
             f" {y[i]:g} ({int(notbin.sum())} such rows)"
         )
+
+
+def binary_inputs(endog, exog, exog_names, labels: dict, numeric: dict | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(y, X, names)`` of a binary model, checked with one-line errors: the identifiers in
+    ``labels`` (``{"therapist": ...}``, arms) and the numbers in ``numeric`` (a slope variable)
+    have one entry per patient, there are patients, the numbers are finite and no identifier is
+    missing; then :func:`check_binary_design`."""
+    y = np.asarray(endog, dtype=float).ravel()
+    X = np.asarray(exog, dtype=float)
+    if X.ndim == 1:
+        X = X[:, None]
+    numeric = {k: np.asarray(v, dtype=float).ravel() for k, v in (numeric or {}).items()}
+    n = y.shape[0]
+    sizes = {"exog": X.shape[0], **{k: len(v) for k, v in {**labels, **numeric}.items()}}
+    if any(m != n for m in sizes.values()):
+        raise ModelError(f"endog has {n} rows but " + ", ".join(f"{k} has {m}" for k, m in sizes.items())
+                         + ": every array needs one row per patient")
+    if n == 0:
+        raise ModelError("no patients to fit: the outcome has no rows")
+    if not all(np.all(np.isfinite(a)) for a in (y, X, *numeric.values())):
+        raise ModelError("outcome, covariates" + "".join(f" or {k}" for k in numeric)
+                         + " contain missing/non-finite values; drop them first")
+    missing = [k for k, v in labels.items() if pd.isna(pd.Series(v)).any()]
+    if missing:
+        raise ModelError(f"{' or '.join(missing)} is missing for some patients; drop them first")
+    return y, X, check_binary_design(y, X, exog_names)
 
 
 def check_binary_design(y: np.ndarray, X: np.ndarray, exog_names) -> list[str]:

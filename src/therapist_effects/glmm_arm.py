@@ -39,15 +39,16 @@ import pandas as pd
 from scipy import optimize, stats
 from scipy.special import expit
 
-from .arm import arm_design, arm_labels
-from .arm import _label as _arm_label
+from .arm import arm_design, two_arms
 from .classify import classify_effects
 from .design import group_codes
-from .engine.inference import DEFAULT_N_BOOT, chi2_cut, profile_limit
-from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit
+from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, per_arm_icc
+from .exceptions import ModelError, StatisticalWarning
 from .glmm import (
+    best_start,
     block_modes,
+    block_terms,
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
     LogisticRandomInterceptModel,
@@ -56,11 +57,13 @@ from .glmm import (
     _safe_inv,
     _single_thread_blas,
     check_binary,
-    check_binary_design,
+    binary_inputs,
     check_quadrature,
+    fit_warnings,
     latent_icc,
     observed_information,
-    quadrature,
+    profile_only_notice,
+    recorded_warnings,
 )
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
@@ -92,31 +95,11 @@ class LogisticArmVarianceModel:
     def __init__(self, endog, exog, therapist, arm, *, exog_names: Sequence[str] | None = None, feedback_level=1,
                  method: str = "laplace", n_quad: int = 10) -> None:
         method, n_quad = check_quadrature(method, n_quad)
-        y = np.asarray(endog, dtype=float).ravel()
-        X = np.asarray(exog, dtype=float)
-        if X.ndim == 1:
-            X = X[:, None]
         therapist = np.asarray(therapist, dtype=object)
         arm = np.asarray(arm, dtype=object)
-        n = y.shape[0]
-        if X.shape[0] != n or len(therapist) != n or len(arm) != n:
-            raise ModelError("endog, exog, therapist and arm must have one row per patient")
-        if n == 0:
-            raise ModelError("no patients to fit: the outcome has no rows")
-        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(X))):
-            raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
-        if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
-            raise ModelError("therapist or arm is missing for some patients; drop them first")
-        names = check_binary_design(y, X, exog_names)
-        p = X.shape[1]
-        labels = arm_labels(arm)
-        levels = sorted(set(labels))
-        fb = _arm_label(feedback_level)
-        if len(levels) != 2:
-            raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
-        if fb not in levels:
-            raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
-        control = [lv for lv in levels if lv != fb][0]
+        y, X, names = binary_inputs(endog, exog, exog_names, {"therapist": therapist, "arm": arm})
+        n, p = X.shape
+        labels, control, fb = two_arms(arm, feedback_level)
         self.arm_levels = [control, fb]
         self.control_level, self.feedback_level = control, fb
         acode = (labels == fb).astype(np.int64)
@@ -185,20 +168,13 @@ class LogisticArmVarianceModel:
         sb = s[self.block_arm]  # per block
         sp = sb[g]  # per patient
         eta0 = X @ b
-        v, mu0, ok = self._modes(eta0, sb, self._v_warm if warm else np.zeros(self.n_blocks))
-        if warm and ok and np.all(np.isfinite(v)):
-            self._v_warm = v
-        w = mu0 * (1.0 - mu0)
-        W = self._gsum(w)
-        H = 1.0 + sb * sb * W
-        sigma = 1.0 / np.sqrt(H)
-        t = self._t
-        vk, mu, la, logS, loglik = quadrature(y, g, self._gsum, eta0, sp, v, mu0, sigma, t, self._loga)
+        v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, sb, sp, warm)
         if not grad:
             return _Eval(loglik, None, v, H, ok)
         pi = np.exp(la - logS[:, None])
         r = y[:, None] - mu
         Rk = self._gsum(r)
+        t = self._t
         rbar = r[:, 0] if t.size == 1 else np.sum(r * pi[g], axis=1)
         hv = sb[:, None] * Rk - vk
         c = np.sum(pi * hv, axis=1)
@@ -296,14 +272,7 @@ class LogisticArmVarianceModel:
         glm = LogisticRandomInterceptModel(self.y, self.X, self.g, exog_names=self.exog_names)
         b0 = glm._glm_start()
         free = np.ones(p + 2, bool)
-        best = None
-        for s0 in (0.5, 0.1):
-            th, ll, ok, msg = self._fit_from(np.concatenate([b0, [s0, s0]]), free)
-            if best is None or ll > best[1] + 1e-8:
-                best = (th, ll, ok, msg)
-            if ok:
-                break
-        th, ll, ok, msg = best
+        th, ll, ok, msg = best_start(lambda s0: self._fit_from(np.concatenate([b0, [s0, s0]]), free), (0.5, 0.1))
         sing = th[p:] < SINGULAR_TOL
         if sing.any():
             free2 = free.copy()
@@ -320,19 +289,11 @@ class LogisticArmVarianceModel:
     def fit(self) -> LogisticArmVarianceResults:
         """Fit; warns ``ConvergenceWarning`` / ``SingularFitWarning`` (an arm's variance at 0)."""
         p = self.k_fe
-        msgs: list[str] = []
         th, ll, ok, msg, sing = self._estimate()
-        label = "Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}"
-        if not ok:
-            m = f"{label}: optimiser did not converge ({msg}); estimates may not be at the maximum"
-            warnings.warn(m, ConvergenceWarning, stacklevel=2)
-            msgs.append(f"ConvergenceWarning: {m}")
-        if sing.any():
-            arms = ", ".join(repr(self.arm_levels[a]) for a in np.flatnonzero(sing))
-            m = (f"{label}: therapist variance of arm {arms} estimated at 0 (singular fit); an ICC at 0 makes"
-                 " the ICC ratio 0 or undefined")
-            warnings.warn(m, SingularFitWarning, stacklevel=2)
-            msgs.append(f"SingularFitWarning: {m}")
+        arms = ", ".join(repr(self.arm_levels[a]) for a in np.flatnonzero(sing))
+        msgs = fit_warnings("Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}", ok, msg,
+                            f"therapist variance of arm {arms} estimated at 0 (singular fit); an ICC at 0 makes"
+                            " the ICC ratio 0 or undefined" if sing.any() else None)
         ev = self._evaluate(th[:p], th[p:], grad=True, warm=False)
         return LogisticArmVarianceResults(self, th, ll, ok, sing, ev.v, ev.H, msgs)
 
@@ -482,7 +443,7 @@ class LogisticArmVarianceResults(ModelResults):
         m._v_warm = saved
         return ll
 
-    def _profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
+    def _profile_interval(self, name: str, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
         """Likelihood-ratio interval of s_a (``"s0"``/``"s1"``) or of the ICC ratio (``"ratio"``):
         where 2 (l_max - l_profile) reaches the chi2_1 quantile, by the shared outward-bracketing
         root search (:func:`~therapist_effects.engine.inference.profile_limit`); the lower end is 0
@@ -522,12 +483,12 @@ class LogisticArmVarianceResults(ModelResults):
 
     # ------------------------------------------------------------------ intervals
     @_single_thread_blas
-    def variance_interval(self, arm: int, level: float = 0.95) -> tuple[float, float]:
+    def variance_interval(self, arm: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
         """Profile interval of arm ``arm``'s therapist variance (squared SD interval, as lme4)."""
         lo, hi = self._profile_interval(f"s{arm}", level)
         return lo * lo, hi * hi
 
-    def icc_by_arm(self, level: float = 0.95) -> pd.DataFrame:
+    def icc_by_arm(self, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
         """Latent-scale ICC per arm with the profile interval (the variance interval mapped)."""
         icc = self.icc_point()
         rows = []
@@ -538,12 +499,12 @@ class LogisticArmVarianceResults(ModelResults):
         return pd.DataFrame(rows).set_index("arm")
 
     @_single_thread_blas
-    def icc_ratio(self, level: float = 0.95) -> dict:
+    def icc_ratio(self, level: float = DEFAULT_LEVEL) -> dict:
         """ICC_feedback / ICC_control with its profile interval."""
         lo, hi = self._profile_interval("ratio", level)
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": "profile"}
 
-    def icc_reduction(self, level: float = 0.95) -> dict:
+    def icc_reduction(self, level: float = DEFAULT_LEVEL) -> dict:
         """1 - ICC_feedback / ICC_control (the ratio's interval reflected)."""
         r = self.icc_ratio(level)
         return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
@@ -575,9 +536,9 @@ class LogisticArmVarianceResults(ModelResults):
             return per_arm_icc(self.model.arm_levels, self.icc_point())
         return per_arm_icc(self.model.arm_levels, self.icc_point(), self.icc_by_arm(level), "profile")
 
-    def conf_int(self, level: float = 0.95, method: str | None = None) -> pd.DataFrame:
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL) -> pd.DataFrame:
         """Wald intervals of the fixed effects, profile intervals of the two variances (the only
-        ``method`` offered is ``"profile"``)."""
+        ``method`` offered is ``"profile"``, the default of every engine)."""
         _profile_only(method)
         z = stats.norm.ppf(0.5 + level / 2)
         rows = {nm: (self.fe_params[nm] - z * self.bse[nm], self.fe_params[nm] + z * self.bse[nm])
@@ -630,20 +591,13 @@ class LogisticArmVarianceResults(ModelResults):
         Only profile intervals are offered for the variances, ICCs and ratio (a ``bootstrap`` or
         ``wald`` request is answered with profile intervals and a StatisticalWarning)."""
         caught = list(self.warnings_list)
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            if interval != "profile":
-                warnings.warn(f"binomial arm_variance: {interval!r} intervals are not offered for the variances,"
-                              " ICCs and ICC ratio; profile-likelihood intervals are reported instead",
-                              StatisticalWarning, stacklevel=2)
+        with recorded_warnings(caught):
+            profile_only_notice("arm_variance", interval)
             ci = self.conf_int(0.95)
             icc = self.icc_by_arm(0.95)
             ratio = self.icc_ratio(0.95)
             red = self.icc_reduction(0.95)
             lrt = self.lrt_equal_variances()
-        for w in rec:
-            caught.append(f"{w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         m = self.model
         vc = {}
         for nm, v in self.vcomp.items():
