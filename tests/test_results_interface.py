@@ -156,8 +156,6 @@ def _icc_by_hand(key, res) -> dict:
 
 @pytest.fixture(scope="module")
 def every_fit(fits):
-    from dataclasses import replace  # noqa: F401
-
     from therapist_effects.bayes import BayesConfig, BayesModel
 
     out = dict(fits)

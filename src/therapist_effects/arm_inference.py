@@ -112,6 +112,187 @@ _BOOT_COLUMNS = ["cluster", "therapist[0]", "therapist[1]", "residual[0]", "resi
 _BOOT_OPTIONAL = ("icc_ratio", "correlation")
 
 
+class _ArmTargets:
+    """The profiled quantities of an arm-variance fit at the optimum of ``method`` (REML or ML):
+    each maps (value c, free vector z) to (sigma2 or None, G, r[, relative cluster variance]).
+    The free vector holds the other relative SDs (lme4's theta), ``log sigma2`` where the
+    quantity is a variance on the natural scale, then the "extras": the arm correlation
+    (``correlated``) and the log residual ratio (``arm_residual``)."""
+
+    def __init__(self, res, method: str):
+        m = self.m = res.model
+        opt = res._optimum(method)
+        self.gc_hat = m._gc(opt.x)
+        _, self.s2hat, _, _ = m._eng.gls(opt.G, opt.r, not m.correlated, method, self.gc_hat)
+        self.G, self.r = opt.G, opt.r
+        th = self.th = np.sqrt(np.maximum(np.diag(self.G), 0.0))
+        self.rho = None
+        if m.correlated:
+            rho = float(self.G[0, 1] / (th[0] * th[1])) if th[0] > 0 and th[1] > 0 else 0.0
+            self.rho = min(max(rho, -1.0), 1.0)
+        self.logr = math.log(self.r[1]) if m.arm_residual else None
+        self.icc = res._icc_from(self.G, self.r, self.gc_hat)
+
+    def all(self) -> dict:
+        targets = {**self.variances(), **self.residuals(), **self.correlation(), **self.iccs(), **self.ratio()}
+        return self.with_cluster(targets) if self.m.cluster_random else targets
+
+    def pack(self, rho_, logr_):
+        """The extras' start values and bounds."""
+        z, b = [], []
+        if self.m.correlated:
+            z.append(rho_)
+            b.append((-1.0, 1.0))
+        if self.m.arm_residual:
+            z.append(logr_)
+            b.append((-12.0, 12.0))
+        return z, b
+
+    def unpack(self, z):
+        """``(rho, residual ratios)`` from the extras ``z``."""
+        k = 0
+        rho_ = None
+        rr = np.ones(2)
+        if self.m.correlated:
+            rho_ = z[k]
+            k += 1
+        if self.m.arm_residual:
+            rr = np.array([1.0, math.exp(z[k])])
+        return rho_, rr
+
+    def variances(self) -> dict:
+        """Therapist variance of arm a (natural scale): z = [log sigma2, theta_other, extras]."""
+        m, th, s2hat, unpack = self.m, self.th, self.s2hat, self.unpack
+        targets = {}
+        for a, lv in enumerate(m.arm_levels):
+            o = 1 - a
+            ez, eb = self.pack(self.rho, self.logr)
+
+            def build(c, z, a=a, o=o, gc=0.0):
+                s2 = math.exp(z[0])
+                th_ = np.zeros(2)
+                th_[a] = math.sqrt(max(c, 0.0) / s2)
+                th_[o] = z[1]
+                rho_, rr = unpack(z[2:])
+                return s2, _G_from_theta(th_, rho_), rr
+
+            targets[f"therapist[{lv}]"] = _Target(
+                f"therapist[{lv}]", build, np.array([math.log(s2hat), th[o], *ez]),
+                [(-50, 50), (0.0, None), *eb], "log", float(s2hat * self.G[a, a]),
+            )
+        return targets
+
+    def residuals(self) -> dict:
+        """The residual variance, or one per arm (``arm_residual``)."""
+        m, th, s2hat = self.m, self.th, self.s2hat
+        ez, eb = self.pack(self.rho, None)
+        if not m.arm_residual:
+            def build_res(c, z, gc=0.0):
+                rho_ = z[2] if m.correlated else None
+                return c, _G_from_theta(z[:2], rho_), np.ones(2)
+
+            return {"residual": _Target("residual", build_res, np.array([*th, *ez]),
+                                        [(0.0, None), (0.0, None), *eb], "log", float(s2hat))}
+        ez, eb = ez[: 1 if m.correlated else 0], eb[: 1 if m.correlated else 0]
+
+        def build_r0(c, z, gc=0.0):
+            rho_ = z[2] if m.correlated else None
+            return c, _G_from_theta(z[:2], rho_), np.array([1.0, math.exp(z[-1])])
+
+        def build_r1(c, z, gc=0.0):
+            s2 = math.exp(z[0])
+            rho_ = z[3] if m.correlated else None
+            return s2, _G_from_theta(z[1:3], rho_), np.array([1.0, c / s2])
+
+        n0, n1 = (f"residual[{lv}]" for lv in m.arm_levels)
+        return {
+            n0: _Target(n0, build_r0, np.array([*th, *ez, self.logr]), [(0.0, None), (0.0, None), *eb, (-12.0, 12.0)],
+                        "log", float(s2hat)),
+            n1: _Target(n1, build_r1, np.array([math.log(s2hat), *th, *ez]),
+                        [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.r[1])),
+        }
+
+    def correlation(self) -> dict:
+        """The correlation of the two arm effects (``correlated``)."""
+        m = self.m
+        if not m.correlated:
+            return {}
+        ez, eb = self.pack(None, self.logr)
+        ez, eb = ez[1:], eb[1:]
+
+        def build_cor(c, z, gc=0.0):
+            rr = np.array([1.0, math.exp(z[2])]) if m.arm_residual else np.ones(2)
+            return None, _G_from_theta(z[:2], c), rr
+
+        return {"correlation": _Target("correlation", build_cor, np.array([*self.th, *ez]),
+                                       [(0.0, None), (0.0, None), *eb], "atanh", float(self.rho))}
+
+    def iccs(self) -> dict:
+        """ICC of arm a: g_a = c r_a / (1 - c); z = [theta_other, extras]."""
+        unpack = self.unpack
+        targets = {}
+        for a, lv in enumerate(self.m.arm_levels):
+            o = 1 - a
+            ez, eb = self.pack(self.rho, self.logr)
+
+            def build_icc(c, z, a=a, o=o, gc=0.0):
+                rho_, rr = unpack(z[1:])
+                th_ = np.zeros(2)
+                th_[a] = math.sqrt(c * (rr[a] + gc) / (1.0 - c))
+                th_[o] = z[0]
+                return None, _G_from_theta(th_, rho_), rr
+
+            targets[f"icc[{lv}]"] = _Target(
+                f"icc[{lv}]", build_icc, np.array([self.th[o], *ez]), [(0.0, None), *eb], "logit",
+                float(self.icc[a]), upper_limit=1.0,
+            )
+        return targets
+
+    def ratio(self) -> dict:
+        """The ICC ratio (feedback / control): z = [ICC_control, extras]."""
+        unpack, icc = self.unpack, self.icc
+
+        def build_ratio(c, z, gc=0.0):
+            rho_, rr = unpack(z[1:])
+            i0 = z[0]
+            i1 = c * i0
+            if i0 >= 1.0 or i1 >= 1.0:
+                return None, None, None
+            th_ = np.array([math.sqrt(i0 * (rr[0] + gc) / (1 - i0)), math.sqrt(i1 * (rr[1] + gc) / (1 - i1))])
+            return None, _G_from_theta(th_, rho_), rr
+
+        ez, eb = self.pack(self.rho, self.logr)
+        ratio_hat = float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
+        return {"icc_ratio": _Target("icc_ratio", build_ratio, np.array([icc[0], *ez]), [(0.0, 1.0 - 1e-9), *eb],
+                                     "log", ratio_hat)}
+
+    def with_cluster(self, targets: dict) -> dict:
+        """With a random cluster level every target gets the relative cluster SD as one more free
+        parameter (last in z), and the cluster variance is a target of its own."""
+        unpack, s2hat = self.unpack, self.s2hat
+        thc = math.sqrt(self.gc_hat)
+        out = {}
+        for name, t in targets.items():
+            def wrapped(c, z, _b=t.build):
+                gc = float(z[-1]) ** 2
+                return (*_b(c, z[:-1], gc=gc), gc)
+
+            out[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)], t.scale,
+                                t.estimate, t.upper_limit)
+        ez, eb = self.pack(self.rho, self.logr)
+
+        def build_cluster(c, z):
+            s2 = math.exp(z[0])
+            rho_, rr = unpack(z[3:])
+            return s2, _G_from_theta(z[1:3], rho_), rr, max(c, 0.0) / s2
+
+        out["cluster"] = _Target(
+            "cluster", build_cluster, np.array([math.log(s2hat), *self.th, *ez]),
+            [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.gc_hat),
+        )
+        return out
+
+
 class ArmProfiles:
     """Profile likelihood of the arm-variance model (mixin of ``ArmVarianceResults``)."""
 
@@ -123,160 +304,9 @@ class ArmProfiles:
         return self._opt_cache[method]
 
     def _targets(self, method: str) -> dict:
-        """The quantities that can be profiled, each with its re-parameterisation."""
-        m = self.model
-        opt = self._optimum(method)
-        eng = m._eng
-        gc_hat = m._gc(opt.x)
-        _, s2hat, _, _ = eng.gls(opt.G, opt.r, not m.correlated, method, gc_hat)
-        G, r = opt.G, opt.r
-        th = np.sqrt(np.maximum(np.diag(G), 0.0))
-        rho = None
-        if m.correlated:
-            rho = float(G[0, 1] / (th[0] * th[1])) if th[0] > 0 and th[1] > 0 else 0.0
-            rho = min(max(rho, -1.0), 1.0)
-        logr = math.log(r[1]) if m.arm_residual else None
-        icc = self._icc_from(G, r, gc_hat)
-        targets = {}
-
-        def extras_pack(rho_, logr_):
-            z, b = [], []
-            if m.correlated:
-                z.append(rho_)
-                b.append((-1.0, 1.0))
-            if m.arm_residual:
-                z.append(logr_)
-                b.append((-12.0, 12.0))
-            return z, b
-
-        def extras_unpack(z):
-            k = 0
-            rho_ = None
-            rr = np.ones(2)
-            if m.correlated:
-                rho_ = z[k]
-                k += 1
-            if m.arm_residual:
-                rr = np.array([1.0, math.exp(z[k])])
-            return rho_, rr
-
-        # therapist variance of arm a (natural scale): z = [log sigma2, theta_other, extras]
-        for a, lv in enumerate(m.arm_levels):
-            o = 1 - a
-            ez, eb = extras_pack(rho, logr)
-
-            def build(c, z, a=a, o=o, gc=0.0):
-                s2 = math.exp(z[0])
-                th_ = np.zeros(2)
-                th_[a] = math.sqrt(max(c, 0.0) / s2)
-                th_[o] = z[1]
-                rho_, rr = extras_unpack(z[2:])
-                return s2, _G_from_theta(th_, rho_), rr
-
-            targets[f"therapist[{lv}]"] = _Target(
-                f"therapist[{lv}]", build, np.array([math.log(s2hat), th[o], *ez]),
-                [(-50, 50), (0.0, None), *eb], "log", float(s2hat * G[a, a]),
-            )
-        # residual variance(s)
-        if m.arm_residual:
-            ez, eb = extras_pack(rho, None)
-            ez, eb = ez[: 1 if m.correlated else 0], eb[: 1 if m.correlated else 0]
-
-            def build_r0(c, z, gc=0.0):
-                rho_ = z[2] if m.correlated else None
-                return c, _G_from_theta(z[:2], rho_), np.array([1.0, math.exp(z[-1])])
-
-            targets[f"residual[{m.arm_levels[0]}]"] = _Target(
-                f"residual[{m.arm_levels[0]}]", build_r0, np.array([*th, *ez, logr]),
-                [(0.0, None), (0.0, None), *eb, (-12.0, 12.0)], "log", float(s2hat),
-            )
-
-            def build_r1(c, z, gc=0.0):
-                s2 = math.exp(z[0])
-                rho_ = z[3] if m.correlated else None
-                return s2, _G_from_theta(z[1:3], rho_), np.array([1.0, c / s2])
-
-            targets[f"residual[{m.arm_levels[1]}]"] = _Target(
-                f"residual[{m.arm_levels[1]}]", build_r1, np.array([math.log(s2hat), *th, *ez]),
-                [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * r[1]),
-            )
-        else:
-            ez, eb = extras_pack(rho, None)
-
-            def build_res(c, z, gc=0.0):
-                rho_ = z[2] if m.correlated else None
-                return c, _G_from_theta(z[:2], rho_), np.ones(2)
-
-            targets["residual"] = _Target(
-                "residual", build_res, np.array([*th, *ez]), [(0.0, None), (0.0, None), *eb], "log", float(s2hat)
-            )
-        # correlation of the two arm effects
-        if m.correlated:
-            ez, eb = extras_pack(None, logr)
-            ez, eb = ez[1:], eb[1:]
-
-            def build_cor(c, z, gc=0.0):
-                rr = np.array([1.0, math.exp(z[2])]) if m.arm_residual else np.ones(2)
-                return None, _G_from_theta(z[:2], c), rr
-
-            targets["correlation"] = _Target(
-                "correlation", build_cor, np.array([*th, *ez]), [(0.0, None), (0.0, None), *eb], "atanh", float(rho)
-            )
-        # ICC of arm a: g_a = c r_a / (1 - c); z = [theta_other, extras]
-        for a, lv in enumerate(m.arm_levels):
-            o = 1 - a
-            ez, eb = extras_pack(rho, logr)
-
-            def build_icc(c, z, a=a, o=o, gc=0.0):
-                rho_, rr = extras_unpack(z[1:])
-                th_ = np.zeros(2)
-                th_[a] = math.sqrt(c * (rr[a] + gc) / (1.0 - c))
-                th_[o] = z[0]
-                return None, _G_from_theta(th_, rho_), rr
-
-            targets[f"icc[{lv}]"] = _Target(
-                f"icc[{lv}]", build_icc, np.array([th[o], *ez]), [(0.0, None), *eb], "logit", float(icc[a]),
-                upper_limit=1.0,
-            )
-        # ICC ratio (feedback / control): z = [ICC_control, extras]
-
-        def build_ratio(c, z, gc=0.0):
-            rho_, rr = extras_unpack(z[1:])
-            i0 = z[0]
-            i1 = c * i0
-            if i0 >= 1.0 or i1 >= 1.0:
-                return None, None, None
-            th_ = np.array([math.sqrt(i0 * (rr[0] + gc) / (1 - i0)), math.sqrt(i1 * (rr[1] + gc) / (1 - i1))])
-            return None, _G_from_theta(th_, rho_), rr
-
-        ez, eb = extras_pack(rho, logr)
-        ratio_hat = float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
-        targets["icc_ratio"] = _Target(
-            "icc_ratio", build_ratio, np.array([icc[0], *ez]), [(0.0, 1.0 - 1e-9), *eb], "log", ratio_hat
-        )
-        if m.cluster_random:
-            # every target gets the relative cluster SD as one more free parameter (last in z)
-            thc = math.sqrt(gc_hat)
-            for name, t in list(targets.items()):
-                def wrapped(c, z, _b=t.build):
-                    gc = float(z[-1]) ** 2
-                    out = _b(c, z[:-1], gc=gc)
-                    return (*out, gc)
-
-                targets[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)], t.scale,
-                                        t.estimate, t.upper_limit)
-            ez, eb = extras_pack(rho, logr)
-
-            def build_cluster(c, z):
-                s2 = math.exp(z[0])
-                rho_, rr = extras_unpack(z[3:])
-                return s2, _G_from_theta(z[1:3], rho_), rr, max(c, 0.0) / s2
-
-            targets["cluster"] = _Target(
-                "cluster", build_cluster, np.array([math.log(s2hat), *th, *ez]),
-                [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * gc_hat),
-            )
-        return targets
+        """The quantities that can be profiled, each with its re-parameterisation
+        (:class:`_ArmTargets`)."""
+        return _ArmTargets(self, method).all()
 
     def _profile_dev(self, target: _Target, c: float, z0: np.ndarray, method: str):
         from .arm import _minimise  # arm imports this module
