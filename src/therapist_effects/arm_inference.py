@@ -112,6 +112,12 @@ _BOOT_COLUMNS = ["cluster", "therapist[0]", "therapist[1]", "residual[0]", "resi
 _BOOT_OPTIONAL = ("icc_ratio", "correlation")
 
 
+def _trapped(z: np.ndarray, z_hat: np.ndarray, bounds: list) -> bool:
+    """Whether the inner optimum ``z`` sits on a lower bound (a relative SD at 0) that the overall
+    optimum ``z_hat`` is off: the signature of a local inner optimiser trapped on that boundary."""
+    return any(lo is not None and z[j] <= lo and z_hat[j] > lo for j, (lo, _) in enumerate(bounds))
+
+
 class _ArmTargets:
     """The profiled quantities of an arm-variance fit at the optimum of ``method`` (REML or ML):
     each maps (value c, free vector z) to (sigma2 or None, G, r[, relative cluster variance]).
@@ -384,9 +390,9 @@ class ArmProfiles:
         ``[-1, 1]`` with both edges evaluated. An end that stays below the cut-off up to an edge is
         that edge (0, 1, +-1) or ``inf``. Each inner optimisation starts from the solution at the
         nearest interior value already profiled (never from an edge, which is evaluated first), and
-        where that gives an excess beyond the cut-off also from the optimum: a start near a boundary
-        of the nuisance parameters (a variance at 0) can trap the local inner optimiser there and
-        fake a crossing."""
+        also from the optimum where that gives an excess beyond the cut-off with a nuisance SD at 0
+        that is not 0 at the optimum: such a start can trap the local inner optimiser on that
+        boundary and fake a crossing."""
         if t.scale == "atanh":
             kw = {"lower": -1.0, "upper": 1.0, "step": 0.1}
         else:
@@ -399,7 +405,7 @@ class ArmProfiles:
         def excess(c: float) -> float:
             near = starts[min(starts, key=lambda x: abs(x - c))]
             fz, z = self._profile_dev(t, c, near, method)
-            if not fz - dev_min < q and near is not z_hat:  # beyond the cut-off: also from the optimum
+            if not fz - dev_min < q and near is not z_hat and _trapped(z, z_hat, t.bounds):
                 f0, z0 = self._profile_dev(t, c, z_hat, method)
                 if f0 < fz:
                     fz, z = f0, z0
