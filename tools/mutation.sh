@@ -38,9 +38,9 @@ declare -A TESTS=(
     [csvsafe]="tests/test_report_units.py tests/test_mutation_kills.py"
     [classify]="tests/test_mutation_kills.py"
     [privacy]="tests/test_report_units.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_funnel_leaves_out_a_therapist_whose_point_reveals_a_small_count"
-    [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand"
+    [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand tests/test_meta_metafor.py::test_pool_matches_metafor tests/test_meta_metafor.py::test_leave_one_out_matches_metafor tests/test_meta_metafor.py::test_reference_sets_cover_truncation_and_knha tests/test_meta_metafor.py::test_knapp_hartung_by_hand tests/test_meta_metafor.py::test_donner_unbalanced_n0_by_hand tests/test_meta_metafor.py::test_study_table_column_mapping_and_inputs tests/test_meta_metafor.py::test_study_table_errors_name_file_row_and_column tests/test_meta_metafor.py::test_arm_table_pooled_ratio_on_the_log_scale_by_hand"
     [instruments]="tests/test_instruments.py tests/test_mutation_kills.py tests/test_mutation_kills_instruments.py"
-    [outcomes]="tests/test_outcomes.py tests/test_mutation_kills.py"
+    [outcomes]="tests/test_outcomes.py tests/test_mutation_kills.py tests/test_mutation_kills_outcomes.py tests/test_scores.py::test_patient_table_has_per_instrument_columns_and_paired_outcomes"
     [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
     [reml]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_parametric_bootstrap_reproduces_the_anova_sampling_distribution tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
     [arm]="tests/test_arm_reference.py tests/test_surviving_mutants.py::test_arm_equal_variance_lrt_p_is_the_full_chi2_tail"
@@ -137,7 +137,7 @@ if sample_file:
 PY
 )
     echo "$line"
-    summary+=("$line")
+    summary+=("${line%%$'\n'*}")
 done
 echo "== mutation score per module"
 printf '%s\n' "${summary[@]}"
