@@ -15,7 +15,15 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import InputError, StatisticalWarning
-from therapist_effects.meta import per_cluster_estimates, pool, pool_arms, study_table, var_from_ci
+from therapist_effects.meta import (
+    arms_long,
+    dataset_meta,
+    per_cluster_estimates,
+    pool,
+    pool_arms,
+    study_table,
+    var_from_ci,
+)
 
 Z95 = 1.959963984540054  # qnorm(0.975)
 
@@ -185,3 +193,94 @@ def test_per_cluster_estimates_default_columns_and_a_narrower_interval_at_a_lowe
     assert interior.any()
     assert (narrow.loc[interior, "icc_ci_low"] > wide.loc[interior, "icc_ci_low"]).all()
     assert (narrow["icc_ci_high"] < wide["icc_ci_high"]).all()
+
+
+# ---- arms_long and dataset_meta (what the workflow runs) --------------------------------------------------------------
+def test_arms_long_makes_one_row_per_cluster_and_arm_with_a_usable_variance():
+    """Fisher's z: yi = atanh(ICC), vi = var / (1 - ICC^2)^2; an arm without a positive finite variance is skipped;
+    the study label is the cluster's when there is no study column."""
+    per = pd.DataFrame({"cluster": ["S1", "S2"], "icc_control": [0.1, 0.2], "var_icc_control": [0.01, 0.0],
+                        "icc_feedback": [0.05, 0.3], "var_icc_feedback": [0.02, 0.03],
+                        "n0_control": [10.0, 11.0], "n0_feedback": [9.0, 8.0],
+                        "n_patients_control": [100, 110], "n_patients_feedback": [90, 80],
+                        "n_therapists_control": [10, 10], "n_therapists_feedback": [10, 10]})
+    long = arms_long(per)
+    assert list(long.columns) == ["study", "arm", "icc", "var_icc", "yi", "vi", "input", "n0", "n_patients",
+                                  "n_therapists"]
+    assert long[["study", "arm", "input"]].values.tolist() == [["S1", "control", "donner"], ["S1", "feedback", "donner"],
+                                                               ["S2", "feedback", "donner"]]
+    np.testing.assert_allclose(long["icc"], [0.1, 0.05, 0.3])
+    np.testing.assert_allclose(long["yi"], np.arctanh([0.1, 0.05, 0.3]), rtol=1e-12)
+    np.testing.assert_allclose(long["vi"], np.array([0.01, 0.02, 0.03]) / (1 - np.array([0.1, 0.05, 0.3]) ** 2) ** 2,
+                               rtol=1e-12)
+    assert long[["n0", "n_patients", "n_therapists"]].values.tolist() == [[10, 100, 10], [9, 90, 10], [8, 80, 10]]
+    assert arms_long(per.assign(study=["A", "B"]))["study"].tolist() == ["A", "A", "B"]
+    assert arms_long(per, "logit")["yi"].iloc[0] == pytest.approx(math.log(0.1 / 0.9), rel=1e-12)
+    assert arms_long(per.iloc[:0]).empty
+
+
+@pytest.fixture(scope="module")
+def trials_meta():
+    from refdata import REFERENCE_DIR
+
+    df = pd.read_csv(REFERENCE_DIR / "therapy_trials.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, out = dataset_meta(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id",
+                                  cluster="trial_id", arm="feedback")
+    return df, table, out
+
+
+def test_dataset_meta_pools_the_clusters_and_fits_the_nested_model_as_lme4(trials_meta):
+    """therapy_trials: 6 trials, 120 therapists, 3597 patients. The one-stage ICC is lme4's
+    lmer(phq9_post ~ phq9_pre + feedback + (1 | trial_id/therapist_id)) (tests/reference/lme4_reference.json):
+    0.4235489 / (0.4235489 + 0.0572614 + 26.3174576) = 0.0158048."""
+    _, table, out = trials_meta
+    assert (out["method"], out["test"], out["scale"], out["level"]) == ("REML", "z", "fisher_z", 0.95)
+    assert (out["n_clusters"], out["n_clusters_pooled"]) == (6, 6)
+    ref = pool(table["yi"], table["vi"], "REML", test="z", scale="fisher_z")
+    assert out["pooled"]["estimate"] == pytest.approx(ref["estimate"], rel=1e-12)
+    assert "studies" not in out["pooled"] and "leave_one_out" not in out["pooled"]
+    assert [r["study"] for r in out["leave_one_out"]] == ["S00", "S01", "S02", "S03", "S04", "S05"]
+    one = out["one_stage"]
+    assert one["estimate"] == pytest.approx(0.4235489072 / (0.4235489072 + 0.05726135832 + 26.31745758), rel=2e-4)
+    assert one["tau2_cluster"] == pytest.approx(0.05726135832, rel=2e-2)
+    assert one["ci_low"] < one["estimate"] < one["ci_high"]
+    assert (one["model"], one["n_patients"], one["n_clusters"], one["singular"], one["converged"]) == (
+        "nested", 3597, 6, False, True)
+
+
+def test_dataset_meta_arms_two_stage_and_one_stage(trials_meta):
+    """Two-stage: pool_arms of the clusters' arm ICCs (per-arm pools without their study
+    lists). One-stage: the ratio is ICC_feedback / ICC_control and the reduction 1 - ratio, interval reversed."""
+    _, table, out = trials_meta
+    arms = out["arms"]
+    assert arms["levels"] == {"control": "control", "feedback": "feedback"}
+    zero = sorted(table.loc[(table["icc_control"] == 0) | (table["icc_feedback"] == 0), "cluster"].astype(str))
+    assert arms["ratio"]["left_out"] == zero and len(arms["ratio"]["studies"]) == 6 - len(zero)
+    assert arms["warnings"] == ([f"ICC ratio: studies {zero} have an arm ICC of 0 (singular) and no log ratio; left "
+                                 "out of the two-stage ratio (the one-stage arm model keeps them)"] if zero else [])
+    ref = pool_arms(arms_long(table.assign(study=table["cluster"].astype(str))))
+    assert arms["ratio"]["estimate"] == pytest.approx(ref["ratio"]["estimate"], rel=1e-12)
+    for role in ("control", "feedback"):
+        assert arms[role]["k"] == 6 and {"studies", "leave_one_out"}.isdisjoint(arms[role])
+    one = out["one_stage_arms"]
+    icc = one["icc_by_arm"]
+    assert one["ratio"]["estimate"] == pytest.approx(icc["feedback"]["estimate"] / icc["control"]["estimate"],
+                                                     rel=1e-6)
+    assert one["reduction"] == pytest.approx({"estimate": 1 - one["ratio"]["estimate"],
+                                              "ci_low": 1 - one["ratio"]["ci_high"],
+                                              "ci_high": 1 - one["ratio"]["ci_low"]}, rel=1e-12)
+    assert (one["singular"], one["converged"]) == (False, True)
+
+
+def test_dataset_meta_takes_method_test_and_scale_from_the_meta_config(trials_meta):
+    df, _, _ = trials_meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, out = dataset_meta(df, "phq9_post", ["phq9_pre"], therapist="therapist_id", cluster="trial_id",
+                                  meta_cfg={"method": "DL", "test": "knha", "scale": "logit"}, level=0.9)
+    assert (out["method"], out["test"], out["scale"], out["level"]) == ("DL", "knha", "logit", 0.9)
+    assert out["arms"] is None and out["one_stage_arms"] is None
+    ref = pool(table["yi"], table["vi"], "DL", test="knha", level=0.9, scale="logit")
+    assert out["pooled"]["ci_low"] == pytest.approx(ref["ci_low"], rel=1e-12)
