@@ -14,13 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from therapist_effects.exceptions import InputError, StatisticalWarning
+from therapist_effects.exceptions import InputError, ModelError, StatisticalWarning
 from therapist_effects.meta import (
     arms_long,
     dataset_meta,
+    donner_n0,
     per_cluster_estimates,
     pool,
     pool_arms,
+    pool_study_table,
     study_table,
     var_from_ci,
 )
@@ -196,6 +198,49 @@ def test_per_cluster_estimates_default_columns_and_a_narrower_interval_at_a_lowe
 
 
 # ---- arms_long and dataset_meta (what the workflow runs) --------------------------------------------------------------
+def test_per_cluster_estimates_drops_a_covariate_constant_in_a_cluster_and_reports_a_lone_therapist():
+    """A covariate constant within each cluster is collinear with the intercept there and is dropped (the ICC is
+    the intercept-only one); a cluster with one therapist gets NaN estimates, estimable False and the reason."""
+    df = _clusters()
+    df["site_size"] = df["cluster"].map({"S1": 3.0, "S2": 5.0})
+    df = pd.concat([df, pd.DataFrame({"cluster": "S3", "therapist": "S3T0", "y": [0.1, 0.5, -0.2, 0.3],
+                                      "site_size": 4.0})], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = per_cluster_estimates(df[df["cluster"] != "S3"], "y")
+        with_arm = per_cluster_estimates(df.assign(arm=np.arange(len(df)) % 2), "y", arm="arm")
+    with pytest.warns(StatisticalWarning, match=r"cluster 'S3': ICC not estimable \(a random-intercept ICC needs at "
+                      r"least two therapists\)"):
+        got = per_cluster_estimates(df, "y", ["site_size"])
+    assert list(got.columns) == list(plain.columns)
+    np.testing.assert_allclose(got["icc"].iloc[:2], plain["icc"], rtol=1e-8)
+    s3 = got.iloc[2].to_dict()
+    assert (s3["cluster"], s3["n_patients"], s3["n_therapists"], s3["estimable"]) == ("S3", 4, 1, False)
+    assert s3["not_estimable"] == "a random-intercept ICC needs at least two therapists"
+    assert all(math.isnan(s3[c]) for c in ("icc", "vi", "yi", "logit_icc", "var_logit_icc"))
+    assert math.isnan(with_arm["icc_control"].iloc[2]) and with_arm["icc_control"].iloc[:2].notna().all()
+
+
+def test_donner_n0_and_pool_study_table_need_two():
+    with pytest.raises(ModelError) as err:
+        donner_n0([12, 0])
+    assert str(err.value) == "Donner's n0 needs at least two therapists"
+    raw = pd.DataFrame({"study": ["A", "B"], "icc": [0.05, 0.02], "var_icc": [4e-4, 1e-4]})
+    assert pool_study_table(raw)["k"] == 2
+    with pytest.raises(InputError) as err:
+        pool_study_table(raw.iloc[:1], source="pub.csv")
+    assert str(err.value) == "pub.csv: at least two studies are needed to pool, found 1"
+
+
+def test_pool_study_table_pools_the_arms_at_its_level():
+    t, _ = _arms()
+    out = pool_study_table(t, level=0.9)
+    yi, vi = _ratio_rows([0.020, 0.012], [0.015, 0.010])
+    z90 = 1.6448536269514722  # qnorm(0.95)
+    np.testing.assert_allclose(pd.DataFrame(out["arms"]["ratio"]["studies"])["ci_low"], np.exp(yi - z90 * np.sqrt(vi)),
+                               rtol=1e-9)
+
+
 def test_arms_long_makes_one_row_per_cluster_and_arm_with_a_usable_variance():
     """Fisher's z: yi = atanh(ICC), vi = var / (1 - ICC^2)^2; an arm without a positive finite variance is skipped;
     the study label is the cluster's when there is no study column."""
@@ -219,8 +264,14 @@ def test_arms_long_makes_one_row_per_cluster_and_arm_with_a_usable_variance():
     assert arms_long(per.iloc[:0]).empty
 
 
-@pytest.fixture(scope="module")
-def trials_meta():
+def test_dataset_meta_on_the_trials():
+    """therapy_trials: 6 trials, 120 therapists, 3597 patients (one test: mutmut maps a test to the functions it
+    calls, which a shared module-scoped fixture would hide).
+
+    The one-stage ICC is lme4's lmer(phq9_post ~ phq9_pre + feedback + (1 | trial_id/therapist_id))
+    (tests/reference/lme4_reference.json): 0.4235489 / (0.4235489 + 0.0572614 + 26.3174576) = 0.0158048. The pooled
+    ICC is pool() of the clusters' yi / vi; arms: pool_arms of the clusters' arm ICCs (per-arm pools without their
+    study lists); the one-stage ratio is ICC_feedback / ICC_control and the reduction 1 - ratio, interval reversed."""
     from refdata import REFERENCE_DIR
 
     df = pd.read_csv(REFERENCE_DIR / "therapy_trials.csv")
@@ -228,32 +279,32 @@ def trials_meta():
         warnings.simplefilter("ignore")
         table, out = dataset_meta(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id",
                                   cluster="trial_id", arm="feedback")
-    return df, table, out
-
-
-def test_dataset_meta_pools_the_clusters_and_fits_the_nested_model_as_lme4(trials_meta):
-    """therapy_trials: 6 trials, 120 therapists, 3597 patients. The one-stage ICC is lme4's
-    lmer(phq9_post ~ phq9_pre + feedback + (1 | trial_id/therapist_id)) (tests/reference/lme4_reference.json):
-    0.4235489 / (0.4235489 + 0.0572614 + 26.3174576) = 0.0158048."""
-    _, table, out = trials_meta
+        table90, out90 = dataset_meta(df, "phq9_post", ["phq9_pre", "feedback"], therapist="therapist_id",
+                                      cluster="trial_id", meta_cfg={"method": "DL", "test": "knha", "scale": "logit"},
+                                      level=0.9)
+    # pooling
     assert (out["method"], out["test"], out["scale"], out["level"]) == ("REML", "z", "fisher_z", 0.95)
     assert (out["n_clusters"], out["n_clusters_pooled"]) == (6, 6)
     ref = pool(table["yi"], table["vi"], "REML", test="z", scale="fisher_z")
     assert out["pooled"]["estimate"] == pytest.approx(ref["estimate"], rel=1e-12)
     assert "studies" not in out["pooled"] and "leave_one_out" not in out["pooled"]
     assert [r["study"] for r in out["leave_one_out"]] == ["S00", "S01", "S02", "S03", "S04", "S05"]
+    assert (out90["method"], out90["test"], out90["scale"], out90["level"]) == ("DL", "knha", "logit", 0.9)
+    assert out90["arms"] is None and out90["one_stage_arms"] is None
+    ref = pool(table90["yi"], table90["vi"], "DL", test="knha", level=0.9, scale="logit")
+    assert out90["pooled"]["ci_low"] == pytest.approx(ref["ci_low"], rel=1e-12)
+    # one stage: the nested model
     one = out["one_stage"]
     assert one["estimate"] == pytest.approx(0.4235489072 / (0.4235489072 + 0.05726135832 + 26.31745758), rel=2e-4)
     assert one["tau2_cluster"] == pytest.approx(0.05726135832, rel=2e-2)
-    assert one["ci_low"] < one["estimate"] < one["ci_high"]
+    assert out90["one_stage"]["estimate"] == one["estimate"]
+    assert one["ci_low"] < out90["one_stage"]["ci_low"] < one["estimate"] < out90["one_stage"]["ci_high"] < one["ci_high"]
     assert (one["model"], one["n_patients"], one["n_clusters"], one["singular"], one["converged"]) == (
         "nested", 3597, 6, False, True)
-
-
-def test_dataset_meta_arms_two_stage_and_one_stage(trials_meta):
-    """Two-stage: pool_arms of the clusters' arm ICCs (per-arm pools without their study
-    lists). One-stage: the ratio is ICC_feedback / ICC_control and the reduction 1 - ratio, interval reversed."""
-    _, table, out = trials_meta
+    # arm-specific caseloads: Donner's n0 = (N - sum n_i^2 / N) / (k - 1) over each arm's therapists
+    loads = df[(df["trial_id"] == "S00") & (df["feedback"] == 0)].groupby("therapist_id").size().to_numpy(float)
+    assert table.at[0, "n0_control"] == pytest.approx((loads.sum() - (loads**2).sum() / loads.sum()) / (len(loads) - 1))
+    # two stage, per arm
     arms = out["arms"]
     assert arms["levels"] == {"control": "control", "feedback": "feedback"}
     zero = sorted(table.loc[(table["icc_control"] == 0) | (table["icc_feedback"] == 0), "cluster"].astype(str))
@@ -266,23 +317,13 @@ def test_dataset_meta_arms_two_stage_and_one_stage(trials_meta):
     assert arms["ratio"]["estimate"] == pytest.approx(ref["ratio"]["estimate"], rel=1e-12)
     for role in ("control", "feedback"):
         assert arms[role]["k"] == 6 and {"studies", "leave_one_out"}.isdisjoint(arms[role])
+    # one stage, per arm
     one = out["one_stage_arms"]
     icc = one["icc_by_arm"]
+    assert all(set(icc[a]) == {"estimate", "ci_low", "ci_high"} for a in ("control", "feedback"))
     assert one["ratio"]["estimate"] == pytest.approx(icc["feedback"]["estimate"] / icc["control"]["estimate"],
                                                      rel=1e-6)
     assert one["reduction"] == pytest.approx({"estimate": 1 - one["ratio"]["estimate"],
                                               "ci_low": 1 - one["ratio"]["ci_high"],
                                               "ci_high": 1 - one["ratio"]["ci_low"]}, rel=1e-12)
-    assert (one["singular"], one["converged"]) == (False, True)
-
-
-def test_dataset_meta_takes_method_test_and_scale_from_the_meta_config(trials_meta):
-    df, _, _ = trials_meta
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table, out = dataset_meta(df, "phq9_post", ["phq9_pre"], therapist="therapist_id", cluster="trial_id",
-                                  meta_cfg={"method": "DL", "test": "knha", "scale": "logit"}, level=0.9)
-    assert (out["method"], out["test"], out["scale"], out["level"]) == ("DL", "knha", "logit", 0.9)
-    assert out["arms"] is None and out["one_stage_arms"] is None
-    ref = pool(table["yi"], table["vi"], "DL", test="knha", level=0.9, scale="logit")
-    assert out["pooled"]["ci_low"] == pytest.approx(ref["ci_low"], rel=1e-12)
+    assert (one["singular"], one["converged"], one["warnings"]) == (False, True, [])
