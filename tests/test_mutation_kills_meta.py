@@ -19,10 +19,13 @@ from therapist_effects.meta import (
     arms_long,
     dataset_meta,
     donner_n0,
+    one_stage_icc,
+    one_stage_ratio,
     per_cluster_estimates,
     pool,
     pool_arms,
     pool_study_table,
+    pool_table,
     study_table,
     var_from_ci,
 )
@@ -327,3 +330,76 @@ def test_dataset_meta_on_the_trials():
                                               "ci_low": 1 - one["ratio"]["ci_high"],
                                               "ci_high": 1 - one["ratio"]["ci_low"]}, rel=1e-12)
     assert (one["singular"], one["converged"], one["warnings"]) == (False, True, [])
+
+
+# ---- study_table's own intervals, scale column and arm labels; pool_table's defaults and leave-one-out level ---------
+def test_study_table_intervals_for_rows_given_without_one_and_checks():
+    """A row given by ICC and var_icc gets the interval tanh(yi -/+ z sqrt(vi)) (lower end floored at 0);
+    numeric arm labels are kept; a published upper limit of 1 is rejected."""
+    raw = pd.DataFrame({"study": ["A", "A", "B", "B"], "arm": [0, 1, 0, 1], "icc": [0.05, 0.01, 0.08, 0.04],
+                        "var_icc": [4e-4, 1e-4, 9e-4, 2e-4]})
+    t = study_table(raw)
+    assert t["arm"].tolist() == ["0", "1", "0", "1"] and (t["scale"] == "fisher_z").all()
+    yi, vi = np.arctanh(raw["icc"]), raw["var_icc"] / (1 - raw["icc"] ** 2) ** 2
+    np.testing.assert_allclose(t["ci_low"], np.maximum(np.tanh(yi - Z95 * np.sqrt(vi)), 0), rtol=1e-9)
+    np.testing.assert_allclose(t["ci_high"], np.tanh(yi + Z95 * np.sqrt(vi)), rtol=1e-9)
+    assert t.at[1, "ci_low"] == 0.0  # .01 - 1.96 * .01 < 0
+    bad = pd.DataFrame({"study": ["A"], "icc": [0.5], "ci_low": [0.2], "ci_high": [1.0]})
+    with pytest.raises(InputError, match=r"expected 0 <= ci_low <= icc <= ci_high < 1, got \[0\.2, 1\.0\]"):
+        study_table(bad)
+    with pytest.raises(ModelError) as err:
+        study_table(raw, scale="probit")
+    assert str(err.value) == "pooling scale must be one of ['fisher_z', 'logit'], got 'probit'"
+
+
+def test_study_table_logit_interval_from_zero_uses_the_upper_half():
+    """ICC .01 [0, .05] on the logit scale: vi = ((logit .05 - logit .01) / 1.959964)^2 (var_from_ci's rule)."""
+    raw = pd.DataFrame({"study": ["A"], "icc": [0.01], "ci_low": [0.0], "ci_high": [0.05]})
+    t = study_table(raw, scale="logit")
+    want = ((math.log(0.05 / 0.95) - math.log(0.01 / 0.99)) / Z95) ** 2
+    assert t.at[0, "vi"] == pytest.approx(want, rel=1e-9)
+
+
+def test_pool_table_defaults_and_leave_one_out_at_its_level():
+    raw = pd.DataFrame({"study": list("ABCD"), "yi": [0.02, 0.05, 0.01, 0.04], "vi": [1e-4, 2e-4, 1.5e-4, 3e-4]})
+    t = study_table(raw)
+    out = pool_table(t)
+    ref = pool(t["yi"], t["vi"], "REML", test="z", level=0.95, scale="fisher_z")
+    assert out["ci_low"] == pytest.approx(ref["ci_low"], rel=1e-12)
+    assert out["icc"]["pi_low"] == pytest.approx(max(math.tanh(ref["pi_low"]), 0.0), rel=1e-12)
+    assert out["icc"]["pi_high"] == pytest.approx(math.tanh(ref["pi_high"]), rel=1e-12)
+    out = pool_table(t, "DL", level=0.9)
+    first = pool(t["yi"].iloc[1:], t["vi"].iloc[1:], "DL", level=0.9)
+    assert out["leave_one_out"][0]["ci_low"] == pytest.approx(first["ci_low"], rel=1e-12)
+
+
+def test_per_arm_pools_evaluate_donner_variances_at_the_arms_mean_icc():
+    """Donner rows (ICC, N, k): within each arm's pool the Fisher-z variance is Donner's at that arm's mean ICC,
+    2 (1 - r)^2 (1 + (n0 - 1) r)^2 / (n0 (n0 - 1) (k - 1)) / (1 - r^2)^2 with n0 = N / k."""
+    raw = pd.DataFrame({"study": ["A", "A", "B", "B"], "arm": ["control", "feedback"] * 2,
+                        "icc": [0.06, 0.02, 0.04, 0.01], "n_patients": [200, 210, 300, 280],
+                        "n_therapists": [20, 21, 25, 28]})
+    out = pool_study_table(raw)
+    r = (0.06 + 0.04) / 2
+    n0, k = np.array([10.0, 12.0]), np.array([20.0, 25.0])
+    vi = 2 * (1 - r) ** 2 * (1 + (n0 - 1) * r) ** 2 / (n0 * (n0 - 1) * (k - 1)) / (1 - r * r) ** 2
+    np.testing.assert_allclose([s["vi"] for s in out["arms"]["control"]["studies"]], vi, rtol=1e-12)
+
+
+def test_one_stage_icc_reports_a_singular_fit_and_one_stage_ratio_reads_default_columns():
+    """Every therapist with the same four outcomes: no therapist or trial variance, a singular fit."""
+    df = pd.DataFrame({"cluster": np.repeat(["S1", "S2", "S3"], 16), "therapist": np.repeat([f"T{i}" for i in range(12)], 4),
+                       "y": np.tile([1.0, 2.0, 4.0, 7.0], 12)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = one_stage_icc(df, "y")
+    assert one["singular"] is True and one["estimate"] == pytest.approx(0.0, abs=1e-8)
+    rng = np.random.default_rng(7)
+    df["arm"] = np.repeat([0, 1], 4)[np.arange(48) % 8]
+    df["y"] = rng.normal(size=48) + np.repeat(rng.normal(0, 1.0, 12), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ratio = one_stage_ratio(df, "y")
+    icc = ratio["icc_by_arm"]
+    assert ratio["ratio"]["estimate"] == pytest.approx(icc["feedback"]["estimate"] / icc["control"]["estimate"],
+                                                       rel=1e-6)
