@@ -403,3 +403,22 @@ def test_one_stage_icc_reports_a_singular_fit_and_one_stage_ratio_reads_default_
     icc = ratio["icc_by_arm"]
     assert ratio["ratio"]["estimate"] == pytest.approx(icc["feedback"]["estimate"] / icc["control"]["estimate"],
                                                        rel=1e-6)
+
+
+def test_arm_caseloads_give_donner_n0_from_two_therapists_and_a_lone_cluster_keeps_the_arm_columns():
+    """Control arm: two therapists with 10 and 14 patients, n0 = (24 - (100 + 196) / 24) / 1 = 11.6666667;
+    feedback: 12, 9, 11, n0 = (32 - (144 + 81 + 121) / 32) / 2 = 10.59375."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for t, (arm, n) in enumerate([(0, 10), (0, 14), (1, 12), (1, 9), (1, 11)]):
+        u = rng.normal(0, 1)
+        rows += [{"cluster": "S1", "therapist": f"T{t}", "arm": arm, "y": u + rng.normal()} for _ in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = per_cluster_estimates(pd.DataFrame(rows), "y", arm="arm")
+        lone = per_cluster_estimates(pd.DataFrame({"cluster": "S1", "therapist": "T0", "arm": [0, 1, 0],
+                                                   "y": [1.0, 2.0, 3.0]}), "y", arm="arm")
+    assert got.at[0, "n0_control"] == pytest.approx(24 - 296 / 24, rel=1e-12)
+    assert got.at[0, "n0_feedback"] == pytest.approx(10.59375, rel=1e-12)
+    assert (got.at[0, "n_therapists_control"], got.at[0, "n_therapists_feedback"]) == (2, 3)
+    assert list(lone.columns[-3:]) == ["icc_control", "icc_feedback", "icc_ratio"] and lone["icc_control"].isna().all()
