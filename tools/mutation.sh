@@ -26,6 +26,8 @@
 # would give, and the interval says how far off it can be; the same seed draws the same mutants, so a rerun
 # after new tests shows their effect on the same sample. Mutants left unchecked by the time box are not in
 # the score (the report counts them), which biases it only if the box cuts the sample short.
+# Sampled mutants that no selected test reaches are counted as "no tests" (outside the score, as in a full
+# run); the sample's survivors are listed by name.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BOX="${MUTATION_BOX:-600}"
