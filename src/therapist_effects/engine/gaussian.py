@@ -169,7 +169,6 @@ class BlockEngine:
         self.Tinv = np.linalg.inv(self.T)
         self.ZZ = self._group_cross(Zc, Zc)  # (G, q, q)
         self.ZX = self._group_cross(Zc, self.Xc)  # (G, q, p)
-        self.XX = self.Xc.T @ self.Xc
         self.n_theta = q if self.diagonal else q * (q + 1) // 2  # theta of the therapist level
         self.lows = np.zeros(q) if self.diagonal else theta_lower_bounds(q)
         if self.C:
@@ -190,6 +189,8 @@ class BlockEngine:
             self.xbar = self.ZX[:, 0, :] / self.ni[:, None]
             self.Dx = self.Xc - self.xbar[self.codes]
             self.WXX = self.Dx.T @ self.Dx
+        else:
+            self.XX = self.Xc.T @ self.Xc
         self.set_y(y)
 
     def _group_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -216,6 +217,9 @@ class BlockEngine:
         self.yc = yc
         p = self.p
         self.ZA = np.concatenate([self.ZX, self._group_cross(self.Zc, yc[:, None])], axis=2)
+        if self._caseloads:  # (the random intercept needs nothing else)
+            self._set_y_caseloads(yc)
+            return
         AA = np.empty((p + 1, p + 1))
         AA[:p, :p] = self.XX
         AA[:p, p] = AA[p, :p] = self.Xc.T @ yc
@@ -244,8 +248,6 @@ class BlockEngine:
                 self._os = self._stratum_cross(ones, A1)[:, :, 0, :]
                 self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(
                     self.n_strata, self.G).astype(float)
-        if self._caseloads:
-            self._set_y_caseloads(yc)
 
     def _set_y_caseloads(self, yc: np.ndarray) -> None:
         """Within-therapist cross-products and the therapists' means summed by caseload (and by
