@@ -133,9 +133,7 @@ class _Engine:
     def theta(self, G, gc=None) -> np.ndarray | None:
         """The block engine's theta at ``G`` (and ``gc``); None when ``G`` is not a covariance."""
         G = np.asarray(G, dtype=float)
-        if self.block.diagonal:
-            if np.any(G[~np.eye(len(G), dtype=bool)] != 0.0):
-                raise ValueError("a correlated G for the diagonal arm model")  # pragma: no cover
+        if self.block.diagonal:  # (G's off-diagonal is 0 in the diagonal model)
             th = np.sqrt(np.maximum(np.diag(G), 0.0))
         else:
             if np.linalg.eigvalsh(G)[0] < -1e-12 * max(float(np.max(np.abs(np.diag(G)))), 1e-300):
@@ -652,9 +650,13 @@ class ArmVarianceModel:
         eng = self._eng
         diagonal = not self.correlated
 
-        def f(x):
-            G, r = self._unpack(x)
-            return eng.deviance(G, r, diagonal, method, gc=self._gc(x))
+        nt, reml = (3 if self.correlated else 2), method == "REML"
+
+        def f(x):  # x is the block engine's theta (then log r, then the cluster SD)
+            x = np.asarray(x, dtype=float)
+            th = np.append(x[:nt], x[-1]) if self.cluster_random else x[:nt]
+            r = np.array([1.0, math.exp(x[nt])]) if self.arm_residual else None
+            return eng.block.crit(th, reml, ratios=r)
 
         jac = None
         if diagonal and not self.arm_residual and not self.cluster_random:

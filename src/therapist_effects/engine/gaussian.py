@@ -169,6 +169,7 @@ class BlockEngine:
         self.Tinv = np.linalg.inv(self.T)
         self.ZZ = self._group_cross(Zc, Zc)  # (G, q, q)
         self.ZX = self._group_cross(Zc, self.Xc)  # (G, q, p)
+        self._zz_diagonal = bool(q == 2 and np.all(self.ZZ[:, 0, 1] == 0.0))
         self.n_theta = q if self.diagonal else q * (q + 1) // 2  # theta of the therapist level
         self.lows = np.zeros(q) if self.diagonal else theta_lower_bounds(q)
         if self.C:
@@ -292,6 +293,11 @@ class BlockEngine:
         if q == 1:
             m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
             return ((lam[0, 0] ** 2 / m11) @ self.P00).reshape(k, k), float(np.log(m11).sum())
+        if self.diagonal and self._zz_diagonal:  # (arm indicators: K_i diagonal too)
+            m0 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            m1 = 1.0 + lam[1, 1] ** 2 * ZZ[:, 1, 1]
+            CC = ((lam[0, 0] ** 2 / m0) @ self.P00 + (lam[1, 1] ** 2 / m1) @ self.P11).reshape(k, k)
+            return CC, float(np.log(m0).sum() + np.log(m1).sum())
         # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
         # three length-G dot products with the precomputed outer products
         k00, k01, k11, det = _kernel_q2(lam, ZZ)
@@ -349,7 +355,8 @@ class BlockEngine:
             ldr = -float(self.n_stratum @ np.log(w))
         K, ldv = self._kernels(lam, ZZ)
         KZA = K @ ZA  # (G, q, p + 1)
-        A = AA - np.einsum("giq,gir->qr", ZA, KZA)
+        k = self.p + 1
+        A = AA - ZA.reshape(-1, k).T @ KZA.reshape(-1, k)
         if self.C and gc > 0.0:
             if ratios is None:
                 h, o, nw = self._h, self._o, self._cnt
@@ -396,7 +403,9 @@ class BlockEngine:
             return (lam[0, 0] ** 2 / m11)[:, None, None], float(np.log(m11).sum())
         if q == 2:
             k00, k01, k11, det = _kernel_q2(lam, ZZ)
-            K = np.stack([np.stack([k00, k01], axis=1), np.stack([k01, k11], axis=1)], axis=1)
+            K = np.empty((len(det), 2, 2))
+            K[:, 0, 0], K[:, 1, 1] = k00, k11
+            K[:, 0, 1] = K[:, 1, 0] = k01
             return K, float(np.log(det).sum())
         M = lam.T @ ZZ @ lam
         M += np.eye(q)
