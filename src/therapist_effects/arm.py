@@ -128,7 +128,7 @@ class _Engine:
         self.A = np.stack([A1[self.acode == a].T @ A1[self.acode == a] for a in range(K)])
         self.block.set_y(np.asarray(y, dtype=float))
         ZA = self.block.ZA  # per-cell outer products of the (centred) sums, for grad_g
-        self._O = ZA[:, :, :, None] * ZA[:, :, None, :]
+        self._O = (ZA[:, :, :, None] * ZA[:, :, None, :]).reshape(T, K, -1)
 
     def theta(self, G, gc=None) -> np.ndarray | None:
         """The block engine's theta at ``G`` (and ``gc``); None when ``G`` is not a covariance."""
@@ -136,9 +136,10 @@ class _Engine:
         if self.block.diagonal:  # (G's off-diagonal is 0 in the diagonal model)
             th = np.sqrt(np.maximum(np.diag(G), 0.0))
         else:
-            if np.linalg.eigvalsh(G)[0] < -1e-12 * max(float(np.max(np.abs(np.diag(G)))), 1e-300):
-                return None
-            th = lambda_to_theta(psd_cholesky(G))
+            L = psd_cholesky(G)
+            if np.max(np.abs(L @ L.T - G)) > 1e-12 * max(float(np.max(np.abs(G))), 1e-300):
+                return None  # (not positive semi-definite: a correlation beyond +-1)
+            th = lambda_to_theta(L)
         if self.tclust is not None:
             th = np.append(th, math.sqrt(gc) if gc else 0.0)
         return th
@@ -149,7 +150,7 @@ class _Engine:
         q, p = self.p + 1, self.p
         n = np.diagonal(b.ZZ, axis1=1, axis2=2)  # (T, K) caseloads per arm
         denom = 1.0 + n * g[None, :]
-        C = np.einsum("tk,tkij->ij", g[None, :] / denom, self._O)
+        C = ((g[None, :] / denom).reshape(-1) @ self._O.reshape(len(n) * self.K, -1)).reshape(q, q)
         P = b.AA - C
         try:
             L = np.linalg.cholesky(P)
@@ -166,7 +167,7 @@ class _Engine:
         nu = self.N - p if reml else self.N
         grad = np.empty(self.K)
         for k in range(self.K):
-            dP = -np.tensordot(1.0 / denom[:, k] ** 2, self._O[:, k], axes=1).reshape(q, q)
+            dP = -((1.0 / denom[:, k] ** 2) @ self._O[:, k]).reshape(q, q)
             grad[k] = nu * (v @ dP @ v) / Q + float((n[:, k] / denom[:, k]).sum())
             if reml:
                 grad[k] += float(np.sum(Pinv * dP[:p, :p]))

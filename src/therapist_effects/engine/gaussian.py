@@ -351,7 +351,7 @@ class BlockEngine:
             ZZ, ZA, AA, ldr = self.ZZ, self.ZA, self.AA, 0.0
         else:
             w = 1.0 / np.asarray(ratios, dtype=float)
-            ZZ, ZA, AA = (np.tensordot(w, s, axes=1) for s in (self.ZZs, self.ZAs, self.AAs))
+            ZZ, ZA, AA = (self._by_stratum(w, s) for s in (self.ZZs, self.ZAs, self.AAs))
             ldr = -float(self.n_stratum @ np.log(w))
         K, ldv = self._kernels(lam, ZZ)
         KZA = K @ ZA  # (G, q, p + 1)
@@ -361,12 +361,17 @@ class BlockEngine:
             if ratios is None:
                 h, o, nw = self._h, self._o, self._cnt
             else:
-                h, o, nw = (np.tensordot(w, s, axes=1) for s in (self._hs, self._os, self._cnts))
+                h, o, nw = (self._by_stratum(w, s) for s in (self._hs, self._os, self._cnts))
             bt = o - np.einsum("gi,gir->gr", h, KZA)  # 1'V_i^{-1}[X y]
             et = nw - np.einsum("gi,gij,gj->g", h, K, h)  # 1'V_i^{-1}1
             A, ldc = self._woodbury_cluster(A, bt, et, gc)
             ldv += ldc
         return A, ldv + ldr
+
+    @staticmethod
+    def _by_stratum(w: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        """``sum_s w_s stats[s]`` (one mat-vec: cheaper than tensordot on small arrays)."""
+        return (w @ stats.reshape(len(w), -1)).reshape(stats.shape[1:])
 
     def _woodbury_cluster(self, A: np.ndarray, bt: np.ndarray, et: np.ndarray, gc: float
                           ) -> tuple[np.ndarray, float]:
@@ -401,6 +406,12 @@ class BlockEngine:
         if q == 1:
             m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
             return (lam[0, 0] ** 2 / m11)[:, None, None], float(np.log(m11).sum())
+        if q == 2 and self.diagonal and self._zz_diagonal:  # (arm indicators: K_i diagonal)
+            m0 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            m1 = 1.0 + lam[1, 1] ** 2 * ZZ[:, 1, 1]
+            K = np.zeros((len(m0), 2, 2))
+            K[:, 0, 0], K[:, 1, 1] = lam[0, 0] ** 2 / m0, lam[1, 1] ** 2 / m1
+            return K, float(np.log(m0).sum() + np.log(m1).sum())
         if q == 2:
             k00, k01, k11, det = _kernel_q2(lam, ZZ)
             K = np.empty((len(det), 2, 2))
