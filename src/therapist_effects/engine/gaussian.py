@@ -470,7 +470,10 @@ class BlockEngine:
 
     def blups(self, theta: np.ndarray, bc: np.ndarray, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes ``E[u_i | y]`` (G x q) and conditional covariances (G x q x q), as
-        lme4's ``ranef(condVar = TRUE)``: ``u_i = Lambda M_i^{-1} Lambda' Z_i'(y_i - X_i b)``."""
+        lme4's ``ranef(condVar = TRUE)``: ``u_i = Lambda M_i^{-1} Lambda' Z_i'(y_i - X_i b)``
+        (models without a cluster level and residual strata)."""
+        if self.C or self.strata is not None:
+            raise ValueError("blups: the engine has a cluster level or residual strata")
         lam = self.T @ theta_to_lambda(theta, self.q)  # of the centred effects T u
         M = lam.T @ self.ZZ @ lam + np.eye(self.q)
         Minv = np.linalg.inv(M)
