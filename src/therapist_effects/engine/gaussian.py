@@ -300,7 +300,7 @@ class BlockEngine:
             return CC, float(np.log(m0).sum() + np.log(m1).sum())
         # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
         # three length-G dot products with the precomputed outer products
-        k00, k01, k11, det = _kernel_q2(lam, ZZ)
+        k00, k01, k11, det = _kernel_q2_zdiag(lam, ZZ) if self._zz_diagonal else _kernel_q2(lam, ZZ)
         CC = (k00 @ self.P00 + k01 @ self.P01 + k11 @ self.P11).reshape(k, k)
         return CC, float(np.log(det).sum())
 
@@ -327,7 +327,7 @@ class BlockEngine:
             A, ldv = self._system_caseloads(t0 * t0, float(theta[1]) ** 2 if self.C else 0.0)
         else:
             lam, gc = self._split(theta)
-            if not centred:
+            if not centred and self.Zc is not self.Z:
                 lam = self.T @ lam
             A, ldv = self._system(lam, gc, ratios)
         R = np.linalg.cholesky(A)
@@ -413,7 +413,7 @@ class BlockEngine:
             K[:, 0, 0], K[:, 1, 1] = lam[0, 0] ** 2 / m0, lam[1, 1] ** 2 / m1
             return K, float(np.log(m0).sum() + np.log(m1).sum())
         if q == 2:
-            k00, k01, k11, det = _kernel_q2(lam, ZZ)
+            k00, k01, k11, det = _kernel_q2_zdiag(lam, ZZ) if self._zz_diagonal else _kernel_q2(lam, ZZ)
             K = np.empty((len(det), 2, 2))
             K[:, 0, 0], K[:, 1, 1] = k00, k11
             K[:, 0, 1] = K[:, 1, 0] = k01
@@ -496,6 +496,18 @@ class BlockEngine:
             tc0 = self.to_centred(np.asarray(theta0, dtype=float))
         tc, fmin, ok = minimise_theta(lambda t: self.crit(t, reml, centred=True), tc0, self.q)
         return self.from_centred(tc), fmin, ok
+
+
+def _kernel_q2_zdiag(lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_kernel_q2` when every ``Z_i'Z_i`` is diagonal (arm indicators): with ``G = Lambda
+    Lambda'`` and ``D_i = Z_i'Z_i``, ``K_i = (I + G D_i)^{-1} G`` and ``|M_i| = |I + G D_i|``."""
+    G = lam @ lam.T
+    g00, g01, g11 = G[0, 0], G[0, 1], G[1, 1]
+    d0, d1 = ZZ[:, 0, 0], ZZ[:, 1, 1]
+    det = (1.0 + g00 * d0) * (1.0 + g11 * d1) - (g01 * g01) * (d0 * d1)
+    detg = g00 * g11 - g01 * g01
+    inv = 1.0 / det
+    return (g00 + detg * d1) * inv, g01 * inv, (g11 + detg * d0) * inv, det
 
 
 def _kernel_q2(lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
