@@ -201,7 +201,7 @@ class _BaseModel:
         self.endog, self.exog, self.exog_names = y, X, names
         self.codes = np.asarray(gcodes, dtype=np.int64)
         self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
-        self._engine = BlockEngine(y, X, np.ones((n, 1)), self.codes, G, cluster=cl)
+        self._engine = BlockEngine(y, X, np.broadcast_to(1.0, (n, 1)), self.codes, G, cluster=cl)  # (a view: no memory)
 
     def fit(self) -> MixedResults:
         """Fit by exact (RE)ML; warns (typed) on singular fits and non-convergence."""

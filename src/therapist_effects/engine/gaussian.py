@@ -196,9 +196,15 @@ class BlockEngine:
 
     def _group_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         out = np.empty((self.G, A.shape[1], B.shape[1]))
+        a_ones = [bool(np.all(A[:, i] == 1.0)) for i in range(A.shape[1])]  # (no products with 1)
+        b_ones = [bool(np.all(B[:, j] == 1.0)) for j in range(B.shape[1])]
         for i in range(A.shape[1]):
             for j in range(B.shape[1]):
-                out[:, i, j] = np.bincount(self.codes, weights=A[:, i] * B[:, j], minlength=self.G)
+                if a_ones[i] and b_ones[j]:
+                    w = None
+                else:
+                    w = B[:, j] if a_ones[i] else A[:, i] if b_ones[j] else A[:, i] * B[:, j]
+                out[:, i, j] = np.bincount(self.codes, weights=w, minlength=self.G)
         return out
 
     def _stratum_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
