@@ -537,13 +537,14 @@ class MixedResults(ModelResults):
 
         def excess_sigma(sg: float) -> float:
             x, fv = min_nd_local(lambda v: _dev_sd(eng, v, sg), start[0],
-                                 0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd))
+                                 0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd), hess=hess)
             start[0] = x
             return fv - dmin
 
         ends = []
         for d in (-1, 1):
             start[0] = x0.copy()
+            hess.clear()
             e, found = profile_end(excess_sigma, sigma, q, d, positive=True, step=0.02)
             ends.append(e ** 2 if found else math.nan)
             if not found:
