@@ -279,6 +279,34 @@ class BlockEngine:
                              for j in range(k)], axis=1).reshape(self.C, U, k)
             self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
 
+    def crit_many(self, thetas: np.ndarray, reml: bool) -> np.ndarray:
+        """:meth:`crit` at each row of ``thetas``: one vectorised pass over the batch for the random
+        intercept (caseload sums; the optimiser's grids), a loop otherwise."""
+        thetas = np.asarray(thetas, dtype=float)
+        if not self._caseloads:
+            return np.array([self.crit(t, reml) for t in thetas])
+        p, k, B = self.p, self.p + 1, len(thetas)
+        ng = np.outer(thetas[:, 0] ** 2, self._nu)  # (B, distinct caseloads)
+        au = self._nu / (1.0 + ng)
+        ldv = np.log1p(ng) @ self._cnt_u
+        A = self.within + (au @ self._mm_u).reshape(B, k, k)
+        if self.C:
+            gc = thetas[:, 1:2] ** 2
+            tau = au @ self._cnt_cu.T  # (B, C)
+            sm = (au @ self._m_cku.T).reshape(B, self.C, k)
+            A = A - np.einsum("bck,bc,bcl->bkl", sm, gc / (1.0 + gc * tau), sm)
+            ldv = ldv + np.log1p(gc * tau).sum(axis=1)
+        try:
+            R = np.linalg.cholesky(A)
+        except np.linalg.LinAlgError:
+            return np.array([self.crit(t, reml) for t in thetas])
+        d = np.diagonal(R, axis1=1, axis2=2)
+        with np.errstate(all="ignore"):
+            r = d[:, p] ** 2
+            nu, extra = (self.n - p, ldv + 2.0 * np.log(d[:, :p]).sum(axis=1)) if reml else (self.n, ldv)
+            out = nu * (1.0 + LOG2PI + np.log(r / nu)) + extra
+        return np.where((r > 0.0) & np.isfinite(out), out, np.inf)
+
     def with_y(self, y: np.ndarray) -> BlockEngine:
         """A copy with another outcome (the design's statistics shared): the bootstrap's refits."""
         new = copy.copy(self)
