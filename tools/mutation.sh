@@ -49,9 +49,9 @@ declare -A TESTS=(
     [glmm]="tests/test_glmm_reference.py"
 )
 declare -A FILE=(
-    [csvsafe]="csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
-    [instruments]="instruments.py" [outcomes]="outcomes.py" [profile]="profile.py" [reml]="reml.py"
-    [arm]="arm.py" [glmm]="glmm.py"
+    [csvsafe]="io/csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
+    [instruments]="io/instruments.py" [outcomes]="io/outcomes.py" [profile]="models/profile.py" [reml]="models/reml.py"
+    [arm]="models/arm.py" [glmm]="models/glmm.py"
 )
 ORDER=(csvsafe classify privacy meta instruments outcomes profile reml arm glmm)
 MODULES=("$@")
