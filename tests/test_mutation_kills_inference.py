@@ -260,6 +260,9 @@ def test_profile_interval_orders_the_ends_and_uses_the_level():
     lo, hi = profile_interval(quadratic(1.0, 0.5), 1.0, 0.5, step=0.1)
     assert (lo.value, hi.value) == pytest.approx((1.0 - 0.5 * math.sqrt(Q50), 1.0 + 0.5 * math.sqrt(Q50)),
                                                  abs=1e-12)
+    # each end is profile_limit's in its direction (same schedule: same evaluations, same digits)
+    assert lo == profile_limit(quadratic(1.0, 0.5), 1.0, Q50, -1, step=0.1)
+    assert hi == profile_limit(quadratic(1.0, 0.5), 1.0, Q50, +1, step=0.1)
     lo, hi = profile_interval(quadratic(1.0, 0.6), 1.0, 0.95, step=0.1, lower=0.0)  # excess 2.8 at 0
     assert (lo.status, hi.status) == ("edge", "root") and lo.value == 0.0
 
@@ -276,6 +279,9 @@ def test_profile_end_positive_and_real_line():
     ex = quadratic(0.0, 1.0)
     end, found = profile_end(ex, 0.0, Q95, +1, positive=True, step=0.05, zero_allowed=True, scale=0.5)
     assert found and end == pytest.approx(math.sqrt(Q95), abs=1e-12) and ex.at[:2] == [0.5, 1.0]
+    ex = quadratic(0.0, 1.0)
+    profile_end(ex, 0.0, Q95, +1, positive=True, step=0.05, zero_allowed=True)
+    assert ex.at[:2] == [1.0, 2.0]  # default scale 1
     ex = quadratic(-3.0, 2.0)
     end, found = profile_end(ex, -3.0, Q95, -1, positive=False, step=0.1)
     assert found and end == pytest.approx(-3.0 - 2.0 * math.sqrt(Q95), abs=1e-11)
@@ -290,6 +296,9 @@ def test_wald_interval_is_estimate_plus_minus_normal_quantile():
     z = stats.norm.ppf(0.975)
     np.testing.assert_allclose(lo, [1.0 - z * 0.5, -2.0 - z * 0.1], rtol=1e-14)
     np.testing.assert_allclose(hi, [1.0 + z * 0.5, -2.0 + z * 0.1], rtol=1e-14)
+    # plain float arrays also from an object column (e.g. read from JSON with missing values)
+    lo, hi = wald_interval(pd.Series([1.0, 2.0], dtype=object), pd.Series([0.5, 0.5], dtype=object))
+    assert lo.dtype == hi.dtype == np.float64
     lo, hi = wald_interval(3, 2, 0.8)
     assert (float(lo), float(hi)) == pytest.approx((3 - 2 * stats.norm.ppf(0.9), 3 + 2 * stats.norm.ppf(0.9)),
                                                    rel=1e-14)
