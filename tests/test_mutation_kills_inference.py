@@ -100,6 +100,8 @@ def test_root_is_precise_to_the_default_tolerances():
     ex = Recorder(lambda x: Q95 * (x / 1.234e-3) ** 3)
     lim = profile_limit(ex, 0.0, Q95, +1, step=1e-4)
     assert lim.value == pytest.approx(1.234e-3, abs=3e-14)
+    ex = Recorder(lambda x: Q95 * (x / 0.011) ** 3)  # a bracket where xtol decides the last digits
+    assert profile_limit(ex, 0.0, Q95, +1, step=3e-4).value == pytest.approx(0.011, abs=2e-14)
     ex = Recorder(lambda x: Q95 * (x / 1234.5) ** 3)
     assert profile_limit(ex, 0.0, Q95, +1, step=10.0).value == pytest.approx(1234.5, rel=5e-11, abs=0)
 
@@ -147,6 +149,18 @@ def test_a_step_landing_exactly_on_the_edge_uses_the_edge_value():
     lim = profile_limit(ex, 0.5, Q95, -1, lower=0.0, step=0.25)  # steps 0.25, then exactly 0.0
     assert lim.value == pytest.approx(0.5 - 0.2 * math.sqrt(Q95), abs=1e-12)
     assert ex.at.count(0.0) == 1
+
+
+@pytest.mark.parametrize("direction", [+1, -1])
+def test_correlation_edges_at_plus_minus_one(direction):
+    """A parameter on [-1, 1] (a correlation): the edge in the search direction is evaluated first,
+    then the steps; the root lies between the last step and the edge."""
+    xhat, sd = 0.5 * direction, 0.25
+    ex = quadratic(xhat, sd)  # excess 4 >= q at the edge; root at xhat +- 0.49
+    lim = profile_limit(ex, xhat, Q95, direction, lower=-1.0, upper=1.0, step=0.1)
+    assert lim.value == pytest.approx(xhat + direction * sd * math.sqrt(Q95), abs=1e-12)
+    assert ex.at[:4] == pytest.approx([direction * x for x in (1.0, 0.6, 0.7, 0.9)])
+    assert all(0.9 < direction * x < 1.0 for x in ex.at[4:])
 
 
 def test_edge_where_the_criterion_is_undefined_is_approached_geometrically():
@@ -209,9 +223,16 @@ def test_default_ceiling_towards_an_infinite_edge(xhat, scale, crossing, found):
 
 def test_explicit_ceiling():
     ex = Recorder(lambda x: Q95 * x / 50.0)
-    assert profile_limit(ex, 0.0, Q95, +1, step=1.0, ceiling=40.0) == ProfileLimit(math.inf, "open", 6)
+    # "unreachable only beyond the ceiling": a step exactly at the ceiling is evaluated
+    assert profile_limit(ex, 0.0, Q95, +1, step=1.0, ceiling=32.0) == ProfileLimit(math.inf, "open", 6)
     assert ex.at == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     assert profile_limit(Recorder(lambda x: Q95 * x / 50.0), 0.0, Q95, +1, step=1.0, ceiling=70.0).found
+
+
+def test_constant_steps_give_up_after_400():
+    ex = Recorder(lambda x: 0.5)
+    assert profile_limit(ex, 0.0, Q95, -1, step=0.1, growth=1.0) == ProfileLimit(-math.inf, "open", 400)
+    assert ex.at[-1] == pytest.approx(-0.1)
 
 
 def test_log_scale_steps_are_multiplicative():
@@ -234,9 +255,11 @@ def test_log_scale_far_below_the_estimate_reaches_the_edge():
     """Steps more than e^-700 below the estimate go to the edge: the profile stays below the cut-off
     down to x = 0+ and jumps above it at 0, so the root is between the last step and the edge."""
     ex = Recorder(lambda x: 2.0 * Q95 if x == 0.0 else 0.0)
-    lim = profile_limit(ex, 1.0, Q95, -1, lower=0.0, step=1.0, log_scale=True)
+    step = 700.5 / 512  # the 10th step is e^-700.5 below the estimate: the edge
+    lim = profile_limit(ex, 1.0, Q95, -1, lower=0.0, step=step, log_scale=True)
     assert lim.status == "root" and 0.0 <= lim.value < math.exp(-350)
-    assert ex.at.count(0.0) == 1 and min(x for x in ex.at if x > 0) > math.exp(-710)
+    assert ex.at[:10] == pytest.approx([0.0] + [math.exp(-step * 2**k) for k in range(9)], rel=1e-12, abs=0)
+    assert ex.at.count(0.0) == 1 and min(x for x in ex.at if x > 0.0) > math.exp(-700)  # not e^-700.5
 
 
 def test_log_scale_open_towards_infinity():
@@ -309,6 +332,7 @@ def test_percentile_interval_of_the_finite_values():
     assert percentile_interval(x) == pytest.approx((2.5, 97.5), abs=1e-12)
     assert percentile_interval(list(x), 0.9) == pytest.approx((5.0, 95.0), abs=1e-12)
     assert percentile_interval([np.int64(1), np.int64(3)], 0.5) == (1.5, 2.5)
+    assert percentile_interval(pd.Series([1.0, None, 3.0], dtype=object), 0.5) == (1.5, 2.5)
     lo, hi = percentile_interval([np.nan, np.inf])
     assert math.isnan(lo) and math.isnan(hi)
     assert all(math.isnan(v) for v in percentile_interval([]))
