@@ -368,3 +368,58 @@ def test_from_frame_errors_name_the_column_and_rows():
     ok = LogisticRandomInterceptModel.from_frame(df.dropna().assign(t=["a", "b", "b"]), "y", ["x"], therapist="t",
                                                  method="agq", n_quad=3)
     assert (ok.method, ok.n_quad, ok.exog_names, ok.n_obs, ok.n_therapists) == ("agq", 3, ["(Intercept)", "x"], 3, 2)
+
+
+_Y4, _G4 = np.array([0.0, 1.0, 1.0, 0.0]), np.array(["a", "a", "b", "b"])
+
+
+@pytest.mark.parametrize("args,kw,message", [
+    ((_Y4, np.ones((3, 1)), _G4), {},
+     "endog (4 rows), exog (3 rows) and therapist (4 rows) must have the same number of patients"),
+    ((_Y4, np.ones((4, 1)), _G4[:3]), {},
+     "endog (4 rows), exog (4 rows) and therapist (3 rows) must have the same number of patients"),
+    ((np.array([]), np.ones((0, 1)), np.array([])), {}, "no patients to fit: the outcome has no rows"),
+    ((np.array([0.0, np.nan, 1.0, 0.0]), np.ones((4, 1)), _G4), {},
+     "outcome or covariates contain missing/non-finite values; drop them first"),
+    ((_Y4, np.array([[1.0], [np.inf], [1.0], [1.0]]), _G4), {},
+     "outcome or covariates contain missing/non-finite values; drop them first"),
+    ((_Y4, np.ones((4, 1)), np.array(["a", None, "b", "b"], dtype=object)), {},
+     "therapist identifier is missing for some patients; drop them first"),
+    ((np.array([0.0, 1.0, 0.5, 0.0]), np.ones((4, 1)), _G4), {},
+     "binary outcome expected (0/1): patient at position 2 has value 0.5"),
+    ((np.ones(4), np.ones((4, 1)), _G4), {}, "outcome has no variation: every patient has value 1"),
+    ((np.zeros(4) + np.eye(4)[0], np.ones((4, 1)), _G4), {"exog_names": ["a", "b"]},
+     "exog_names has 2 names for 1 columns of exog"),
+    ((_Y4, np.column_stack([np.ones(4), 2 * np.ones(4)]), _G4), {},
+     "fixed-effects design ['x0', 'x1'] is rank deficient"),
+    ((_Y4, np.ones((4, 1)), np.array(["a"] * 4)), {}, "at least 2 therapists are needed, got 1"),
+])
+def test_model_input_errors_are_one_line(args, kw, message):
+    with pytest.raises(ModelError) as e:
+        LogisticRandomInterceptModel(*args, **kw)
+    assert str(e.value) == message
+
+
+def test_model_accepts_a_vector_design_and_dataframe_names():
+    x = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    g = np.array(["b", "b", "a", "a", "c", "c"])
+    m = LogisticRandomInterceptModel(y, x, g)
+    assert m.X.shape == (6, 1) and m.exog_names == ["x0"] and m.k_fe == 1
+    assert list(m.therapist_labels) == ["a", "b", "c"] and list(m.counts) == [2, 2, 2]
+    np.testing.assert_array_equal(m.X[:, 0], [2.0, 3.0, 0.0, 1.0, 4.0, 5.0])  # sorted by therapist
+    m = LogisticRandomInterceptModel(y, pd.DataFrame({"one": np.ones(6), "dose": x}), g)
+    assert m.exog_names == ["one", "dose"] and m.method == "laplace" and m.n_quad == 1
+
+
+def test_nonconvergence_message(monkeypatch, data):
+    import therapist_effects.glmm as glmm
+
+    monkeypatch.setattr(glmm, "_NEWTON_MAXIT", 1)  # the conditional modes cannot converge in 1 step
+    m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq", n_quad=3)
+    with pytest.warns(glmm.ConvergenceWarning, match=r"^AGQ3: optimiser did not converge \(.*\); estimates may not"
+                      r" be at the maximum$"):
+        res = m.fit()
+    assert res.converged is False
+    assert res.warnings_list[0].startswith("ConvergenceWarning: AGQ3: optimiser did not converge (")
+    assert res.to_contract()["converged"] is False
