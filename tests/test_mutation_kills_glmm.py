@@ -423,3 +423,17 @@ def test_nonconvergence_message(monkeypatch, data):
     assert res.converged is False
     assert res.warnings_list[0].startswith("ConvergenceWarning: AGQ3: optimiser did not converge (")
     assert res.to_contract()["converged"] is False
+
+
+def test_from_frame_defaults(data):
+    assert LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq").n_quad == 10  # lme4 nAGQ = 10
+    lap = LogisticRandomInterceptModel.from_frame(data, "y")
+    assert (lap.method, lap.n_quad, lap.exog_names) == ("laplace", 1, ["(Intercept)"])
+
+
+def test_information_that_cannot_be_inverted_gives_nan_not_an_error():
+    import therapist_effects.glmm as glmm
+
+    out = glmm._safe_inv(np.zeros((2, 2)))
+    assert out.shape == (2, 2) and out.dtype == np.float64 and np.isnan(out).all()
+    np.testing.assert_allclose(glmm._safe_inv(np.array([[2.0, 0.0], [0.0, 4.0]])), [[0.5, 0.0], [0.0, 0.25]])
