@@ -281,12 +281,36 @@ def test_singular_profile_interval_has_an_exact_zero_and_the_profile_root(singul
     lo80, hi80 = res.conf_int(0.8, method="profile").loc["therapist"]
     assert lo80 == 0.0 and 2 * (res.loglik - _profile_sd(m, math.sqrt(hi80))) == pytest.approx(
         stats.chi2.ppf(0.8, 1), abs=1e-4)
+    # the intercept's profile re-optimises the therapist SD (started off the stationary point 0)
+    for b0 in ci.loc["(Intercept)"]:
+        best = optimize.minimize_scalar(lambda s: -m.loglik([b0], s), bounds=(0.0, 3.0), method="bounded",
+                                        options={"xatol": 1e-10}).fun
+        assert 2 * (res.loglik + best) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-4)
     c = res.to_contract()
     assert c["singular"] is True and c["variance_components"]["therapist"]["ci_low"] == 0.0
     assert c["variance_components"]["therapist"]["ci_high"] == pytest.approx(hi * hi, rel=1e-12)
     assert c["icc"]["ci_low"] == 0.0 and c["icc"]["ci_high"] == pytest.approx(icc_of(hi * hi), rel=1e-12)
     assert c["lrt"] == {"statistic": 0.0, "df": 1, "p_value": 1.0}
     assert any(w.startswith("SingularFitWarning: ") for w in c["warnings"])
+
+
+def test_weak_interior_estimate_lrt_and_exact_zero_profile_end():
+    """12 therapists x 10 patients, 4 recovered each except 1, 7, 1, 7 for the last four: a small
+    positive therapist variance whose LRT statistic (0.34) is below 1 and below the cut-off."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.concatenate([[1.0] * k + [0.0] * (10 - k) for k in [4] * 8 + [1, 7, 1, 7]])
+    m = LogisticRandomInterceptModel(y, np.ones((120, 1)), g, exog_names=["(Intercept)"])
+    res = m.fit()
+    assert not res.singular and 0.05 < res.vcomp["therapist"] < 0.2
+    ll_glm = 120 * (0.4 * math.log(0.4) + 0.6 * math.log(0.6))  # 48 of 120 recovered
+    assert res.loglik_glm == pytest.approx(ll_glm, rel=1e-12)
+    t = res.lrt()
+    assert 0.0 < t["statistic"] < 1.0
+    assert t["statistic"] == pytest.approx(2 * (res.loglik - ll_glm), rel=1e-9)
+    assert t["p_value"] == pytest.approx(0.5 * stats.chi2.sf(t["statistic"], 1), rel=1e-12, abs=0)
+    lo, hi = res.conf_int(method="profile").loc["therapist"]
+    assert lo == 0.0 and hi > res.vcomp["therapist"]
+    assert 2 * (res.loglik - _profile_sd(m, math.sqrt(hi))) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-4)
 
 
 # --------------------------------------------------------------------------- bootstrap (truth)
