@@ -27,7 +27,8 @@ from scipy.special import expit
 
 from refdata import REFERENCE_DIR
 from therapist_effects.exceptions import ModelError, SingularFitWarning
-from therapist_effects.glmm import LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, check_quadrature
+from therapist_effects.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, block_modes,
+                                    check_quadrature)
 
 LATENT = math.pi**2 / 3
 Z95 = stats.norm.ppf(0.975)
@@ -441,8 +442,9 @@ def test_nonconvergence_message(monkeypatch, data):
 
     monkeypatch.setattr(glmm, "_NEWTON_MAXIT", 1)  # the conditional modes cannot converge in 1 step
     m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq", n_quad=3)
-    with pytest.warns(glmm.ConvergenceWarning, match=r"^AGQ3: optimiser did not converge \(.*\); estimates may not"
-                      r" be at the maximum$"):
+    # the optimiser's own message (scipy's L-BFGS-B: "CONVERGENCE: ..." or "ABNORMAL...") in brackets
+    with pytest.warns(glmm.ConvergenceWarning, match=r"^AGQ3: optimiser did not converge \([A-Z]{4,}.*\); estimates"
+                      r" may not be at the maximum$"):
         res = m.fit()
     assert res.converged is False
     assert res.warnings_list[0].startswith("ConvergenceWarning: AGQ3: optimiser did not converge (")
@@ -461,3 +463,41 @@ def test_information_that_cannot_be_inverted_gives_nan_not_an_error():
     out = glmm._safe_inv(np.zeros((2, 2)))
     assert out.shape == (2, 2) and out.dtype == np.float64 and np.isnan(out).all()
     np.testing.assert_allclose(glmm._safe_inv(np.array([[2.0, 0.0], [0.0, 4.0]])), [[0.5, 0.0], [0.0, 0.25]])
+
+
+def test_model_without_fixed_effects():
+    """logit P(y_ij = 1) = u_j (no intercept): the no-therapist model has probability 1/2, and the
+    therapist variance maximises the (validated) marginal likelihood, checked by a scalar optimiser."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.concatenate([[1.0] * k + [0.0] * (10 - k) for k in [4] * 8 + [1, 7, 1, 7]])
+    m = LogisticRandomInterceptModel(y, np.ones((120, 0)), g)
+    res = m.fit()
+    assert res.converged and not res.singular and list(res.fe_params.index) == []
+    assert res.loglik_glm == pytest.approx(120 * math.log(0.5), rel=1e-12)
+    best = optimize.minimize_scalar(lambda s: -m.loglik([], s), bounds=(0.0, 5.0), method="bounded",
+                                    options={"xatol": 1e-10})
+    assert res.vcomp["therapist"] == pytest.approx(best.x**2, rel=1e-6)
+    assert res.loglik == pytest.approx(-best.fun, abs=1e-9)
+    lo, hi = res.conf_int(method="profile").loc["therapist"]
+    assert lo == 0.0  # LRT 1.71 < 3.84
+    assert 2 * (res.loglik - m.loglik([], math.sqrt(hi))) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-6)
+
+
+def test_block_modes_with_one_sd_per_block():
+    """The arm-variance engines' case: a random-effect SD per block (0 for one block). Each block's mode
+    maximises h_j(v) = sum_i log p(y_i | eta0_i + s_j v) - v^2/2 (checked by a scalar optimiser)."""
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(5), [3, 8, 1, 12, 6])
+    eta0 = rng.normal(0, 0.5, g.size)
+    y = (rng.random(g.size) < 0.5).astype(float)
+    s = np.array([0.5, 3.0, 8.0, 0.0, 1.5])
+    starts = np.r_[0, np.cumsum(np.bincount(g))[:-1]]
+    v, mu, ok = block_modes(y, g, lambda a: np.add.reduceat(a, starts, axis=0), eta0, s, np.full(5, 0.3))
+    assert ok and v[3] == 0.0
+    for j in range(5):
+        yj, ej = y[g == j], eta0[g == j]
+        r = optimize.minimize_scalar(
+            lambda t, yj=yj, ej=ej, sj=s[j]: -(np.sum(yj * (ej + sj * t) - np.logaddexp(0, ej + sj * t)) - t * t / 2),
+            bounds=(-10, 10), method="bounded", options={"xatol": 1e-12})
+        assert v[j] == pytest.approx(r.x, abs=1e-7)
+    np.testing.assert_allclose(mu, expit(eta0 + s[g] * v[g]), rtol=1e-14)
