@@ -501,3 +501,25 @@ def test_block_modes_with_one_sd_per_block():
             bounds=(-10, 10), method="bounded", options={"xatol": 1e-12})
         assert v[j] == pytest.approx(r.x, abs=1e-7)
     np.testing.assert_allclose(mu, expit(eta0 + s[g] * v[g]), rtol=1e-14)
+
+
+def test_agq2_fit_is_the_maximum_of_its_likelihood(data):
+    """Two nodes (the analytic gradient's node weights matter): the fit is clean and its maximum is
+    that of an independent derivative-free optimiser of the same likelihood."""
+    m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq", n_quad=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = m.fit()
+    best = optimize.minimize(lambda t: -m.loglik(t[:2], t[2]), [-0.3, 0.8, 1.1], method="Nelder-Mead",
+                             options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 2000})
+    assert res.loglik >= -best.fun - 1e-8
+    np.testing.assert_allclose(np.r_[res.fe_params, res.s_u], np.r_[best.x[:2], abs(best.x[2])], atol=2e-4)
+
+
+def test_singular_model_without_fixed_effects_is_converged():
+    g = np.repeat(np.arange(12), 10)
+    y = np.tile([1.0] * 5 + [0.0] * 5, 12)  # every therapist 5 of 10: P = 1/2, no therapist variance
+    with pytest.warns(SingularFitWarning):
+        res = LogisticRandomInterceptModel(y, np.ones((120, 0)), g).fit()
+    assert res.singular is True and res.converged is True
+    assert res.loglik == pytest.approx(120 * math.log(0.5), rel=1e-12)
