@@ -523,3 +523,18 @@ def test_singular_model_without_fixed_effects_is_converged():
         res = LogisticRandomInterceptModel(y, np.ones((120, 0)), g).fit()
     assert res.singular is True and res.converged is True
     assert res.loglik == pytest.approx(120 * math.log(0.5), rel=1e-12)
+
+
+def test_an_optimiser_stopped_early_is_reported_not_converged(monkeypatch, data):
+    """L-BFGS-B capped at 3 iterations stops with a (whitened) gradient of ~0.3: not the maximum."""
+    import therapist_effects.glmm as glmm
+
+    minimize = glmm.optimize.minimize
+
+    def capped(*args, **kwargs):
+        return minimize(*args, **{**kwargs, "options": {**kwargs["options"], "maxiter": 3}})
+
+    monkeypatch.setattr(glmm.optimize, "minimize", capped)
+    with pytest.warns(glmm.ConvergenceWarning, match="optimiser did not converge"):
+        res = LogisticRandomInterceptModel.from_frame(data, "y", ["x"]).fit()
+    assert res.converged is False
