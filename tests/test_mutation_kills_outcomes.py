@@ -10,7 +10,6 @@ import math
 import warnings
 
 import pandas as pd
-import pytest
 
 from therapist_effects.exceptions import DataWarning
 from therapist_effects.ingest import REJECT_COLUMNS, ingest_frame
@@ -83,20 +82,6 @@ def test_canonical_rows_without_column_names_reject_under_the_canonical_score_co
         warnings.simplefilter("ignore", DataWarning)
         _, rejects = derive_patient_outcomes(rows, {"layout": "session", "instrument": "PHQ-9"})
     assert rejects["column"].tolist() == ["score"]
-
-
-def test_warnings_point_at_the_callers_line():
-    table = pd.DataFrame({"pid": ["A", "A", "B"], "tid": ["T1"] * 3, "session": [1, 2, 1], "phq9": [18, 9, 12]})
-    rows = ingest_frame(table, SESSION).rows
-    with pytest.warns(DataWarning, match="rejected while deriving patient outcomes") as caught:
-        derive_patient_outcomes(rows, SESSION)
-    assert {w.filename for w in caught} == {__file__}
-    arm = pd.DataFrame({"pid": ["A", "B"], "tid": ["T1", "T2"], "post": [5, 6], "arm": ["ROM", "ROM"]})
-    spec = {"layout": "patient", "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "arm": "arm"}}
-    rows = ingest_frame(arm, spec).rows
-    with pytest.warns(DataWarning, match="single level") as caught:
-        derive_patient_outcomes(rows, spec)
-    assert {w.filename for w in caught} == {__file__}
 
 
 # ---- the patient layout: dropout and covariates --------------------------------------------------------------------

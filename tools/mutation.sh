@@ -29,6 +29,8 @@
 # would give, and the interval says how far off it can be; the same seed draws the same mutants, so a rerun
 # after new tests shows their effect on the same sample. Mutants left unchecked by the time box are not in
 # the score (the report counts them), which biases it only if the box cuts the sample short.
+# Sampled mutants that no selected test reaches are counted as "no tests" (outside the score, as in a full
+# run); the sample's survivors are listed by name.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BOX="${MUTATION_BOX:-600}"
@@ -41,7 +43,7 @@ declare -A TESTS=(
     [csvsafe]="tests/test_report_units.py tests/test_mutation_kills.py"
     [classify]="tests/test_mutation_kills.py"
     [privacy]="tests/test_report_units.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_funnel_leaves_out_a_therapist_whose_point_reveals_a_small_count"
-    [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand tests/test_meta_metafor.py::test_pool_matches_metafor tests/test_meta_metafor.py::test_leave_one_out_matches_metafor tests/test_meta_metafor.py::test_reference_sets_cover_truncation_and_knha tests/test_meta_metafor.py::test_knapp_hartung_by_hand tests/test_meta_metafor.py::test_donner_unbalanced_n0_by_hand tests/test_meta_metafor.py::test_study_table_column_mapping_and_inputs tests/test_meta_metafor.py::test_study_table_errors_name_file_row_and_column tests/test_meta_metafor.py::test_arm_table_pooled_ratio_on_the_log_scale_by_hand"
+    [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_mutation_kills_meta.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand tests/test_meta_metafor.py::test_pool_matches_metafor tests/test_meta_metafor.py::test_leave_one_out_matches_metafor tests/test_meta_metafor.py::test_reference_sets_cover_truncation_and_knha tests/test_meta_metafor.py::test_knapp_hartung_by_hand tests/test_meta_metafor.py::test_donner_unbalanced_n0_by_hand tests/test_meta_metafor.py::test_study_table_column_mapping_and_inputs tests/test_meta_metafor.py::test_study_table_errors_name_file_row_and_column tests/test_meta_metafor.py::test_arm_table_pooled_ratio_on_the_log_scale_by_hand"
     [instruments]="tests/test_instruments.py tests/test_mutation_kills.py tests/test_mutation_kills_instruments.py"
     [outcomes]="tests/test_outcomes.py tests/test_mutation_kills.py tests/test_mutation_kills_outcomes.py tests/test_scores.py::test_patient_table_has_per_instrument_columns_and_paired_outcomes"
     [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"

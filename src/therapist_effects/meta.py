@@ -277,7 +277,9 @@ def per_cluster_estimates(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     kw = {} if feedback_level is None else {"feedback_level": feedback_level}
-                    covs = [c for c in covariates if c != arm]
+                    # a covariate constant within this cluster carries no information here and would
+                    # make the arm model's design rank-deficient (as it is left out of the ICC above)
+                    covs = [c for c in covariates if c != arm and d[c].nunique(dropna=False) > 1]
                     am = ArmVarianceModel.from_frame(d, outcome, covs, therapist=therapist, arm=arm, **kw).fit()
                 icc_arm = am.icc_point()
                 row.update(icc_control=float(icc_arm[0]), icc_feedback=float(icc_arm[1]),

@@ -95,7 +95,7 @@ def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
     levels = sorted(pd.unique(present), key=(float if numeric else str))
     wanted = spec.get("feedback_level")
     if wanted is not None:
-        match = [lv for lv in levels if _id_text(lv) == _id_text(wanted) or str(lv) == str(wanted)]
+        match = [lv for lv in levels if _id_text(lv) == _id_text(wanted)]
         if not match:
             shown = ", ".join(_fmt_value(v) for v in levels)
             raise ConfigError(
@@ -231,14 +231,13 @@ def derive_patient_outcomes(
     if "baseline" in pt.columns:
         b = pt["baseline"].to_numpy(dtype=float)
         e = pt["end"].to_numpy(dtype=float)
-        derived["change"] = np.asarray(inst.improvement(b, e) if inst else b - e, dtype=float)
+        derived["change"] = inst.improvement(b, e) if inst else b - e
         if inst is not None:
             untreated = ~treated
-            case_b = np.asarray(inst.is_case(b), dtype=float)
-            case_e = np.asarray(inst.is_case(e), dtype=float)
-            ri = np.asarray(inst.reliable_improvement(b, e), dtype=float)
-            rd = np.asarray(inst.reliable_deterioration(b, e), dtype=float)
-            csc = np.asarray(inst.clinically_significant(b, e), dtype=float)
+            # the instrument returns float arrays (NaN where undefined) for array input
+            case_b, case_e = inst.is_case(b), inst.is_case(e)
+            ri, rd = inst.reliable_improvement(b, e), inst.reliable_deterioration(b, e)
+            csc = inst.clinically_significant(b, e)
             recovered = np.where(case_b == 1.0, 1.0 - case_e, np.nan)
             recovered[np.isnan(case_e)] = np.nan
             reliable_recovery = np.where(np.isnan(recovered) | np.isnan(ri), np.nan,
