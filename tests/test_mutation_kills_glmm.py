@@ -453,6 +453,7 @@ def test_nonconvergence_message(monkeypatch, data):
 
 def test_from_frame_defaults(data):
     assert LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq").n_quad == 10  # lme4 nAGQ = 10
+    assert LogisticRandomInterceptModel(data["y"], np.ones((len(data), 1)), data["therapist"], method="agq").n_quad == 10
     lap = LogisticRandomInterceptModel.from_frame(data, "y")
     assert (lap.method, lap.n_quad, lap.exog_names) == ("laplace", 1, ["(Intercept)"])
 
