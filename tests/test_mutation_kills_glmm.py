@@ -433,6 +433,7 @@ def test_model_accepts_a_vector_design_and_dataframe_names():
     assert m.X.shape == (6, 1) and m.exog_names == ["x0"] and m.k_fe == 1
     assert list(m.therapist_labels) == ["a", "b", "c"] and list(m.counts) == [2, 2, 2]
     np.testing.assert_array_equal(m.X[:, 0], [2.0, 3.0, 0.0, 1.0, 4.0, 5.0])  # sorted by therapist
+    np.testing.assert_array_equal(m.order, [2, 3, 0, 1, 4, 5])  # row i of the sorted data is input row order[i]
     m = LogisticRandomInterceptModel(y, pd.DataFrame({"one": np.ones(6), "dose": x}), g)
     assert m.exog_names == ["one", "dose"] and m.method == "laplace" and m.n_quad == 1
 
