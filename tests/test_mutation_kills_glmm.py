@@ -540,3 +540,14 @@ def test_an_optimiser_stopped_early_is_reported_not_converged(monkeypatch, data)
     with pytest.warns(glmm.ConvergenceWarning, match="optimiser did not converge"):
         res = LogisticRandomInterceptModel.from_frame(data, "y", ["x"]).fit()
     assert res.converged is False
+
+
+def test_agq_fit_of_singular_data_starts_off_the_boundary():
+    """AGQ after a singular Laplace stage: the AGQ stage starts from s = 0.1 with the GLM metric and
+    returns to the boundary (the rates are identical): the logistic regression, flagged singular."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.tile([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 12).astype(float)
+    with pytest.warns(SingularFitWarning):
+        res = LogisticRandomInterceptModel(y, np.ones((120, 1)), g, method="agq", n_quad=5).fit()
+    assert res.singular and res.converged and res.method == "AGQ5" and res.vcomp["therapist"] == 0.0
+    assert res.fe_params.iloc[0] == pytest.approx(math.log(0.4 / 0.6), abs=1e-7)
