@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from ..exceptions import ModelError
 from ..progress import track
 
 __all__ = ["ProfileLimit", "profile_limit", "profile_interval", "profile_end", "chi2_cut",
@@ -39,8 +40,6 @@ DEFAULT_N_BOOT = 1000
 def chi2_cut(level: float) -> float:
     """The deviance cut-off of a ``level`` profile interval: ``qchisq(level, 1)``."""
     if not 0.0 < level < 1.0:
-        from ..exceptions import ModelError
-
         raise ModelError(f"confidence level must be between 0 and 1, got {level}")
     return float(stats.chi2.ppf(level, 1))
 
@@ -221,8 +220,6 @@ def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
     """
     n_boot = int(n_boot)
     if n_boot < 1:
-        from ..exceptions import ModelError
-
         raise ModelError(f"n_boot must be a positive integer, got {n_boot}")
     rng = bootstrap_rng(seed)
     rows, failed = [], 0
@@ -230,7 +227,7 @@ def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
         data = simulate(rng)
         try:
             row = refit(data)
-        except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError, ModelError):  # e.g. a separated resample
             row = None
         ok = row is not None and bool(row.get("converged", True)) and all(
             np.isfinite(row.get(c, np.nan)) for c in columns if c not in optional)

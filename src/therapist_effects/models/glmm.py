@@ -535,7 +535,16 @@ class LogisticRandomInterceptModel:
         without therapist effect.
         """
         p = self.k_fe
-        th, ll, ok, msg, singular, ll_glm = self._estimate()
+        try:
+            th, ll, ok, msg, singular, ll_glm = self._estimate()
+        except np.linalg.LinAlgError as err:
+            # the GLM information matrix lost rank on the way to an infinite coefficient
+            raise ModelError(
+                f"logistic random-intercept fit ({self._label()}): the fixed effects have no finite maximum "
+                "likelihood estimate: the outcome is "
+                "completely or quasi-completely separated by the covariates (e.g. every patient with one value "
+                "of a covariate has the same outcome); leave out or combine that covariate"
+            ) from err
         msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
                             " those of the logistic regression without therapist effect" if singular else None)
         ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
