@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 from scipy.special import gammaln
 
-from therapist_effects.models.fitting import bayes
+from therapist_effects.models import bayes
 from therapist_effects.models.bayes import (
     BayesConfig,
     BayesModel,

@@ -262,7 +262,7 @@ def test_diagnose_flags_rhat_between_1_02_and_1_05():
     1.03 (Vehtari et al. 2021's threshold is 1.01), which diagnose() must name in its advice."""
     import arviz as az
 
-    from therapist_effects.models.fitting import bayes
+    from therapist_effects.models import bayes
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 4000)) + np.array([-1.5, -0.5, 0.5, 1.5])[:, None] * 0.2
