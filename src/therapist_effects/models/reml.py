@@ -123,7 +123,7 @@ def _dev_sd(eng: BlockEngine, sds: Sequence[float], sigma: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Models
+# Profile searches
 # --------------------------------------------------------------------------------------------
 def _profile_end(excess: Callable[[float], float], xhat: float, q: float, direction: int, **kw) -> tuple[float, bool]:
     """``(end, found)`` of a profile: the root of the signed root of ``excess`` (nearly linear: few
@@ -159,6 +159,9 @@ def _reset(hess: dict, H: np.ndarray | None) -> None:
         hess["H"] = H
 
 
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
 def _group_codes(labels: Any, role: str) -> tuple[np.ndarray, np.ndarray]:
     """Same codes and labels as :func:`design.group_codes` (groups in sorted order of their labels
     as strings), but converting only the distinct labels to strings: for a million patients the
