@@ -182,7 +182,7 @@ def signed_root_limit(excess: Callable[[float], float], xhat: float, q: float, d
 
 def profile_end(excess: Callable[[float], float], xhat: float, q: float, direction: int, *,
                 positive: bool, step: float, zero_allowed: bool = False,
-                scale: float = 1.0, max_steps: int = 60) -> tuple[float, bool]:
+                scale: float = 1.0) -> tuple[float, bool]:
     """``(end, found)`` of :func:`profile_limit` for a parameter on ``[0, inf)`` (``positive``,
     criterion defined at 0 when ``zero_allowed``) or on the real line (the older interface)."""
     if positive:

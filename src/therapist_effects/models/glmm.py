@@ -464,10 +464,10 @@ class LogisticRandomInterceptModel:
         theta0 = np.concatenate([b0, [0.0]])
         free = np.ones(p + 1, bool)
         free[p] = False
-        th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, 0.0, free))
+        th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, free))
         return th[:p], ll, ok
 
-    def _b_scale(self, b: np.ndarray, s: float, free: np.ndarray) -> np.ndarray:
+    def _b_scale(self, b: np.ndarray, free: np.ndarray) -> np.ndarray:
         """Scaling for the free coordinates: inverse Cholesky factor of the GLM information for the
         fixed effects (whitening), and a fixed scale for s."""
         p = self.k_fe
@@ -498,7 +498,7 @@ class LogisticRandomInterceptModel:
 
         def from_start(s0: float):
             self._v_warm = np.zeros(self.n_therapists)
-            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, s0, free))
+            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, free))
 
         try:
             th, ll, ok, msg = best_start(from_start, (0.5, 0.1))
@@ -516,7 +516,7 @@ class LogisticRandomInterceptModel:
             th0 = th.copy()
             th0[p] = max(th0[p], 0.1)
             if scale is None:
-                scale = self._b_scale(th0[:p], th0[p], free)
+                scale = self._b_scale(th0[:p], free)
             th, ll, ok, msg = self._maximise(th0, free, scale)
         singular = bool(th[p] < SINGULAR_TOL)
         if singular or ll_glm > ll:
@@ -670,7 +670,7 @@ class LogisticMixedResults(ModelResults):
             except np.linalg.LinAlgError:
                 scale = None
         if scale is None:
-            scale = m._b_scale(th0[:p], th0[p], free)
+            scale = m._b_scale(th0[:p], free)
         th, ll, _, _ = m._maximise(th0, free, scale)
         cache[value] = th
         return ll
