@@ -275,3 +275,27 @@ class Summary(str):
 
     def _repr_html_(self) -> str:
         return self.as_html()
+
+
+def json_plain(obj):
+    """Plain Python values for JSON (``estimates.json``): numpy scalars to float/int/bool, NaN/inf to
+    None, tuples to lists, keys to text; recursively through dicts and lists."""
+    if isinstance(obj, dict):
+        return {str(k): json_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_plain(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else None
+    return obj
+
+
+def reduction_from_ratio(ratio: dict) -> dict:
+    """``1 - ICC_feedback / ICC_control`` from the ICC ratio's dict (``estimate, ci_low, ci_high,
+    ci_method``): the ratio's interval reflected, its method kept."""
+    return {"estimate": 1.0 - ratio["estimate"], "ci_low": 1.0 - ratio["ci_high"],
+            "ci_high": 1.0 - ratio["ci_low"], "ci_method": ratio["ci_method"]}

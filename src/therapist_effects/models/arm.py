@@ -54,7 +54,7 @@ from .design import fixed_effects_matrix, group_codes
 from ..engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
 from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from .arm_inference import ArmBootstrap, ArmProfiles
-from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
+from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc, reduction_from_ratio
 from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["ArmVarianceModel", "ArmVarianceResults", "arm_labels"]
@@ -726,9 +726,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         deviance: str = "ML"
     ) -> dict:
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
-        r = self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance)
-        return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
-                "ci_method": method}
+        return reduction_from_ratio(self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance))
 
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
         """Predicted therapist effects (BLUPs) per therapist and arm, on the outcome's scale.

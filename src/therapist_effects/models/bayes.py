@@ -82,7 +82,7 @@ import pandas as pd
 
 from ..classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
-from ..engine.results import ICC, ModelResults, icc_table
+from ..engine.results import ICC, ModelResults, icc_table, json_plain
 from ..exceptions import ConfigError, ModelError, SamplerWarning
 from ..progress import nutpie_progress
 from ..pytensor_setup import configure as _configure_pytensor
@@ -1044,23 +1044,9 @@ class BayesResults(ModelResults):
         out["n_therapists"] = int(prep.n_therapists)
         out["n_clusters"] = len(prep.cluster_labels) if prep.cluster_labels else None
         out["warnings"] = list(self.warnings)
-        return _plain(out)
+        return json_plain(out)
 
 
-def _plain(obj: Any) -> Any:
-    """JSON-safe plain values (numpy -> Python, NaN/inf -> None)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1261,7 +1247,7 @@ def prior_sensitivity(
         alt.icc(0.95).table[["estimate", "mean", "median", "ci_low", "ci_high"]]
     change = {k: float(ia.loc[k, "median"] - ib.loc[k, "median"]) for k in ib.index}
     rel = {k: (change[k] / float(ib.loc[k, "median"]) if float(ib.loc[k, "median"]) != 0 else None) for k in ib.index}
-    return _plain({
+    return json_plain({
         "icc": {"base": ib.to_dict(orient="index"), "alt": ia.to_dict(orient="index")},
         "change": change,
         "relative_change": rel,

@@ -53,7 +53,7 @@ from ..classify import classify_effects
 from .design import build_design, group_codes
 from ..engine.inference import chi2_cut, parametric_bootstrap, profile_limit
 from ..engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
-                             icc_table)
+                             icc_table, json_plain)
 from ..exceptions import (
     ConvergenceWarning,
     ModelError,
@@ -887,7 +887,7 @@ class LogisticMixedResults(ModelResults):
             else:
                 raise ModelError(f"interval must be 'profile' or 'bootstrap', got {interval!r}")
         t = self.lrt()
-        return _jsonable(
+        return json_plain(
             {
                 "family": "binomial",
                 "method": self.method,
@@ -1017,18 +1017,4 @@ def _safe_inv(a: np.ndarray) -> np.ndarray:
         return np.full_like(a, np.nan)
 
 
-def _jsonable(obj):
-    """Plain Python values for JSON: numpy scalars to float/int/bool, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    return obj
 

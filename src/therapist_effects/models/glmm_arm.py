@@ -43,7 +43,7 @@ from .arm import arm_design, two_arms
 from ..classify import classify_effects
 from .design import group_codes
 from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit
-from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, per_arm_icc
+from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, json_plain, per_arm_icc, reduction_from_ratio
 from ..exceptions import ModelError, StatisticalWarning
 from .glmm import (
     best_start,
@@ -53,7 +53,6 @@ from .glmm import (
     SINGULAR_TOL,
     LogisticRandomInterceptModel,
     _gauss_hermite,
-    _jsonable,
     _safe_inv,
     _single_thread_blas,
     check_binary,
@@ -506,9 +505,7 @@ class LogisticArmVarianceResults(ModelResults):
 
     def icc_reduction(self, level: float = DEFAULT_LEVEL) -> dict:
         """1 - ICC_feedback / ICC_control (the ratio's interval reflected)."""
-        r = self.icc_ratio(level)
-        return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
-                "ci_method": "profile"}
+        return reduction_from_ratio(self.icc_ratio(level))
 
     def lrt_equal_variances(self) -> dict:
         """LRT of s_control^2 = s_feedback^2: the common-variance model is the random-intercept logistic
@@ -605,7 +602,7 @@ class LogisticArmVarianceResults(ModelResults):
                 vc[nm] = {"estimate": v, "ci_low": None, "ci_high": None}
             else:
                 vc[nm] = {"estimate": v, "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
-        return _jsonable({
+        return json_plain({
             "family": "binomial",
             "method": self.method,
             "fixed_effects": {nm: {"estimate": self.fe_params[nm], "se": self.bse[nm],

@@ -48,7 +48,8 @@ from scipy.special import expit
 from .arm import arm_design
 from .design import group_codes
 from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
-from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, icc_table, interval_frame, per_arm_icc
+from ..engine.results import (DEFAULT_INTERVAL, ICC, ModelResults, icc_table, interval_frame, json_plain, per_arm_icc,
+                                 reduction_from_ratio)
 from ..exceptions import ModelError, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
@@ -58,7 +59,6 @@ from .glmm import (
     LogisticRandomInterceptModel,
     _bernoulli_loglik,
     _gauss_hermite,
-    _jsonable,
     _safe_inv,
     _single_thread_blas,
     best_start,
@@ -680,9 +680,8 @@ class LogisticRandomSlopeResults(ModelResults):
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": "profile"}
 
     def icc_reduction(self, level: float = DEFAULT_LEVEL) -> dict:
-        r = self.icc_ratio(level)
-        return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
-                "ci_method": "profile"}
+        """1 - ICC_feedback / ICC_control (the ratio's interval reflected)."""
+        return reduction_from_ratio(self.icc_ratio(level))
 
     # ------------------------------------------------------------------ therapists
     def gap_table(self) -> pd.DataFrame:
@@ -729,7 +728,7 @@ class LogisticRandomSlopeResults(ModelResults):
         vc = {nm: {"estimate": self.vcomp[nm], "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
               for nm in ("therapist", "therapist_slope")}
         vc["residual"] = {"estimate": LATENT_RESIDUAL_VARIANCE, "ci_low": None, "ci_high": None}
-        return _jsonable({
+        return json_plain({
             "type": "random_slope",
             "family": "binomial",
             "method": self.method,
