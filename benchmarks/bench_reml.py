@@ -23,6 +23,7 @@ intervals as lme4's), the ratios, and the largest relative difference of the est
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import tracemalloc
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
             diff = np.abs(est - sm_est)
             rel = diff / np.abs(sm_est)
             # who is nearer the optimum: -2 REML logLik at statsmodels' variance ratio minus ours
-            dcrit = res._eng.crit(sm_est[-2] / sm_est[-1], 0.0, True) - (-2.0 * res.loglik)
+            dcrit = res._eng.crit([math.sqrt(sm_est[-2] / sm_est[-1])], True) - (-2.0 * res.loglik)
             line = (f"{n:>10,} {k:>8,} {t_eng:>9.4f} {peak:>8.1f} {t_sm:>10.2f} {t_sm / t_eng:>8.0f} "
                     f"{diff.max():>11.2e} {rel.max():>9.2e} {dcrit:>10.1e}")
         else:

@@ -137,7 +137,7 @@ def test_profile_end_points_are_deviance_roots(fits):
     q = stats.chi2.ppf(0.95, 1)
     for bound in ci.loc["residual"]:
         sigma = math.sqrt(bound)
-        prof = min(eng.dev_sd([s], sigma) for s in np.linspace(0.0, 3.0, 3001))
+        prof = min(eng.crit([s / sigma], False, sigma2=sigma * sigma) for s in np.linspace(0.0, 3.0, 3001))
         assert prof - ml["dmin"] == pytest.approx(q, abs=2e-3)  # grid minimum: slightly above
 
 
@@ -159,8 +159,8 @@ def test_nested_matches_lme4(ref, data):
     # lme4's estimates is higher than ours.
     assert res.vcomp["cluster"] == pytest.approx(v["trial_id:(Intercept)"], rel=2e-3)
     s2 = v["Residual"]
-    crit_lme4 = res._eng.crit(v["therapist_id:trial_id:(Intercept)"] / s2,
-                              v["trial_id:(Intercept)"] / s2, True)
+    crit_lme4 = res._eng.crit(np.sqrt([v["therapist_id:trial_id:(Intercept)"] / s2,
+                                       v["trial_id:(Intercept)"] / s2]), True)
     assert -2.0 * res.loglik <= crit_lme4 + 1e-9
     assert res.icc() == pytest.approx(
         v["therapist_id:trial_id:(Intercept)"] / sum(v.values()), rel=2e-4)
@@ -173,7 +173,8 @@ def test_nested_reduces_to_random_intercept_when_cluster_variance_is_zero(data):
     ne = NestedModel.from_frame(df, "phq9_post", ["phq9_pre"], therapist="therapist_id",
                                 cluster="trial_id")
     for g in (0.0, 0.01, 0.3):
-        assert ne._engine.crit(g, 0.0, True) == pytest.approx(ri._engine.crit(g, 0.0, True), rel=1e-12)
+        th = math.sqrt(g)
+        assert ne._engine.crit([th, 0.0], True) == pytest.approx(ri._engine.crit([th], True), rel=1e-12)
 
 
 def test_nested_criterion_against_dense_likelihood(data):
@@ -195,7 +196,7 @@ def test_nested_criterion_against_dense_likelihood(data):
         r = (y - X @ b) @ Vi @ (y - X @ b)
         dense = ((n - p) * (1 + math.log(2 * math.pi * r / (n - p))) + np.linalg.slogdet(V)[1]
                  + np.linalg.slogdet(XtViX)[1])
-        assert m._engine.crit(gt, gc, True) == pytest.approx(dense, rel=1e-10)
+        assert m._engine.crit(np.sqrt([gt, gc]), True) == pytest.approx(dense, rel=1e-10)
 
 
 def test_statsmodels_mixedlm_cross_check(data):
@@ -368,5 +369,5 @@ def test_nested_icc_profile_end_points_are_deviance_roots(data):
     for icc in res.icc_interval():
         k = icc / (1.0 - icc)  # g_t / (1 + g_c)
         gcs = np.linspace(0.0, 0.02, 2001)
-        prof = min(res._eng.crit(k * (1 + gc), gc, True) for gc in gcs)
+        prof = min(res._eng.crit(np.sqrt([k * (1 + gc), gc]), True) for gc in gcs)
         assert prof - cmin == pytest.approx(q, abs=1e-3)

@@ -51,6 +51,7 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
+from .engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
 from .engine.inference import DEFAULT_N_BOOT
 from .engine.results import ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
@@ -87,24 +88,18 @@ def arm_labels(values) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Eval:
-    """One evaluation of the criterion at relative covariance ``G`` and residual ratios ``r``."""
-
-    Q: float  # penalised residual sum of squares r'H^{-1}r at the GLS estimate
-    logdet_H: float
-    logdet_XHX: float
-    P: np.ndarray  # [X y]' H^{-1} [X y]
-
-
 class _Engine:
-    """Per-(therapist, arm) sufficient statistics and the REML/ML criterion computed from them.
+    """The arm model's view of the block engine :class:`therapist_effects.engine.gaussian.BlockEngine`
+    (``Z`` = arm indicators, strata = arms, optional cluster level): the criterion at the relative
+    therapist covariance ``G``, residual ratios ``r`` and relative cluster variance ``gc``.
 
     ``V = sigma2 * H`` with ``H = R + Z G Z'``: ``G`` (K x K) is the therapist covariance relative to
-    ``sigma2`` (the residual variance of the first arm) and ``R = diag(r_arm(i))``.
+    ``sigma2`` (the residual variance of the first arm) and ``R = diag(r_arm(i))``. Also keeps the
+    per-(therapist, arm) counts ``n`` and sums ``S`` of ``[X y]`` and the per-arm cross-products ``A``
+    (start values, therapist effects). ``diagonal``: uncorrelated arm effects (theta = relative SDs).
     """
 
-    def __init__(self, y, X, tcode, acode, n_therapists, n_arms, tclust=None):
+    def __init__(self, y, X, tcode, acode, n_therapists, n_arms, tclust=None, diagonal=False):
         self.N, self.p = X.shape
         # cluster (trial/service) of each therapist, for a random cluster level; None: no such level
         self.tclust = None if tclust is None else np.asarray(tclust, dtype=np.int64)
@@ -118,110 +113,45 @@ class _Engine:
             [np.bincount(self.cell, weights=X[:, j], minlength=self.T * self.K) for j in range(self.p)],
             axis=1,
         ).reshape(self.T, self.K, self.p)
-        self.AXX = np.stack([X[acode == a].T @ X[acode == a] for a in range(self.K)])
+        Z = (np.asarray(acode)[:, None] == np.arange(n_arms)).astype(float)
+        self.block = BlockEngine(np.asarray(y, dtype=float), X, Z, tcode, n_therapists, cluster=self.tclust,
+                                 strata=acode, diagonal=diagonal)
         self.set_y(y)
 
     def set_y(self, y):
         """(Re)compute the statistics that involve the outcome (used by the parametric bootstrap)."""
-        X, K, T, p = self.X, self.K, self.T, self.p
+        X, K, T = self.X, self.K, self.T
         self.y = y
         sy = np.bincount(self.cell, weights=y, minlength=T * K).reshape(T, K, 1)
-        self.S = np.concatenate([self.SX, sy], axis=2)  # (T, K, q)
-        q = p + 1
-        A = np.empty((K, q, q))
-        for a in range(K):
-            m = self.acode == a
-            A[a, :p, :p] = self.AXX[a]
-            xy = X[m].T @ y[m]
-            A[a, :p, p] = xy
-            A[a, p, :p] = xy
-            A[a, p, p] = y[m] @ y[m]
-        self.A = A
-        q = p + 1
-        # per-cell outer products S S' (T*K, q*q): the diagonal model's correction is one mat-vec
-        S2 = self.S.reshape(T * K, q)
-        self.O = (S2[:, :, None] * S2[:, None, :]).reshape(T * K, q * q)
-        self.n_arm = self.n.sum(axis=0)
-        if K == 2:  # cross products S_t0 S_t1' + S_t1 S_t0' for the correlated (2 x 2) model
-            S0, S1 = self.S[:, 0, :], self.S[:, 1, :]
-            self.O01 = (S0[:, :, None] * S1[:, None, :] + S1[:, :, None] * S0[:, None, :]).reshape(T, q * q)
-        self.Asum = A.sum(axis=0)
-        self.nflat = self.n.reshape(-1)
+        self.S = np.concatenate([self.SX, sy], axis=2)  # (T, K, p + 1)
+        A1 = np.column_stack([X, y])
+        self.A = np.stack([A1[self.acode == a].T @ A1[self.acode == a] for a in range(K)])
+        self.block.set_y(np.asarray(y, dtype=float))
+        ZA = self.block.ZA  # per-cell outer products of the (centred) sums, for grad_g
+        self._O = (ZA[:, :, :, None] * ZA[:, :, None, :]).reshape(T, K, -1)
 
-    # -- core ---------------------------------------------------------------------------------
-    def evaluate(self, G: np.ndarray, r: np.ndarray, diagonal: bool, gc: float | None = None) -> _Eval | None:
-        """Criterion pieces at relative therapist covariance ``G``, residual ratios ``r`` and (with a
-        cluster level) relative cluster variance ``gc``.
-
-        With a cluster level, ``H_s = A_s + gc 1 1'`` per cluster where ``A_s`` is block-diagonal
-        over its therapists; Woodbury once more needs only ``1'A_t^-1 W = sum_l w_tl S_tl / r_l``
-        and ``1'A_t^-1 1 = sum_l w_tl D_tl`` with ``w_tl = 1 - sum_k D_tk M_tkl``.
-        """
-        q = self.p + 1
-        inv_r = 1.0 / r
-        B = np.tensordot(inv_r, self.A, axes=1)
-        logdet_H = float(self.n_arm @ np.log(r))
-        clustered = gc is not None and self.tclust is not None
-        if diagonal:
-            g = np.diag(G)
-            D = self.n * inv_r[None, :]
-            denom = 1.0 + D * g[None, :]
-            m = (g * inv_r * inv_r)[None, :] / denom
-            C = (m.reshape(-1) @ self.O).reshape(q, q)
-            logdet_H += float(np.log(denom).sum())
-            if clustered:
-                wgt = 1.0 / denom  # w_tl for diagonal G
+    def theta(self, G, gc=None) -> np.ndarray | None:
+        """The block engine's theta at ``G`` (and ``gc``); None when ``G`` is not a covariance."""
+        G = np.asarray(G, dtype=float)
+        if self.block.diagonal:  # (G's off-diagonal is 0 in the diagonal model)
+            th = np.sqrt(np.maximum(np.diag(G), 0.0))
         else:
-            # closed-form 2 x 2 algebra per therapist: M = (G^-1 + D)^-1 = (I + G D)^-1 G
-            D = self.n * inv_r[None, :]
-            g00, g01, g11 = G[0, 0], G[0, 1], G[1, 1]
-            detG = g00 * g11 - g01 * g01
-            D0, D1 = D[:, 0], D[:, 1]
-            det = (1.0 + g00 * D0) * (1.0 + g11 * D1) - g01 * g01 * D0 * D1
-            if np.any(det <= 0):
-                return None
-            M00 = (g00 + D1 * detG) / det
-            M11 = (g11 + D0 * detG) / det
-            M01 = g01 / det
-            m00 = M00 * inv_r[0] ** 2
-            m11 = M11 * inv_r[1] ** 2
-            m01 = M01 * (inv_r[0] * inv_r[1])
-            O = self.O.reshape(self.T, self.K, q * q)
-            C = (m00 @ O[:, 0, :] + m11 @ O[:, 1, :] + m01 @ self.O01).reshape(q, q)
-            logdet_H += float(np.log(det).sum())
-            if clustered:
-                wgt = np.stack([1.0 - D0 * M00 - D1 * M01, 1.0 - D0 * M01 - D1 * M11], axis=1)
-        if clustered and gc > 0:
-            D = self.n * inv_r[None, :]
-            Sr = self.S * inv_r[None, :, None]
-            bt = np.einsum("tl,tlq->tq", wgt, Sr)  # 1'A_t^-1 W
-            et = (wgt * D).sum(axis=1)  # 1'A_t^-1 1
-            bs = np.zeros((self.n_clust, q))
-            np.add.at(bs, self.tclust, bt)
-            es = np.bincount(self.tclust, weights=et, minlength=self.n_clust)
-            fac = gc / (1.0 + gc * es)
-            C = C + (bs * fac[:, None]).T @ bs
-            logdet_H += float(np.log1p(gc * es).sum())
-        P = B - C
-        try:
-            L = np.linalg.cholesky(P)
-        except np.linalg.LinAlgError:
-            return None
-        p = self.p
-        Q = float(L[p, p] ** 2)
-        if not Q > 0:
-            return None
-        logdet_XHX = float(2.0 * np.log(np.diag(L)[:p]).sum())
-        return _Eval(Q, logdet_H, logdet_XHX, P)
+            L = psd_cholesky(G)
+            if np.max(np.abs(L @ L.T - G)) > 1e-12 * max(float(np.max(np.abs(G))), 1e-300):
+                return None  # (not positive semi-definite: a correlation beyond +-1)
+            th = lambda_to_theta(L)
+        if self.tclust is not None:
+            th = np.append(th, math.sqrt(gc) if gc else 0.0)
+        return th
 
     def grad_g(self, g: np.ndarray, method: str) -> tuple[float, np.ndarray]:
         """Profiled deviance and its gradient in the relative variances ``g`` (diagonal G, r = 1)."""
+        b = self.block
         q, p = self.p + 1, self.p
-        denom = 1.0 + self.n * g[None, :]
-        m = g[None, :] / denom
-        dm = 1.0 / denom**2
-        C = (m.reshape(-1) @ self.O).reshape(q, q)
-        P = self.A.sum(axis=0) - C
+        n = np.diagonal(b.ZZ, axis1=1, axis2=2)  # (T, K) caseloads per arm
+        denom = 1.0 + n * g[None, :]
+        C = ((g[None, :] / denom).reshape(-1) @ self._O.reshape(len(n) * self.K, -1)).reshape(q, q)
+        P = b.AA - C
         try:
             L = np.linalg.cholesky(P)
         except np.linalg.LinAlgError:
@@ -230,74 +160,38 @@ class _Engine:
         if not Q > 0:
             return np.inf, np.zeros_like(g)
         logdet_H = float(np.log(denom).sum())
-        Pxx = P[:p, :p]
-        beta = np.linalg.solve(Pxx, P[:p, p])
+        beta = np.linalg.solve(P[:p, :p], P[:p, p])
         v = np.append(-beta, 1.0)
-        Pinv = np.linalg.inv(Pxx)
-        Ok = self.O.reshape(self.T, self.K, q * q)
+        Pinv = np.linalg.inv(P[:p, :p])
+        reml = method == "REML"
+        nu = self.N - p if reml else self.N
         grad = np.empty(self.K)
         for k in range(self.K):
-            dP = -(dm[:, k] @ Ok[:, k, :]).reshape(q, q)
-            dQ = v @ dP @ v
-            dldH = float((self.n[:, k] / denom[:, k]).sum())
-            if method == "REML":
-                nu = self.N - p
-                grad[k] = nu * dQ / Q + dldH + float(np.sum(Pinv * dP[:p, :p]))
-            else:
-                nu = self.N
-                grad[k] = nu * dQ / Q + dldH
-        if method == "REML":
-            dev = (self.N - p) * (1.0 + _LOG2PI + math.log(Q / (self.N - p))) + logdet_H + float(
-                2.0 * np.log(np.diag(L)[:p]).sum()
-            )
-        else:
-            dev = self.N * (1.0 + _LOG2PI + math.log(Q / self.N)) + logdet_H
+            dP = -((1.0 / denom[:, k] ** 2) @ self._O[:, k]).reshape(q, q)
+            grad[k] = nu * (v @ dP @ v) / Q + float((n[:, k] / denom[:, k]).sum())
+            if reml:
+                grad[k] += float(np.sum(Pinv * dP[:p, :p]))
+        dev = nu * (1.0 + _LOG2PI + math.log(Q / nu)) + logdet_H
+        if reml:
+            dev += float(2.0 * np.log(np.diag(L)[:p]).sum())
         return dev, grad
 
     def deviance(self, G, r, diagonal, method: str, sigma2: float | None = None, gc: float | None = None) -> float:
-        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None."""
-        N, p = self.N, self.p
-        if diagonal and gc is None and np.all(r == 1.0):
-            # fast path (the common case): diagonal G, one residual variance
-            g = np.diag(G)
-            denom = 1.0 + self.n * g
-            C = ((g / denom).reshape(-1) @ self.O).reshape(p + 1, p + 1)
-            try:
-                L = np.linalg.cholesky(self.Asum - C)
-            except np.linalg.LinAlgError:
-                return np.inf
-            d = np.diag(L)
-            Q = d[p] * d[p]
-            if not Q > 0:
-                return np.inf
-            logdet_H = np.log(denom).sum()
-            logdet_XHX = 2.0 * np.log(d[:p]).sum()
-        else:
-            ev = self.evaluate(G, r, diagonal, gc)
-            if ev is None:
-                return np.inf
-            Q, logdet_H, logdet_XHX = ev.Q, ev.logdet_H, ev.logdet_XHX
-        if method == "REML":
-            nu = N - p
-            extra = logdet_H + logdet_XHX
-        else:
-            nu = N
-            extra = logdet_H
-        if sigma2 is None:
-            return float(nu * (1.0 + _LOG2PI + math.log(Q / nu)) + extra)
-        if not sigma2 > 0:
+        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None. (``diagonal``: G's
+        structure, which ``G`` itself carries.)"""
+        th = self.theta(G, gc)
+        if th is None:
             return np.inf
-        return float(nu * (_LOG2PI + math.log(sigma2)) + Q / sigma2 + extra)
+        return self.block.crit(th, method == "REML", ratios=np.asarray(r, dtype=float), sigma2=sigma2)
 
     def gls(self, G, r, diagonal, method, gc=None):
-        ev = self.evaluate(G, r, diagonal, gc)
-        p = self.p
-        Pxx, Pxy = ev.P[:p, :p], ev.P[:p, p]
-        beta = np.linalg.solve(Pxx, Pxy)
-        nu = self.N - p if method == "REML" else self.N
-        sigma2 = ev.Q / nu
-        cov_beta = sigma2 * np.linalg.inv(Pxx)
-        return beta, sigma2, cov_beta, ev
+        """``(beta, sigma2, cov_beta, (r, log|X'H^-1X|))``: GLS fixed effects, the (RE)ML residual
+        variance and lme4's ``vcov``, with the penalised residual sum of squares and log-determinant."""
+        th = self.theta(G, gc)
+        beta, cov, rss, _ = self.block.fixed(th, ratios=np.asarray(r, dtype=float))
+        nu = self.N - self.p if method == "REML" else self.N
+        sigma2 = rss / nu
+        return beta, sigma2, sigma2 * cov, (rss, float(np.linalg.slogdet(cov)[1]) * -1.0)
 
 
 def _r_backspline_predict(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -630,7 +524,7 @@ class ArmVarianceModel:
         self.correlated = bool(correlated)
         self.arm_residual = bool(arm_residual)
         self.n_clusters = None if cluster is None else int(pd.Series(np.asarray(cluster, dtype=object)).nunique())
-        self._eng = _Engine(y, X, tcode, acode, len(tlabels), 2, tclust=tclust)
+        self._eng = _Engine(y, X, tcode, acode, len(tlabels), 2, tclust=tclust, diagonal=not self.correlated)
         n = self._eng.n
         for a, lv in enumerate(self.arm_levels):
             if (n[:, a] > 0).sum() < 2:
@@ -757,9 +651,13 @@ class ArmVarianceModel:
         eng = self._eng
         diagonal = not self.correlated
 
-        def f(x):
-            G, r = self._unpack(x)
-            return eng.deviance(G, r, diagonal, method, gc=self._gc(x))
+        nt, reml = (3 if self.correlated else 2), method == "REML"
+
+        def f(x):  # x is the block engine's theta (then log r, then the cluster SD)
+            x = np.asarray(x, dtype=float)
+            th = np.append(x[:nt], x[-1]) if self.cluster_random else x[:nt]
+            r = np.array([1.0, math.exp(x[nt])]) if self.arm_residual else None
+            return eng.block.crit(th, reml, ratios=r)
 
         jac = None
         if diagonal and not self.arm_residual and not self.cluster_random:

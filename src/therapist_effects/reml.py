@@ -13,7 +13,9 @@ with caseload ``n_i`` the marginal covariance is ``V_i = s2 (I + g 11')`` with t
 function of per-therapist sufficient statistics: caseloads ``n_i``, the therapists' means of the
 covariates and outcome, and the pooled within-therapist cross-product matrix. They are computed
 in one vectorised pass (``np.bincount``), after which one evaluation of the criterion costs
-O(therapists x p^2) whatever the number of patients.
+O(therapists x p^2) whatever the number of patients (summed over distinct caseloads, in fact). Both
+models are instances of the block engine :class:`therapist_effects.engine.gaussian.BlockEngine`
+(``Z = 1``, theta = ``sqrt(g_t)`` [and ``sqrt(g_c)`` for the cluster level]).
 
 The residual variance ``s2`` and the fixed effects ``b`` are profiled out analytically (as lme4
 does), leaving a 1-D criterion in ``g`` (random intercept) or a 2-D one in ``(g_t, g_c)`` (nested;
@@ -33,7 +35,6 @@ variance estimate is ``r / n`` (ML) or ``r / m`` (REML); ``vcov`` is ``s2 (X' W_
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ from scipy import stats
 from .classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from .engine.gaussian import centre_design, gls_from_cholesky
+from .engine.gaussian import BlockEngine, gls_from_cholesky
 from .engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
 from .engine.results import ICC, ModelResults, icc_table
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
@@ -60,151 +61,46 @@ SINGULAR_TOL = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
-# The engine: sufficient statistics and the profiled criterion
+# The criterion of the block engine at variance ratios, and the global optimum
 # --------------------------------------------------------------------------------------------
-class _Engine:
-    """Per-therapist sufficient statistics of one data set and the (RE)ML criterion built on them.
+def _theta(gt: float, gc: float, nested: bool) -> tuple[float, ...]:
+    """The engine's theta (relative SDs: therapist[, cluster]) at the variance ratios."""
+    return (math.sqrt(gt), math.sqrt(gc)) if nested else (math.sqrt(gt),)
 
-    ``tcodes`` are therapist (group) codes 0..G-1 per patient; ``cl`` the cluster code of each
-    therapist (nested models) or None. Covariates and outcome are centred at their overall means
-    when the design has an intercept (an exact reparameterisation with unit determinant, undone in
-    :meth:`fixed`), which keeps the cross-products well conditioned for outcomes far from zero.
-    """
 
-    def __init__(self, y: np.ndarray, X: np.ndarray, tcodes: np.ndarray, G: int,
-                 cl: np.ndarray | None = None, C: int = 0):
-        n, p = X.shape
-        self.n, self.p, self.G = n, p, G
-        self.tcodes = tcodes
-        self.cl = cl
-        self.C = C
-        if cl is not None:
-            if np.any(np.diff(cl) < 0) or len(np.unique(cl)) != C:
-                raise ValueError("therapist units must be sorted by cluster")  # pragma: no cover
-            self.cstart = np.flatnonzero(np.r_[True, np.diff(cl) > 0])
-        self.ni = np.bincount(tcodes, minlength=G).astype(float)
-        # therapists with the same caseload share their weights a_i = n_i / (1 + n_i g_t): the
-        # criterion sums over distinct caseloads (and clusters), not over therapists
-        self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
-        self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
-        Xc, self.S, self.k0 = centre_design(X)
-        xbar = np.empty((G, p))
-        for j in range(p):
-            xbar[:, j] = np.bincount(tcodes, weights=Xc[:, j], minlength=G) / self.ni
-        self.xbar = xbar
-        self.Dx = Xc - xbar[tcodes]
-        self.WXX = self.Dx.T @ self.Dx
-        self.set_y(y)
+def _crit(eng: BlockEngine, gt: float, gc: float, reml: bool) -> float:
+    """-2 x profiled (RE)ML log-likelihood at the variance ratios (lme4's deviance/REMLcrit)."""
+    return eng.crit(_theta(gt, gc, eng.C > 0), reml)
 
-    def set_y(self, y: np.ndarray) -> None:
-        """(Re)compute the outcome's statistics (the covariates' are kept: used by the bootstrap)."""
-        p = self.p
-        self.shift_y = float(y.mean()) if self.k0 is not None else 0.0
-        yc = y - self.shift_y
-        ybar = np.bincount(self.tcodes, weights=yc, minlength=self.G) / self.ni
-        dy = yc - ybar[self.tcodes]
-        within = np.empty((p + 1, p + 1))
-        within[:p, :p] = self.WXX
-        within[:p, p] = within[p, :p] = self.Dx.T @ dy
-        within[p, p] = dy @ dy
-        self.within = within
-        self.means = np.column_stack([self.xbar, ybar])
-        # outer products of the therapists' means summed by caseload (sum_i a_i m_i m_i' in one
-        # product), and for nested models the means summed by cluster and caseload
-        U, k = len(self._nu), p + 1
-        mm = (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
-        self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
-        if self.cl is not None:
-            idx = self.cl * U + self._ninv
-            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
-            m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
-                             for j in range(k)], axis=1).reshape(self.C, U, k)
-            self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
 
-    def with_y(self, y: np.ndarray) -> _Engine:
-        new = copy.copy(self)
-        new.set_y(y)
-        return new
+def _fit(eng: BlockEngine, reml: bool) -> tuple[np.ndarray, float, bool]:
+    """Global optimum ``(g, crit_min, converged)``; ``g = [g_t]`` or ``[g_t, g_c]``: a grid in
+    ``log g`` refined by Brent, the boundary ``g = 0`` checked exactly (singular fits)."""
+    if not eng.C:
+        g, fmin, conv = min_nonneg_global(lambda x: eng.crit((math.sqrt(x),), reml))
+        return np.array([g]), fmin, conv
+    # nested: coarse 2-D grid in log ratios, local refinement on theta = sqrt(g) from the best
+    # grid point, and the exact optima on the boundary lines g_t = 0 and g_c = 0
+    f2 = lambda gt, gc: _crit(eng, gt, gc, reml)  # noqa: E731
+    grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
+    vals = np.array([[f2(gt, gc) for gc in grid] for gt in grid])
+    i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
+    th0 = np.sqrt([grid[i], grid[j]])
+    th, fmin = min_nd_local(lambda th: eng.crit(th, reml), th0, 0.25 * th0, np.zeros(2), xtol=1e-10)
+    best = (float(fmin), th[0] ** 2, th[1] ** 2)
+    conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
+    gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x))
+    gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0))
+    for cand in ((f_c, 0.0, gc0), (f_t, gt0, 0.0)):
+        if cand[0] <= best[0] + BOUNDARY_TOL:
+            best = cand
+    fmin, gt, gc = best
+    return np.array([gt, gc]), fmin, conv
 
-    # -- criterion ---------------------------------------------------------------------------
-    def _A(self, gt: float, gc: float) -> tuple[np.ndarray, float]:
-        """``[X y]' W [X y]`` at the variance ratios and log|V/s2|, from sums over distinct
-        caseloads: ``a_u = n_u / (1 + n_u g_t)`` (``1' (I + g 11')^{-1} 1`` of a therapist with
-        ``n_u`` patients)."""
-        nu = self._nu
-        au = nu / (1.0 + nu * gt)
-        ldv = float(self._cnt_u @ np.log1p(nu * gt))
-        k = self.p + 1
-        A = self.within + (au @ self._mm_u).reshape(k, k)
-        if self.cl is None:
-            return A, ldv
-        # Woodbury on W + g_c 11' per cluster: sum_i a_i m_i m_i' - sum_c g_c / (1 + g_c tau_c) s_c s_c'
-        # with tau_c = sum_{i in c} a_i and s_c = sum_{i in c} a_i m_i (the outcome and covariates
-        # are centred, so the subtraction loses no more than the between-cluster share)
-        tau = self._cnt_cu @ au
-        sm = (self._m_cku @ au).reshape(self.C, k)
-        A = A - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None])
-        ldv += float(np.log1p(gc * tau).sum())
-        return A, ldv
 
-    def core(self, gt: float, gc: float = 0.0) -> tuple[float, float, float, np.ndarray]:
-        """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])``."""
-        A, ldv = self._A(gt, gc)
-        L = np.linalg.cholesky(A)
-        d = np.diag(L)
-        p = self.p
-        return float(d[p] ** 2), float(2.0 * np.log(d[:p]).sum()), ldv, L
-
-    def crit(self, gt: float, gc: float, reml: bool) -> float:
-        """-2 x profiled (RE)ML log-likelihood at the variance ratios (lme4's deviance/REMLcrit)."""
-        r, ldx, ldv, _ = self.core(gt, gc)
-        if reml:
-            m = self.n - self.p
-            return m * (1.0 + LOG2PI + math.log(r / m)) + ldv + ldx
-        return self.n * (1.0 + LOG2PI + math.log(r / self.n)) + ldv
-
-    def dev_sd(self, sds: Sequence[float], sigma: float) -> float:
-        """ML deviance at therapist/cluster SDs and residual SD, fixed effects profiled out."""
-        s2 = sigma * sigma
-        gt = sds[0] ** 2 / s2
-        gc = sds[1] ** 2 / s2 if len(sds) > 1 else 0.0
-        r, _, ldv, _ = self.core(gt, gc)
-        return self.n * (LOG2PI + math.log(s2)) + ldv + r / s2
-
-    def fixed(self, gt: float, gc: float = 0.0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-        """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
-        r, _, _, L = self.core(gt, gc)
-        b, cov, bc = gls_from_cholesky(L, self.S, self.k0, self.shift_y)
-        return b, cov, r, bc
-
-    def residual_means(self, bc: np.ndarray) -> np.ndarray:
-        """Each therapist's mean residual ``ybar_i - xbar_i' b`` (the shift cancels)."""
-        return self.means[:, self.p] - self.means[:, : self.p] @ bc
-
-    # -- optimisation --------------------------------------------------------------------------
-    def fit(self, reml: bool) -> tuple[np.ndarray, float, bool]:
-        """Global optimum ``(g, crit_min, converged)``; ``g = [g_t]`` or ``[g_t, g_c]``."""
-        if self.cl is None:
-            g, fmin, conv = min_nonneg_global(lambda x: self.crit(x, 0.0, reml))
-            return np.array([g]), fmin, conv
-        # nested: coarse 2-D grid in log ratios, local refinement on theta = sqrt(g) from the best
-        # grid point, and the exact optima on the boundary lines g_t = 0 and g_c = 0
-        f2 = lambda gt, gc: self.crit(gt, gc, reml)  # noqa: E731
-        grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
-        vals = np.array([[f2(gt, gc) for gc in grid] for gt in grid])
-        i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
-        th0 = np.sqrt([grid[i], grid[j]])
-        th, fmin = min_nd_local(lambda th: f2(th[0] ** 2, th[1] ** 2), th0,
-                                0.25 * th0, np.zeros(2), xtol=1e-10)
-        best = (float(fmin), th[0] ** 2, th[1] ** 2)
-        conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
-        gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x))
-        gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0))
-        for cand in ((f_c, 0.0, gc0), (f_t, gt0, 0.0)):
-            if cand[0] <= best[0] + BOUNDARY_TOL:
-                best = cand
-        fmin, gt, gc = best
-        return np.array([gt, gc]), fmin, conv
+def _dev_sd(eng: BlockEngine, sds: Sequence[float], sigma: float) -> float:
+    """ML deviance at therapist [and cluster] SDs and residual SD, the fixed effects profiled out."""
+    return eng.crit(tuple(sd / sigma for sd in sds), False, sigma2=sigma * sigma)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +173,7 @@ class _BaseModel:
             gcodes, G = tcodes, len(tlabels)
             self.group_therapist = tlabels
             self.group_cluster = None
-            cl, C = None, 0
+            cl = None
             self.cluster_codes = None
         else:
             if len(cluster) != n:
@@ -305,12 +201,12 @@ class _BaseModel:
         self.endog, self.exog, self.exog_names = y, X, names
         self.codes = np.asarray(gcodes, dtype=np.int64)
         self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
-        self._engine = _Engine(y, X, self.codes, G, cl, C)
+        self._engine = BlockEngine(y, X, np.ones((n, 1)), self.codes, G, cluster=cl)
 
     def fit(self) -> MixedResults:
         """Fit by exact (RE)ML; warns (typed) on singular fits and non-convergence."""
         try:
-            g, cmin, conv = self._engine.fit(self.method == "REML")
+            g, cmin, conv = _fit(self._engine, self.method == "REML")
         except (np.linalg.LinAlgError, ValueError) as err:  # pragma: no cover - degenerate data
             raise ModelError(f"the model cannot be fitted: {err}") from err
         return MixedResults(self, g, cmin, conv)
@@ -396,7 +292,7 @@ class MixedResults(ModelResults):
         self._crit_min = float(crit_min)
         gt = float(self.g[0])
         gc = float(self.g[1]) if self.nested else 0.0
-        b, covu, r, bc = self._eng.fixed(gt, gc)
+        b, covu, r, bc = self._eng.fixed(_theta(gt, gc, self.nested))
         n, p = self._eng.n, self._eng.p
         self.scale = r / (n - p) if self._reml else r / n
         self._bc = bc
@@ -451,12 +347,12 @@ class MixedResults(ModelResults):
         """The ML fit that lme4's profile() refits to (cached)."""
         if "ml" not in self._cache:
             if self._reml:
-                g, dmin, _ = self._eng.fit(reml=False)
+                g, dmin, _ = _fit(self._eng, False)
             else:
                 g, dmin = self.g, self._crit_min
             gt = float(g[0])
             gc = float(g[1]) if self.nested else 0.0
-            b, covu, r, _ = self._eng.fixed(gt, gc)
+            b, covu, r, _ = self._eng.fixed(_theta(gt, gc, self.nested))
             s2 = r / self._eng.n
             sds = [math.sqrt(gt * s2)] + ([math.sqrt(gc * s2)] if self.nested else [])
             self._cache["ml"] = {"g": np.array(g, dtype=float), "dmin": float(dmin), "b": b,
@@ -507,7 +403,7 @@ class MixedResults(ModelResults):
             khat = gt
 
             def excess(k: float) -> float:
-                return eng.crit(k, 0.0, reml) - cmin
+                return eng.crit((math.sqrt(k),), reml) - cmin
         else:
             start = [math.sqrt(gc) if which == "therapist" else math.sqrt(gt)]
             khat = gt / (1.0 + gc) if which == "therapist" else gc / (1.0 + gt)
@@ -515,9 +411,9 @@ class MixedResults(ModelResults):
 
             def excess(k: float) -> float:
                 if which == "therapist":
-                    f = lambda th: eng.crit(k * (1.0 + th * th), th * th, reml)  # noqa: E731
+                    f = lambda th: eng.crit((math.sqrt(k * (1.0 + th * th)), th), reml)  # noqa: E731
                 else:
-                    f = lambda th: eng.crit(th * th, k * (1.0 + th * th), reml)  # noqa: E731
+                    f = lambda th: eng.crit((th, math.sqrt(k * (1.0 + th * th))), reml)  # noqa: E731
                 th, fv = min1d_local(f, start[0], 0.1 * max(oth, 0.1), 0.0)
                 start[0] = th
                 return fv - cmin
@@ -582,9 +478,7 @@ class MixedResults(ModelResults):
 
             def excess(beta: float, j: int = j, start: list = start) -> float:
                 def f(th: np.ndarray) -> float:
-                    gt = th[0] ** 2
-                    gc = th[1] ** 2 if nsd > 1 else 0.0
-                    r, _, ldv, L = eng.core(gt, gc)  # one factorisation gives b, covu, r and ldv
+                    r, _, ldv, L = eng.core(th)  # one factorisation gives b, covu, r and ldv
                     b, covu, _ = gls_from_cholesky(L, eng.S, eng.k0, eng.shift_y)
                     rj = r + (b[j] - beta) ** 2 / covu[j, j]
                     return n * (1.0 + LOG2PI + math.log(rj / n)) + ldv
@@ -620,7 +514,7 @@ class MixedResults(ModelResults):
                     sv[k] = s
                     for i, o in enumerate(others):
                         sv[o] = v[1 + i]
-                    return eng.dev_sd(sv, math.exp(v[0]))
+                    return _dev_sd(eng, sv, math.exp(v[0]))
 
                 x, fv = min_nd_local(f, start[0], steps, lows, hess=hess)
                 start[0] = x
@@ -642,7 +536,7 @@ class MixedResults(ModelResults):
         start = [x0.copy()]
 
         def excess_sigma(sg: float) -> float:
-            x, fv = min_nd_local(lambda v: eng.dev_sd(v, sg), start[0],
+            x, fv = min_nd_local(lambda v: _dev_sd(eng, v, sg), start[0],
                                  0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd))
             start[0] = x
             return fv - dmin
@@ -695,9 +589,9 @@ class MixedResults(ModelResults):
         if "lrt" not in self._cache:
             eng, reml = self._eng, self._reml
             if self.nested:
-                _, c0, _ = min_nonneg_global(lambda gc: eng.crit(0.0, gc, reml))
+                _, c0, _ = min_nonneg_global(lambda gc: _crit(eng, 0.0, gc, reml))
             else:
-                c0 = eng.crit(0.0, 0.0, reml)
+                c0 = _crit(eng, 0.0, 0.0, reml)
             stat = max(c0 - self._crit_min, 0.0)
             p = 0.5 * float(stats.chi2.sf(stat, 1)) if stat > 0 else 1.0
             self._cache["lrt"] = {"statistic": float(stat), "df": 1.0, "p_value": p}
@@ -733,10 +627,10 @@ class MixedResults(ModelResults):
 
         def refit(ystar: np.ndarray) -> dict:
             eng = self._eng.with_y(ystar)
-            g, _, conv = eng.fit(self._reml)
+            g, _, conv = _fit(eng, self._reml)
             gt = float(g[0])
             gc = float(g[1]) if self.nested else 0.0
-            b, _, r, _ = eng.fixed(gt, gc)
+            b, _, r, _ = eng.fixed(_theta(gt, gc, self.nested))
             s2 = r / (n - p) if self._reml else r / n
             row = dict(zip(self.fe_params.index, b))
             row["therapist"] = gt * s2
@@ -787,10 +681,10 @@ class MixedResults(ModelResults):
         gc = float(self.g[1]) if self.nested else 0.0
         s2 = self.scale
         ni = eng.ni
-        rbar = eng.residual_means(self._bc)
+        rbar = eng.means[:, eng.p] - eng.means[:, : eng.p] @ self._bc  # mean residuals (the shift cancels)
         a = ni / (1.0 + ni * gt)
         if self.nested:
-            cl = eng.cl
+            cl = eng.cluster
             tau = np.bincount(cl, weights=a, minlength=eng.C)
             U = np.bincount(cl, weights=a * rbar, minlength=eng.C)
             w = gc / (1.0 + gc * tau)

@@ -24,10 +24,25 @@ in ``theta`` only::
     REML  -2 logLik = m (1 + log(2 pi r / m)) + log|V/s2| + log|X'(V/s2)^{-1}X|,   m = n - p
 
 (lme4's ``deviance`` / ``REMLcrit``); ``vcov = s2 (X'(V/s2)^{-1}X)^{-1}`` is lme4's ``vcov``.
+
+Two optional extensions make every Gaussian therapist model an instance of the engine:
+
+- a cluster level (services, sites, trials; lme4's ``(1 | cluster/therapist)``): ``V/s2 = blockdiag_c
+  (blockdiag_i V_i + g_c 11')``, inverted by Woodbury once more from per-therapist sums
+  ``b_i = 1'V_i^{-1}[X y]`` and ``e_i = 1'V_i^{-1}1`` summed by cluster; its theta ``sqrt(g_c)`` is the
+  last element of theta;
+- residual strata (arms with their own residual variance): ``e ~ N(0, s2 R)``, ``R = diag(r_s)``
+  with ``r_0 = 1``; the statistics are kept per stratum and weighted by ``1 / r_s``, and
+  ``log|R| = sum_s n_s log r_s`` enters ``log|V/s2|``.
+
+``diagonal=True`` fixes the off-diagonal elements of ``Lambda`` at 0 (uncorrelated random effects:
+theta is the q relative SDs). For one random intercept without strata the criterion sums over
+distinct caseloads (therapists with the same caseload share their weights), not over therapists.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -128,16 +143,24 @@ class BlockEngine:
     the model as given.
     """
 
-    def __init__(self, y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, G: int):
+    def __init__(self, y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, G: int, *,
+                 cluster: np.ndarray | None = None, strata: np.ndarray | None = None, diagonal: bool = False):
         n, p = X.shape
         q = Z.shape[1]
         self.n, self.p, self.q, self.G = n, p, q, G
         self.codes = np.asarray(codes, dtype=np.int64)
         self.X, self.Z = X, Z
+        self.diagonal = bool(diagonal)
+        #: cluster code of each therapist (None: no cluster level) and the number of clusters
+        self.cluster = None if cluster is None else np.asarray(cluster, dtype=np.int64)
+        self.C = 0 if cluster is None else int(self.cluster.max()) + 1
+        #: residual stratum of each patient (None: one residual variance) and the number of strata
+        self.strata = None if strata is None else np.asarray(strata, dtype=np.int64)
+        self.n_strata = 1 if strata is None else int(self.strata.max()) + 1
         self.Xc, self.S, self.k0 = centre_design(X)
         self.T = np.eye(q)
         Zc = Z
-        if q > 1 and n and np.all(Z[:, 0] == 1.0):
+        if q > 1 and n and not self.diagonal and np.all(Z[:, 0] == 1.0):
             mz = Z.mean(axis=0)
             mz[0] = 0.0
             Zc = Z - mz
@@ -146,8 +169,29 @@ class BlockEngine:
         self.Tinv = np.linalg.inv(self.T)
         self.ZZ = self._group_cross(Zc, Zc)  # (G, q, q)
         self.ZX = self._group_cross(Zc, self.Xc)  # (G, q, p)
-        self.XX = self.Xc.T @ self.Xc
-        self.lows = theta_lower_bounds(q)
+        self._zz_diagonal = bool(q == 2 and np.all(self.ZZ[:, 0, 1] == 0.0))
+        self.n_theta = q if self.diagonal else q * (q + 1) // 2  # theta of the therapist level
+        self.lows = np.zeros(q) if self.diagonal else theta_lower_bounds(q)
+        if self.C:
+            self.lows = np.append(self.lows, 0.0)
+        if self.strata is not None:
+            self._key = self.strata * G + self.codes
+            self.n_stratum = np.bincount(self.strata, minlength=self.n_strata).astype(float)
+            self.ZZs = self._stratum_cross(Zc, Zc)  # (strata, G, q, q)
+            self.ZXs = self._stratum_cross(Zc, self.Xc)
+            self.XXs = np.stack([self.Xc[self.strata == s].T @ self.Xc[self.strata == s]
+                                 for s in range(self.n_strata)])
+        # one random intercept, one residual variance: sums over distinct caseloads
+        self._caseloads = bool(q == 1 and self.strata is None and n and np.all(Z[:, 0] == 1.0))
+        if self._caseloads:
+            self.ni = self.ZZ[:, 0, 0].copy()
+            self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
+            self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
+            self.xbar = self.ZX[:, 0, :] / self.ni[:, None]
+            self.Dx = self.Xc - self.xbar[self.codes]
+            self.WXX = self.Dx.T @ self.Dx
+        else:
+            self.XX = self.Xc.T @ self.Xc
         self.set_y(y)
 
     def _group_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -157,6 +201,15 @@ class BlockEngine:
                 out[:, i, j] = np.bincount(self.codes, weights=A[:, i] * B[:, j], minlength=self.G)
         return out
 
+    def _stratum_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """Per-(stratum, therapist) cross-products ``A'B``: (strata, G, a, b)."""
+        m = self.n_strata * self.G
+        out = np.empty((m, A.shape[1], B.shape[1]))
+        for i in range(A.shape[1]):
+            for j in range(B.shape[1]):
+                out[:, i, j] = np.bincount(self._key, weights=A[:, i] * B[:, j], minlength=m)
+        return out.reshape(self.n_strata, self.G, A.shape[1], B.shape[1])
+
     def set_y(self, y: np.ndarray) -> None:
         """(Re)compute the outcome's statistics (the design's are kept: used by the bootstrap)."""
         y = np.asarray(y, dtype=float)
@@ -165,6 +218,9 @@ class BlockEngine:
         self.yc = yc
         p = self.p
         self.ZA = np.concatenate([self.ZX, self._group_cross(self.Zc, yc[:, None])], axis=2)
+        if self._caseloads:  # (the random intercept needs nothing else)
+            self._set_y_caseloads(yc)
+            return
         AA = np.empty((p + 1, p + 1))
         AA[:p, :p] = self.XX
         AA[:p, p] = AA[p, :p] = self.Xc.T @ yc
@@ -178,6 +234,50 @@ class BlockEngine:
                 self.P11 = (Z1[:, :, None] * Z1[:, None, :]).reshape(self.G, -1)
                 P01 = Z0[:, :, None] * Z1[:, None, :]
                 self.P01 = (P01 + P01.transpose(0, 2, 1)).reshape(self.G, -1)
+        A1 = np.column_stack([self.Xc, yc])
+        if self.C:  # the cluster level's per-therapist sums of 1 (h: Z'1, o: 1'[X y], counts)
+            ones = np.ones((self.n, 1))
+            self._h = self._group_cross(ones, self.Zc)[:, 0, :]
+            self._o = self._group_cross(ones, A1)[:, 0, :]
+            self._cnt = np.bincount(self.codes, minlength=self.G).astype(float)
+        if self.strata is not None:
+            self.ZAs = np.concatenate([self.ZXs, self._stratum_cross(self.Zc, yc[:, None])], axis=3)
+            self.AAs = np.stack([A1[self.strata == s].T @ A1[self.strata == s] for s in range(self.n_strata)])
+            if self.C:
+                ones = np.ones((self.n, 1))
+                self._hs = self._stratum_cross(ones, self.Zc)[:, :, 0, :]
+                self._os = self._stratum_cross(ones, A1)[:, :, 0, :]
+                self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(
+                    self.n_strata, self.G).astype(float)
+
+    def _set_y_caseloads(self, yc: np.ndarray) -> None:
+        """Within-therapist cross-products and the therapists' means summed by caseload (and by
+        cluster): ``[X y]'W[X y] = within + sum_u a_u sum_{n_i = u} m_i m_i'`` with
+        ``a_u = u / (1 + u g)``, as well conditioned as the data whatever ``g``."""
+        p, k = self.p, self.p + 1
+        ybar = self.ZA[:, 0, p] / self.ni
+        dy = yc - ybar[self.codes]
+        within = np.empty((k, k))
+        within[:p, :p] = self.WXX
+        within[:p, p] = within[p, :p] = self.Dx.T @ dy
+        within[p, p] = dy @ dy
+        self.within = within
+        self.means = np.column_stack([self.xbar, ybar])
+        U = len(self._nu)
+        mm = (self.means[:, :, None] * self.means[:, None, :]).reshape(self.G, -1)
+        self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
+        if self.C:
+            idx = self.cluster * U + self._ninv
+            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
+            m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
+                             for j in range(k)], axis=1).reshape(self.C, U, k)
+            self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
+
+    def with_y(self, y: np.ndarray) -> BlockEngine:
+        """A copy with another outcome (the design's statistics shared): the bootstrap's refits."""
+        new = copy.copy(self)
+        new.set_y(y)
+        return new
 
     # -- criterion ----------------------------------------------------------------------------
     def _gram(self, lam: np.ndarray) -> tuple[np.ndarray, float]:
@@ -193,19 +293,14 @@ class BlockEngine:
         if q == 1:
             m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
             return ((lam[0, 0] ** 2 / m11) @ self.P00).reshape(k, k), float(np.log(m11).sum())
+        if self.diagonal and self._zz_diagonal:  # (arm indicators: K_i diagonal too)
+            m0 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            m1 = 1.0 + lam[1, 1] ** 2 * ZZ[:, 1, 1]
+            CC = ((lam[0, 0] ** 2 / m0) @ self.P00 + (lam[1, 1] ** 2 / m1) @ self.P11).reshape(k, k)
+            return CC, float(np.log(m0).sum() + np.log(m1).sum())
         # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
         # three length-G dot products with the precomputed outer products
-        (p0, q0), (r0, s0) = lam
-        z00, z01, z11 = ZZ[:, 0, 0], ZZ[:, 0, 1], ZZ[:, 1, 1]
-        # M = I + Lambda' ZZ Lambda for any 2 x 2 Lambda = [[p0, q0], [r0, s0]]
-        a = 1.0 + p0 * p0 * z00 + 2.0 * p0 * r0 * z01 + r0 * r0 * z11
-        b = p0 * q0 * z00 + (p0 * s0 + r0 * q0) * z01 + r0 * s0 * z11
-        c = 1.0 + q0 * q0 * z00 + 2.0 * q0 * s0 * z01 + s0 * s0 * z11
-        det = a * c - b * b
-        inv = 1.0 / det
-        k00 = (p0 * p0 * c - 2.0 * p0 * q0 * b + q0 * q0 * a) * inv
-        k01 = (p0 * r0 * c - (p0 * s0 + q0 * r0) * b + q0 * s0 * a) * inv
-        k11 = (r0 * r0 * c - 2.0 * r0 * s0 * b + s0 * s0 * a) * inv
+        k00, k01, k11, det = _kernel_q2(lam, ZZ)
         CC = (k00 @ self.P00 + k01 @ self.P01 + k11 @ self.P11).reshape(k, k)
         return CC, float(np.log(det).sum())
 
@@ -220,18 +315,114 @@ class BlockEngine:
         ldv = float(2.0 * np.log(np.diagonal(Lm, axis1=1, axis2=2)).sum())
         return Lm, C, ldv
 
-    def core(self, theta: np.ndarray, centred: bool = False) -> tuple[float, float, float, np.ndarray]:
+    def core(self, theta: np.ndarray, centred: bool = False, ratios: np.ndarray | None = None
+             ) -> tuple[float, float, float, np.ndarray]:
         """``(r, log|X'WX|, log|V/s2|, cholesky factor of [X y]'W[X y])`` with ``W = (V/s2)^-1``
-        (``centred``: theta of the centred random effects ``T u``)."""
-        lam = theta_to_lambda(theta, self.q)
-        if not centred:
-            lam = self.T @ lam
-        CC, ldv = self._gram(lam)
-        A = self.AA - CC
+        (``centred``: theta of the centred random effects ``T u``; ``ratios``: the residual
+        variance ratios of the strata, None for all 1)."""
+        if ratios is not None and np.all(np.asarray(ratios) == 1.0):
+            ratios = None
+        if ratios is None and self._caseloads:  # (the random intercept: no matrices of theta)
+            t0 = float(theta[0])
+            A, ldv = self._system_caseloads(t0 * t0, float(theta[1]) ** 2 if self.C else 0.0)
+        else:
+            lam, gc = self._split(theta)
+            if not centred:
+                lam = self.T @ lam
+            A, ldv = self._system(lam, gc, ratios)
         R = np.linalg.cholesky(A)
         d = np.diag(R)
         p = self.p
         return float(d[p] ** 2), float(2.0 * np.log(d[:p]).sum()), ldv, R
+
+    def _split(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(Lambda, g_c)`` from theta (the therapist level's, then the cluster level's)."""
+        theta = np.asarray(theta, dtype=float)
+        th = theta[: self.n_theta]
+        lam = np.diag(th) if self.diagonal else theta_to_lambda(th, self.q)
+        return lam, float(theta[self.n_theta] ** 2) if self.C else 0.0
+
+    def _system(self, lam: np.ndarray, gc: float, ratios: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """``([X y]'W[X y], log|V/s2|)`` at ``Lambda``, ``g_c`` and the residual ratios (None: all 1)."""
+        if ratios is None and not self.C:
+            CC, ldv = self._gram(lam)
+            return self.AA - CC, ldv
+        if ratios is None:
+            ZZ, ZA, AA, ldr = self.ZZ, self.ZA, self.AA, 0.0
+        else:
+            w = 1.0 / np.asarray(ratios, dtype=float)
+            ZZ, ZA, AA = (self._by_stratum(w, s) for s in (self.ZZs, self.ZAs, self.AAs))
+            ldr = -float(self.n_stratum @ np.log(w))
+        K, ldv = self._kernels(lam, ZZ)
+        KZA = K @ ZA  # (G, q, p + 1)
+        k = self.p + 1
+        A = AA - ZA.reshape(-1, k).T @ KZA.reshape(-1, k)
+        if self.C and gc > 0.0:
+            if ratios is None:
+                h, o, nw = self._h, self._o, self._cnt
+            else:
+                h, o, nw = (self._by_stratum(w, s) for s in (self._hs, self._os, self._cnts))
+            bt = o - np.einsum("gi,gir->gr", h, KZA)  # 1'V_i^{-1}[X y]
+            et = nw - np.einsum("gi,gij,gj->g", h, K, h)  # 1'V_i^{-1}1
+            A, ldc = self._woodbury_cluster(A, bt, et, gc)
+            ldv += ldc
+        return A, ldv + ldr
+
+    @staticmethod
+    def _by_stratum(w: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        """``sum_s w_s stats[s]`` (one mat-vec: cheaper than tensordot on small arrays)."""
+        return (w @ stats.reshape(len(w), -1)).reshape(stats.shape[1:])
+
+    def _woodbury_cluster(self, A: np.ndarray, bt: np.ndarray, et: np.ndarray, gc: float
+                          ) -> tuple[np.ndarray, float]:
+        """``A - sum_c g_c / (1 + g_c e_c) b_c b_c'`` and ``sum_c log(1 + g_c e_c)``, with the
+        therapists' ``b_i``, ``e_i`` summed by cluster."""
+        bs = np.stack([np.bincount(self.cluster, weights=bt[:, j], minlength=self.C) for j in range(bt.shape[1])],
+                      axis=1)
+        es = np.bincount(self.cluster, weights=et, minlength=self.C)
+        A = A - bs.T @ (bs * (gc / (1.0 + gc * es))[:, None])
+        return A, float(np.log1p(gc * es).sum())
+
+    def _system_caseloads(self, gt: float, gc: float) -> tuple[np.ndarray, float]:
+        """The random intercept's system from sums over distinct caseloads: ``a_u = n_u / (1 + n_u
+        g_t)`` is ``1'V_i^{-1}1`` of a therapist with ``n_u`` patients; with a cluster level
+        ``b_i = a_i m_i``, ``e_i = a_i`` (the outcome and covariates are centred, so the
+        subtraction loses no more than the between-cluster share)."""
+        nu = self._nu
+        au = nu / (1.0 + nu * gt)
+        ldv = float(self._cnt_u @ np.log1p(nu * gt))
+        k = self.p + 1
+        A = self.within + (au @ self._mm_u).reshape(k, k)
+        if not self.C:
+            return A, ldv
+        tau = self._cnt_cu @ au
+        sm = (self._m_cku @ au).reshape(self.C, k)
+        A = A - sm.T @ (sm * (gc / (1.0 + gc * tau))[:, None])
+        return A, ldv + float(np.log1p(gc * tau).sum())
+
+    def _kernels(self, lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, float]:
+        """``K_i = Lambda M_i^{-1} Lambda'`` (G, q, q) and ``sum_i log|M_i|``."""
+        q = self.q
+        if q == 1:
+            m11 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            return (lam[0, 0] ** 2 / m11)[:, None, None], float(np.log(m11).sum())
+        if q == 2 and self.diagonal and self._zz_diagonal:  # (arm indicators: K_i diagonal)
+            m0 = 1.0 + lam[0, 0] ** 2 * ZZ[:, 0, 0]
+            m1 = 1.0 + lam[1, 1] ** 2 * ZZ[:, 1, 1]
+            K = np.zeros((len(m0), 2, 2))
+            K[:, 0, 0], K[:, 1, 1] = lam[0, 0] ** 2 / m0, lam[1, 1] ** 2 / m1
+            return K, float(np.log(m0).sum() + np.log(m1).sum())
+        if q == 2:
+            k00, k01, k11, det = _kernel_q2(lam, ZZ)
+            K = np.empty((len(det), 2, 2))
+            K[:, 0, 0], K[:, 1, 1] = k00, k11
+            K[:, 0, 1] = K[:, 1, 0] = k01
+            return K, float(np.log(det).sum())
+        M = lam.T @ ZZ @ lam
+        M += np.eye(q)
+        Lm = np.linalg.cholesky(M)
+        Y = np.linalg.solve(Lm, np.broadcast_to(lam.T, M.shape))  # L_i^{-1} Lambda'
+        return Y.transpose(0, 2, 1) @ Y, float(2.0 * np.log(np.diagonal(Lm, axis1=1, axis2=2)).sum())
 
     def to_centred(self, theta: np.ndarray) -> np.ndarray:
         lam = theta_to_lambda(theta, self.q)
@@ -241,18 +432,20 @@ class BlockEngine:
         lam = theta_to_lambda(theta_c, self.q)
         return lambda_to_theta(psd_cholesky(self.Tinv @ lam @ lam.T @ self.Tinv.T))
 
-    def crit(self, theta: np.ndarray, reml: bool, centred: bool = False) -> float:
-        """-2 x profiled (RE)ML log-likelihood at theta (lme4's deviance / REMLcrit)."""
+    def crit(self, theta: np.ndarray, reml: bool, centred: bool = False, ratios: np.ndarray | None = None,
+             sigma2: float | None = None) -> float:
+        """-2 x profiled (RE)ML log-likelihood at theta (lme4's deviance / REMLcrit); with
+        ``sigma2``, at that residual variance (the fixed effects still profiled out)."""
         try:
-            r, ldx, ldv, _ = self.core(np.asarray(theta, dtype=float), centred)
+            r, ldx, ldv, _ = self.core(theta, centred, ratios)
         except np.linalg.LinAlgError:
             return math.inf
-        if not (r > 0.0 and math.isfinite(r) and math.isfinite(ldv) and math.isfinite(ldx)):
+        if not (0.0 < r < math.inf and math.isfinite(ldv + ldx)):
             return math.inf  # (also for theta so large that the blocks overflow)
-        if reml:
-            m = self.n - self.p
-            return m * (1.0 + LOG2PI + math.log(r / m)) + ldv + ldx
-        return self.n * (1.0 + LOG2PI + math.log(r / self.n)) + ldv
+        nu, extra = (self.n - self.p, ldv + ldx) if reml else (self.n, ldv)
+        if sigma2 is None:
+            return nu * (1.0 + LOG2PI + math.log(r / nu)) + extra
+        return nu * (LOG2PI + math.log(sigma2)) + r / sigma2 + extra if sigma2 > 0.0 else math.inf
 
     def dev_ml(self, theta: np.ndarray, sigma2: float) -> float:
         """ML deviance at relative theta and residual variance ``sigma2`` (b profiled out)."""
@@ -264,19 +457,23 @@ class BlockEngine:
             return math.inf
         return self.n * (LOG2PI + math.log(sigma2)) + ldv + r / sigma2
 
-    def scale(self, theta: np.ndarray, reml: bool) -> float:
-        r, _, _, _ = self.core(theta)
+    def scale(self, theta: np.ndarray, reml: bool, ratios: np.ndarray | None = None) -> float:
+        r, _, _, _ = self.core(theta, ratios=ratios)
         return r / (self.n - self.p) if reml else r / self.n
 
-    def fixed(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    def fixed(self, theta: np.ndarray, ratios: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """GLS fixed effects, ``(X'WX)^{-1}`` (unscaled), ``r`` and the centred-scale effects."""
-        r, _, _, R = self.core(theta)
+        r, _, _, R = self.core(theta, ratios=ratios)
         b, cov, bc = gls_from_cholesky(R, self.S, self.k0, self.shift_y)
         return b, cov, r, bc
 
     def blups(self, theta: np.ndarray, bc: np.ndarray, sigma2: float) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes ``E[u_i | y]`` (G x q) and conditional covariances (G x q x q), as
-        lme4's ``ranef(condVar = TRUE)``: ``u_i = Lambda M_i^{-1} Lambda' Z_i'(y_i - X_i b)``."""
+        lme4's ``ranef(condVar = TRUE)``: ``u_i = Lambda M_i^{-1} Lambda' Z_i'(y_i - X_i b)``
+        (models without a cluster level and residual strata)."""
+        if self.C or self.strata is not None:
+            raise ValueError("blups: the engine has a cluster level or residual strata")
         lam = self.T @ theta_to_lambda(theta, self.q)  # of the centred effects T u
         M = lam.T @ self.ZZ @ lam + np.eye(self.q)
         Minv = np.linalg.inv(M)
@@ -290,6 +487,9 @@ class BlockEngine:
     def fit(self, reml: bool, theta0: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
         """Optimum ``(theta, crit_min, converged)``: the interior optimum and the optimum on every
         face of the boundary (subsets of the diagonal at exactly 0); the boundary wins ties."""
+        if self.diagonal or self.C:  # (centring Z is for the unstructured therapist level alone)
+            t0 = np.where(self.lows == 0.0, 1.0, 0.0) if theta0 is None else np.asarray(theta0, dtype=float)
+            return minimise_theta(lambda t: self.crit(t, reml), t0, self.q, lows=self.lows)
         if theta0 is None:
             tc0 = np.where(self.lows == 0.0, 1.0, 0.0)  # lme4's start: Lambda = I
         else:
@@ -298,14 +498,21 @@ class BlockEngine:
         return self.from_centred(tc), fmin, ok
 
 
-def _diag_index(q: int) -> list[int]:
-    idx, k = [], 0
-    for j in range(q):
-        for i in range(j, q):
-            if i == j:
-                idx.append(k)
-            k += 1
-    return idx
+def _kernel_q2(lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``K_i = Lambda M_i^{-1} Lambda'`` for q = 2 in closed form, vectorised over therapists
+    (batched LAPACK calls on 2 x 2 blocks cost more than the arithmetic): ``(k00, k01, k11, |M_i|)``."""
+    (p0, q0), (r0, s0) = lam
+    z00, z01, z11 = ZZ[:, 0, 0], ZZ[:, 0, 1], ZZ[:, 1, 1]
+    # M = I + Lambda' ZZ Lambda for any 2 x 2 Lambda = [[p0, q0], [r0, s0]]
+    a = 1.0 + p0 * p0 * z00 + 2.0 * p0 * r0 * z01 + r0 * r0 * z11
+    b = p0 * q0 * z00 + (p0 * s0 + r0 * q0) * z01 + r0 * s0 * z11
+    c = 1.0 + q0 * q0 * z00 + 2.0 * q0 * s0 * z01 + s0 * s0 * z11
+    det = a * c - b * b
+    inv = 1.0 / det
+    k00 = (p0 * p0 * c - 2.0 * p0 * q0 * b + q0 * q0 * a) * inv
+    k01 = (p0 * r0 * c - (p0 * s0 + q0 * r0) * b + q0 * s0 * a) * inv
+    k11 = (r0 * r0 * c - 2.0 * r0 * s0 * b + s0 * s0 * a) * inv
+    return k00, k01, k11, det
 
 
 def _nm(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray, xatol: float,
@@ -401,15 +608,16 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
 
 
 def minimise_theta(f: Callable[[np.ndarray], float], theta0: np.ndarray, q: int, *,
-                   xatol: float = 1e-10, fatol: float = 1e-12,
-                   boundary_tol: float = 1e-9) -> tuple[np.ndarray, float, bool]:
+                   xatol: float = 1e-10, fatol: float = 1e-12, boundary_tol: float = 1e-9,
+                   lows: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
     """Global minimiser of ``f(theta)`` over lme4's theta space for ``q`` random effects: the
     interior optimum (bounded Nelder-Mead from ``theta0``, restarted) and the optimum on each face
     of the boundary where a subset of the diagonal is exactly 0 (the columns below a zero diagonal
     then enter only through the other columns, so they are dropped with it); a boundary optimum
-    within ``boundary_tol`` of the best wins, so singular fits are exactly singular."""
-    lows = theta_lower_bounds(q)
-    diag = _diag_index(q)
+    within ``boundary_tol`` of the best wins, so singular fits are exactly singular. ``lows``: the
+    lower bounds of another theta layout (diagonal, cluster level), 0 where an SD sits."""
+    lows = theta_lower_bounds(q) if lows is None else np.asarray(lows, dtype=float)
+    diag = [int(k) for k in np.flatnonzero(lows == 0.0)]
     x, fx, ok = _nm(f, theta0, lows, 1e-7, 1e-10)
     x, fx, _ = _newton_polish(f, x, lows)
     best = (fx, x, ok)
