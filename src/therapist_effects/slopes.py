@@ -32,7 +32,8 @@ from scipy import stats
 from .arm import arm_design
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_minimise
+from .engine.derivatives import slope_deviance
+from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
 from .engine.results import ICC, ModelResults, icc_table
 from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
@@ -41,6 +42,9 @@ from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, Stat
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 
 _VC = ("therapist", "therapist_slope", "residual")
+#: lower bound of the log relative SDs in the profiles' inner problems: an SD of exp(-50) ~ 2e-22
+#: (relative to sigma) is 0 to double precision, and a bound lets Newton stop there
+_LOG_SD_FLOOR = -50.0
 
 
 def slope_design(df: pd.DataFrame, outcome: str, covariates, therapist: str, slope: str):
@@ -81,6 +85,54 @@ def gap_frame(labels, codes: np.ndarray, slope: np.ndarray, u: np.ndarray, slope
 def _theta(t1: float, t2: float, rho: float) -> np.ndarray:
     """lme4's theta of (relative intercept SD, relative slope SD, correlation)."""
     return np.array([t1, rho * t2, t2 * math.sqrt(max(1.0 - rho * rho, 0.0))])
+
+
+def _criterion(eng: BlockEngine, g: np.ndarray, criterion: str) -> float:
+    """The value alone of :func:`~therapist_effects.engine.derivatives.slope_deviance` at ``g = (log
+    t1, log t2, rho, log s2)``, by the engine's criterion."""
+    th = _theta(math.exp(g[0]), math.exp(g[1]), g[2])
+    return eng.dev_ml(th, math.exp(g[3])) if criterion == "ml" else eng.crit(th, criterion == "profiled_reml")
+
+
+def _newton_fit(eng: BlockEngine, criterion: str, theta0: np.ndarray) -> tuple[np.ndarray, float, bool] | None:
+    """Minimum ``(theta, criterion, trusted)`` of lme4's deviance (``"profiled_ml"``) or REMLcrit
+    (``"profiled_reml"``) by :func:`~therapist_effects.engine.gaussian.newton_box` in ``(log t1,
+    log t2, rho)`` from ``theta0``: a correlation of +-1 is held exactly on its bound, so such a
+    singular optimum is exactly singular. None when Newton does not vouch for its answer; not
+    ``trusted`` when an SD ends at the floor (the log scale cannot tell an SD of 0 from a small one)
+    or an SD or a diagonal of theta ends within ``(0, 1e-3)``, near the boundary but not on it."""
+    fl = _LOG_SD_FLOOR
+    t1, t2 = theta0[0], math.hypot(theta0[1], theta0[2])
+    z0 = np.array([math.log(max(t1, math.exp(fl))), math.log(max(t2, math.exp(fl))),
+                   theta0[1] / t2 if t1 > 0.0 and t2 > 0.0 else 0.0])
+
+    def fgh(z):
+        f, grad, hess = slope_deviance(eng, np.append(z, 0.0), criterion)
+        return f, grad[:3], hess[:3, :3]
+    z, _, ok = newton_box(fgh, z0, np.array([fl, fl, -1.0]), np.array([np.inf, np.inf, 1.0]))
+    if not ok:
+        return None
+    sd = [0.0 if v <= fl else math.exp(v) for v in z[:2]]
+    theta = _theta(sd[0], sd[1], z[2])
+    trusted = not any(0.0 <= v < 1e-3 for v in sd) and not any(0.0 < theta[k] < 1e-3 for k in (0, 2))
+    return theta, eng.crit(theta, criterion == "profiled_reml"), trusted
+
+
+def _optimum(eng: BlockEngine, reml: bool, theta0: np.ndarray, global_start: np.ndarray | None = None
+             ) -> tuple[np.ndarray, float, bool]:
+    """Exact optimum ``(theta, criterion, converged)``: :func:`_newton_fit` from ``theta0`` where it
+    vouches for its answer; otherwise the engine's global search (interior and every face of the
+    boundary, :func:`~therapist_effects.engine.gaussian.minimise_theta`, from ``global_start``),
+    unless Newton's point is lower than the search's answer (the search can stop short of the
+    optimum: e.g. at a face of the boundary 5 units of deviance above it)."""
+    criterion = "profiled_reml" if reml else "profiled_ml"
+    cand = _newton_fit(eng, criterion, theta0)
+    if cand is not None and cand[2]:
+        return cand[0], cand[1], True
+    theta, fmin, ok = eng.fit(reml, global_start)
+    if cand is not None and cand[1] < fmin - 1e-9:
+        return cand[0], cand[1], True
+    return theta, fmin, ok
 
 
 def _correlation(theta: np.ndarray) -> float:
@@ -160,7 +212,10 @@ class RandomSlopeModel:
                    slope_name=slope, method=method)
 
     def fit(self) -> RandomSlopeResults:
-        theta, fmin, ok = self._eng.fit(self.method == "REML")
+        """Exact optimum (:func:`_optimum`): Newton with the analytic derivatives from lme4's start
+        (Lambda = I on the engine's centred scale), or the engine's global search."""
+        start = self._eng.from_centred(np.array([1.0, 0.0, 1.0]))
+        theta, fmin, ok = _optimum(self._eng, self.method == "REML", start)
         return RandomSlopeResults(self, theta, fmin, ok)
 
 
@@ -222,7 +277,7 @@ class RandomSlopeResults(ModelResults):
     def _ml(self):
         if "ml" not in self._cache:
             if self._reml:
-                th, dmin, _ = self._eng.fit(False, self.theta)
+                th, dmin, _ = _optimum(self._eng, False, self.theta, self.theta)  # close: a few Newton steps
             else:
                 th, dmin = self.theta, self._crit_min
             s2 = self._eng.scale(th, False)
@@ -232,6 +287,23 @@ class RandomSlopeResults(ModelResults):
             self._cache["ml"] = (th, dmin, s2, t1, t2, rho)
         return self._cache["ml"]
 
+    def _wald_step(self, name: str, q: float) -> float | None:
+        """Distance from the ML estimate to the profile limit predicted by the quadratic approximation
+        of the ML deviance (its analytic Hessian at the optimum), on the scale the profile steps on
+        (log variance, correlation); None at a boundary estimate or a Hessian that is not positive
+        definite (the profile then steps from its default)."""
+        th, _, s2, t1, t2, rho = self._ml()
+        if not (t1 > 0.0 and t2 > 0.0 and abs(rho) < 1.0):
+            return None
+        _, _, hess = slope_deviance(self._eng, np.array([math.log(t1), math.log(t2), rho, math.log(s2)]), "ml")
+        grad = {"therapist": [2.0, 0.0, 0.0, 1.0], "therapist_slope": [0.0, 2.0, 0.0, 1.0],
+                "residual": [0.0, 0.0, 0.0, 1.0], "correlation": [0.0, 0.0, 1.0, 0.0]}[name]
+        try:
+            var = 2.0 * float(np.asarray(grad) @ np.linalg.solve(hess, grad))  # deviance: cov = 2 H^-1
+        except np.linalg.LinAlgError:
+            return None
+        return math.sqrt(q * var) if var > 0.0 and math.isfinite(var) else None
+
     def _profile(self, name: str, level: float) -> tuple[float, float]:
         key = ("profile", name, level)
         if key in self._cache:
@@ -240,32 +312,39 @@ class RandomSlopeResults(ModelResults):
         th, dmin, s2, t1, t2, rho = self._ml()
         q = chi2_cut(level)
         # inner problems on log SDs (scale-free steps; the relative SDs differ by orders of
-        # magnitude when the slope variable is on a wide scale) and the correlation on [-1, 1]
-        lows3, ups3 = np.array([-np.inf, -np.inf, -1.0]), np.array([np.inf, np.inf, 1.0])
+        # magnitude when the slope variable is on a wide scale; bounded below by _LOG_SD_FLOOR) and the
+        # correlation on [-1, 1]
+        fl = _LOG_SD_FLOOR
+        ups3 = np.array([np.inf, np.inf, 1.0])
         state: dict = {}
         ln = lambda v: math.log(max(v, 1e-10))  # noqa: E731
 
-        def inner(f, lows, ups, drop=None):
-            # inner minimisation over the other parameters, warm-started at the solution of the
-            # nearest point profiled so far (not the last one: the search also visits the edge);
-            # ``drop``: a coordinate the criterion does not depend on at this point (kept fixed)
+        def inner(g0, J, criterion, lows, ups, drop=None):
+            # inner minimisation over the other parameters z (the criterion's g = g0 + J z, see
+            # :func:`slope_deviance`) by Newton with the analytic gradient and Hessian, warm-started
+            # at the solution of the nearest point profiled so far (not the last one: the search also
+            # visits the edge); ``drop``: a coordinate the criterion does not depend on at this point
+            # (kept fixed). Bounded Nelder-Mead where Newton cannot vouch for its answer.
             c = state["c"]
             near = min(state["done"], key=lambda v: abs(v - c))
             start = state["done"][near]
             keep = [i for i in range(len(start)) if i != drop]
+            Jk = J[:, keep]
 
-            def fk(zk):
+            def full(zk):
                 zz = start.copy()
                 zz[keep] = zk
-                return f(zz)
-            # fast from a warm start, with the Hessian of the previous point (BFGS-updated)
-            zk, fz, ok = newton_minimise(fk, start[keep], lows[keep], ups[keep], max_iter=30,
-                                         hess=state["hess"] if drop is None else None)
+                return zz
+
+            def fgh(zk):
+                f, grad, hess = slope_deviance(eng, g0 + J @ full(zk), criterion)
+                return f, Jk.T @ grad, Jk.T @ hess @ Jk
+
+            zk, fz, ok = newton_box(fgh, start[keep], lows[keep], ups[keep])
             if not ok:
-                zk, fz, _ = minimise_box(fk, start[keep], lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
-            z = start.copy()
-            z[keep] = zk
-            state["done"][c] = z
+                zk, fz, _ = minimise_box(lambda zk: _criterion(eng, g0 + J @ full(zk), criterion), start[keep],
+                                         lows[keep], ups[keep], xatol=1e-8, fatol=1e-10)
+            state["done"][c] = full(zk)
             return fz
 
         if name == "correlation":
@@ -274,46 +353,52 @@ class RandomSlopeResults(ModelResults):
                 self._cache[key] = out
                 return out
             z0 = np.array([ln(t1), ln(t2)])
+            J = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # z = (log t1, log t2)
 
             def excess(c):
                 state["c"] = c
-                f = lambda z: eng.crit(_theta(math.exp(z[0]), math.exp(z[1]), c), False)  # noqa: E731
-                return inner(f, np.full(2, -np.inf), np.full(2, np.inf)) - dmin
+                return inner(np.array([0.0, 0.0, c, 0.0]), J, "profiled_ml", np.full(2, fl),
+                             np.full(2, np.inf)) - dmin
             kw = dict(lower=-1.0, upper=1.0, step=0.05)
             est = rho
         elif name in ("therapist", "therapist_slope"):
             k = 0 if name == "therapist" else 1
             other = t2 if k == 0 else t1
             z0 = np.array([0.5 * math.log(s2), ln(other), rho])
+            # z = (log sigma, log t_other, rho): log t_k = log(c) / 2 - log sigma, log s2 = 2 log sigma
+            J = np.zeros((4, 3))
+            J[k, 0], J[1 - k, 1], J[2, 2], J[3, 0] = -1.0, 1.0, 1.0, 2.0
 
             def excess(c, k=k):
                 state["c"] = c
-
-                def f(z):
-                    sg2 = math.exp(2.0 * z[0])
-                    tk, to = math.sqrt(max(c, 0.0) / sg2), math.exp(z[1])
-                    th_ = _theta(tk, to, z[2]) if k == 0 else _theta(to, tk, z[2])
-                    return eng.dev_ml(th_, sg2)
+                g0 = np.zeros(4)
+                g0[k] = 0.5 * math.log(c) if c > 0.0 else -math.inf
                 # a variance of 0: the correlation (z[2]) no longer enters the criterion
-                return inner(f, lows3, ups3, drop=2 if c <= 0.0 else None) - dmin
+                return inner(g0, J, "ml", np.array([-np.inf, fl, -1.0]), ups3, drop=2 if c <= 0.0 else None) - dmin
             est = s2 * (t1 if k == 0 else t2) ** 2
             kw = dict(lower=0.0, step=0.25, log_scale=True, scale=1e-3 * s2)
         elif name == "residual":
             z0 = np.array([ln(t1), ln(t2), rho])
+            J = np.vstack([np.eye(3), np.zeros(3)])  # z = (log t1, log t2, rho)
 
             def excess(c):
                 state["c"] = c
-                f = lambda z: eng.dev_ml(_theta(math.exp(z[0]), math.exp(z[1]), z[2]), c)  # noqa: E731
-                return inner(f, lows3, ups3) - dmin
+                return inner(np.array([0.0, 0.0, 0.0, math.log(c)]), J, "ml", np.array([fl, fl, -1.0]), ups3) - dmin
             est = s2
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:
             raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, residual or correlation")
+        wald = self._wald_step(name, q)
+        if wald is not None:  # the first trial near the root the quadratic approximation predicts
+            # (at most a factor e^2 on a variance, 0.5 on the correlation: the approximation is local)
+            kw["step"] = min(wald, 2.0 if kw.get("log_scale") else 0.5)
+
+        def signed_root(c):  # nearly linear in c: Brent's interpolation converges in a few steps
+            return math.sqrt(max(excess(c), 0.0))
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
-            state["hess"] = {}
-            lim = profile_limit(excess, est, q, d, **kw)
+            lim = profile_limit(signed_root, est, math.sqrt(q), d, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
                 self._warn(f"profile likelihood of {name} does not reach the {level:.0%} cut-off "
@@ -341,7 +426,7 @@ class RandomSlopeResults(ModelResults):
 
         def refit(ystar):
             e = _with_y(eng, ystar)
-            th, _, ok = e.fit(reml, self.theta)
+            th, _, ok = _optimum(e, reml, self.theta, self.theta)
             s2 = e.scale(th, reml)
             L = np.array([[th[0], 0.0], [th[1], th[2]]])
             cv = s2 * L @ L.T
