@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 from scipy import optimize
 
-from therapist_effects.arm import ArmVarianceModel, _r_backspline_predict
+from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.arm_inference import _r_backspline_predict
 from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
 from refdata import REFERENCE_DIR
 

@@ -156,8 +156,6 @@ def _icc_by_hand(key, res) -> dict:
 
 @pytest.fixture(scope="module")
 def every_fit(fits):
-    from dataclasses import replace  # noqa: F401
-
     from therapist_effects.bayes import BayesConfig, BayesModel
 
     out = dict(fits)
@@ -283,3 +281,103 @@ def test_interval_methods_not_offered_are_refused(every_fit):
         every_fit["logit_arm"].conf_int(method="bootstrap")
     with pytest.raises(ModelError, match="bootstrap"):
         every_fit["slope_REML"].icc(0.95)
+
+
+# ------------------------------------------------------------------ one set of defaults
+# Every results class takes the same defaults for the interval level, method, bootstrap size and
+# seed, on every method that has them; seed=None is seed 0 in every bootstrap.
+
+from therapist_effects.arm import ArmVarianceResults
+from therapist_effects.bayes import BayesResults
+from therapist_effects.engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from therapist_effects.engine.results import DEFAULT_INTERVAL
+from therapist_effects.glmm import LogisticMixedResults
+from therapist_effects.glmm_arm import LogisticArmVarianceResults
+from therapist_effects.glmm_slope import LogisticRandomSlopeResults
+from therapist_effects.reml import MixedResults
+from therapist_effects.slopes import RandomSlopeResults
+
+RESULTS_CLASSES = [MixedResults, ArmVarianceResults, RandomSlopeResults, LogisticMixedResults,
+                   LogisticArmVarianceResults, LogisticRandomSlopeResults, BayesResults]
+
+
+@pytest.mark.parametrize("cls", RESULTS_CLASSES, ids=lambda c: c.__name__)
+def test_one_set_of_defaults_in_every_results_class(cls):
+    """``level`` defaults to DEFAULT_LEVEL (None on icc(): no interval unless asked), ``n_boot`` to
+    DEFAULT_N_BOOT, ``seed`` to None, ``conf_int``'s method to the class's default interval (None
+    meaning it), ``to_contract``'s interval to DEFAULT_INTERVAL, on every public method (and the
+    bootstrap) that takes them."""
+    checked = 0
+    for name, fn in inspect.getmembers(cls, inspect.isfunction):
+        if name.startswith("_") and name != "_bootstrap":
+            continue
+        params = inspect.signature(fn).parameters
+        for pname, default in (("n_boot", DEFAULT_N_BOOT), ("seed", None)):
+            if pname in params and name != "_bootstrap":
+                assert params[pname].default == default, (cls.__name__, name, pname)
+                checked += 1
+        if "level" in params:
+            want = None if name == "icc" else DEFAULT_LEVEL
+            assert params["level"].default == want, (cls.__name__, name)
+            checked += 1
+    ci = inspect.signature(cls.conf_int).parameters["method"].default
+    assert ci in (None, cls.default_interval), cls.__name__
+    tc = inspect.signature(cls.to_contract).parameters
+    assert "interval" not in tc or tc["interval"].default == DEFAULT_INTERVAL, cls.__name__
+    assert cls.default_n_boot == DEFAULT_N_BOOT and cls.default_level == DEFAULT_LEVEL
+    assert checked >= 3, cls.__name__
+
+
+def _bootstrap_draws(res, n_boot, seed):
+    """The replicates of each engine's parametric bootstrap (as an array, NaN for failed refits)."""
+    if isinstance(res, MixedResults):
+        return res.bootstrap(n_boot, seed)["therapist"].to_numpy()
+    if isinstance(res, RandomSlopeResults):
+        return res.bootstrap(n_boot, seed).draws["therapist"].to_numpy()
+    if isinstance(res, ArmVarianceResults):
+        return res._bootstrap(n_boot, seed)["therapist[0]"].to_numpy()
+    return res._bootstrap(n_boot, seed)  # LogisticMixedResults: the therapist variances
+
+
+@pytest.mark.parametrize("key", ["ri_REML", "nested_REML", "arm_REML", "slope_REML", "logit_laplace"])
+def test_seed_none_is_seed_zero_in_every_bootstrap(every_fit, key):
+    """Every engine's bootstrap goes through engine.inference.parametric_bootstrap: seed=None gives
+    the replicates of seed 0, another seed others; the replicates scatter around the fitted
+    therapist variance (not a constant, not a stub)."""
+    res = every_fit[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b, c = (_bootstrap_draws(res, 12, s) for s in (None, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[np.isfinite(a) & np.isfinite(c)], c[np.isfinite(a) & np.isfinite(c)])
+    ok = a[np.isfinite(a)]
+    assert ok.size >= 8 and np.std(ok) > 0
+    est = res.vcomp["therapist[0]" if key == "arm_REML" else "therapist"]
+    assert ok.min() < 3 * est and ok.max() > est / 3
+
+
+def test_arm_bootstrap_counts_failed_refits(every_fit, monkeypatch):
+    """A refit that fails (here: every third optimisation raises) is a NaN row, counted in a
+    warning of the fit, and left out of the percentile interval."""
+    res = every_fit["arm_REML"]
+    model = res.model
+    calls = {"n": 0}
+    optimise = type(model)._optimise
+
+    def flaky(self, method, start=None):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise np.linalg.LinAlgError("refit failed")
+        return optimise(self, method, start)
+
+    monkeypatch.setattr(type(model), "_optimise", flaky)
+    monkeypatch.setattr(res, "warnings", list(res.warnings))  # the shared fit keeps its own list
+    res._boot_cache.clear()
+    with pytest.warns(Warning, match="4 of 12 bootstrap refits failed"):
+        draws = res._bootstrap(12, 5)
+    assert int(draws["therapist[0]"].isna().sum()) == 4
+    with pytest.warns(Warning, match="4 of 12 bootstrap refits gave no therapist"):
+        lo, hi = res._boot_interval("therapist[0]", 0.9, 12, 5)
+    ok = draws["therapist[0]"].dropna().to_numpy()
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(ok, [0.05, 0.95])))
+    res._boot_cache.clear()

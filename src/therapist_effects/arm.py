@@ -51,11 +51,11 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
+from .arm_inference import ArmBootstrap, ArmProfiles
 from .engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
-from .engine.inference import DEFAULT_N_BOOT
-from .engine.results import ICC, ModelResults, per_arm_icc
+from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from .progress import track
 
 __all__ = ["ArmVarianceModel", "ArmVarianceResults", "arm_labels"]
 
@@ -81,6 +81,19 @@ def arm_labels(values) -> np.ndarray:
     codes, uniques = pd.factorize(pd.Series(np.asarray(values, dtype=object)), use_na_sentinel=False)
     labels = np.array([_label(v) for v in uniques], dtype=object)
     return labels[codes]
+
+
+def two_arms(arm, feedback_level) -> tuple[np.ndarray, str, str]:
+    """``(labels, control, feedback)``: the arm label of every patient (:func:`arm_labels`) and the
+    two levels of an arm variable with exactly two levels, ``feedback_level`` one of them."""
+    labels = arm_labels(arm)
+    levels = sorted(set(labels))
+    fb = _label(feedback_level)
+    if len(levels) != 2:
+        raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
+    if fb not in levels:
+        raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
+    return labels, [lv for lv in levels if lv != fb][0], fb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,61 +207,6 @@ class _Engine:
         return beta, sigma2, sigma2 * cov, (rss, float(np.linalg.slogdet(cov)[1]) * -1.0)
 
 
-def _r_backspline_predict(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """R's ``predict(backSpline(interpSpline(y ~ x)), at)$y`` (splines package, R 4.2).
-
-    ``interpSpline`` is the natural cubic interpolation spline of y on x; ``backSpline`` builds a
-    piecewise cubic in y through the knots (y_i, x_i) with slopes 1/y'(x_i), natural-like ends.
-    Values outside the range of ``y`` are NaN (as in R). Falls back to linear interpolation
-    where the spline is not monotone (as lme4's ``confint.thpr`` does).
-    """
-    from scipy.interpolate import CubicSpline
-
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    at = np.asarray(at, dtype=float)
-    if len(x) < 4:
-        return np.interp(at, y, x, left=np.nan, right=np.nan)
-    spl = CubicSpline(x, y, bc_type="natural")
-    knots, c1, c2 = x, y, spl(x, 1)
-    adiff, kdiff = np.diff(c1), np.diff(knots)
-    if not (np.all(adiff > 0) or np.all(adiff < 0)):
-        ok = np.all(np.diff(y) >= 0)
-        return np.interp(at, y, x, left=np.nan, right=np.nan) if ok else np.full(at.shape, np.nan)
-    nk = len(knots)
-    b = np.zeros((nk, 4))
-    b[:, 0] = knots
-    b[:, 1] = 1.0 / c2
-    for i in range(nk - 1):
-        A = np.array([[adiff[i] ** 2, adiff[i] ** 3], [2 * adiff[i], 3 * adiff[i] ** 2]])
-        rhs = np.array([kdiff[i] - adiff[i] * b[i, 1], b[i + 1, 1] - b[i, 1]])
-        b[i, 2:4] = np.linalg.solve(A, rhs)
-    b[nk - 1, 1:] = np.nan
-    if nk > 2:
-        b[0, 3] = b[nk - 2, 3] = 0.0
-        A = np.array([[adiff[0], adiff[0] ** 2], [1.0, 2 * adiff[0]]])
-        b[0, 1:3] = np.linalg.solve(A, np.array([kdiff[0], 1.0 / c2[1]]))
-        b[nk - 2, 2] = (kdiff[nk - 2] - adiff[nk - 2] * b[nk - 2, 1]) / adiff[nk - 2] ** 2
-    if b[0, 2] > 0:
-        b[0, 2] = 0.0
-        b[0, 1] = kdiff[0] / adiff[0]
-    if b[nk - 2, 2] < 0:
-        b[nk - 2, 2] = 0.0
-        b[nk - 2, 1] = kdiff[nk - 2] / adiff[nk - 2]
-    bknots = c1
-    if adiff[0] < 0:
-        bknots, b = bknots[::-1], b[::-1]
-    out = np.full(at.shape, np.nan)
-    for j, v in enumerate(at):
-        if v < bknots[0] or v > bknots[-1]:
-            continue
-        # R: i <- cut(v, knots), intervals (k_i, k_{i+1}]; v == first knot -> first interval
-        i = max(int(np.searchsorted(bknots, v, side="left")) - 1, 0)
-        d = v - bknots[i]
-        out[j] = b[i, 0] + d * (b[i, 1] + d * (b[i, 2] + d * b[i, 3]))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # parameterisations
 # ----------------------------------------------------------------------------------------------
@@ -282,102 +240,6 @@ def _minimise(f, x0, bounds, jac=None, polish=True):
             best_x, best_f = np.clip(res2.x, lo, hi), float(res2.fun)
         ok = ok or bool(res2.success)
     return best_x, float(best_f), ok
-
-
-def _profile_limits(profile_dev, est, dev_min, z0, scale, level=0.95, upper_limit=np.inf):
-    """Limits of a profile-likelihood interval: where the profiled deviance exceeds its minimum by
-    ``qchisq(level, 1)``.
-
-    ``profile_dev(c, z_start) -> (deviance, z)`` minimises the deviance over the other parameters
-    ``z`` with the profiled quantity fixed at ``c``. The search steps outward from ``est`` on a
-    transformed scale (``"log"`` for variances/ratios, ``"logit"`` for ICCs, ``"atanh"`` for
-    correlations), extrapolating the profile quadratically, then brackets the crossing for Brent's
-    method on the signed-root scale. A limit that is never reached is the boundary (0, -1, 1 or inf).
-    """
-    cut = stats.chi2.ppf(level, 1)
-    state = {"z": np.array(z0, dtype=float)}
-
-    def excess(c):
-        fz, z = profile_dev(c, state["z"])
-        if np.isfinite(fz):
-            state["z"] = z
-        return fz - dev_min - cut
-
-    if scale == "log":
-        fwd, inv = (lambda c: math.log(c)), (lambda s: math.exp(s))
-        floor_val = 0.0
-    elif scale == "logit":
-        fwd, inv = (lambda c: math.log(c / (1 - c))), (lambda s: 1.0 / (1.0 + math.exp(-s)))
-        floor_val = 0.0
-    else:
-        fwd, inv = (lambda c: math.atanh(max(min(c, 1 - 1e-12), -1 + 1e-12))), (lambda s: math.tanh(s))
-        floor_val = -1.0
-    if not np.isfinite(est):
-        return float("nan"), float("nan")
-    if scale == "atanh":
-        at_floor = est <= -1.0 + 1e-12
-        at_ceiling = est >= 1.0 - 1e-12
-    else:
-        at_floor = est < 1e-10
-        at_ceiling = False
-    if at_floor:
-        s_hat = fwd(1e-6) if scale != "atanh" else fwd(-1 + 1e-6)
-    elif at_ceiling:
-        s_hat = fwd(1 - 1e-6)
-    else:
-        s_hat = fwd(est)
-    rcut = math.sqrt(cut)
-
-    def root_fn(u):  # signed-root scale: nearly linear in u, so Brent converges in a few steps
-        return math.sqrt(max(excess(inv(u)) + cut, 0.0)) - rcut
-
-    def search(direction):
-        state["z"] = np.array(z0, dtype=float)
-        prev, prev_d, h = s_hat, 0.0, 0.1
-        for _ in range(60):
-            s = s_hat + direction * h
-            c = inv(s)
-            if scale == "atanh" and abs(c) >= 1 - 1e-10:
-                return 1.0 if direction > 0 else -1.0
-            if c >= upper_limit or (direction < 0 and c <= 1e-12 and scale != "atanh"):
-                break
-            d = excess(c) + cut
-            if d > cut:
-                lo_s, hi_s = (prev, s) if direction > 0 else (s, prev)
-                try:
-                    root = optimize.brentq(root_fn, lo_s, hi_s, xtol=1e-9, rtol=1e-9)
-                except ValueError:
-                    # The inner re-optimisation, warm-started from another point, did not reproduce
-                    # the bracket's signs (a rough profile): interpolate the signed root linearly
-                    # between the two evaluated points instead, and say so.
-                    warnings.warn(
-                        "profile likelihood is not smooth near an interval end; the end was interpolated",
-                        StatisticalWarning,
-                    )
-                    r0, r1 = math.sqrt(max(prev_d, 0.0)), math.sqrt(d)
-                    frac = (rcut - r0) / (r1 - r0) if r1 > r0 else 1.0
-                    root = prev + frac * (s - prev)
-                return inv(root)
-            prev, prev_d = s, d
-            guess = h * math.sqrt(cut / d) * 1.1 if d > 1e-8 else h * 4.0
-            h = min(max(guess, h * 1.3), h * 6.0)
-            if abs(s) > 40:
-                break
-        if direction > 0:
-            return float(upper_limit) if scale != "log" else float("inf")
-        return floor_val
-
-    lower = floor_val if at_floor else search(-1.0)
-    upper = 1.0 if at_ceiling else search(+1.0)
-    return float(lower), float(upper)
-
-
-def _G_from_theta(theta, rho=None):
-    if rho is None:
-        return np.diag(np.asarray(theta, dtype=float) ** 2)
-    t0, t1 = theta
-    c = rho * t0 * t1
-    return np.array([[t0 * t0, c], [c, t1 * t1]])
 
 
 @dataclass
@@ -490,14 +352,7 @@ class ArmVarianceModel:
             raise ModelError("outcome or covariates contain missing or infinite values; drop them before fitting")
         if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
             raise ModelError("therapist or arm contains missing values; drop those patients before fitting")
-        labels = arm_labels(arm)
-        levels = sorted(set(labels))
-        fb = _label(feedback_level)
-        if len(levels) != 2:
-            raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
-        if fb not in levels:
-            raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
-        control = [lv for lv in levels if lv != fb][0]
+        labels, control, fb = two_arms(arm, feedback_level)
         self.arm_levels = [control, fb]  # index 0 = control, 1 = feedback
         self.feedback_level, self.control_level = fb, control
         acode = (labels == fb).astype(np.int64)
@@ -703,26 +558,8 @@ class ArmVarianceModel:
         return ArmVarianceResults(self, opt)
 
 
-# ----------------------------------------------------------------------------------------------
-# profile-likelihood machinery
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
-class _Target:
-    """A quantity to profile: maps (value c, free vector z) -> (sigma2 or None, G, r)."""
-
-    name: str
-    build: object
-    z0: np.ndarray
-    bounds: list
-    scale: str  # "log", "logit" or "atanh": where the outward search steps
-    estimate: float
-    upper_limit: float = np.inf
-
-
-@dataclass
-class ArmVarianceResults(ModelResults):
+class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
     """Fitted arm-specific therapist-variance model."""
 
     model: ArmVarianceModel
@@ -739,10 +576,7 @@ class ArmVarianceResults(ModelResults):
         self.G_rel, self.r_rel = opt.G, opt.r
         self.cov_re = sigma2 * opt.G  # therapist covariance (control, feedback)
         self.residual_var = sigma2 * opt.r
-        self.fe_params = pd.Series(beta, index=m.exog_names, name="estimate")
-        self.cov_params_fe = pd.DataFrame(cov_beta, index=m.exog_names, columns=m.exog_names)
-        self.vcov = self.cov_params_fe
-        self.bse = pd.Series(np.sqrt(np.diag(cov_beta)), index=m.exog_names, name="se")
+        self.cov_params_fe = self._set_fixed_effects(beta, cov_beta, m.exog_names)
         self.deviance = opt.deviance
         self.loglik = -0.5 * opt.deviance
         self.method = opt.method
@@ -808,368 +642,6 @@ class ArmVarianceResults(ModelResults):
         icc = self.icc_point()
         return float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
 
-    # ------------------------------------------------------------------------------------------
-    def _optimum(self, method: str) -> _Optimum:
-        if method not in self._opt_cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._opt_cache[method] = self.model._optimise(method, start=self.opt.x)
-        return self._opt_cache[method]
-
-    def _targets(self, method: str) -> dict:
-        """The quantities that can be profiled, each with its re-parameterisation."""
-        m = self.model
-        opt = self._optimum(method)
-        eng = m._eng
-        gc_hat = m._gc(opt.x)
-        _, s2hat, _, _ = eng.gls(opt.G, opt.r, not m.correlated, method, gc_hat)
-        G, r = opt.G, opt.r
-        th = np.sqrt(np.maximum(np.diag(G), 0.0))
-        rho = None
-        if m.correlated:
-            rho = float(G[0, 1] / (th[0] * th[1])) if th[0] > 0 and th[1] > 0 else 0.0
-            rho = min(max(rho, -1.0), 1.0)
-        logr = math.log(r[1]) if m.arm_residual else None
-        icc = self._icc_from(G, r, gc_hat)
-        targets = {}
-
-        def extras_pack(rho_, logr_):
-            z, b = [], []
-            if m.correlated:
-                z.append(rho_)
-                b.append((-1.0, 1.0))
-            if m.arm_residual:
-                z.append(logr_)
-                b.append((-12.0, 12.0))
-            return z, b
-
-        def extras_unpack(z):
-            k = 0
-            rho_ = None
-            rr = np.ones(2)
-            if m.correlated:
-                rho_ = z[k]
-                k += 1
-            if m.arm_residual:
-                rr = np.array([1.0, math.exp(z[k])])
-            return rho_, rr
-
-        # therapist variance of arm a (natural scale): z = [log sigma2, theta_other, extras]
-        for a, lv in enumerate(m.arm_levels):
-            o = 1 - a
-            ez, eb = extras_pack(rho, logr)
-
-            def build(c, z, a=a, o=o, gc=0.0):
-                s2 = math.exp(z[0])
-                th_ = np.zeros(2)
-                th_[a] = math.sqrt(max(c, 0.0) / s2)
-                th_[o] = z[1]
-                rho_, rr = extras_unpack(z[2:])
-                return s2, _G_from_theta(th_, rho_), rr
-
-            targets[f"therapist[{lv}]"] = _Target(
-                f"therapist[{lv}]", build, np.array([math.log(s2hat), th[o], *ez]),
-                [(-50, 50), (0.0, None), *eb], "log", float(s2hat * G[a, a]),
-            )
-        # residual variance(s)
-        if m.arm_residual:
-            ez, eb = extras_pack(rho, None)
-            ez, eb = ez[: 1 if m.correlated else 0], eb[: 1 if m.correlated else 0]
-
-            def build_r0(c, z, gc=0.0):
-                rho_ = z[2] if m.correlated else None
-                return c, _G_from_theta(z[:2], rho_), np.array([1.0, math.exp(z[-1])])
-
-            targets[f"residual[{m.arm_levels[0]}]"] = _Target(
-                f"residual[{m.arm_levels[0]}]", build_r0, np.array([*th, *ez, logr]),
-                [(0.0, None), (0.0, None), *eb, (-12.0, 12.0)], "log", float(s2hat),
-            )
-
-            def build_r1(c, z, gc=0.0):
-                s2 = math.exp(z[0])
-                rho_ = z[3] if m.correlated else None
-                return s2, _G_from_theta(z[1:3], rho_), np.array([1.0, c / s2])
-
-            targets[f"residual[{m.arm_levels[1]}]"] = _Target(
-                f"residual[{m.arm_levels[1]}]", build_r1, np.array([math.log(s2hat), *th, *ez]),
-                [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * r[1]),
-            )
-        else:
-            ez, eb = extras_pack(rho, None)
-
-            def build_res(c, z, gc=0.0):
-                rho_ = z[2] if m.correlated else None
-                return c, _G_from_theta(z[:2], rho_), np.ones(2)
-
-            targets["residual"] = _Target(
-                "residual", build_res, np.array([*th, *ez]), [(0.0, None), (0.0, None), *eb], "log", float(s2hat)
-            )
-        # correlation of the two arm effects
-        if m.correlated:
-            ez, eb = extras_pack(None, logr)
-            ez, eb = ez[1:], eb[1:]
-
-            def build_cor(c, z, gc=0.0):
-                rr = np.array([1.0, math.exp(z[2])]) if m.arm_residual else np.ones(2)
-                return None, _G_from_theta(z[:2], c), rr
-
-            targets["correlation"] = _Target(
-                "correlation", build_cor, np.array([*th, *ez]), [(0.0, None), (0.0, None), *eb], "atanh", float(rho)
-            )
-        # ICC of arm a: g_a = c r_a / (1 - c); z = [theta_other, extras]
-        for a, lv in enumerate(m.arm_levels):
-            o = 1 - a
-            ez, eb = extras_pack(rho, logr)
-
-            def build_icc(c, z, a=a, o=o, gc=0.0):
-                rho_, rr = extras_unpack(z[1:])
-                th_ = np.zeros(2)
-                th_[a] = math.sqrt(c * (rr[a] + gc) / (1.0 - c))
-                th_[o] = z[0]
-                return None, _G_from_theta(th_, rho_), rr
-
-            targets[f"icc[{lv}]"] = _Target(
-                f"icc[{lv}]", build_icc, np.array([th[o], *ez]), [(0.0, None), *eb], "logit", float(icc[a]),
-                upper_limit=1.0,
-            )
-        # ICC ratio (feedback / control): z = [ICC_control, extras]
-
-        def build_ratio(c, z, gc=0.0):
-            rho_, rr = extras_unpack(z[1:])
-            i0 = z[0]
-            i1 = c * i0
-            if i0 >= 1.0 or i1 >= 1.0:
-                return None, None, None
-            th_ = np.array([math.sqrt(i0 * (rr[0] + gc) / (1 - i0)), math.sqrt(i1 * (rr[1] + gc) / (1 - i1))])
-            return None, _G_from_theta(th_, rho_), rr
-
-        ez, eb = extras_pack(rho, logr)
-        ratio_hat = float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
-        targets["icc_ratio"] = _Target(
-            "icc_ratio", build_ratio, np.array([icc[0], *ez]), [(0.0, 1.0 - 1e-9), *eb], "log", ratio_hat
-        )
-        if m.cluster_random:
-            # every target gets the relative cluster SD as one more free parameter (last in z)
-            thc = math.sqrt(gc_hat)
-            for name, t in list(targets.items()):
-                def wrapped(c, z, _b=t.build):
-                    gc = float(z[-1]) ** 2
-                    out = _b(c, z[:-1], gc=gc)
-                    return (*out, gc)
-
-                targets[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)], t.scale,
-                                        t.estimate, t.upper_limit)
-            ez, eb = extras_pack(rho, logr)
-
-            def build_cluster(c, z):
-                s2 = math.exp(z[0])
-                rho_, rr = extras_unpack(z[3:])
-                return s2, _G_from_theta(z[1:3], rho_), rr, max(c, 0.0) / s2
-
-            targets["cluster"] = _Target(
-                "cluster", build_cluster, np.array([math.log(s2hat), *th, *ez]),
-                [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * gc_hat),
-            )
-        return targets
-
-    def _profile_dev(self, target: _Target, c: float, z0: np.ndarray, method: str):
-        m = self.model
-        eng = m._eng
-        diagonal = not m.correlated
-        bounds = list(target.bounds)
-        if target.name == "icc_ratio":
-            hi = min(1.0, 1.0 / c) if c > 0 else 1.0
-            bounds[0] = (0.0, hi * (1 - 1e-9))
-
-        def f(z):
-            out = target.build(c, z)
-            if out[1] is None:
-                return np.inf
-            gc = out[3] if len(out) > 3 else None
-            return eng.deviance(out[1], out[2], diagonal, method, sigma2=out[0], gc=gc)
-
-        z0 = np.array(z0, dtype=float)
-        for j, (lo, hi) in enumerate(bounds):
-            if lo is not None and z0[j] < lo:
-                z0[j] = lo
-            if hi is not None and z0[j] > hi:
-                z0[j] = hi
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if len(z0) == 1 and bounds[0][1] is not None:
-                lo, hi = bounds[0]
-                res = optimize.minimize_scalar(
-                    lambda t: f(np.array([t])), bounds=(lo, hi), method="bounded",
-                    options={"xatol": 1e-9 + 1e-7 * abs(z0[0])},
-                )
-                z, fz = np.array([res.x]), res.fun
-                f0 = f(z0)
-                if f0 < fz:
-                    z, fz = z0, f0
-            else:
-                z, fz, _ = _minimise(f, z0, bounds, polish=True)
-        return float(fz), z
-
-    def profile_interval(self, name: str, level: float = 0.95, deviance: str = "ML") -> tuple[float, float]:
-        """Profile-likelihood interval of a variance component, ICC, the ICC ratio or the correlation.
-
-        ``name``: ``therapist[<level>]``, ``residual`` (``residual[<level>]``), ``correlation``,
-        ``icc[<level>]`` or ``icc_ratio``. ``deviance="ML"`` profiles the ML deviance as lme4's
-        ``profile()`` does (for REML fits too); ``"REML"`` profiles the restricted likelihood.
-        The limits are where the signed root deviance equals the normal quantile (likelihood-ratio
-        chi-square with 1 df).
-        """
-        deviance = deviance.upper()
-        key = (name, level, deviance)
-        if key in self._profile_cache:
-            return self._profile_cache[key]
-        targets = self._targets(deviance)
-        if name not in targets:
-            raise ModelError(f"cannot profile {name!r}; choose one of {sorted(targets)}")
-        t = targets[name]
-        dev_min = self._optimum(deviance).deviance
-        lims = _profile_limits(
-            lambda c, z: self._profile_dev(t, c, z, deviance), t.estimate, dev_min, t.z0, t.scale, level,
-            t.upper_limit,
-        )
-        self._profile_cache[key] = lims
-        return lims
-
-    # ------------------------------------------------------------------------------------------
-    # parametric bootstrap
-    def _bootstrap(self, n_boot: int, seed):
-        seed = 0 if seed is None else seed  # the one seed rule: seed=None is seed 0
-        key = (n_boot, seed)
-        if key in self._boot_cache:
-            return self._boot_cache[key]
-        m = self.model
-        eng = m._eng
-        rng = np.random.default_rng(seed)
-        mu = eng.X @ self.fe_params.to_numpy()
-        w, V = np.linalg.eigh(self.cov_re)
-        Lre = V * np.sqrt(np.maximum(w, 0.0))
-        res_sd = np.sqrt(self.residual_var)
-        clus_sd = math.sqrt(self.sigma2 * self.gc_rel)
-        y0 = eng.y
-        rows = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
-                u = rng.standard_normal((eng.T, 2)) @ Lre.T
-                e = rng.standard_normal(eng.N) * res_sd[eng.acode]
-                ystar = mu + u[eng.tcode, eng.acode] + e
-                if m.cluster_random:
-                    v = rng.standard_normal(eng.n_clust) * clus_sd
-                    ystar = ystar + v[eng.tclust[eng.tcode]]
-                eng.set_y(ystar)
-                try:
-                    opt = m._optimise(self.method, start=self.opt.x)
-                    gc = m._gc(opt.x)
-                    _, s2, _, _ = eng.gls(opt.G, opt.r, not m.correlated, self.method, gc)
-                    icc = self._icc_from(opt.G, opt.r, gc)
-                    row = {
-                        "cluster": s2 * (gc or 0.0),
-                        "therapist[0]": s2 * opt.G[0, 0], "therapist[1]": s2 * opt.G[1, 1],
-                        "residual[0]": s2 * opt.r[0], "residual[1]": s2 * opt.r[1],
-                        "icc[0]": icc[0], "icc[1]": icc[1],
-                        "icc_ratio": icc[1] / icc[0] if icc[0] > 0 else np.nan,
-                    }
-                    if m.correlated:
-                        d = np.sqrt(np.diag(opt.G))
-                        row["correlation"] = opt.G[0, 1] / (d[0] * d[1]) if np.all(d > 0) else np.nan
-                    rows.append(row)
-                except Exception:  # noqa: BLE001 - a failed refit is recorded as missing
-                    rows.append({})
-                finally:
-                    eng.set_y(y0)
-        boot = pd.DataFrame(rows)
-        self._boot_cache[key] = boot
-        return boot
-
-    def _boot_interval(self, name: str, level: float, n_boot: int, seed):
-        boot = self._bootstrap(n_boot, seed)
-        m = self.model
-        col = name
-        if "[" in name:  # therapist[<level>] -> therapist[<arm index>]
-            base, lv = name[:-1].split("[", 1)
-            col = f"{base}[{m.arm_levels.index(lv)}]" if lv in m.arm_levels else name
-        if col == "residual":
-            col = "residual[0]"
-        vals = boot[col].to_numpy(dtype=float)
-        ok = np.isfinite(vals)
-        if ok.mean() < 0.9:
-            self._warn(
-                f"{(~ok).sum()} of {len(vals)} bootstrap refits gave no {name} (undefined ratio or failure)",
-                StatisticalWarning,
-            )
-        a = (1 - level) / 2
-        return float(np.quantile(vals[ok], a)), float(np.quantile(vals[ok], 1 - a))
-
-    def lme4_profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
-        """lme4's ``confint(fit, method = "profile")`` for a variance component, step for step.
-
-        lme4 does not solve for the interval limits: ``profile.merMod`` evaluates the ML profile
-        on the standard-deviation scale at points chosen to step the signed root deviance (zeta) by
-        ``delta = sqrt(qchisq(0.99, n_parameters)) / 8``, fits a natural interpolation spline of
-        zeta on the parameter (``splines::interpSpline``), inverts it (``splines::backSpline``) and
-        reads off zeta = -1.96 and 1.96. This replicates that algorithm on this package's exact
-        profile, so that it reproduces lme4's numbers (including the spline's interpolation error,
-        which is noticeable where the profile flattens towards a variance of zero);
-        :meth:`profile_interval` gives the exact limits.
-        """
-        key = ("lme4", name, level)
-        if key in self._profile_cache:
-            return self._profile_cache[key]
-        targets = self._targets("ML")
-        var_names = [k for k in targets if k.startswith(("therapist[", "residual", "cluster"))]
-        if name not in var_names:
-            raise ModelError(f"lme4-style profile only for variance components {var_names}, not {name!r}")
-        t = targets[name]
-        base = self._optimum("ML").deviance
-        nptot = len(var_names) + (1 if self.model.correlated else 0) + self.model._eng.p
-        cutoff = math.sqrt(stats.chi2.ppf(0.99, nptot))
-        delta = cutoff / 8.0
-        pw = math.sqrt(max(t.estimate, 0.0))
-        state = {"z": t.z0.copy()}
-
-        def zeta(sd):
-            fz, z = self._profile_dev(t, sd * sd, state["z"], "ML")
-            state["z"] = z
-            return math.copysign(math.sqrt(max(fz - base, 0.0)), sd - pw) if sd != pw else 0.0
-
-        def fill(rows, lowcut=0.0, upcut=np.inf, maxpts=100):
-            i = 1  # 0-based index of the last filled row
-            while i < maxpts - 1 and lowcut < rows[i][1] < upcut and abs(rows[i][0]) <= cutoff:
-                (z0, p0), (z1, p1) = rows[i - 1], rows[i]
-                num, den = p1 - p0, z1 - z0
-                if den == 0 or not np.isfinite(den):
-                    step = 1e-6
-                else:
-                    step = delta * num / den
-                    if step < 0:
-                        step = 1e-6
-                    elif abs(step) > 10 * abs(num):
-                        step = math.copysign(10 * abs(num), step)
-                nxt = min(upcut, max(lowcut, p1 + math.copysign(step, num)))
-                rows.append((zeta(nxt), nxt))
-                i += 1
-            return rows
-
-        shift = 1e-3 if pw == 0 else pw * 1.01
-        zs = zeta(shift)
-        up = fill([(0.0, pw), (zs, shift)])
-        state["z"] = t.z0.copy()
-        down = fill([(zs, shift), (0.0, pw)]) if pw > 0 else []
-        pts = sorted(set(up + down), key=lambda r: r[1])
-        x = np.array([p for _, p in pts])
-        y = np.array([z for z, _ in pts])
-        zq = stats.norm.ppf([(1 - level) / 2, (1 + level) / 2])
-        sd_ci = _r_backspline_predict(x, y, zq)
-        lo = 0.0 if not np.isfinite(sd_ci[0]) else sd_ci[0] ** 2
-        hi = np.inf if not np.isfinite(sd_ci[1]) else sd_ci[1] ** 2
-        self._profile_cache[key] = (float(lo), float(hi))
-        return self._profile_cache[key]
-
     def _interval(self, name, level, method, n_boot, seed, deviance):
         if method == "profile" and name.startswith(("therapist[", "residual", "cluster")):
             return self.lme4_profile_interval(name, level)
@@ -1182,7 +654,8 @@ class ArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------------------------------
     # public interface
     def conf_int(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> pd.DataFrame:
         """Intervals for the fixed effects (Wald) and the variance components (profile or bootstrap).
 
@@ -1211,7 +684,8 @@ class ArmVarianceResults(ModelResults):
         return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
     def icc_by_arm(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> pd.DataFrame:
         """Therapist ICC in each arm, ``s2_a / (s2_a + residual_a)``, with its interval.
 
@@ -1240,66 +714,21 @@ class ArmVarianceResults(ModelResults):
                            self.icc_by_arm(level, method, n_boot=n_boot, seed=seed, deviance=deviance), method)
 
     def icc_ratio(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> dict:
         """Feedback ICC / control ICC (< 1: feedback narrows the gap between therapists)."""
         lo, hi = self._interval("icc_ratio", level, method, n_boot, seed, deviance)
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": method}
 
     def icc_reduction(
-        self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT, seed=None, deviance: str = "ML"
+        self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL, *, n_boot: int = DEFAULT_N_BOOT, seed=None,
+        deviance: str = "ML"
     ) -> dict:
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
         r = self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance)
         return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
                 "ci_method": method}
-
-    def lrt_equal_variances(self) -> dict:
-        """Likelihood-ratio test of equal therapist variances in the two arms (s2_control = s2_feedback).
-
-        Both models share the fixed effects, so the test uses the fit's own criterion (REML or ML);
-        chi-square with 1 df (the null value is interior to the parameter space).
-        """
-        if "lrt" in self._profile_cache:
-            return self._profile_cache["lrt"]
-        m = self.model
-        eng = m._eng
-        method = self.method
-
-        def build(z):
-            th = np.array([z[0], z[0]])
-            k = 1
-            rho = None
-            if m.correlated:
-                rho = z[k]
-                k += 1
-            rr = np.array([1.0, math.exp(z[k])]) if m.arm_residual else np.ones(2)
-            return _G_from_theta(th, rho), rr
-
-        bounds = [(0.0, None)] + ([(-1.0, 1.0)] if m.correlated else []) + ([(-12.0, 12.0)] if m.arm_residual else [])
-        th = np.sqrt(np.diag(self.G_rel))
-        z0 = [float(np.sqrt(np.mean(th**2)))] + ([0.0] if m.correlated else []) + (
-            [math.log(self.r_rel[1])] if m.arm_residual else []
-        )
-        if m.cluster_random:
-            bounds.append((0.0, None))
-            z0.append(math.sqrt(self.gc_rel))
-
-        def dev(z):
-            gc = float(z[-1]) ** 2 if m.cluster_random else None
-            return eng.deviance(*build(z), not m.correlated, method, gc=gc)
-
-        best = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for start in (z0, [0.3] + z0[1:]):
-                _, fz, _ = _minimise(dev, start, bounds)
-                if best is None or fz < best:
-                    best = fz
-        stat = max(float(best - self.deviance), 0.0)
-        out = {"statistic": stat, "df": 1, "p_value": float(stats.chi2.sf(stat, 1))}
-        self._profile_cache["lrt"] = out
-        return out
 
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
         """Predicted therapist effects (BLUPs) per therapist and arm, on the outcome's scale.
@@ -1363,7 +792,7 @@ class ArmVarianceResults(ModelResults):
         info["ICC reduction"] = 1.0 - self.ratio_point()
         return info
 
-    def to_contract(self, interval: str = "profile", n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
+    def to_contract(self, interval: str = DEFAULT_INTERVAL, n_boot: int = DEFAULT_N_BOOT, seed=None) -> dict:
         """The model's entry of ``estimates.json`` (plain JSON-serialisable values)."""
         m = self.model
         if interval == "wald":  # no Wald intervals for variances (their sampling distribution is skewed)

@@ -51,6 +51,7 @@ from scipy.special import expit
 
 from .classify import classify_effects
 from .design import build_design, group_codes
+from .engine.inference import chi2_cut, parametric_bootstrap, profile_limit
 from .engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
                              icc_table)
 from .exceptions import (
@@ -59,7 +60,6 @@ from .exceptions import (
     SingularFitWarning,
     StatisticalWarning,
 )
-from .progress import track
 
 __all__ = ["LogisticRandomInterceptModel", "LogisticMixedResults", "LATENT_RESIDUAL_VARIANCE"]
 
@@ -115,6 +115,97 @@ def _gauss_hermite(k: int) -> tuple[np.ndarray, np.ndarray]:
 def _bernoulli_loglik(y: np.ndarray, eta: np.ndarray) -> np.ndarray:
     """log p(y | eta) for y in {0, 1} under the logit link, stable for large |eta|."""
     return np.minimum((2.0 * y - 1.0) * eta, 0.0) - np.log1p(np.exp(-np.abs(eta)))
+
+
+def block_terms(model, eta0: np.ndarray, s_block, s_patient, warm: bool) -> tuple:
+    """The conditional modes of ``model``'s blocks (warm-started from ``model._v_warm``, which
+    keeps a converged result when ``warm``), the quantities there and the quadrature of
+    :func:`quadrature` with ``model``'s nodes: ``(v, mu0, ok, w, W, H, sigma, vk, mu, la, logS,
+    loglik)``, with Bernoulli weights ``w`` per patient, their block sums ``W``, the curvature
+    ``H = 1 + s^2 W`` and the conditional SDs ``sigma = H^-1/2`` (``s_block``/``s_patient``: the
+    random-effect SD of each block / patient, or one number)."""
+    v, mu0, ok = model._modes(eta0, s_block, model._v_warm if warm else np.zeros(model._v_warm.shape))
+    if warm and ok and np.all(np.isfinite(v)):
+        model._v_warm = v
+    w = mu0 * (1.0 - mu0)
+    W = model._gsum(w)
+    H = 1.0 + s_block * s_block * W
+    sigma = 1.0 / np.sqrt(H)
+    quad = quadrature(model.y, model.g, model._gsum, eta0, s_patient, v, mu0, sigma, model._t, model._loga)
+    return (v, mu0, ok, w, W, H, sigma, *quad)
+
+
+@contextlib.contextmanager
+def recorded_warnings(caught: list[str]):
+    """Record every warning raised inside (appended to ``caught`` as ``"<Category>: <message>"``,
+    for an ``estimates.json`` entry's ``warnings``) and issue it again on leaving."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        yield
+    for w in rec:
+        caught.append(f"{w.category.__name__}: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def profile_only_notice(what: str, interval: str) -> None:
+    """Warn that ``interval`` intervals are not offered by the binomial ``what`` model and profile
+    intervals are reported instead (a StatisticalWarning; nothing for ``"profile"``)."""
+    if interval != "profile":
+        warnings.warn(f"binomial {what}: {interval!r} intervals are not offered for variance components, ICCs or"
+                      " correlations; profile-likelihood intervals are reported instead", StatisticalWarning,
+                      stacklevel=3)
+
+
+def fit_warnings(label: str, ok: bool, message: str, singular: str | None) -> list[str]:
+    """Warn (``ConvergenceWarning`` when the optimiser did not report convergence,
+    ``SingularFitWarning`` with the text ``singular`` when given) and return the warnings as the
+    results' ``warnings_list`` entries (``"<Category>: <label>: <text>"``)."""
+    msgs = []
+    for cond, cat, text in ((not ok, ConvergenceWarning,
+                             f"optimiser did not converge ({message}); estimates may not be at the maximum"),
+                            (singular, SingularFitWarning, singular)):
+        if cond:
+            warnings.warn(f"{label}: {text}", cat, stacklevel=4)
+            msgs.append(f"{cat.__name__}: {label}: {text}")
+    return msgs
+
+
+def best_start(fit, starts):
+    """The best of ``fit(start)`` -> ``(theta, loglik, ok, message)`` over ``starts``, tried in
+    order until one converges (a later one replaces the best only if its loglik is higher by more
+    than 1e-8)."""
+    best = None
+    for start in starts:
+        out = fit(start)
+        if best is None or out[1] > best[1] + 1e-8:
+            best = out
+        if out[2]:
+            break
+    return best
+
+
+def quadrature(y, g, gsum, eta0, s, v, mu0, sigma, t, loga):
+    """The adaptive Gauss-Hermite (one node: Laplace) log-likelihood of Bernoulli blocks ``g`` with
+    random-effect SD ``s`` (a number, or one per patient), conditional modes ``v`` (means ``mu0``
+    there) and conditional SDs ``sigma`` per block, nodes ``t`` and log weights ``loga``. Returns
+    ``(vk, mu, la, logS, loglik)``: the nodes per block (blocks x nodes), the means there (patients
+    x nodes), the log integrand terms, their log sum per block and the log-likelihood."""
+    if t.size == 1:  # Laplace: the single node is the mode
+        vk = v[:, None]
+        mu = mu0[:, None]
+        eta = (eta0 + s * v[g])[:, None]
+    else:
+        vk = v[:, None] + sigma[:, None] * t[None, :]  # G x K
+        eta = eta0[:, None] + (s if np.ndim(s) == 0 else s[:, None]) * vk[g]  # n x K
+        mu = expit(eta)
+    hk = gsum(_bernoulli_loglik(y[:, None], eta)) - 0.5 * vk**2  # G x K
+    la = loga[None, :] + hk
+    if t.size == 1:
+        logS = la[:, 0]
+    else:
+        top = la.max(axis=1)
+        logS = top + np.log(np.exp(la - top[:, None]).sum(axis=1))
+    return vk, mu, la, logS, float(np.sum(np.log(sigma) + logS))
 
 
 @dataclass
@@ -187,51 +278,14 @@ class LogisticRandomInterceptModel:
         ignored for ``"laplace"``. ``"agq"`` with one node is the Laplace approximation.
     """
 
-    def __init__(
-        self,
-        endog,
-        exog,
-        therapist,
-        *,
-        exog_names: Sequence[str] | None = None,
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> None:
+    def __init__(self, endog, exog, therapist, *, exog_names: Sequence[str] | None = None, method: str = "laplace",
+                 n_quad: int = 10) -> None:
         method, n_quad = check_quadrature(method, n_quad)
         if exog_names is None and isinstance(exog, pd.DataFrame):
             exog_names = [str(c) for c in exog.columns]
-        y = np.asarray(endog, dtype=float).ravel()
-        X = np.asarray(exog, dtype=float)
-        if X.ndim == 1:
-            X = X[:, None]
         labels = np.asarray(therapist)
-        n = y.shape[0]
-        if X.shape[0] != n or labels.shape[0] != n:
-            raise ModelError(
-                f"endog ({n} rows), exog ({X.shape[0]} rows) and therapist ({labels.shape[0]} rows)"
-                " must have the same number of patients"
-            )
-        if n == 0:
-            raise ModelError("no patients to fit: the outcome has no rows")
-        if not np.all(np.isfinite(y)) or not np.all(np.isfinite(X)):
-            raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
-        if pd.isna(pd.Series(labels)).any():
-            raise ModelError("therapist identifier is missing for some patients; drop them first")
-        if not np.all((y == 0) | (y == 1)):
-            bad = np.flatnonzero((y != 0) & (y != 1))[0]
-            raise ModelError(
-                f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}"
-            )
-        if y.min() == y.max():
-            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
-        p = X.shape[1]
-        if exog_names is None:
-            exog_names = [f"x{i}" for i in range(p)]
-        exog_names = [str(s) for s in exog_names]
-        if len(exog_names) != p:
-            raise ModelError(f"exog_names has {len(exog_names)} names for {p} columns of exog")
-        if p and np.linalg.matrix_rank(X) < p:
-            raise ModelError(f"fixed-effects design {exog_names} is rank deficient")
+        y, X, exog_names = binary_inputs(endog, exog, exog_names, {"therapist": labels})
+        n, p = X.shape
         codes, uniques = group_codes(labels)
         G = len(uniques)
         if G < 2:
@@ -256,16 +310,8 @@ class LogisticRandomInterceptModel:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_frame(
-        cls,
-        df: pd.DataFrame,
-        outcome: str,
-        covariates: Sequence[str] = (),
-        *,
-        therapist: str = "therapist",
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> LogisticRandomInterceptModel:
+    def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *, therapist: str = "therapist",
+                   method: str = "laplace", n_quad: int = 10) -> LogisticRandomInterceptModel:
         """Model ``outcome ~ covariates + (1 | therapist)`` from a patient table (R-style coding)."""
         if therapist not in df.columns:
             raise ModelError(f"therapist column {therapist!r} is not a column of the patient table")
@@ -302,37 +348,14 @@ class LogisticRandomInterceptModel:
         y, X, g = self.y, self.X, self.g
         s = float(s)  # the likelihood is even in s; negative values are allowed internally
         eta0 = X @ b
-        v, mu0, ok = self._modes(eta0, s, self._v_warm if warm else np.zeros(self.n_therapists))
-        if warm and ok and np.all(np.isfinite(v)):
-            self._v_warm = v
-        # quantities at the mode
-        w = mu0 * (1.0 - mu0)
-        W = self._gsum(w)
-        H = 1.0 + s * s * W
-        sigma = 1.0 / np.sqrt(H)
-        t, loga = self._t, self._loga
-        if t.size == 1:  # Laplace: the single node is the mode
-            vk = v[:, None]
-            mu = mu0[:, None]
-            eta = (eta0 + s * v[g])[:, None]
-        else:
-            vk = v[:, None] + sigma[:, None] * t[None, :]  # G x K
-            eta = eta0[:, None] + s * vk[g]  # n x K
-            mu = expit(eta)
-        hk = self._gsum(_bernoulli_loglik(y[:, None], eta)) - 0.5 * vk**2  # G x K
-        la = loga[None, :] + hk
-        if t.size == 1:
-            logS = la[:, 0]
-        else:
-            top = la.max(axis=1)
-            logS = top + np.log(np.exp(la - top[:, None]).sum(axis=1))
-        loglik = float(np.sum(np.log(sigma) + logS))
+        v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, s, s, warm)
         if not grad:
             return _Eval(loglik, None, v, H, ok)
 
         pi = np.exp(la - logS[:, None])  # G x K, normalised node weights
         r = y[:, None] - mu  # n x K
         Rk = self._gsum(r)  # G x K
+        t = self._t
         rbar = r[:, 0] if t.size == 1 else np.sum(r * pi[g], axis=1)  # n
         hv = s * Rk - vk
         c = np.sum(pi * hv, axis=1)
@@ -431,17 +454,7 @@ class LogisticRandomInterceptModel:
         analytic gradient, symmetrised. ``free`` selects the coordinates (default: all)."""
         p = self.k_fe
         idx = np.arange(p + 1) if free is None else np.flatnonzero(free)
-        m = idx.size
-        Hm = np.zeros((m, m))
-        for a, i in enumerate(idx):
-            step = 1e-4 * max(1.0, abs(theta[i]))
-            tp, tm = theta.copy(), theta.copy()
-            tp[i] += step
-            tm[i] -= step
-            gp = self._evaluate(tp[:p], tp[p]).grad[idx]
-            gm = self._evaluate(tm[:p], tm[p]).grad[idx]
-            Hm[:, a] = -(gp - gm) / (tp[i] - tm[i])
-        return 0.5 * (Hm + Hm.T)
+        return observed_information(lambda th: self._evaluate(th[:p], th[p]).grad, theta, idx)
 
     def _fit_glm(self) -> tuple[np.ndarray, float, bool]:
         """Logistic regression without therapist effect (the s_u = 0 model): ML by the same
@@ -480,19 +493,15 @@ class LogisticRandomInterceptModel:
         p = self.k_fe
         b_glm, ll_glm, ok_glm = self._fit_glm()  # s_u = 0: same for every n_quad
         free = np.ones(p + 1, bool)
-        best = None
         nodes = (self._t, self._loga)
         self._t, self._loga = _gauss_hermite(1)  # Laplace first
+
+        def from_start(s0: float):
+            self._v_warm = np.zeros(self.n_therapists)
+            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, s0, free))
+
         try:
-            for s0 in (0.5, 0.1):
-                self._v_warm = np.zeros(self.n_therapists)
-                theta0 = np.concatenate([b_glm, [s0]])
-                th, ll, ok, msg = self._maximise(theta0, free, self._b_scale(b_glm, s0, free))
-                if best is None or ll > best[1] + 1e-8:
-                    best = (th, ll, ok, msg)
-                if ok:
-                    break
-            th, ll, ok, msg = best
+            th, ll, ok, msg = best_start(from_start, (0.5, 0.1))
             scale = None
             if self.n_quad > 1 and th[p] > SINGULAR_TOL:
                 # metric for the AGQ stage: the Laplace observed information (AGQ's is close)
@@ -526,22 +535,9 @@ class LogisticRandomInterceptModel:
         without therapist effect.
         """
         p = self.k_fe
-        msgs: list[str] = []
         th, ll, ok, msg, singular, ll_glm = self._estimate()
-        if not ok:
-            m = (
-                f"{self._label()}: optimiser did not converge ({msg}); estimates may not be at the"
-                " maximum"
-            )
-            warnings.warn(m, ConvergenceWarning, stacklevel=2)
-            msgs.append(f"ConvergenceWarning: {m}")
-        if singular:
-            m = (
-                f"{self._label()}: therapist variance estimated at 0 (singular fit); estimates are"
-                " those of the logistic regression without therapist effect"
-            )
-            warnings.warn(m, SingularFitWarning, stacklevel=2)
-            msgs.append(f"SingularFitWarning: {m}")
+        msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
+                            " those of the logistic regression without therapist effect" if singular else None)
         ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
         return LogisticMixedResults(
             model=self,
@@ -672,58 +668,36 @@ class LogisticMixedResults(ModelResults):
 
     def _profile_interval(self, j: int, level: float) -> tuple[float, float]:
         """Likelihood-ratio (profile) interval of coordinate j of (b, s): where the deviance
-        2 (l_max - l_p) reaches the chi2_1 quantile; for s the lower end is 0 when the deviance at
-        s = 0 stays below it."""
+        2 (l_max - l_p) reaches the chi2_1 quantile, by the shared outward-bracketing root search
+        (:func:`~therapist_effects.engine.inference.profile_limit`) stepping from the Wald ends; for
+        s the lower end is 0 when the deviance at s = 0 stays below it."""
         key = (j, level)
         if key in self._profile_cache:
             return self._profile_cache[key]
         m = self.model
         p = m.k_fe
-        q = stats.chi2.ppf(level, 1)
+        q = chi2_cut(level)
         lmax = self.loglik
         saved_warm = m._v_warm.copy()
 
-        def dev(x: float) -> float:
-            # signed-root scale: sqrt(deviance) is close to linear in the parameter, so the root
-            # finder needs few profile evaluations
-            return math.sqrt(max(2.0 * (lmax - self._profile_ll(j, x)), 0.0)) - math.sqrt(q)
+        def excess(x: float) -> float:
+            return max(2.0 * (lmax - self._profile_ll(j, x)), 0.0)
 
-        est = self.theta[j]
+        est = float(self.theta[j])
         se = self.bse.iloc[j] / (2.0 * est) if j == p and est > 0 else self.bse.iloc[j]
         if not (np.isfinite(se) and se > 0):
             se = 0.1 * max(abs(est), 1.0) if j < p else 0.1
-        z = math.sqrt(q)
+        step = math.sqrt(q) * se  # the first step reaches the Wald end, where the profile is close to quadratic
         ends = []
-        for direction in (-1.0, 1.0):
-            if j == p and direction < 0:
-                if est <= 0 or dev(0.0) <= 0:
-                    ends.append(0.0)
-                    continue
-                ends.append(optimize.brentq(dev, 0.0, est, rtol=1e-6, xtol=1e-9))
-                continue
-            # bracket from the Wald end (the profile is close to quadratic there)
-            a, x = est, est + direction * z * se
-            step = 0.5 * z * se
-            found = False
-            for _ in range(60):
-                if dev(x) > 0:
-                    found = True
-                    break
-                a, x = x, x + direction * step
-                step *= 1.6
-            if not found:
-                warnings.warn(
-                    f"profile interval for {self.params.index[j]!r}: deviance did not reach the"
-                    f" chi2 quantile; end set to {x:g}",
-                    StatisticalWarning,
-                    stacklevel=3,
-                )
-                ends.append(x)
-                continue
-            lo, hi = (a, x) if a < x else (x, a)
-            ends.append(optimize.brentq(dev, lo, hi, rtol=1e-6, xtol=1e-9))
+        for direction in (-1, 1):
+            lim = profile_limit(excess, est, q, direction, lower=0.0 if j == p else -math.inf, step=step,
+                                growth=1.6, xtol=1e-9, rtol=1e-6)
+            if not lim.found:
+                warnings.warn(f"profile interval for {self.params.index[j]!r}: deviance did not reach the"
+                              " chi2 quantile; that end is open", StatisticalWarning, stacklevel=3)
+            ends.append(lim.value)
         m._v_warm = saved_warm
-        out = (float(min(ends)), float(max(ends)))
+        out = (float(ends[0]), float(ends[1]))
         self._profile_cache[key] = out
         return out
 
@@ -759,28 +733,36 @@ class LogisticMixedResults(ModelResults):
         return pd.DataFrame(rows, index=self.params.index, columns=CONF_INT_COLUMNS)
 
     @_single_thread_blas
-    def _bootstrap(self, n_boot: int, seed: int) -> np.ndarray:
-        """Parametric bootstrap of s_u^2: simulate therapists' effects and outcomes from the fit,
-        refit; returns the bootstrap variances (NaN where a refit failed)."""
-        key = (n_boot, seed)
+    def _bootstrap(self, n_boot: int, seed: int | None) -> np.ndarray:
+        """Parametric bootstrap of s_u^2 (:func:`~therapist_effects.engine.inference.parametric_bootstrap`,
+        ``seed=None`` is seed 0): therapists' effects and outcomes simulated from the fit, refitted;
+        returns the bootstrap variances (NaN where a refit failed: an outcome without both values,
+        or no convergence; failures are counted and warned about)."""
+        key = (int(n_boot), 0 if seed is None else int(seed))
         if key in self._boot_cache:
             return self._boot_cache[key]
         m = self.model
         p = m.k_fe
-        rng = np.random.default_rng(seed)
         eta0 = m.X @ self.theta[:p]
-        out = np.full(n_boot, np.nan)
-        for r in track(range(n_boot), f"parametric bootstrap ({n_boot} refits)"):
+
+        def simulate(rng: np.random.Generator) -> np.ndarray:
             u = self.s_u * rng.standard_normal(m.n_therapists)
-            yb = (rng.random(m.n_obs) < expit(eta0 + u[m.g])).astype(float)
+            return (rng.random(m.n_obs) < expit(eta0 + u[m.g])).astype(float)
+
+        def refit(yb: np.ndarray) -> dict:
             if yb.min() == yb.max():
-                continue
-            mb = LogisticRandomInterceptModel(
-                yb, m.X, m.g, exog_names=m.exog_names, method=m.method, n_quad=m.n_quad
-            )
+                raise ValueError("simulated outcome has a single value")
+            mb = LogisticRandomInterceptModel(yb, m.X, m.g, exog_names=m.exog_names, method=m.method,
+                                              n_quad=m.n_quad)
             th, _, ok, _, _, _ = mb._estimate()
-            if ok:
-                out[r] = th[p] ** 2
+            return {"therapist": th[p] ** 2, "converged": ok}
+
+        res = parametric_bootstrap(simulate, refit, n_boot, seed, ["therapist"])
+        if res.n_failed:
+            self.warnings_list.append(f"{res.n_failed} of {res.n_boot} bootstrap refits failed; they are left "
+                                      "out of the percentile intervals")
+            warnings.warn(self.warnings_list[-1], ConvergenceWarning, stacklevel=3)
+        out = res.draws["therapist"].to_numpy()
         self._boot_cache[key] = out
         return out
 
@@ -799,15 +781,14 @@ class LogisticMixedResults(ModelResults):
             lo, hi = self._profile_interval(self.model.k_fe, level)
             lo2, hi2 = lo * lo, hi * hi
         elif method == "bootstrap":
-            draws = self._bootstrap(int(n_boot), 0 if seed is None else int(seed))
+            draws = self._bootstrap(n_boot, seed)
             draws = draws[np.isfinite(draws)]
             if draws.size < 10:
                 raise ModelError(f"bootstrap failed: only {draws.size} of {n_boot} refits succeeded")
             lo2, hi2 = np.quantile(draws, [0.5 - level / 2, 0.5 + level / 2])
         else:
             raise ModelError(f"icc_interval method must be 'profile' or 'bootstrap', got {method!r}")
-        f = lambda v: v / (v + LATENT_RESIDUAL_VARIANCE)  # noqa: E731
-        return float(f(lo2)), float(f(hi2))
+        return float(latent_icc(lo2)), float(latent_icc(hi2))
 
     def lrt(self) -> dict:
         """Likelihood-ratio test of the therapist variance against the logistic regression without
@@ -879,28 +860,23 @@ class LogisticMixedResults(ModelResults):
         ``n_boot`` refits and ``numpy.random.default_rng(seed)``, seed 0 when None).
         """
         caught: list[str] = list(self.warnings_list)
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
+        with recorded_warnings(caught):
             wald = self.conf_int(method="wald")
             if interval == "profile":
                 lo, hi = self._profile_interval(self.model.k_fe, 0.95)
                 v_lo, v_hi = lo * lo, hi * hi
                 icc_lo, icc_hi = self.icc_interval(method="profile")
             elif interval == "bootstrap":
-                sd = 0 if seed is None else int(seed)
-                draws = self._bootstrap(int(n_boot), sd)
+                draws = self._bootstrap(n_boot, seed)
                 draws = draws[np.isfinite(draws)]
                 v_lo, v_hi = (np.quantile(draws, [0.025, 0.975]) if draws.size >= 10 else (np.nan, np.nan))
                 icc_lo, icc_hi = (
-                    self.icc_interval(method="bootstrap", n_boot=n_boot, seed=sd)
+                    self.icc_interval(method="bootstrap", n_boot=n_boot, seed=seed)
                     if draws.size >= 10
                     else (np.nan, np.nan)
                 )
             else:
                 raise ModelError(f"interval must be 'profile' or 'bootstrap', got {interval!r}")
-        for w in rec:
-            caught.append(f"{w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         t = self.lrt()
         return _jsonable(
             {
@@ -947,6 +923,69 @@ def check_binary(y: np.ndarray, df: pd.DataFrame, outcome: str) -> None:
             f"outcome {outcome!r} must be binary 0/1: row {df.index[i]} has value"
             f" {y[i]:g} ({int(notbin.sum())} such rows)"
         )
+
+
+def binary_inputs(endog, exog, exog_names, labels: dict, numeric: dict | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(y, X, names)`` of a binary model, checked with one-line errors: the identifiers in
+    ``labels`` (``{"therapist": ...}``, arms) and the numbers in ``numeric`` (a slope variable)
+    have one entry per patient, there are patients, the numbers are finite and no identifier is
+    missing; then :func:`check_binary_design`."""
+    y = np.asarray(endog, dtype=float).ravel()
+    X = np.asarray(exog, dtype=float)
+    if X.ndim == 1:
+        X = X[:, None]
+    numeric = {k: np.asarray(v, dtype=float).ravel() for k, v in (numeric or {}).items()}
+    n = y.shape[0]
+    sizes = {"exog": X.shape[0], **{k: len(v) for k, v in {**labels, **numeric}.items()}}
+    if any(m != n for m in sizes.values()):
+        raise ModelError(f"endog has {n} rows but " + ", ".join(f"{k} has {m}" for k, m in sizes.items())
+                         + ": every array needs one row per patient")
+    if n == 0:
+        raise ModelError("no patients to fit: the outcome has no rows")
+    if not all(np.all(np.isfinite(a)) for a in (y, X, *numeric.values())):
+        raise ModelError("outcome, covariates" + "".join(f" or {k}" for k in numeric)
+                         + " contain missing/non-finite values; drop them first")
+    missing = [k for k, v in labels.items() if pd.isna(pd.Series(v)).any()]
+    if missing:
+        raise ModelError(f"{' or '.join(missing)} is missing for some patients; drop them first")
+    return y, X, check_binary_design(y, X, exog_names)
+
+
+def check_binary_design(y: np.ndarray, X: np.ndarray, exog_names) -> list[str]:
+    """The checks every binary model makes of its 0/1 outcome and full-rank design; returns the
+    fixed-effect names (``x0``, ``x1``, ... when ``exog_names`` is None)."""
+    if not np.all((y == 0) | (y == 1)):
+        bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
+        raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
+    if y.min() == y.max():
+        raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
+    p = X.shape[1]
+    names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
+    if len(names) != p:
+        raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
+    if p and np.linalg.matrix_rank(X) < p:
+        raise ModelError(f"fixed-effects design {names} is rank deficient")
+    return names
+
+
+def latent_icc(v):
+    """Latent-scale ICC of a therapist variance ``v`` on the logit scale: ``v / (v + pi^2/3)``."""
+    return v / (v + LATENT_RESIDUAL_VARIANCE)
+
+
+def observed_information(grad, theta: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Observed information (minus the Hessian of the log-likelihood) in the coordinates ``idx`` by
+    central differences of the analytic gradient ``grad(theta)``, symmetrised."""
+    m = idx.size
+    Hm = np.zeros((m, m))
+    for a, i in enumerate(idx):
+        step = 1e-4 * max(1.0, abs(theta[i]))
+        tp, tm = theta.copy(), theta.copy()
+        tp[i] += step
+        tm[i] -= step
+        Hm[:, a] = -(grad(tp)[idx] - grad(tm)[idx]) / (tp[i] - tm[i])
+    return 0.5 * (Hm + Hm.T)
 
 
 def check_quadrature(method: str, n_quad) -> tuple[str, int]:

@@ -39,34 +39,36 @@ import pandas as pd
 from scipy import optimize, stats
 from scipy.special import expit
 
-from .arm import arm_design, arm_labels
-from .arm import _label as _arm_label
+from .arm import arm_design, two_arms
 from .classify import classify_effects
 from .design import group_codes
-from .engine.inference import DEFAULT_N_BOOT
-from .engine.results import ICC, ModelResults, interval_frame, per_arm_icc
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit
+from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, per_arm_icc
+from .exceptions import ModelError, StatisticalWarning
 from .glmm import (
+    best_start,
     block_modes,
+    block_terms,
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
     LogisticRandomInterceptModel,
-    _bernoulli_loglik,
     _gauss_hermite,
     _jsonable,
     _safe_inv,
     _single_thread_blas,
     check_binary,
+    binary_inputs,
     check_quadrature,
+    fit_warnings,
+    latent_icc,
+    observed_information,
+    profile_only_notice,
+    recorded_warnings,
 )
 
 __all__ = ["LogisticArmVarianceModel", "LogisticArmVarianceResults"]
 
 _C = LATENT_RESIDUAL_VARIANCE
-
-
-def _latent_icc(s2):
-    return s2 / (s2 + _C)
 
 
 @dataclass
@@ -90,53 +92,14 @@ class LogisticArmVarianceModel:
     method : ``"laplace"`` or ``"agq"`` (with ``n_quad`` nodes)
     """
 
-    def __init__(
-        self,
-        endog,
-        exog,
-        therapist,
-        arm,
-        *,
-        exog_names: Sequence[str] | None = None,
-        feedback_level=1,
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> None:
+    def __init__(self, endog, exog, therapist, arm, *, exog_names: Sequence[str] | None = None, feedback_level=1,
+                 method: str = "laplace", n_quad: int = 10) -> None:
         method, n_quad = check_quadrature(method, n_quad)
-        y = np.asarray(endog, dtype=float).ravel()
-        X = np.asarray(exog, dtype=float)
-        if X.ndim == 1:
-            X = X[:, None]
         therapist = np.asarray(therapist, dtype=object)
         arm = np.asarray(arm, dtype=object)
-        n = y.shape[0]
-        if X.shape[0] != n or len(therapist) != n or len(arm) != n:
-            raise ModelError("endog, exog, therapist and arm must have one row per patient")
-        if n == 0:
-            raise ModelError("no patients to fit: the outcome has no rows")
-        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(X))):
-            raise ModelError("outcome or covariates contain missing/non-finite values; drop them first")
-        if pd.isna(pd.Series(therapist)).any() or pd.isna(pd.Series(arm)).any():
-            raise ModelError("therapist or arm is missing for some patients; drop them first")
-        if not np.all((y == 0) | (y == 1)):
-            bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
-            raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
-        if y.min() == y.max():
-            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
-        p = X.shape[1]
-        names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
-        if len(names) != p:
-            raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
-        if np.linalg.matrix_rank(X) < p:
-            raise ModelError(f"fixed-effects design {names} is rank deficient")
-        labels = arm_labels(arm)
-        levels = sorted(set(labels))
-        fb = _arm_label(feedback_level)
-        if len(levels) != 2:
-            raise ModelError(f"arm must have exactly two levels (control, feedback), found {levels}")
-        if fb not in levels:
-            raise ModelError(f"feedback_level {fb!r} is not a level of arm (levels: {levels})")
-        control = [lv for lv in levels if lv != fb][0]
+        y, X, names = binary_inputs(endog, exog, exog_names, {"therapist": therapist, "arm": arm})
+        n, p = X.shape
+        labels, control, fb = two_arms(arm, feedback_level)
         self.arm_levels = [control, fb]
         self.control_level, self.feedback_level = control, fb
         acode = (labels == fb).astype(np.int64)
@@ -176,18 +139,9 @@ class LogisticArmVarianceModel:
         self._v_warm = np.zeros(self.n_blocks)
 
     @classmethod
-    def from_frame(
-        cls,
-        df: pd.DataFrame,
-        outcome: str,
-        covariates: Sequence[str] = (),
-        *,
-        therapist: str = "therapist",
-        arm: str = "arm",
-        feedback_level=1,
-        method: str = "laplace",
-        n_quad: int = 10,
-    ) -> LogisticArmVarianceModel:
+    def from_frame(cls, df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *, therapist: str = "therapist",
+                   arm: str = "arm", feedback_level=1, method: str = "laplace", n_quad: int = 10
+                   ) -> LogisticArmVarianceModel:
         """``outcome ~ covariates + arm`` with a therapist variance per arm, from a patient table
         (the arm coded as in :func:`therapist_effects.arm.arm_design`)."""
         y, X, names, _ind, _name = arm_design(
@@ -214,35 +168,13 @@ class LogisticArmVarianceModel:
         sb = s[self.block_arm]  # per block
         sp = sb[g]  # per patient
         eta0 = X @ b
-        v, mu0, ok = self._modes(eta0, sb, self._v_warm if warm else np.zeros(self.n_blocks))
-        if warm and ok and np.all(np.isfinite(v)):
-            self._v_warm = v
-        w = mu0 * (1.0 - mu0)
-        W = self._gsum(w)
-        H = 1.0 + sb * sb * W
-        sigma = 1.0 / np.sqrt(H)
-        t, loga = self._t, self._loga
-        if t.size == 1:
-            vk = v[:, None]
-            mu = mu0[:, None]
-            eta = (eta0 + sp * v[g])[:, None]
-        else:
-            vk = v[:, None] + sigma[:, None] * t[None, :]
-            eta = eta0[:, None] + sp[:, None] * vk[g]
-            mu = expit(eta)
-        hk = self._gsum(_bernoulli_loglik(y[:, None], eta)) - 0.5 * vk**2
-        la = loga[None, :] + hk
-        if t.size == 1:
-            logS = la[:, 0]
-        else:
-            top = la.max(axis=1)
-            logS = top + np.log(np.exp(la - top[:, None]).sum(axis=1))
-        loglik = float(np.sum(np.log(sigma) + logS))
+        v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, sb, sp, warm)
         if not grad:
             return _Eval(loglik, None, v, H, ok)
         pi = np.exp(la - logS[:, None])
         r = y[:, None] - mu
         Rk = self._gsum(r)
+        t = self._t
         rbar = r[:, 0] if t.size == 1 else np.sum(r * pi[g], axis=1)
         hv = sb[:, None] * Rk - vk
         c = np.sum(pi * hv, axis=1)
@@ -315,17 +247,7 @@ class LogisticArmVarianceModel:
         """Observed information by central differences of the analytic gradient (free coordinates)."""
         p = self.k_fe
         idx = np.arange(theta.size) if free is None else np.flatnonzero(free)
-        m = idx.size
-        Hm = np.zeros((m, m))
-        for a, i in enumerate(idx):
-            step = 1e-4 * max(1.0, abs(theta[i]))
-            tp, tm = theta.copy(), theta.copy()
-            tp[i] += step
-            tm[i] -= step
-            gp = self._evaluate(tp[:p], tp[p:]).grad[idx]
-            gm = self._evaluate(tm[:p], tm[p:]).grad[idx]
-            Hm[:, a] = -(gp - gm) / (tp[i] - tm[i])
-        return 0.5 * (Hm + Hm.T)
+        return observed_information(lambda th: self._evaluate(th[:p], th[p:]).grad, theta, idx)
 
     def _fit_from(self, theta0, free):
         """Laplace stage, then (AGQ) the quadrature stage started at the Laplace maximum."""
@@ -350,14 +272,7 @@ class LogisticArmVarianceModel:
         glm = LogisticRandomInterceptModel(self.y, self.X, self.g, exog_names=self.exog_names)
         b0 = glm._glm_start()
         free = np.ones(p + 2, bool)
-        best = None
-        for s0 in (0.5, 0.1):
-            th, ll, ok, msg = self._fit_from(np.concatenate([b0, [s0, s0]]), free)
-            if best is None or ll > best[1] + 1e-8:
-                best = (th, ll, ok, msg)
-            if ok:
-                break
-        th, ll, ok, msg = best
+        th, ll, ok, msg = best_start(lambda s0: self._fit_from(np.concatenate([b0, [s0, s0]]), free), (0.5, 0.1))
         sing = th[p:] < SINGULAR_TOL
         if sing.any():
             free2 = free.copy()
@@ -374,19 +289,11 @@ class LogisticArmVarianceModel:
     def fit(self) -> LogisticArmVarianceResults:
         """Fit; warns ``ConvergenceWarning`` / ``SingularFitWarning`` (an arm's variance at 0)."""
         p = self.k_fe
-        msgs: list[str] = []
         th, ll, ok, msg, sing = self._estimate()
-        label = "Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}"
-        if not ok:
-            m = f"{label}: optimiser did not converge ({msg}); estimates may not be at the maximum"
-            warnings.warn(m, ConvergenceWarning, stacklevel=2)
-            msgs.append(f"ConvergenceWarning: {m}")
-        if sing.any():
-            arms = ", ".join(repr(self.arm_levels[a]) for a in np.flatnonzero(sing))
-            m = (f"{label}: therapist variance of arm {arms} estimated at 0 (singular fit); an ICC at 0 makes"
-                 " the ICC ratio 0 or undefined")
-            warnings.warn(m, SingularFitWarning, stacklevel=2)
-            msgs.append(f"SingularFitWarning: {m}")
+        arms = ", ".join(repr(self.arm_levels[a]) for a in np.flatnonzero(sing))
+        msgs = fit_warnings("Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}", ok, msg,
+                            f"therapist variance of arm {arms} estimated at 0 (singular fit); an ICC at 0 makes"
+                            " the ICC ratio 0 or undefined" if sing.any() else None)
         ev = self._evaluate(th[:p], th[p:], grad=True, warm=False)
         return LogisticArmVarianceResults(self, th, ll, ok, sing, ev.v, ev.H, msgs)
 
@@ -447,7 +354,7 @@ class LogisticArmVarianceResults(ModelResults):
     # ------------------------------------------------------------------ point estimates
     def icc_point(self) -> np.ndarray:
         """Latent-scale ICC per arm (control, feedback)."""
-        return _latent_icc(self.s**2)
+        return latent_icc(self.s**2)
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
@@ -504,13 +411,13 @@ class LogisticArmVarianceResults(ModelResults):
             r = float(value)
             free = np.ones(p + 2, bool)
             free[p + 1] = False
-            if r * _latent_icc(th0[p] ** 2) >= 0.5:  # start inside ICC_feedback = r * ICC_control < 1
+            if r * latent_icc(th0[p] ** 2) >= 0.5:  # start inside ICC_feedback = r * ICC_control < 1
                 i0 = 0.5 / r
                 th0[p] = math.sqrt(_C * i0 / (1.0 - i0))
 
             def transform(th, r=r):
                 s0 = th[p]
-                i0 = _latent_icc(s0 * s0)
+                i0 = latent_icc(s0 * s0)
                 i1 = r * i0
                 if i1 >= 1.0 - 1e-12:
                     return None, None
@@ -536,82 +443,68 @@ class LogisticArmVarianceResults(ModelResults):
         m._v_warm = saved
         return ll
 
-    def _profile_interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
+    def _profile_interval(self, name: str, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
         """Likelihood-ratio interval of s_a (``"s0"``/``"s1"``) or of the ICC ratio (``"ratio"``):
-        where 2 (l_max - l_profile) reaches the chi2_1 quantile; a lower end at 0 where the deviance
-        at 0 stays below it."""
+        where 2 (l_max - l_profile) reaches the chi2_1 quantile, by the shared outward-bracketing
+        root search (:func:`~therapist_effects.engine.inference.profile_limit`); the lower end is 0
+        where the deviance at 0 stays below it, and the ratio is unbounded above when a control ICC
+        of 0 is inside its interval."""
         key = (name, level)
         if key in self._profile_cache:
             return self._profile_cache[key]
-        q = stats.chi2.ppf(level, 1)
+        q = chi2_cut(level)
         lmax = self.loglik
 
-        def dev(x):
-            return math.sqrt(max(2.0 * (lmax - self._profile_ll(name, x)), 0.0)) - math.sqrt(q)
+        def excess(x):
+            return max(2.0 * (lmax - self._profile_ll(name, x)), 0.0)
 
         if name == "ratio":
             est = self.ratio_point()
-            if not np.isfinite(est):
-                self._profile_cache[key] = (float("nan"), float("nan"))
-                return self._profile_cache[key]
-            scale = max(0.5 * est, 0.1)
+            step = max(0.5 * est, 0.1)
         else:
             est = float(self.s[int(name[1])])
-            scale = max(0.3 * est, 0.05)
-        ends = []
-        # lower end
-        if est <= 0 or dev(0.0) <= 0:
-            ends.append(0.0)
+            step = max(0.3 * est, 0.05)
+        if not np.isfinite(est):
+            out = (math.nan, math.nan)
+        elif name == "ratio" and self._profile_interval("s0", level)[0] == 0.0:
+            out = (self._profile_end(excess, est, q, -1, step), math.inf)
         else:
-            ends.append(optimize.brentq(dev, 0.0, est, rtol=1e-6, xtol=1e-9))
-        if name == "ratio" and self._profile_interval("s0", level)[0] == 0.0:
-            # a control ICC of 0 is inside its interval: ICC_feedback / ICC_control is unbounded above
-            out = (float(ends[0]), float("inf"))
-            self._profile_cache[key] = out
-            return out
-        # upper end: step outward until the deviance exceeds the quantile
-        a, x = est, est + scale
-        found = False
-        for _ in range(60):
-            if dev(x) > 0:
-                found = True
-                break
-            a, x = x, x + scale
-            scale *= 1.6
-        if found:
-            ends.append(optimize.brentq(dev, a, x, rtol=1e-6, xtol=1e-9))
-        else:
-            warnings.warn(f"profile interval for {name}: deviance did not reach the chi2 quantile; end set to {x:g}",
-                          StatisticalWarning, stacklevel=3)
-            ends.append(x)
-        out = (float(ends[0]), float(ends[1]))
+            out = (self._profile_end(excess, est, q, -1, step), self._profile_end(excess, est, q, 1, step))
         self._profile_cache[key] = out
         return out
 
+    @staticmethod
+    def _profile_end(excess, est: float, q: float, direction: int, step: float) -> float:
+        lim = profile_limit(excess, est, q, direction, lower=0.0, step=step, growth=1.6, xtol=1e-9, rtol=1e-6)
+        if not lim.found:
+            warnings.warn("profile interval: the deviance did not reach the chi2 quantile; that end is open",
+                          StatisticalWarning, stacklevel=4)
+        return float(lim.value)
+
     # ------------------------------------------------------------------ intervals
     @_single_thread_blas
-    def variance_interval(self, arm: int, level: float = 0.95) -> tuple[float, float]:
+    def variance_interval(self, arm: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
         """Profile interval of arm ``arm``'s therapist variance (squared SD interval, as lme4)."""
         lo, hi = self._profile_interval(f"s{arm}", level)
         return lo * lo, hi * hi
 
-    def icc_by_arm(self, level: float = 0.95) -> pd.DataFrame:
+    def icc_by_arm(self, level: float = DEFAULT_LEVEL) -> pd.DataFrame:
         """Latent-scale ICC per arm with the profile interval (the variance interval mapped)."""
         icc = self.icc_point()
         rows = []
         for a, lv in enumerate(self.model.arm_levels):
             lo, hi = self.variance_interval(a, level)
             rows.append({"arm": lv, "role": "control" if a == 0 else "feedback", "estimate": float(icc[a]),
-                         "ci_low": float(_latent_icc(lo)), "ci_high": float(_latent_icc(hi)), "ci_method": "profile"})
+                         "ci_low": float(latent_icc(lo)), "ci_high": float(latent_icc(hi)), "ci_method": "profile"})
         return pd.DataFrame(rows).set_index("arm")
 
     @_single_thread_blas
-    def icc_ratio(self, level: float = 0.95) -> dict:
+    def icc_ratio(self, level: float = DEFAULT_LEVEL) -> dict:
         """ICC_feedback / ICC_control with its profile interval."""
         lo, hi = self._profile_interval("ratio", level)
         return {"estimate": self.ratio_point(), "ci_low": lo, "ci_high": hi, "ci_method": "profile"}
 
-    def icc_reduction(self, level: float = 0.95) -> dict:
+    def icc_reduction(self, level: float = DEFAULT_LEVEL) -> dict:
         """1 - ICC_feedback / ICC_control (the ratio's interval reflected)."""
         r = self.icc_ratio(level)
         return {"estimate": 1.0 - r["estimate"], "ci_low": 1.0 - r["ci_high"], "ci_high": 1.0 - r["ci_low"],
@@ -643,9 +536,9 @@ class LogisticArmVarianceResults(ModelResults):
             return per_arm_icc(self.model.arm_levels, self.icc_point())
         return per_arm_icc(self.model.arm_levels, self.icc_point(), self.icc_by_arm(level), "profile")
 
-    def conf_int(self, level: float = 0.95, method: str | None = None) -> pd.DataFrame:
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL) -> pd.DataFrame:
         """Wald intervals of the fixed effects, profile intervals of the two variances (the only
-        ``method`` offered is ``"profile"``)."""
+        ``method`` offered is ``"profile"``, the default of every engine)."""
         _profile_only(method)
         z = stats.norm.ppf(0.5 + level / 2)
         rows = {nm: (self.fe_params[nm] - z * self.bse[nm], self.fe_params[nm] + z * self.bse[nm])
@@ -698,20 +591,13 @@ class LogisticArmVarianceResults(ModelResults):
         Only profile intervals are offered for the variances, ICCs and ratio (a ``bootstrap`` or
         ``wald`` request is answered with profile intervals and a StatisticalWarning)."""
         caught = list(self.warnings_list)
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            if interval != "profile":
-                warnings.warn(f"binomial arm_variance: {interval!r} intervals are not offered for the variances,"
-                              " ICCs and ICC ratio; profile-likelihood intervals are reported instead",
-                              StatisticalWarning, stacklevel=2)
+        with recorded_warnings(caught):
+            profile_only_notice("arm_variance", interval)
             ci = self.conf_int(0.95)
             icc = self.icc_by_arm(0.95)
             ratio = self.icc_ratio(0.95)
             red = self.icc_reduction(0.95)
             lrt = self.lrt_equal_variances()
-        for w in rec:
-            caught.append(f"{w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         m = self.model
         vc = {}
         for nm, v in self.vcomp.items():

@@ -48,8 +48,8 @@ from scipy.special import expit
 from .arm import arm_design
 from .design import group_codes
 from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
-from .engine.results import ICC, ModelResults, icc_table, interval_frame, per_arm_icc
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, icc_table, interval_frame, per_arm_icc
+from .exceptions import ModelError, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
@@ -61,15 +61,18 @@ from .glmm import (
     _jsonable,
     _safe_inv,
     _single_thread_blas,
+    best_start,
+    binary_inputs,
+    check_quadrature,
+    fit_warnings,
+    latent_icc,
+    profile_only_notice,
+    recorded_warnings,
 )
 
 __all__ = ["LogisticRandomSlopeModel", "LogisticRandomSlopeResults"]
 
 _C = LATENT_RESIDUAL_VARIANCE
-
-
-def _latent_icc(v):
-    return v / (v + _C)
 
 
 def _cov(theta) -> np.ndarray:
@@ -139,41 +142,11 @@ class LogisticRandomSlopeModel:
     def __init__(self, endog, exog, therapist, slope, *, exog_names: Sequence[str] | None = None,
                  slope_name: str = "feedback", arm_levels: Sequence[str] | None = None,
                  method: str = "laplace", n_quad: int = 10) -> None:
-        method = str(method).lower()
-        if method not in ("laplace", "agq"):
-            raise ModelError(f"method must be 'laplace' or 'agq', got {method!r}")
-        if method == "agq":
-            if int(n_quad) != n_quad or int(n_quad) < 1:
-                raise ModelError(f"n_quad must be a positive integer, got {n_quad!r}")
-            n_quad = int(n_quad)
-        else:
-            n_quad = 1
-        y = np.asarray(endog, dtype=float).ravel()
-        X = np.asarray(exog, dtype=float)
-        if X.ndim == 1:
-            X = X[:, None]
+        method, n_quad = check_quadrature(method, n_quad)
         z = np.asarray(slope, dtype=float).ravel()
         therapist = np.asarray(therapist, dtype=object)
-        n = y.shape[0]
-        if X.shape[0] != n or len(therapist) != n or z.shape[0] != n:
-            raise ModelError("endog, exog, therapist and slope must have one row per patient")
-        if n == 0:
-            raise ModelError("no patients to fit: the outcome has no rows")
-        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(X)) and np.all(np.isfinite(z))):
-            raise ModelError("outcome, covariates or slope contain missing/non-finite values; drop them first")
-        if pd.isna(pd.Series(therapist)).any():
-            raise ModelError("therapist is missing for some patients; drop them first")
-        if not np.all((y == 0) | (y == 1)):
-            bad = int(np.flatnonzero((y != 0) & (y != 1))[0])
-            raise ModelError(f"binary outcome expected (0/1): patient at position {bad} has value {y[bad]:g}")
-        if y.min() == y.max():
-            raise ModelError(f"outcome has no variation: every patient has value {int(y[0])}")
-        p = X.shape[1]
-        names = [str(s) for s in exog_names] if exog_names is not None else [f"x{i}" for i in range(p)]
-        if len(names) != p:
-            raise ModelError(f"exog_names has {len(names)} names for {p} columns of exog")
-        if np.linalg.matrix_rank(X) < p:
-            raise ModelError(f"fixed-effects design {names} is rank deficient")
+        y, X, names = binary_inputs(endog, exog, exog_names, {"therapist": therapist}, {"slope": z})
+        n, p = X.shape
         tcode, tlabels = group_codes(therapist)
         G = len(tlabels)
         lo = np.full(G, np.inf)
@@ -402,14 +375,8 @@ class LogisticRandomSlopeModel:
         p = self.k_fe
         b0 = LogisticRandomInterceptModel(self.y, self.X, self.g, exog_names=self.exog_names)._glm_start()
         free = np.ones(p + 3, bool)
-        best = None
-        for start in ((0.5, 0.0, 0.5), (0.2, -0.1, 0.2)):
-            th, ll, ok, msg = self._fit_theta(np.concatenate([b0, start]), free)
-            if best is None or ll > best[1] + 1e-8:
-                best = (th, ll, ok, msg)
-            if ok:
-                break
-        th, ll, ok, msg = best
+        th, ll, ok, msg = best_start(lambda start: self._fit_theta(np.concatenate([b0, start]), free),
+                                     ((0.5, 0.0, 0.5), (0.2, -0.1, 0.2)))
         th[p:] = _canonical(th[p:])
         sing = np.array([th[p] < SINGULAR_TOL, False, th[p + 2] < SINGULAR_TOL])
         if sing.any():
@@ -431,19 +398,10 @@ class LogisticRandomSlopeModel:
     @_single_thread_blas
     def fit(self) -> LogisticRandomSlopeResults:
         """Fit; warns ``ConvergenceWarning`` / ``SingularFitWarning`` (an SD at 0 or a correlation of +-1)."""
-        msgs: list[str] = []
         th, ll, ok, msg, sing = self._estimate()
-        label = "Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}x{self.n_quad}"
-        if not ok:
-            m = f"{label}: optimiser did not converge ({msg}); estimates may not be at the maximum"
-            warnings.warn(m, ConvergenceWarning, stacklevel=2)
-            msgs.append(f"ConvergenceWarning: {m}")
-        if sing.any():
-            what = ("the intercept variance is 0" if sing[0] else
-                    "the intercept-slope correlation is -1/+1 (theta[3] = 0)")
-            m = f"{label}: singular fit: {what}; intervals at the boundary are one-sided"
-            warnings.warn(m, SingularFitWarning, stacklevel=2)
-            msgs.append(f"SingularFitWarning: {m}")
+        what = "the intercept variance is 0" if sing[0] else "the intercept-slope correlation is -1/+1 (theta[3] = 0)"
+        msgs = fit_warnings("Laplace" if self.n_quad == 1 else f"AGQ{self.n_quad}x{self.n_quad}", ok, msg,
+                            f"singular fit: {what}; intervals at the boundary are one-sided" if sing.any() else None)
         return LogisticRandomSlopeResults(self, th, ll, ok, sing, msgs)
 
 
@@ -550,7 +508,7 @@ class LogisticRandomSlopeResults(ModelResults):
         return np.array([s0 * s0, s1 * s1])
 
     def icc_point(self) -> np.ndarray:
-        return _latent_icc(self.variance_by_arm())
+        return latent_icc(self.variance_by_arm())
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
@@ -590,7 +548,7 @@ class LogisticRandomSlopeResults(ModelResults):
 
             def full(ps):
                 sc_, ratio, r_ = ps[p], ps[p + 1], ps[p + 2]
-                i1 = ratio * _latent_icc(sc_ * sc_)
+                i1 = ratio * latent_icc(sc_ * sc_)
                 if i1 >= 1.0 - 1e-12:
                     return None
                 sf_ = math.sqrt(_C * i1 / (1.0 - i1))
@@ -609,7 +567,7 @@ class LogisticRandomSlopeResults(ModelResults):
         cache = self._points.setdefault(kind, {})
         psi0 = cache[min(cache, key=lambda x: abs(x - value))].copy() if cache else psi_hat.copy()
         psi0[p:] = np.clip(psi0[p:], [0.02, 0.02, -0.98], [np.inf, np.inf, 0.98])
-        if kind == "ratio" and value * _latent_icc(psi0[p] ** 2) >= 0.5:
+        if kind == "ratio" and value * latent_icc(psi0[p] ** 2) >= 0.5:
             i0 = 0.5 / value
             psi0[p] = math.sqrt(_C * i0 / (1.0 - i0))
         psi0[j] = value
@@ -682,7 +640,7 @@ class LogisticRandomSlopeResults(ModelResults):
         raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, correlation"
                          + (", therapist[<arm>] or ratio" if arms else ""))
 
-    def conf_int(self, level: float = DEFAULT_LEVEL, method: str | None = None) -> pd.DataFrame:
+    def conf_int(self, level: float = DEFAULT_LEVEL, method: str = DEFAULT_INTERVAL) -> pd.DataFrame:
         """Wald intervals of the fixed effects, profile intervals of the variances and correlation
         (the only ``method`` offered is ``"profile"``); columns ``lower``/``upper`` as every engine's."""
         _profile_only(method)
@@ -714,7 +672,7 @@ class LogisticRandomSlopeResults(ModelResults):
         for a, lv in enumerate(self.model.arm_levels):
             lo, hi = self.interval(f"therapist[{lv}]", level)
             rows.append({"arm": lv, "role": "control" if a == 0 else "feedback", "estimate": float(icc[a]),
-                         "ci_low": float(_latent_icc(lo)), "ci_high": float(_latent_icc(hi)), "ci_method": "profile"})
+                         "ci_low": float(latent_icc(lo)), "ci_high": float(latent_icc(hi)), "ci_method": "profile"})
         return pd.DataFrame(rows).set_index("arm")
 
     def icc_ratio(self, level: float = DEFAULT_LEVEL) -> dict:
@@ -753,12 +711,8 @@ class LogisticRandomSlopeResults(ModelResults):
         model's ``icc_by_arm``, ``icc_ratio``, ``icc_reduction`` (latent scale). Only profile
         intervals are offered (another request is answered with profile intervals and a warning)."""
         caught = list(self.warnings_list)
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            if interval != "profile":
-                warnings.warn(f"binomial random_slope: {interval!r} intervals are not offered for the variances,"
-                              " correlation and ICCs; profile-likelihood intervals are reported instead",
-                              StatisticalWarning, stacklevel=2)
+        with recorded_warnings(caught):
+            profile_only_notice("random_slope", interval)
             ci = self.conf_int(DEFAULT_LEVEL)
             extra = {}
             if self.is_arm:
@@ -772,9 +726,6 @@ class LogisticRandomSlopeResults(ModelResults):
                     "control_level": self.model.arm_levels[0],
                     "feedback_level": self.model.arm_levels[1],
                 }
-        for w in rec:
-            caught.append(f"{w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         vc = {nm: {"estimate": self.vcomp[nm], "ci_low": ci.loc[nm, "lower"], "ci_high": ci.loc[nm, "upper"]}
               for nm in ("therapist", "therapist_slope")}
         vc["residual"] = {"estimate": LATENT_RESIDUAL_VARIANCE, "ci_low": None, "ci_high": None}

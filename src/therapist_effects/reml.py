@@ -598,7 +598,7 @@ class MixedResults(ModelResults):
         return dict(self._cache["lrt"])
 
     # -- bootstrap -------------------------------------------------------------------------------
-    def bootstrap(self, n_boot: int, seed: int | None) -> pd.DataFrame:
+    def bootstrap(self, n_boot: int = DEFAULT_N_BOOT, seed: int | None = None) -> pd.DataFrame:
         """Parametric bootstrap: ``n_boot`` data sets simulated from the fitted model (fixed part
         ``X b``, therapist [and cluster] effects and residuals drawn from their fitted normal
         distributions with ``numpy.random.default_rng(seed)``; ``seed=None`` means 0), each refitted

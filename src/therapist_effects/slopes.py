@@ -239,10 +239,7 @@ class RandomSlopeResults(ModelResults):
         self.scale = r / (eng.n - eng.p) if self._reml else r / eng.n
         self._bc = bc
         names = model.exog_names
-        self.fe_params = pd.Series(b, index=names, name="estimate")
-        self.cov_params = pd.DataFrame(self.scale * covu, index=names, columns=names)
-        self.vcov = self.cov_params  # lme4's vcov(fit)
-        self.bse = pd.Series(np.sqrt(np.diag(self.scale * covu)), index=names, name="se")
+        self.cov_params = self._set_fixed_effects(b, self.scale * covu, names)  # lme4's vcov(fit)
         lam = np.array([[self.theta[0], 0.0], [self.theta[1], self.theta[2]]])
         cov = self.scale * lam @ lam.T
         re_names = ["(Intercept)", model.slope_name]

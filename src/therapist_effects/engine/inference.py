@@ -207,14 +207,17 @@ class BootstrapResult:
 
 def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
                          refit: Callable[[object], dict], n_boot: int, seed: int | None,
-                         columns: Sequence[str], flags: Sequence[str] = ()) -> BootstrapResult:
+                         columns: Sequence[str], flags: Sequence[str] = (),
+                         optional: Sequence[str] = ("correlation",)) -> BootstrapResult:
     """Simulate ``n_boot`` data sets from the fit and refit each.
 
     ``simulate(rng)`` draws one data set (all randomness from ``rng``, one generator per call of
     this function, seeded by :func:`bootstrap_rng`); ``refit(data)`` returns a dict of the
-    ``columns`` (it may add ``converged``); a refit that raises or returns non-finite values, or
-    reports ``converged=False``, is counted as failed and its row is NaN. ``flags`` are boolean
-    columns copied from the refit as they are (e.g. ``converged``, ``singular``).
+    ``columns`` (it may add ``converged``); a refit that raises or returns non-finite values (in a
+    column not listed in ``optional``: quantities a successful refit may leave undefined, such as a
+    correlation at a zero SD or a ratio over a zero ICC), or reports ``converged=False``, is counted
+    as failed and its row is NaN. ``flags`` are boolean columns copied from the refit as they are
+    (e.g. ``converged``, ``singular``).
     """
     n_boot = int(n_boot)
     if n_boot < 1:
@@ -230,7 +233,7 @@ def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
         except (ArithmeticError, ValueError, np.linalg.LinAlgError):
             row = None
         ok = row is not None and bool(row.get("converged", True)) and all(
-            np.isfinite(row.get(c, np.nan)) for c in columns if c != "correlation")
+            np.isfinite(row.get(c, np.nan)) for c in columns if c not in optional)
         flag_values = {f: bool((row or {}).get(f, False)) for f in flags}
         if not ok:
             failed += 1

@@ -94,50 +94,55 @@ def model_class(kind: str, family: str = "gaussian", engine: str = "reml") -> ty
 # ----------------------------------------------------------------------------------------------
 # adapters of the built-in model types
 # ----------------------------------------------------------------------------------------------
+def _fit(r: FitRequest, kind: str, family: str = "gaussian", *, default_method: str, arm: bool = False, **kw):
+    """``model_class(kind, family).from_frame(...)`` on the request's model frame (with the arm
+    columns when ``arm``), fitted."""
+    mf = r.mf
+    if arm:
+        kw.update(arm=mf.arm, feedback_level=mf.feedback_level)
+    return model_class(kind, family).from_frame(
+        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=r.method or default_method, **kw,
+    ).fit()
+
+
+def _table(r: FitRequest, res) -> pd.DataFrame:
+    return res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better)
+
+
+def _gap(res) -> pd.DataFrame:
+    """The narrowing-the-gap table of a random-slope fit, with the effects named for the CSV."""
+    gap = res.gap_table()
+    return gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
+
+
 @register("random_intercept", ".reml:RandomInterceptModel")
 def _fit_random_intercept(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("random_intercept").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=r.method or "REML",
-    ).fit()
-    entry = res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed)
-    return Fitted(entry, res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better), None, res)
+    res = _fit(r, "random_intercept", default_method="REML")
+    return Fitted(res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed), _table(r, res), None, res)
 
 
 @register("nested", ".reml:NestedModel")
 def _fit_nested(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("nested").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, cluster=mf.cluster,
-        method=r.method or "REML",
-    ).fit()
-    entry = res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed)
-    return Fitted(entry, res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better), None, res)
+    res = _fit(r, "nested", default_method="REML", cluster=r.mf.cluster)
+    return Fitted(res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed), _table(r, res), None, res)
 
 
 @register(("random_intercept", "binomial"), ".glmm:LogisticRandomInterceptModel")
 def _fit_logistic(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("random_intercept", "binomial").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, method=r.method or "agq",
-        n_quad=r.model["n_quad"],
-    ).fit()
+    res = _fit(r, "random_intercept", "binomial", default_method="agq", n_quad=r.model["n_quad"])
     entry = res.to_contract(interval=r.interval_or_profile, n_boot=r.n_boot, seed=r.seed)
-    return Fitted(entry, res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better), None, res)
+    return Fitted(entry, _table(r, res), None, res)
 
 
 @register("arm_variance", ".arm:ArmVarianceModel")
 def _fit_arm_variance(r: FitRequest) -> Fitted:
     mf, model = r.mf, r.model
-    res = model_class("arm_variance").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-        feedback_level=mf.feedback_level, method=r.method or "REML",
-        correlated=model.get("correlated", False), arm_residual=model.get("arm_residual", False),
-        **({"cluster": mf.cluster, "cluster_random": True} if model.get("cluster_effect") == "random" else {}),
-    ).fit()
+    res = _fit(r, "arm_variance", default_method="REML", arm=True, correlated=model.get("correlated", False),
+               arm_residual=model.get("arm_residual", False),
+               **({"cluster": mf.cluster, "cluster_random": True} if model.get("cluster_effect") == "random" else {}))
     entry = res.to_contract(interval=r.interval_or_profile, n_boot=r.n_boot, seed=r.seed)
     try:
-        table = res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better)
+        table = _table(r, res)
     except ModelError as exc:  # e.g. with a random cluster level: no per-therapist table (yet)
         log.warning("model %s: no therapist table: %s", model["id"], exc)
         table = None
@@ -146,40 +151,22 @@ def _fit_arm_variance(r: FitRequest) -> Fitted:
 
 @register(("arm_variance", "binomial"), ".glmm_arm:LogisticArmVarianceModel")
 def _fit_logistic_arm_variance(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("arm_variance", "binomial").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-        feedback_level=mf.feedback_level, method=r.method or "agq", n_quad=r.model["n_quad"],
-    ).fit()
-    entry = res.to_contract(interval=r.interval_or_profile)
-    return Fitted(entry, res.therapist_effects(level=r.level, higher_is_better=r.higher_is_better), None, res)
+    res = _fit(r, "arm_variance", "binomial", default_method="agq", arm=True, n_quad=r.model["n_quad"])
+    return Fitted(res.to_contract(interval=r.interval_or_profile), _table(r, res), None, res)
 
 
 @register("random_slope", ".slopes:RandomSlopeModel")
 def _fit_random_slope(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("random_slope").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-        feedback_level=mf.feedback_level, method=r.method or "REML", slope=r.model.get("slope"),
-    ).fit()
+    res = _fit(r, "random_slope", default_method="REML", arm=True, slope=r.model.get("slope"))
     entry = res.to_contract(interval=r.interval_or_profile, n_boot=r.n_boot, seed=r.seed)
-    gap = res.gap_table()
-    narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
-    return Fitted(entry, None, narrowing, res)
+    return Fitted(entry, None, _gap(res), res)
 
 
 @register(("random_slope", "binomial"), ".glmm_slope:LogisticRandomSlopeModel")
 def _fit_logistic_random_slope(r: FitRequest) -> Fitted:
-    mf = r.mf
-    res = model_class("random_slope", "binomial").from_frame(
-        mf.df, mf.outcome, mf.covariates, therapist=mf.therapist, arm=mf.arm,
-        feedback_level=mf.feedback_level, slope=r.model.get("slope"), method=r.method or "laplace",
-        n_quad=r.model["n_quad"],
-    ).fit()
-    entry = res.to_contract(interval=r.interval_or_profile)
-    gap = res.gap_table()
-    narrowing = gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
-    return Fitted(entry, None, narrowing, res)
+    res = _fit(r, "random_slope", "binomial", default_method="laplace", arm=True, slope=r.model.get("slope"),
+               n_quad=r.model["n_quad"])
+    return Fitted(res.to_contract(interval=r.interval_or_profile), None, _gap(res), res)
 
 
 @register("bayes", ".bayes:BayesModel")

@@ -64,6 +64,14 @@ class ModelResults:
             return None
         return -2.0 * ll + math.log(self.nobs) * k
 
+    def _set_fixed_effects(self, b: np.ndarray, cov: np.ndarray, names) -> pd.DataFrame:
+        """Set ``fe_params``, ``vcov`` (lme4's ``vcov(fit)``) and ``bse`` from the fixed effects ``b``
+        and their covariance; returns ``vcov``."""
+        self.fe_params = pd.Series(b, index=names, name="estimate")
+        self.vcov = pd.DataFrame(cov, index=names, columns=names)
+        self.bse = pd.Series(np.sqrt(np.diag(cov)), index=names, name="se")
+        return self.vcov
+
     def information_criteria(self) -> dict[str, float | None]:
         """``{"aic": ..., "bic": ...}`` for the model's ``estimates.json`` entry."""
         return {"aic": self.aic, "bic": self.bic}
