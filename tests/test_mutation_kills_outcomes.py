@@ -1,0 +1,133 @@
+"""Tests that kill the mutants of ``outcomes.py`` that survived the earlier tests (issue 16).
+
+The expected values are worked by hand from the module docstring's definitions (PHQ-9: caseness >= 10,
+reliable change 6 points; dropout codes; the feedback coding) on small tables written here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pandas as pd
+
+from therapist_effects.exceptions import DataWarning
+from therapist_effects.ingest import REJECT_COLUMNS, ingest_frame
+from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+
+SESSION = {"layout": "session", "instrument": "PHQ-9",
+           "columns": {"patient": "pid", "therapist": "tid", "score": "phq9", "occasion": "session"}}
+PATIENT = {"layout": "patient", "instrument": "PHQ-9",
+           "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "baseline": "pre"}}
+
+
+def _derive(table: pd.DataFrame, spec: dict, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        return derive_patient_outcomes(ingest_frame(table, spec).rows, spec, *args)
+
+
+def _row(patients: pd.DataFrame, pid: str) -> dict:
+    return patients.set_index("patient").loc[pid].to_dict()
+
+
+# ---- the session layout: therapist, cluster and arm come from the patient's rows -----------------------------------
+def test_session_layout_carries_therapist_cluster_and_arm_and_codes_feedback():
+    """Two patients of two therapists in two services; arm labels ROM < TAU, so TAU is the feedback level."""
+    table = pd.DataFrame({"pid": ["A", "A", "B", "B"], "tid": ["T1", "T1", "T2", "T2"],
+                          "svc": ["S1", "S1", "S2", "S2"], "grp": ["TAU", "TAU", "ROM", "ROM"],
+                          "session": [1, 2, 1, 2], "phq9": [18, 9, 12, 14]})
+    spec = {**SESSION, "columns": {**SESSION["columns"], "cluster": "svc", "arm": "grp"}}
+    patients, rejects = _derive(table, spec)
+    assert list(patients.columns[:6]) == ["patient", "therapist", "cluster", "arm", "feedback", "baseline"]
+    assert patients[["patient", "therapist", "cluster", "arm", "feedback"]].values.tolist() == [
+        ["A", "T1", "S1", "TAU", 1.0], ["B", "T2", "S2", "ROM", 0.0]]
+    assert rejects.empty
+
+
+def test_patient_layout_without_arm_has_no_feedback_and_with_a_string_instrument_uses_it():
+    """An instrument given by name wins over the spec's: GAD-7 (caseness >= 8) instead of PHQ-9 (>= 10)
+    makes a baseline of 9 a case."""
+    table = pd.DataFrame({"pid": ["A"], "tid": ["T1"], "pre": [9], "post": [3]})
+    spec = {**PATIENT, "instrument": None}
+    patients, _ = _derive(table, spec, "GAD-7")
+    assert patients.loc[0, "caseness_baseline"] == 1.0 and patients.loc[0, "recovered"] == 1.0
+    patients, _ = _derive(table, PATIENT)
+    assert patients.loc[0, "caseness_baseline"] == 0.0 and math.isnan(patients.loc[0, "recovered"])
+
+
+# ---- the rejects of this step --------------------------------------------------------------------------------------
+def test_rejects_table_has_exactly_the_reject_columns_with_integer_rows():
+    table = pd.DataFrame({"pid": ["A", "A", "B"], "tid": ["T1"] * 3, "session": [1, 2, 1], "phq9": [18, 9, 12]})
+    _, rejects = _derive(table, SESSION)
+    assert list(rejects.columns) == list(REJECT_COLUMNS) and rejects["row"].dtype == "int64"
+    assert rejects.index.tolist() == [0]
+    _, none = _derive(table.iloc[:2], SESSION)
+    assert none.empty and list(none.columns) == list(REJECT_COLUMNS) and none["row"].dtype == "int64"
+
+
+def test_too_few_sessions_rejects_that_patients_rows_when_the_file_is_not_in_patient_order():
+    """File rows 2 (Z, one session), 3-4 (A's sessions 2 and 1): Z is rejected, not one of A's rows;
+    numeric patient IDs are written as in the file."""
+    table = pd.DataFrame({"pid": [9, 1, 1], "tid": ["T1"] * 3, "session": [1, 2, 1], "phq9": [12, 9, 18]})
+    patients, rejects = _derive(table, SESSION)
+    assert rejects[["row", "patient", "column", "value"]].values.tolist() == [[2, "9", "phq9", "12"]]
+    assert patients["patient"].tolist() == ["1"] and (patients.loc[0, "baseline"], patients.loc[0, "end"]) == (18, 9)
+
+
+def test_canonical_rows_without_column_names_reject_under_the_canonical_score_column():
+    table = pd.DataFrame({"pid": ["A", "B", "B"], "tid": ["T1"] * 3, "session": [1, 1, 2], "phq9": [12, 18, 9]})
+    rows = ingest_frame(table, SESSION).rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        _, rejects = derive_patient_outcomes(rows, {"layout": "session", "instrument": "PHQ-9"})
+    assert rejects["column"].tolist() == ["score"]
+
+
+# ---- the patient layout: dropout and covariates --------------------------------------------------------------------
+def test_patient_layout_dropout_with_the_default_codes_and_covariates():
+    """Default dropout codes: dropout, dropped out, unilateral (case and blanks ignored); another ending is 0,
+    none is NaN. Covariates are carried as they are."""
+    table = pd.DataFrame({"pid": list("ABCDE"), "tid": ["T1"] * 5, "pre": [15] * 5, "post": [8] * 5,
+                          "end_reason": ["Dropout", " dropped   OUT", "UNILATERAL", "completed", None],
+                          "age": [30, 41, 52, 63, 74]})
+    spec = {**PATIENT, "columns": {**PATIENT["columns"], "ending": "end_reason", "covariates": ["age"]}}
+    patients, _ = _derive(table, spec)
+    assert patients["dropout"].tolist()[:4] == [1.0, 1.0, 1.0, 0.0] and math.isnan(patients["dropout"].iloc[4])
+    assert patients["age"].tolist() == [30, 41, 52, 63, 74]
+
+
+def test_session_layout_dropout_with_the_default_codes():
+    table = pd.DataFrame({"pid": ["A", "A", "B", "B"], "tid": ["T1"] * 4, "session": [1, 2, 1, 2],
+                          "phq9": [18, 9, 12, 14], "end_reason": [None, "dropout", None, "completed"]})
+    spec = {**SESSION, "columns": {**SESSION["columns"], "ending": "end_reason"}}
+    patients, _ = _derive(table, spec)
+    assert patients["dropout"].tolist() == [1.0, 0.0]
+
+
+# ---- the feedback coding: a 0/1 arm is its own code -----------------------------------------------------------------
+def test_a_zero_one_arm_with_only_zeros_is_coded_by_its_value_without_a_warning():
+    """Module docstring: numeric levels within {0, 1} give the arm value itself (no single-level fallback)."""
+    table = pd.DataFrame({"pid": ["A", "B"], "tid": ["T1", "T2"], "post": [5, 6], "arm": [0, 0]})
+    spec = {"layout": "patient", "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "arm": "arm"}}
+    rows = ingest_frame(table, spec).rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        patients, _ = derive_patient_outcomes(rows, spec)
+    assert patients["feedback"].tolist() == [0.0, 0.0]
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+def test_patient_csv_writes_dates_as_iso_days(tmp_path):
+    patients = pd.DataFrame({"patient": ["A"], "first_occasion": [pd.Timestamp("2023-01-04")]})
+    write_patient_outputs(patients, tmp_path / "p.parquet", tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_bytes() == b"patient,first_occasion\r\nA,2023-01-04\r\n"
+
+
+def test_write_rejects_creates_folders_and_sorts_by_row(tmp_path):
+    rejects = pd.DataFrame({"row": [7, 3], "patient": ["B", "A"], "column": ["phq9", "phq9"], "value": ["", "x"],
+                            "reason": ["missing value", "not a number"]})
+    path = tmp_path / "a" / "b" / "rejects.csv"
+    write_rejects(rejects, path)
+    assert path.read_bytes() == (b"row,patient,column,value,reason\r\n3,A,phq9,x,not a number\r\n"
+                                 b"7,B,phq9,,missing value\r\n")
