@@ -44,9 +44,12 @@ declare -A TESTS=(
     [meta]="tests/test_meta.py tests/test_mutation_kills.py tests/test_mutation_kills_meta.py tests/test_surviving_mutants.py::test_paule_mandel_i2_by_hand tests/test_meta_metafor.py::test_pool_matches_metafor tests/test_meta_metafor.py::test_leave_one_out_matches_metafor tests/test_meta_metafor.py::test_reference_sets_cover_truncation_and_knha tests/test_meta_metafor.py::test_knapp_hartung_by_hand tests/test_meta_metafor.py::test_donner_unbalanced_n0_by_hand tests/test_meta_metafor.py::test_study_table_column_mapping_and_inputs tests/test_meta_metafor.py::test_study_table_errors_name_file_row_and_column tests/test_meta_metafor.py::test_arm_table_pooled_ratio_on_the_log_scale_by_hand"
     [instruments]="tests/test_instruments.py tests/test_mutation_kills.py tests/test_mutation_kills_instruments.py"
     [outcomes]="tests/test_outcomes.py tests/test_mutation_kills.py tests/test_mutation_kills_outcomes.py tests/test_scores.py::test_patient_table_has_per_instrument_columns_and_paired_outcomes"
-    [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
-    [reml]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_parametric_bootstrap_reproduces_the_anova_sampling_distribution tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
-    [arm]="tests/test_arm_reference.py tests/test_surviving_mutants.py::test_arm_equal_variance_lrt_p_is_the_full_chi2_tail"
+    [profile]="tests/test_mutation_kills_reml.py tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
+    [reml]="tests/test_mutation_kills_reml.py tests/test_reml_reference.py tests/test_surviving_mutants.py::test_parametric_bootstrap_reproduces_the_anova_sampling_distribution tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
+    [arm]="tests/test_mutation_kills_arm.py tests/test_arm_reference.py::test_reml_estimates_match_lme4 tests/test_arm_reference.py::test_reml_estimates_match_glmmTMB tests/test_arm_reference.py::test_profile_intervals_match_lme4 tests/test_arm_reference.py::test_exact_profile_limits_are_likelihood_ratio_roots tests/test_arm_reference.py::test_lrt_equal_variances_against_statsmodels tests/test_arm_reference.py::test_icc_ratio_and_reduction_consistent tests/test_arm_reference.py::test_contract_entry tests/test_arm_reference.py::test_string_arm_labels_and_feedback_level tests/test_arm_reference.py::test_singular_fit_warns_and_flags tests/test_arm_reference.py::test_cluster_level_criterion_equals_dense_computation tests/test_arm_reference.py::test_control_arm_singular_makes_ratio_undefined tests/test_arm_reference.py::test_two_stage_pooling_of_trial_iccs tests/test_surviving_mutants.py::test_arm_equal_variance_lrt_p_is_the_full_chi2_tail"
+    [arm_inference]="tests/test_mutation_kills_arm.py tests/test_arm_inference.py"
+    [gaussian]="tests/test_mutation_kills_engine.py tests/test_engine_blocks.py tests/test_slope_derivatives.py tests/test_reml_reference.py"
+    [derivatives]="tests/test_mutation_kills_engine.py tests/test_slope_derivatives.py tests/test_engine_blocks.py"
     [glmm]="tests/test_glmm_reference.py tests/test_mutation_kills_glmm.py"
     [inference]="tests/test_mutation_kills_inference.py tests/test_results_interface.py::test_one_bootstrap_seed_rule_and_failure_count"
 )
@@ -54,8 +57,10 @@ declare -A FILE=(
     [csvsafe]="csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
     [instruments]="instruments.py" [outcomes]="outcomes.py" [profile]="profile.py" [reml]="reml.py"
     [arm]="arm.py" [glmm]="glmm.py" [inference]="engine/inference.py"
+    [arm_inference]="arm_inference.py" [gaussian]="engine/gaussian.py" [derivatives]="engine/derivatives.py"
 )
-ORDER=(csvsafe classify privacy meta instruments outcomes profile reml arm glmm inference)
+ORDER=(csvsafe classify privacy meta instruments outcomes gaussian derivatives profile reml arm arm_inference glmm
+       inference)
 MODULES=("$@")
 [ ${#MODULES[@]} -eq 0 ] && MODULES=("${ORDER[@]}")
 
