@@ -1,0 +1,103 @@
+"""Tests that kill mutants of arm.py and arm_inference.py found by ``MUTATION_SAMPLE=... tools/mutation.sh
+arm|arm_inference``.
+
+Expected values are independent of the code under test. With therapists seen in one arm only, separate
+residual variances and uncorrelated arm effects, the (restricted) likelihood of the arm model factorises
+into one balanced one-way ANOVA per arm, whose estimates have closed forms (Searle, Casella & McCulloch
+1992, sec. 3.7, 4.7); other values come from dense-matrix Gaussian likelihoods in numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from therapist_effects.arm import ArmVarianceModel
+
+LOG2PI = math.log(2.0 * math.pi)
+# per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)
+ARMS = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 2.5)]
+
+
+def _one_way(G, m, msb, msw, rng):
+    e = rng.standard_normal((G, m))
+    e -= e.mean(axis=1, keepdims=True)
+    e *= math.sqrt(msw * G * (m - 1) / np.sum(e**2))
+    u = rng.standard_normal(G)
+    u -= u.mean()
+    u *= math.sqrt(msb * (G - 1) / (m * np.sum(u**2)))
+    return (u[:, None] + e).ravel()
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(4)
+    ys, ts, arms = [], [], []
+    for a, (G, m, msb, msw) in enumerate(ARMS):
+        ys.append(20.0 - 3.0 * a + _one_way(G, m, msb, msw, rng))
+        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
+        arms.append(np.full(G * m, a))
+    y, t, arm = np.concatenate(ys), np.concatenate(ts), np.concatenate(arms)
+    X = np.column_stack([np.ones(len(y)), arm])
+    return y, X, t, arm
+
+
+def _tau2(G, m, msb, msw, method):
+    return (msb - msw) / m if method == "REML" else ((1 - 1 / G) * msb - msw) / m
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_per_arm_variances_iccs_and_ratio_are_the_anova_closed_forms(data, method):
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], method=method, arm_residual=True).fit()
+    icc = []
+    for a, (G, m, msb, msw) in enumerate(ARMS):
+        tau2 = _tau2(G, m, msb, msw, method)
+        assert res.vcomp[f"therapist[{a}]"] == pytest.approx(tau2, rel=1e-4)
+        assert res.vcomp[f"residual[{a}]"] == pytest.approx(msw, rel=1e-5)
+        icc.append(tau2 / (tau2 + msw))
+    np.testing.assert_allclose(res.icc_point(), icc, rtol=1e-4)
+    assert res.ratio_point() == pytest.approx(icc[1] / icc[0], rel=1e-4)
+    assert res.fe_params["arm"] == pytest.approx(-3.0, abs=1e-8)
+    assert res.fe_params["Intercept"] == pytest.approx(20.0, abs=1e-8)
+    # Var(arm mean) = (s2_a + m tau2_a) / (G_a m); the arm effect's variance is the sum over arms
+    v = [(msw + m * _tau2(G, m, msb, msw, method)) / (G * m) for G, m, msb, msw in ARMS]
+    assert res.bse["Intercept"] == pytest.approx(math.sqrt(v[0]), rel=1e-4)
+    assert res.bse["arm"] == pytest.approx(math.sqrt(v[0] + v[1]), rel=1e-4)
+    assert not res.singular and res.converged
+
+
+def _dense_reml(y, X, t, arm, tau2, s2):
+    """Restricted log-likelihood with therapist variance ``tau2[arm]`` and residual ``s2[arm]``."""
+    same = t[:, None] == t[None, :]
+    V = np.diag(np.asarray(s2)[arm]) + same * np.asarray(tau2)[arm][:, None]
+    W = np.linalg.inv(V)
+    XWX = X.T @ W @ X
+    b = np.linalg.solve(XWX, X.T @ W @ y)
+    e = y - X @ b
+    n, p = X.shape
+    return -0.5 * ((n - p) * LOG2PI + np.linalg.slogdet(V)[1] + np.linalg.slogdet(XWX)[1] + e @ W @ e)
+
+
+def test_loglik_and_equal_variance_lrt_against_the_dense_likelihood(data):
+    """logLik equals the dense restricted likelihood at the estimate; the LRT of equal therapist variances
+    is twice the gap to the dense likelihood maximised with one common therapist variance (chi2_1 tail)."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    v = res.vcomp
+    full = _dense_reml(y, X, t, arm, [v["therapist[0]"], v["therapist[1]"]], [v["residual[0]"], v["residual[1]"]])
+    assert res.loglik == pytest.approx(full, rel=1e-9)
+
+    def neg(z):
+        tau2, s0, s1 = np.exp(z)
+        return -_dense_reml(y, X, t, arm, [tau2, tau2], [s0, s1])
+
+    z0 = np.log([1.5, 3.0, 2.5])
+    null = optimize.minimize(neg, z0, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-11, "maxiter": 4000})
+    stat = 2 * (full + null.fun)
+    lrt = res.lrt_equal_variances()
+    assert lrt["statistic"] == pytest.approx(stat, rel=1e-5)
+    assert lrt["p_value"] == pytest.approx(stats.chi2.sf(stat, 1), rel=1e-4, abs=0)
+    assert lrt["df"] == 1
