@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from therapist_effects.engine import gaussian as gs
 from therapist_effects.engine.gaussian import BlockEngine
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -77,3 +78,73 @@ def test_balanced_fixed_effect_blups_and_ml_deviance_by_hand():
     e = y - y.mean()
     dense = n * LOG2PI + np.linalg.slogdet(V)[1] + e @ np.linalg.solve(V, e)
     assert eng.dev_ml(theta, sigma2) == pytest.approx(dense, rel=1e-12)
+
+
+# -- the optimisers and finite differences, on functions whose minima and derivatives are known exactly --
+A = np.array([[3.0, 1.0, 0.5], [1.0, 2.0, -0.3], [0.5, -0.3, 1.5]])
+XSTAR = np.array([0.7, -0.4, 1.2])
+
+
+def _quartic(x):
+    """Quadratic bowl plus a quartic term: minimum at XSTAR, value 1."""
+    d = np.asarray(x) - XSTAR
+    return float(1.0 + 0.5 * d @ A @ d + 0.1 * d[0] ** 4)
+
+
+def _quartic_derivs(x):
+    d = np.asarray(x) - XSTAR
+    g = A @ d + np.array([0.4 * d[0] ** 3, 0.0, 0.0])
+    H = A + np.diag([1.2 * d[0] ** 2, 0.0, 0.0])
+    return g, H
+
+
+def test_fd_derivatives_and_gradient_are_exact_on_a_quartic():
+    """Richardson-extrapolated central differences are exact (to rounding) for a polynomial of degree 4;
+    the Hessian's second differences leave an h^2 error from the quartic term only (coordinate 0)."""
+    x = np.array([1.1, 0.3, -0.2])
+    h = np.array([1e-3, 2e-3, 1.5e-3])
+    g_true, H_true = _quartic_derivs(x)
+    g, H = gs._fd_derivatives(_quartic, x, h, [0, 1, 2])
+    np.testing.assert_allclose(g, g_true, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(H, H_true, rtol=1e-5, atol=1e-5)
+    g2, H2 = gs._fd_derivatives(_quartic, x, h, [0, 2], _quartic(x))
+    np.testing.assert_allclose(g2, g_true[[0, 2]], rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(H2, H_true[np.ix_([0, 2], [0, 2])], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gs._fd_gradient(_quartic, x, h), g_true, rtol=1e-7, atol=1e-8)
+
+
+def test_newton_minimise_reaches_the_minimum_and_hands_back_its_hessian():
+    hess: dict = {}
+    x, f, ok = gs.newton_minimise(_quartic, XSTAR + 0.3, np.full(3, -5.0), np.full(3, 5.0), hess=hess)
+    assert ok
+    np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+    assert f == pytest.approx(1.0, abs=1e-13)
+    np.testing.assert_allclose(hess["H"], A, rtol=0.05, atol=0.05)
+    # warm start with that Hessian: BFGS steps from it reach the same point
+    x2, _, ok2 = gs.newton_minimise(_quartic, XSTAR - 0.2, np.full(3, -5.0), hess={"H": A.copy()})
+    assert ok2
+    np.testing.assert_allclose(x2, XSTAR, atol=1e-7)
+    # a start outside the box, or a minimum beyond a bound: no answer vouched for
+    assert gs.newton_minimise(_quartic, np.full(3, 6.0), np.full(3, -5.0), np.full(3, 5.0))[2] is False
+    lows = np.array([1.0, -5.0, -5.0])  # the minimum's x0 = 0.7 lies below the bound
+    assert gs.newton_minimise(_quartic, np.array([1.2, 0.0, 1.0]), lows, np.full(3, 5.0))[2] is False
+
+
+def test_box_minimisers_stop_exactly_on_an_active_bound():
+    """With x0 >= 1 the minimum of the bowl is on the face x0 = 1: the other coordinates solve
+    A[1:, 1:] d = -A[1:, 0] (1 - 0.7) (the quartic term is constant on the face)."""
+    lows = np.array([1.0, -5.0, -5.0])
+    ups = np.array([5.0, 5.0, 5.0])
+    d0 = 1.0 - XSTAR[0]
+    rest = XSTAR[1:] + np.linalg.solve(A[1:, 1:], -A[1:, 0] * d0)
+    expect = np.concatenate([[1.0], rest])
+    for x, f, ok in (gs.minimise_box(_quartic, np.array([2.0, 0.0, 0.0]), lows, ups),
+                     gs.newton_box(lambda z: (_quartic(z), *_quartic_derivs(z)), np.array([2.0, 0.0, 0.0]), lows, ups)):
+        assert x[0] == 1.0
+        np.testing.assert_allclose(x, expect, atol=1e-6)
+        assert f == pytest.approx(_quartic(expect), abs=1e-11)
+    assert gs.newton_box(lambda z: (_quartic(z), *_quartic_derivs(z)), np.array([2.0, 0.0, 0.0]), lows, ups)[2]
+    # interior minimum: found to ~1e-9 by Nelder-Mead + Newton polish
+    x, f, ok = gs.minimise_box(_quartic, np.zeros(3), np.full(3, -5.0), ups)
+    assert ok
+    np.testing.assert_allclose(x, XSTAR, atol=1e-7)
