@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from therapist_effects.engine import gaussian as gs
-from therapist_effects.engine.gaussian import BlockEngine
+from test_engine_blocks import _check, _data
+from therapist_effects.engine.gaussian import BlockEngine, theta_to_lambda
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -148,3 +149,99 @@ def test_box_minimisers_stop_exactly_on_an_active_bound():
     x, f, ok = gs.minimise_box(_quartic, np.zeros(3), np.full(3, -5.0), ups)
     assert ok
     np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+
+
+def test_newton_minimise_respects_both_bounds_at_their_margin():
+    """It vouches for an answer only when the finite-difference points (2 h, h = 1e-3 max(|x|, 0.1)) stay
+    in the box: a bound 1.8e-3 from the minimum (|x| = 0.7, 2 h = 1.4e-3) leaves it free, a bound 1e-3
+    from it does not; an upper bound below the minimum is never crossed."""
+    far = np.full(3, 5.0)
+    start = XSTAR + 0.3
+    for lows, ups in (((XSTAR[0] - 1.8e-3), 5.0), (-5.0, XSTAR[0] + 1.8e-3)):
+        x, _, ok = gs.newton_minimise(_quartic, np.r_[XSTAR[0], start[1:]], np.r_[lows, -far[1:]],
+                                      np.r_[ups, far[1:]])
+        assert ok
+        np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+    assert gs.newton_minimise(_quartic, np.r_[XSTAR[0], start[1:]], -far, np.r_[XSTAR[0] + 1e-3, far[1:]])[2] is False
+    x, _, ok = gs.newton_minimise(_quartic, np.zeros(3), -far, np.r_[0.5, far[1:]])
+    assert not ok and x[0] <= 0.5
+
+
+def test_newton_minimise_recovers_from_a_bad_hessian_and_flags_too_few_iterations():
+    hess = {"H": -np.eye(3)}  # not positive definite: the retry takes a fresh finite-difference Hessian
+    x, _, ok = gs.newton_minimise(_quartic, XSTAR + 0.3, np.full(3, -5.0), hess=hess)
+    assert ok
+    np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+    assert gs.newton_minimise(_quartic, XSTAR + 0.3, np.full(3, -5.0), max_iter=1)[2] is False
+
+
+def test_box_minimisers_at_a_corner_and_in_one_dimension():
+    """The minimum at a corner of the box (every coordinate on a bound): minimise_box returns the corner
+    and the criterion there; newton_box in one dimension."""
+    lows, ups = np.array([1.0, 0.0, 1.5]), np.array([5.0, 5.0, 5.0])
+    corner = np.array([1.0, 0.0, 1.5])
+    g, _ = _quartic_derivs(corner)
+    assert np.all(g > 0)  # the gradient points out of the box at the corner
+    x, f, _ = gs.minimise_box(_quartic, np.array([3.0, 3.0, 3.0]), lows, ups)
+    np.testing.assert_allclose(x, corner, atol=1e-9)
+    assert np.all(x >= lows) and f == pytest.approx(_quartic(x), rel=1e-15)
+
+    def fgh(z):
+        d = z[0] - 0.3
+        return float(d**2 + d**4), np.array([2 * d + 4 * d**3]), np.array([[2 + 12 * d**2]])
+
+    x, f, ok = gs.newton_box(fgh, np.array([2.5]), np.array([-1.0]), np.array([3.0]))
+    assert ok and x[0] == pytest.approx(0.3, abs=1e-6) and f == pytest.approx(0.0, abs=1e-11)
+    x, f, ok = gs.newton_box(fgh, np.array([2.5]), np.array([0.5]), np.array([3.0]))
+    assert ok and x[0] == 0.5
+
+
+def _dense_reml(y, X, V):
+    W = np.linalg.inv(V)
+    XWX = X.T @ W @ X
+    b = np.linalg.solve(XWX, X.T @ W @ y)
+    e = y - X @ b
+    n, p = X.shape
+    return -0.5 * ((n - p) * LOG2PI + np.linalg.slogdet(V)[1] + np.linalg.slogdet(XWX)[1] + e @ W @ e)
+
+
+def test_criterion_of_rarer_layouts_equals_the_dense_computation():
+    """q = 3 without strata or cluster level, q = 1 with a slope column only, q = 1 with residual strata
+    where the last therapist has no patient in the last stratum."""
+    y, X, codes, cluster, arm = _data(9)
+    G = codes.max() + 1
+    th3 = np.array([0.8, 0.2, -0.3, 0.6, 0.1, 0.5])
+    _check(BlockEngine(y, X, X, codes, G), th3, theta_to_lambda(th3, 3), y, X, X, codes)
+    Zs = X[:, [1]]
+    _check(BlockEngine(y, X, Zs, codes, G), np.array([0.7]), np.array([[0.7]]), y, X, Zs, codes)
+    strata = arm.copy()
+    strata[codes == G - 1] = 0
+    ones = np.ones((len(y), 1))
+    eng = BlockEngine(y, X, ones, codes, G, strata=strata)
+    _check(eng, np.array([0.9]), np.array([[0.9]]), y, X, ones, codes, strata=strata, ratios=np.array([1.0, 2.5]))
+
+
+def test_cluster_level_fit_is_the_dense_reml_optimum_with_an_exact_zero():
+    """BlockEngine.fit with a cluster level: the REML (not ML) optimum of the dense likelihood; data
+    without a therapist effect put the therapist theta at exactly 0."""
+    rng = np.random.default_rng(21)
+    C, per, m = 6, 4, 5
+    G = C * per
+    cl = np.repeat(np.arange(C), per)
+    codes = np.repeat(np.arange(G), m)
+    n = len(codes)
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    y = X @ [1.0, 0.5] + 1.5 * rng.normal(size=C)[cl[codes]] + rng.normal(size=n)
+    eng = BlockEngine(y, X, np.ones((n, 1)), codes, G, cluster=cl)
+    theta, fmin, _ = eng.fit(True)
+    assert theta[0] == 0.0 and theta[1] > 0.5
+    s2 = eng.scale(theta, True)
+    same_c = cl[codes][:, None] == cl[codes][None, :]
+
+    def ll(vc, s):
+        return _dense_reml(y, X, s * np.eye(n) + vc * same_c)
+
+    best = ll(theta[1] ** 2 * s2, s2)
+    assert -0.5 * fmin == pytest.approx(best, rel=1e-10)
+    for dc, ds in ((1.02, 1), (0.98, 1), (1, 1.02), (1, 0.98)):
+        assert ll(theta[1] ** 2 * s2 * dc, s2 * ds) < best
