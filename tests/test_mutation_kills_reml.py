@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
+from therapist_effects.profile import min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -131,3 +132,63 @@ def test_nested_fit_is_the_dense_likelihood_maximum(method):
     tot = sum(v.values())
     assert res.icc() == pytest.approx(v["therapist"] / tot, rel=1e-12)
     assert res.icc_cluster() == pytest.approx(v["cluster"] / tot, rel=1e-12)
+
+
+# -- profile.py's minimisers on functions with known minima ---------------------------------------
+def _bowl(c: float, a: float = 2.0):
+    return lambda x: a * (x - c) ** 2 + 0.5 * (x - c) ** 4 + 3.0
+
+
+@pytest.mark.parametrize("x0, c, lo", [(0.0, 0.4, -np.inf), (0.0, -0.4, -np.inf), (0.0, 37.0, -np.inf),
+                                       (0.0, -37.0, -np.inf), (1.0, 1.02, -np.inf), (5.0, 2.0, 0.0)])
+def test_min1d_local_finds_interior_minima_right_left_near_and_far(x0, c, lo):
+    x, fx = min1d_local(_bowl(c), x0, 0.1, lo)
+    assert x == pytest.approx(c, abs=1e-6)
+    assert fx == pytest.approx(3.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("x0, lo", [(0.0, -0.05), (0.0, -3.0), (-0.3, -0.3), (2.0, 1.0)])
+def test_min1d_local_returns_the_bound_exactly_when_the_minimum_lies_below_it(x0, lo):
+    """Minimum of the bowl at -10, below every bound: the answer is the bound and f there."""
+    f = _bowl(-10.0)
+    x, fx = min1d_local(f, x0, 0.1, lo)
+    assert x == lo and fx == f(lo)
+
+
+def test_min_nonneg_global_interior_tiny_boundary_and_runaway():
+    # interior: minimum at g = 2.5 in the middle of the grid
+    g, fg, ok = min_nonneg_global(lambda g: (math.log(g + 1e-300) - math.log(2.5)) ** 2 if g > 0 else 50.0)
+    assert ok and g == pytest.approx(2.5, rel=1e-9) and fg == pytest.approx(0.0, abs=1e-15)
+    # tiny interior minimum, below the grid's first point exp(-14): refined on theta = sqrt(g)
+    g, fg, ok = min_nonneg_global(lambda g: (math.sqrt(g) - 1e-4) ** 2 * 1e10)
+    assert ok and math.sqrt(g) == pytest.approx(1e-4, rel=1e-6) and fg == pytest.approx(0.0, abs=1e-9)
+    # boundary: increasing in g; exactly 0, f(0) reported
+    g, fg, ok = min_nonneg_global(lambda g: 1.0 + g)
+    assert ok and g == 0.0 and fg == 1.0
+    # a boundary within BOUNDARY_TOL of the interior optimum wins; 1e-6 above it does not
+    g, _, _ = min_nonneg_global(lambda g: (math.log(g) - 1.0) ** 2 if g > 0 else 5e-10)
+    assert g == 0.0
+    g, _, _ = min_nonneg_global(lambda g: (math.log(g) - 1.0) ** 2 if g > 0 else 1e-6)
+    assert g == pytest.approx(math.e, rel=1e-8)
+    # decreasing without end: the top of the grid, not converged
+    g, fg, ok = min_nonneg_global(lambda g: 1.0 / (1.0 + g))
+    assert not ok and g == pytest.approx(math.exp(10.0), rel=1e-3) and fg == pytest.approx(1 / (1 + g), rel=1e-12)
+
+
+def test_min_nd_local_one_and_two_coordinates_with_a_bound():
+    """Two coordinates with the minimum on the bound of the first (Newton cannot vouch there, so the nested
+    1-D searches answer): the first exactly on its bound, the second at its conditional optimum."""
+    x, fx = min_nd_local(lambda z: float((z[0] - 2.0) ** 2 + 1.0), np.array([0.0]), np.array([0.1]), np.array([0.0]))
+    assert x[0] == pytest.approx(2.0, abs=1e-7) and fx == pytest.approx(1.0, abs=1e-12)
+
+    def f(z):
+        return float((z[0] + 0.5) ** 2 + (z[1] - 1.0) ** 2 + 0.5 * z[0] * (z[1] - 1.0) + 2.0)
+
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([0.0, -np.inf]))
+    assert x[0] == 0.0
+    assert x[1] == pytest.approx(1.0, abs=1e-6) and fx == pytest.approx(2.25, abs=1e-11)
+    # interior: with u = x0 + 1/2, v = x1 - 1 the gradient is A (u, v) - (0, 1/4), A = [[2, 1/2], [1/2, 2]]
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([-5.0, -5.0]))
+    u, v = np.linalg.solve([[2.0, 0.5], [0.5, 2.0]], [0.0, 0.25])
+    np.testing.assert_allclose(x, [u - 0.5, v + 1.0], atol=1e-7)
+    assert fx == pytest.approx(f(np.array([u - 0.5, v + 1.0])), abs=1e-12)
