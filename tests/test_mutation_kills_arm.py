@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.arm import ArmVarianceModel, two_arms
 
 LOG2PI = math.log(2.0 * math.pi)
 # per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)
@@ -101,3 +101,55 @@ def test_loglik_and_equal_variance_lrt_against_the_dense_likelihood(data):
     assert lrt["statistic"] == pytest.approx(stat, rel=1e-5)
     assert lrt["p_value"] == pytest.approx(stats.chi2.sf(stat, 1), rel=1e-4, abs=0)
     assert lrt["df"] == 1
+
+
+def test_therapist_effects_are_the_per_arm_shrunken_means(data):
+    """BLUP of therapist t in arm a: m tau2_a / (s2_a + m tau2_a) (mean_t - mean_a), conditional variance
+    tau2_a s2_a / (s2_a + m tau2_a); raw and adjusted means are the therapist's mean (one covariate: arm)."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    eff = res.therapist_effects(level=0.9, higher_is_better=True).set_index("therapist")
+    z = stats.norm.ppf(0.95)
+    for a, (G, m, msb, msw) in enumerate(ARMS):
+        tau2 = _tau2(G, m, msb, msw, "REML")
+        sel = arm == a
+        labels = np.unique(t[sel])
+        means = np.array([y[t == lab].mean() for lab in labels])
+        rows = eff.loc[labels]
+        assert (rows["arm"] == str(a)).all() and (rows["caseload"] == m).all()
+        shrink = m * tau2 / (msw + m * tau2)
+        np.testing.assert_allclose(rows["effect"], shrink * (means - y[sel].mean()), rtol=1e-4, atol=1e-9)
+        se = math.sqrt(tau2 * msw / (msw + m * tau2))
+        np.testing.assert_allclose(rows["effect_se"], se, rtol=1e-4)
+        np.testing.assert_allclose(rows["ci_high"] - rows["effect"], z * rows["effect_se"], rtol=1e-12)
+        np.testing.assert_allclose(rows["raw_mean"], means, rtol=1e-12)
+        np.testing.assert_allclose(rows["adjusted_mean"], means, rtol=1e-10)
+    assert len(eff) == sum(G for G, *_ in ARMS)  # cells without patients left out (uncorrelated model)
+
+
+def test_grad_g_is_the_derivative_of_the_deviance(data):
+    """The analytic gradient of the profiled deviance in the relative variances (diagonal G, r = 1)
+    against central finite differences of the engine's deviance (REML and ML)."""
+    y, X, t, arm = data
+    eng = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"])._eng
+    g = np.array([0.6, 0.3])
+    for method in ("REML", "ML"):
+        dev, grad = eng.grad_g(g, method)
+        assert dev == pytest.approx(eng.deviance(np.diag(g), np.ones(2), True, method), rel=1e-12)
+        h = 1e-5
+        fd = [(eng.deviance(np.diag(g + h * e), np.ones(2), True, method)
+               - eng.deviance(np.diag(g - h * e), np.ones(2), True, method)) / (2 * h) for e in np.eye(2)]
+        np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("values, feedback, labels, control, fb_label", [
+    ([0, 1, 1, 0], 1, ["0", "1", "1", "0"], "0", "1"),
+    ([0.0, 1.0, 1.0], 1, ["0", "1", "1"], "0", "1"),
+    ([True, False, True], True, ["1", "0", "1"], "0", "1"),
+    (["b", "a", "b"], "a", ["b", "a", "b"], "b", "a"),
+    ([2.5, 3.0, 2.5], 2.5, ["2.5", "3", "2.5"], "3", "2.5"),
+    (np.array([1, 2, 2], dtype=np.int32), np.int64(2), ["1", "2", "2"], "1", "2"),
+])
+def test_arm_labels_and_levels(values, feedback, labels, control, fb_label):
+    got, ctrl, fb = two_arms(values, feedback)
+    assert list(got) == labels and ctrl == control and fb == fb_label
