@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from therapist_effects.engine import gaussian as gs
 from test_engine_blocks import _check, _data
+from therapist_effects.engine import gaussian as gs
+from therapist_effects.engine.derivatives import slope_deviance
 from therapist_effects.engine.gaussian import BlockEngine, theta_to_lambda
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -245,3 +246,16 @@ def test_cluster_level_fit_is_the_dense_reml_optimum_with_an_exact_zero():
     assert -0.5 * fmin == pytest.approx(best, rel=1e-10)
     for dc, ds in ((1.02, 1), (0.98, 1), (1, 1.02), (1, 0.98)):
         assert ll(theta[1] ** 2 * s2 * dc, s2 * ds) < best
+
+
+def test_slope_deviance_is_infinite_with_nan_derivatives_where_undefined():
+    """An SD of exp(800) overflows: the criterion is +inf with NaN gradient (4) and Hessian (4 x 4), as
+    the engine's own criterion there, for every criterion."""
+    y, X, codes, _, _ = _data(4)
+    eng = BlockEngine(y, X, X[:, [0, 1]], codes, codes.max() + 1)
+    for criterion in ("ml", "profiled_ml", "profiled_reml"):
+        f, g, H = slope_deviance(eng, np.array([800.0, 0.0, 0.2, 0.0]), criterion)
+        assert f == math.inf and g.shape == (4,) and H.shape == (4, 4)
+        assert np.isnan(g).all() and np.isnan(H).all()
+    with pytest.raises(ValueError, match="unknown criterion"):
+        slope_deviance(eng, np.array([0.0, 0.0, 0.2, 0.0]), "reml")
