@@ -208,7 +208,7 @@ def _dense_reml(y, X, V):
 
 def test_criterion_of_rarer_layouts_equals_the_dense_computation():
     """q = 3 without strata or cluster level, q = 1 with a slope column only, q = 1 with residual strata
-    where the last therapist has no patient in the last stratum."""
+    where the last therapist has no patient in the last stratum (also with a cluster level)."""
     y, X, codes, cluster, arm = _data(9)
     G = codes.max() + 1
     th3 = np.array([0.8, 0.2, -0.3, 0.6, 0.1, 0.5])
@@ -220,6 +220,8 @@ def test_criterion_of_rarer_layouts_equals_the_dense_computation():
     ones = np.ones((len(y), 1))
     eng = BlockEngine(y, X, ones, codes, G, strata=strata)
     _check(eng, np.array([0.9]), np.array([[0.9]]), y, X, ones, codes, strata=strata, ratios=np.array([1.0, 2.5]))
+    eng = BlockEngine(y, X, ones, codes, G, cluster=cluster, strata=strata)
+    _check(eng, np.array([0.9, 0.6]), np.array([[0.9]]), y, X, ones, codes, cluster, strata, np.array([1.0, 2.5]))
 
 
 def test_cluster_level_fit_is_the_dense_reml_optimum_with_an_exact_zero():
