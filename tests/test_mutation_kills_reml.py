@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from therapist_effects.profile import min1d_local, min_nd_local, min_nonneg_global
+from therapist_effects.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -172,7 +172,7 @@ def test_min_nonneg_global_interior_tiny_boundary_and_runaway():
     assert g == pytest.approx(math.e, rel=1e-8)
     # decreasing without end: the top of the grid, not converged
     g, fg, ok = min_nonneg_global(lambda g: 1.0 / (1.0 + g))
-    assert not ok and g == pytest.approx(math.exp(10.0), rel=1e-3) and fg == pytest.approx(1 / (1 + g), rel=1e-12)
+    assert ok is False and g == pytest.approx(math.exp(10.0), rel=1e-3) and fg == pytest.approx(1 / (1 + g), rel=1e-12)
 
 
 def test_min_nd_local_one_and_two_coordinates_with_a_bound():
@@ -192,3 +192,26 @@ def test_min_nd_local_one_and_two_coordinates_with_a_bound():
     u, v = np.linalg.solve([[2.0, 0.5], [0.5, 2.0]], [0.0, 0.25])
     np.testing.assert_allclose(x, [u - 0.5, v + 1.0], atol=1e-7)
     assert fx == pytest.approx(f(np.array([u - 0.5, v + 1.0])), abs=1e-12)
+
+
+def test_min_nonneg_global_keeps_a_grid_point_better_than_brents_answer():
+    """The global minimiser returns the best point it evaluated: a dip exactly at a grid point, which the
+    bounded Brent refinement cannot see, wins over Brent's answer (next to the boundary and inside)."""
+    gs = np.exp(LOG_G_GRID)
+
+    def dip(at: float, base):
+        return lambda g: base(g) - (1.0 if g == at else 0.0)
+
+    g, fg, ok = min_nonneg_global(dip(float(gs[0]), lambda g: 1.0 + g))
+    assert ok and g == gs[0] and fg == pytest.approx(gs[0], abs=1e-15)
+    k = int(np.argmin(np.abs(LOG_G_GRID - 3.0)))
+    g, fg, ok = min_nonneg_global(dip(float(gs[k]), lambda g: 1.0 + (math.log(g) - 3.2) ** 2 if g > 0 else 9.0))
+    assert ok and g == pytest.approx(gs[k], rel=1e-12) and fg == pytest.approx(0.04, abs=1e-12)
+
+
+def test_min_nd_local_one_coordinate_stops_on_its_bound_and_rejects_three():
+    f = _bowl(-3.0)
+    x, fx = min_nd_local(lambda z: f(z[0]), np.array([1.0]), np.array([0.1]), np.array([0.5]))
+    assert x[0] == 0.5 and fx == f(0.5)
+    with pytest.raises(ValueError, match="^min_nd_local handles 1 or 2 coordinates$"):
+        min_nd_local(lambda z: 0.0, np.zeros(3), np.ones(3), np.zeros(3))
