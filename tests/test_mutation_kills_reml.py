@@ -215,3 +215,67 @@ def test_min_nd_local_one_coordinate_stops_on_its_bound_and_rejects_three():
     assert x[0] == 0.5 and fx == f(0.5)
     with pytest.raises(ValueError, match="^min_nd_local handles 1 or 2 coordinates$"):
         min_nd_local(lambda z: 0.0, np.zeros(3), np.ones(3), np.zeros(3))
+
+
+def test_nested_icc_profile_ends_are_roots_of_the_dense_profile():
+    """At each end of the therapist and cluster ICC intervals (REML), the dense restricted likelihood
+    maximised over the other parameters with that ICC's odds k fixed lies q / 2 below its maximum
+    (therapist: s2_t = k (s2 + s2_c); cluster: s2_c = k (s2 + s2_t)); icc(level) reports those intervals."""
+    y, X, codes, cl = _nested_data(seed=6, C=6, per=3, m=3)
+    n = len(y)
+    res = NestedModel(y, X, codes, cl).fit()
+    same_t = codes[:, None] == codes[None, :]
+    same_c = cl[:, None] == cl[None, :]
+    q = stats.chi2.ppf(0.95, 1)
+
+    def profile(which, k):
+        def neg(z):
+            other, s2 = np.exp(z)
+            mine = k * (s2 + other)
+            vt, vc = (mine, other) if which == "therapist" else (other, mine)
+            return -_dense_loglik(y, X, s2 * np.eye(n) + vt * same_t + vc * same_c, True)
+
+        v = res.vcomp
+        starts = [np.log([max(v["cluster" if which == "therapist" else "therapist"], 1e-3), v["residual"]]),
+                  np.log([1e-3, v["residual"]])]
+        return -min(optimize.minimize(neg, z0, method="Nelder-Mead",
+                                      options={"xatol": 1e-8, "fatol": 1e-10}).fun for z0 in starts)
+
+    table = res.icc(level=0.95)
+    for which, row in (("therapist", "icc"), ("cluster", "icc_cluster")):
+        lo, hi = res.icc_interval(0.95, which=which)
+        assert (table.loc[row, "ci_low"], table.loc[row, "ci_high"]) == (lo, hi)
+        assert hi < 1.0
+        for end in (lo, hi):
+            if end == 0.0:  # a lower end at the boundary: the profile there is still above the cut-off
+                assert profile(which, 0.0) > res.loglik - q / 2
+            else:
+                assert profile(which, end / (1 - end)) == pytest.approx(res.loglik - q / 2, abs=2e-4)
+
+
+def test_parametric_bootstrap_draws_the_fitted_variances():
+    """ML, balanced: each replicate's residual variance is its MSW, unbiased for the fitted residual
+    variance (sd of the mean of 40: 4%); nested REML: the replicates carry the fitted cluster variance."""
+    G, m, msb, msw = 8, 5, 9.0, 2.0
+    y, t = _exact_balanced(G, m, msb, msw, seed=3)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t, method="ML").fit()
+    boot = res.bootstrap(n_boot=40, seed=1)
+    assert boot["residual"].mean() == pytest.approx(res.vcomp["residual"], rel=0.15)
+    rng = np.random.default_rng(8)
+    C, per, mm = 8, 3, 4
+    cl = np.repeat(np.arange(C), per * mm)
+    codes = np.repeat(np.arange(C * per), mm)
+    yn = 2.0 * rng.normal(size=C)[cl] + 0.5 * rng.normal(size=C * per)[codes] + rng.normal(size=len(codes))
+    nres = NestedModel(yn, np.ones((len(yn), 1)), codes, cl).fit()
+    assert nres.vcomp["cluster"] > 1.0
+    nboot = nres.bootstrap(n_boot=30, seed=2)
+    assert nboot["cluster"].mean() > 0.5 * nres.vcomp["cluster"]
+
+
+def test_contract_bootstrap_intervals_use_the_given_seed():
+    y, t = _exact_balanced(8, 5, 9.0, 2.0, seed=4)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
+    entry = res.to_contract(interval="bootstrap", n_boot=20, seed=7)
+    draws = res.bootstrap(n_boot=20, seed=7)["icc"]
+    assert (entry["icc"]["ci_low"], entry["icc"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
