@@ -6,6 +6,7 @@ Expected values are independent of the code under test: closed forms of the bala
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -279,3 +280,17 @@ def test_contract_bootstrap_intervals_use_the_given_seed():
     draws = res.bootstrap(n_boot=20, seed=7)["icc"]
     assert (entry["icc"]["ci_low"], entry["icc"]["ci_high"]) == pytest.approx(
         tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
+
+
+def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_variances_nan():
+    y, t = _exact_balanced(10, 4, 6.0, 2.0, seed=9)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every end is found: no StatisticalWarning
+        ci = res.conf_int()
+    assert np.isfinite(ci.to_numpy(dtype=float)).all() and res.warnings == []
+    wald = res.conf_int(method="wald")
+    assert (wald.dtypes == float).all()
+    assert wald.loc[["therapist", "residual"]].isna().all().all()
+    z = stats.norm.ppf(0.975)
+    assert wald["upper"].iloc[0] == pytest.approx(res.fe_params.iloc[0] + z * res.bse.iloc[0], rel=1e-12)
