@@ -9,9 +9,11 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import optimize, stats
 
+from therapist_effects.exceptions import ModelError
 from therapist_effects.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.reml import NestedModel, RandomInterceptModel
 
@@ -294,3 +296,41 @@ def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_vari
     assert wald.loc[["therapist", "residual"]].isna().all().all()
     z = stats.norm.ppf(0.975)
     assert wald["upper"].iloc[0] == pytest.approx(res.fe_params.iloc[0] + z * res.bse.iloc[0], rel=1e-12)
+
+
+def test_nested_fit_with_no_cluster_variance_is_the_random_intercept_fit():
+    """A cluster variance estimated at the boundary is exactly 0, and the rest is then the random-intercept
+    model of the therapist units: same therapist and residual variances and log-likelihood (the dense
+    likelihood checks that optimum)."""
+    rng = np.random.default_rng(3)
+    C, per, m = 5, 4, 4
+    cl = np.repeat(np.arange(C), per * m)
+    codes = np.repeat(np.arange(C * per), m)
+    y = 0.8 * rng.normal(size=C * per)[codes] + rng.normal(size=len(codes))
+    X = np.ones((len(y), 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the singular fit's warning
+        res = NestedModel(y, X, codes, cl).fit()
+    assert res.vcomp["cluster"] == 0.0 and res.singular
+    ri = RandomInterceptModel(y, X, codes).fit()
+    assert res.vcomp["therapist"] == pytest.approx(ri.vcomp["therapist"], rel=1e-7)
+    assert res.vcomp["residual"] == pytest.approx(ri.vcomp["residual"], rel=1e-9)
+    assert res.loglik == pytest.approx(ri.loglik, rel=1e-12)
+    same_t = codes[:, None] == codes[None, :]
+    V = ri.vcomp["residual"] * np.eye(len(y)) + ri.vcomp["therapist"] * same_t
+    assert ri.loglik == pytest.approx(_dense_loglik(y, X, V, True), rel=1e-10)
+
+
+def test_missing_group_labels_are_named_and_from_frame_keeps_the_method():
+    y, X, codes, cl = _nested_data()
+    t = codes.astype(float)
+    t[3] = np.nan
+    with pytest.raises(ModelError, match="^therapist label missing in 1 rows$"):
+        RandomInterceptModel(y, X, t)
+    c = cl.astype(object)
+    c[[0, 5]] = None
+    with pytest.raises(ModelError, match="^cluster label missing in 2 rows$"):
+        NestedModel(y, X, codes, c)
+    df = pd.DataFrame({"y": y, "x": X[:, 1], "therapist": codes, "cluster": cl})
+    assert NestedModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
+    assert RandomInterceptModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
