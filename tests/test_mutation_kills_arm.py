@@ -153,3 +153,90 @@ def test_grad_g_is_the_derivative_of_the_deviance(data):
 def test_arm_labels_and_levels(values, feedback, labels, control, fb_label):
     got, ctrl, fb = two_arms(values, feedback)
     assert list(got) == labels and ctrl == control and fb == fb_label
+
+
+# -- profile limits against the dense ML deviance, profiled by a constrained optimiser (scipy SLSQP) --
+Q95 = stats.chi2.ppf(0.95, 1)
+
+
+@pytest.fixture(scope="module")
+def crossed():
+    """Therapists seeing patients in both arms (correlated effects), four clusters of therapists."""
+    rng = np.random.default_rng(12)
+    G, m = 12, 4
+    t = np.repeat(np.arange(G), 2 * m)
+    arm = np.tile(np.repeat([0, 1], m), G)
+    cl = t % 4
+    u = rng.multivariate_normal([0, 0], [[1.0, 0.3], [0.3, 0.6]], size=G)
+    y = 5.0 - arm + u[t, arm] + np.array([-2.0, -0.5, 1.0, 2.5])[cl] + rng.normal(size=len(t)) * np.where(arm, 1.3, 1.0)
+    return y, np.column_stack([np.ones(len(y)), arm]), t, arm, cl
+
+
+def _dense_ml_dev(y, X, t, arm, cl, tau2, rho, s2, vc):
+    same_t = t[:, None] == t[None, :]
+    sd = np.sqrt(tau2)[arm]
+    corr = np.where(arm[:, None] == arm[None, :], 1.0, rho)
+    V = np.diag(np.asarray(s2)[arm]) + same_t * corr * np.outer(sd, sd) + vc * (cl[:, None] == cl[None, :])
+    W = np.linalg.inv(V)
+    b = np.linalg.solve(X.T @ W @ X, X.T @ W @ y)
+    e = y - X @ b
+    return float(len(y) * LOG2PI + np.linalg.slogdet(V)[1] + e @ W @ e)
+
+
+def _unpack(u, arm_residual, cluster):
+    tau2 = np.exp(2 * u[:2])
+    rho = math.tanh(u[2])
+    s2 = np.exp(2 * u[3:5]) if arm_residual else np.exp(2 * np.array([u[3], u[3]]))
+    vc = math.exp(2 * u[-1]) if cluster else 0.0
+    return tau2, rho, s2, vc
+
+
+TARGETS = {
+    "therapist[0]": lambda tau2, rho, s2, vc: tau2[0],
+    "therapist[1]": lambda tau2, rho, s2, vc: tau2[1],
+    "residual[0]": lambda tau2, rho, s2, vc: s2[0],
+    "residual[1]": lambda tau2, rho, s2, vc: s2[1],
+    "residual": lambda tau2, rho, s2, vc: s2[0],
+    "correlation": lambda tau2, rho, s2, vc: rho,
+    "icc[0]": lambda tau2, rho, s2, vc: tau2[0] / (tau2[0] + s2[0] + vc),
+    "icc[1]": lambda tau2, rho, s2, vc: tau2[1] / (tau2[1] + s2[1] + vc),
+    "icc_ratio": lambda tau2, rho, s2, vc: (tau2[1] / (tau2[1] + s2[1] + vc)) / (tau2[0] / (tau2[0] + s2[0] + vc)),
+    "cluster": lambda tau2, rho, s2, vc: vc,
+}
+
+
+@pytest.mark.parametrize("arm_residual, cluster, names", [
+    (True, False, ["residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]", "icc_ratio"]),
+    (False, True, ["residual", "cluster", "therapist[0]", "icc[0]"]),
+])
+def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual, cluster, names):
+    y, X, t, arm, cl = crossed
+    kw = {"exog_names": ["Intercept", "arm"], "correlated": True, "arm_residual": arm_residual}
+    if cluster:
+        kw.update(cluster=cl, cluster_random=True)
+    res = ArmVarianceModel(y, X, t, arm, **kw).fit()
+    ml = ArmVarianceModel(y, X, t, arm, method="ML", **kw).fit()
+    v = ml.vcomp
+    s2 = [v["residual[0]"], v["residual[1]"]] if arm_residual else [v["residual"]]
+    u_hat = np.r_[0.5 * np.log([v["therapist[0]"], v["therapist[1]"]]), math.atanh(ml.correlation), 0.5 * np.log(s2),
+                  [0.5 * math.log(v["cluster"])] if cluster else []]
+
+    def dev(u):
+        return _dense_ml_dev(y, X, t, arm, cl, *_unpack(u, arm_residual, cluster))
+
+    dmin = dev(u_hat)
+    assert dmin == pytest.approx(-2 * ml.loglik, rel=1e-9)
+    for name in names:
+        lo, hi = res.profile_interval(name)
+        assert np.isfinite(lo) and np.isfinite(hi)
+        for end in (lo, hi):
+            if end in (0.0, 1.0, -1.0):  # an edge of the parameter space (checked elsewhere)
+                continue
+            cons = {"type": "eq", "fun": lambda u, end=end, name=name: TARGETS[name](*_unpack(u, arm_residual, cluster))
+                    - end}
+            u = u_hat
+            for _ in range(3):  # SLSQP restarted from its own answer (it stops early on this problem)
+                u = optimize.minimize(dev, u, method="SLSQP", options={"ftol": 1e-13, "maxiter": 1000},
+                                      constraints=cons).x
+            assert abs(cons["fun"](u)) < 1e-7
+            assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
