@@ -240,3 +240,29 @@ def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual,
                                       constraints=cons).x
             assert abs(cons["fun"](u)) < 1e-7
             assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
+
+
+@pytest.mark.parametrize("arm_residual, cluster", [(False, False), (True, True)])
+def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(crossed, arm_residual, cluster):
+    """ML fits: the statistic is the dense ML deviance minimised with one common therapist variance
+    (correlation, residual(s) and cluster variance free) minus the fitted deviance."""
+    y, X, t, arm, cl = crossed
+    kw = {"exog_names": ["Intercept", "arm"], "correlated": True, "arm_residual": arm_residual, "method": "ML"}
+    if cluster:
+        kw.update(cluster=cl, cluster_random=True)
+    ml = ArmVarianceModel(y, X, t, arm, **kw).fit()
+
+    def dev_null(w):  # w = (log tau, atanh rho, log s [, log s1] [, log sc])
+        return _dense_ml_dev(y, X, t, arm, cl, *_unpack(np.r_[w[0], w], arm_residual, cluster))
+
+    v = ml.vcomp
+    s2 = [v["residual[0]"], v["residual[1]"]] if arm_residual else [v["residual"]]
+    w = np.r_[0.25 * math.log(v["therapist[0]"] * v["therapist[1]"]), math.atanh(min(ml.correlation, 0.99)),
+              0.5 * np.log(s2), [0.5 * math.log(v["cluster"])] if cluster else []]
+    for _ in range(3):
+        w = optimize.minimize(dev_null, w, method="Nelder-Mead",
+                              options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000, "maxfev": 20000}).x
+    stat = dev_null(w) + 2 * ml.loglik
+    lrt = ml.lrt_equal_variances()
+    assert lrt["statistic"] == pytest.approx(stat, abs=1e-5)
+    assert lrt["p_value"] == pytest.approx(stats.chi2.sf(stat, 1), rel=1e-4, abs=0)
