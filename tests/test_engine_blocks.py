@@ -163,3 +163,16 @@ def test_fit_finds_the_optimum_on_the_boundary_exactly():
     for d in (1e-3, 1e-2):
         assert fmin <= eng.crit(th + np.array([0.0, d]), True)
         assert fmin <= eng.crit(th + np.array([d, 0.0]), True) and fmin <= eng.crit(th - np.array([d, 0.0]), True)
+
+
+def test_criterion_over_a_batch_equals_one_at_a_time():
+    """crit_many (the optimiser's grids, vectorised for the random intercept) equals crit row by row,
+    with and without the cluster level, at 0 and at ratios far out."""
+    y, X, codes, cluster, _ = _data(9)
+    G = codes.max() + 1
+    Z = np.ones((len(y), 1))
+    rng = np.random.default_rng(5)
+    for eng, m in ((BlockEngine(y, X, Z, codes, G), 1), (BlockEngine(y, X, Z, codes, G, cluster=cluster), 2)):
+        th = np.vstack([np.zeros(m), rng.uniform(0.0, 2.0, size=(6, m)), np.full(m, 150.0)])
+        for reml in (True, False):
+            np.testing.assert_allclose(eng.crit_many(th, reml), [eng.crit(t, reml) for t in th], rtol=1e-12)

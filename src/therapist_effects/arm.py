@@ -51,9 +51,9 @@ from scipy import optimize, stats
 
 from .classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .arm_inference import ArmBootstrap, ArmProfiles
 from .engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
 from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from .arm_inference import ArmBootstrap, ArmProfiles
 from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
 from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
@@ -514,11 +514,11 @@ class ArmVarianceModel:
             r = np.array([1.0, math.exp(x[nt])]) if self.arm_residual else None
             return eng.block.crit(th, reml, ratios=r)
 
-        jac = None
-        if diagonal and not self.arm_residual and not self.cluster_random:
-            def jac(x):  # chain rule through g = theta^2
-                _, gg = eng.grad_g(np.asarray(x) ** 2, method)
-                return gg * 2.0 * np.asarray(x)
+        def grad(x):  # chain rule through g = theta^2 (diagonal G, one residual variance, no cluster level)
+            _, gg = eng.grad_g(np.asarray(x) ** 2, method)
+            return gg * 2.0 * np.asarray(x)
+
+        jac = grad if diagonal and not self.arm_residual and not self.cluster_random else None
 
         if start is None:
             G0, r0 = self._start_values()

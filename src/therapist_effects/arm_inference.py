@@ -383,8 +383,8 @@ class ArmProfiles:
     def _profile_end(self, t: _Target, dev_min: float, method: str, q: float, direction: int) -> float:
         """One end of the profile interval of ``t`` by the shared outward-bracketing root search
         (:func:`~therapist_effects.engine.inference.profile_limit`), the inner optimisation
-        warm-started. Variances and the ICC ratio step on the log scale from
-        their estimate (from ``1e-4`` residual variances, or ``1e-4``, when it is 0) with the edge 0
+        warm-started. Variances and the ICC ratio step on the log scale from their estimate (from
+        ``1e-4`` residual variances, or ``1e-4``, when it is 0) with the edge 0
         evaluated exactly (not for a residual variance, whose criterion is undefined at 0); ICCs
         likewise on ``[0, 1]`` (1 approached, never evaluated); the correlation linearly on
         ``[-1, 1]`` with both edges evaluated. An end that stays below the cut-off up to an edge is
@@ -414,6 +414,7 @@ class ArmProfiles:
             if kw["lower"] < c < kw["upper"]:
                 starts[c] = z
             return fz - dev_min
+
         lim = profile_limit(excess, t.estimate, q, direction, xtol=1e-12, rtol=1e-9, **kw)
         edge = kw["lower"] if direction < 0 else kw["upper"]
         return float(edge if lim.status == "open" and math.isfinite(edge) else lim.value)

@@ -35,8 +35,8 @@ def _brent(f: Callable[[float], float], lo: float, hi: float, xtol: float,
     return best
 
 
-def min_nonneg_global(f: Callable[[float], float], grid: np.ndarray = LOG_G_GRID
-                      ) -> tuple[float, float, bool]:
+def min_nonneg_global(f: Callable[[float], float], grid: np.ndarray = LOG_G_GRID,
+                      f_grid: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float, bool]:
     """Global minimiser of ``f(g)`` over a variance ratio ``g >= 0``.
 
     Evaluates ``f`` on a grid in ``log g`` and at ``g = 0``, refines the best grid bracket by
@@ -44,10 +44,10 @@ def min_nonneg_global(f: Callable[[float], float], grid: np.ndarray = LOG_G_GRID
     lme4 parameterises), and returns ``(g_hat, f_min, converged)``. ``g_hat`` is exactly 0 when the
     boundary is optimal (a singular fit); ``converged`` is False when the optimum runs into the
     upper end of the grid (therapist variance ~1e4 times the residual: no within-therapist
-    information).
+    information). ``f_grid``: ``f`` vectorised over an array of ``g`` (evaluates the grid in one pass).
     """
     gs = np.exp(grid)
-    vals = np.array([f(float(g)) for g in gs])
+    vals = np.asarray(f_grid(gs)) if f_grid is not None else np.array([f(float(g)) for g in gs])
     f0 = f(0.0)
     k = int(np.argmin(vals))
     converged = True

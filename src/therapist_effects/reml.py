@@ -76,21 +76,27 @@ def _crit(eng: BlockEngine, gt: float, gc: float, reml: bool) -> float:
 def _fit(eng: BlockEngine, reml: bool) -> tuple[np.ndarray, float, bool]:
     """Global optimum ``(g, crit_min, converged)``; ``g = [g_t]`` or ``[g_t, g_c]``: a grid in
     ``log g`` refined by Brent, the boundary ``g = 0`` checked exactly (singular fits)."""
+    def on_grid(gt: np.ndarray, gc: np.ndarray) -> np.ndarray:  # the criterion at many ratios at once
+        th = np.sqrt(np.column_stack([gt, gc]))
+        return eng.crit_many(th if eng.C else th[:, :1], reml)
+
     if not eng.C:
-        g, fmin, conv = min_nonneg_global(lambda x: eng.crit((math.sqrt(x),), reml))
+        g, fmin, conv = min_nonneg_global(lambda x: eng.crit((math.sqrt(x),), reml),
+                                          f_grid=lambda gs: on_grid(gs, 0.0 * gs))
         return np.array([g]), fmin, conv
     # nested: coarse 2-D grid in log ratios, local refinement on theta = sqrt(g) from the best
     # grid point, and the exact optima on the boundary lines g_t = 0 and g_c = 0
     f2 = lambda gt, gc: _crit(eng, gt, gc, reml)  # noqa: E731
     grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
-    vals = np.array([[f2(gt, gc) for gc in grid] for gt in grid])
+    gt_all, gc_all = np.meshgrid(grid, grid, indexing="ij")
+    vals = on_grid(gt_all.ravel(), gc_all.ravel()).reshape(len(grid), len(grid))
     i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
     th0 = np.sqrt([grid[i], grid[j]])
     th, fmin = min_nd_local(lambda th: eng.crit(th, reml), th0, 0.25 * th0, np.zeros(2), xtol=1e-10)
     best = (float(fmin), th[0] ** 2, th[1] ** 2)
     conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
-    gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x))
-    gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0))
+    gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x), f_grid=lambda gs: on_grid(0.0 * gs, gs))
+    gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0), f_grid=lambda gs: on_grid(gs, 0.0 * gs))
     for cand in ((f_c, 0.0, gc0), (f_t, gt0, 0.0)):
         if cand[0] <= best[0] + BOUNDARY_TOL:
             best = cand
@@ -201,7 +207,7 @@ class _BaseModel:
         self.endog, self.exog, self.exog_names = y, X, names
         self.codes = np.asarray(gcodes, dtype=np.int64)
         self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
-        self._engine = BlockEngine(y, X, np.ones((n, 1)), self.codes, G, cluster=cl)
+        self._engine = BlockEngine(y, X, np.broadcast_to(1.0, (n, 1)), self.codes, G, cluster=cl)  # (a view: no memory)
 
     def fit(self) -> MixedResults:
         """Fit by exact (RE)ML; warns (typed) on singular fits and non-convergence."""
@@ -537,13 +543,14 @@ class MixedResults(ModelResults):
 
         def excess_sigma(sg: float) -> float:
             x, fv = min_nd_local(lambda v: _dev_sd(eng, v, sg), start[0],
-                                 0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd))
+                                 0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd), hess=hess)
             start[0] = x
             return fv - dmin
 
         ends = []
         for d in (-1, 1):
             start[0] = x0.copy()
+            hess.clear()
             e, found = profile_end(excess_sigma, sigma, q, d, positive=True, step=0.02)
             ends.append(e ** 2 if found else math.nan)
             if not found:

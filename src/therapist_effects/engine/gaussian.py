@@ -196,9 +196,15 @@ class BlockEngine:
 
     def _group_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         out = np.empty((self.G, A.shape[1], B.shape[1]))
+        a_ones = [bool(np.all(A[:, i] == 1.0)) for i in range(A.shape[1])]  # (no products with 1)
+        b_ones = [bool(np.all(B[:, j] == 1.0)) for j in range(B.shape[1])]
         for i in range(A.shape[1]):
             for j in range(B.shape[1]):
-                out[:, i, j] = np.bincount(self.codes, weights=A[:, i] * B[:, j], minlength=self.G)
+                if a_ones[i] and b_ones[j]:
+                    w = None
+                else:
+                    w = B[:, j] if a_ones[i] else A[:, i] if b_ones[j] else A[:, i] * B[:, j]
+                out[:, i, j] = np.bincount(self.codes, weights=w, minlength=self.G)
         return out
 
     def _stratum_cross(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -273,6 +279,34 @@ class BlockEngine:
                              for j in range(k)], axis=1).reshape(self.C, U, k)
             self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
 
+    def crit_many(self, thetas: np.ndarray, reml: bool) -> np.ndarray:
+        """:meth:`crit` at each row of ``thetas``: one vectorised pass over the batch for the random
+        intercept (caseload sums; the optimiser's grids), a loop otherwise."""
+        thetas = np.asarray(thetas, dtype=float)
+        if not self._caseloads:
+            return np.array([self.crit(t, reml) for t in thetas])
+        p, k, B = self.p, self.p + 1, len(thetas)
+        ng = np.outer(thetas[:, 0] ** 2, self._nu)  # (B, distinct caseloads)
+        au = self._nu / (1.0 + ng)
+        ldv = np.log1p(ng) @ self._cnt_u
+        A = self.within + (au @ self._mm_u).reshape(B, k, k)
+        if self.C:
+            gc = thetas[:, 1:2] ** 2
+            tau = au @ self._cnt_cu.T  # (B, C)
+            sm = (au @ self._m_cku.T).reshape(B, self.C, k)
+            A = A - np.einsum("bck,bc,bcl->bkl", sm, gc / (1.0 + gc * tau), sm)
+            ldv = ldv + np.log1p(gc * tau).sum(axis=1)
+        try:
+            R = np.linalg.cholesky(A)
+        except np.linalg.LinAlgError:
+            return np.array([self.crit(t, reml) for t in thetas])
+        d = np.diagonal(R, axis1=1, axis2=2)
+        with np.errstate(all="ignore"):
+            r = d[:, p] ** 2
+            nu, extra = (self.n - p, ldv + 2.0 * np.log(d[:, :p]).sum(axis=1)) if reml else (self.n, ldv)
+            out = nu * (1.0 + LOG2PI + np.log(r / nu)) + extra
+        return np.where((r > 0.0) & np.isfinite(out), out, np.inf)
+
     def with_y(self, y: np.ndarray) -> BlockEngine:
         """A copy with another outcome (the design's statistics shared): the bootstrap's refits."""
         new = copy.copy(self)
@@ -300,7 +334,7 @@ class BlockEngine:
             return CC, float(np.log(m0).sum() + np.log(m1).sum())
         # sum_i C_i'C_i = sum_i (Z'A)_i' K_i (Z'A)_i with K_i = Lambda M_i^{-1} Lambda' (2 x 2):
         # three length-G dot products with the precomputed outer products
-        k00, k01, k11, det = _kernel_q2(lam, ZZ)
+        k00, k01, k11, det = _kernel_q2_zdiag(lam, ZZ) if self._zz_diagonal else _kernel_q2(lam, ZZ)
         CC = (k00 @ self.P00 + k01 @ self.P01 + k11 @ self.P11).reshape(k, k)
         return CC, float(np.log(det).sum())
 
@@ -327,7 +361,7 @@ class BlockEngine:
             A, ldv = self._system_caseloads(t0 * t0, float(theta[1]) ** 2 if self.C else 0.0)
         else:
             lam, gc = self._split(theta)
-            if not centred:
+            if not centred and self.Zc is not self.Z:
                 lam = self.T @ lam
             A, ldv = self._system(lam, gc, ratios)
         R = np.linalg.cholesky(A)
@@ -413,7 +447,7 @@ class BlockEngine:
             K[:, 0, 0], K[:, 1, 1] = lam[0, 0] ** 2 / m0, lam[1, 1] ** 2 / m1
             return K, float(np.log(m0).sum() + np.log(m1).sum())
         if q == 2:
-            k00, k01, k11, det = _kernel_q2(lam, ZZ)
+            k00, k01, k11, det = _kernel_q2_zdiag(lam, ZZ) if self._zz_diagonal else _kernel_q2(lam, ZZ)
             K = np.empty((len(det), 2, 2))
             K[:, 0, 0], K[:, 1, 1] = k00, k11
             K[:, 0, 1] = K[:, 1, 0] = k01
@@ -496,6 +530,18 @@ class BlockEngine:
             tc0 = self.to_centred(np.asarray(theta0, dtype=float))
         tc, fmin, ok = minimise_theta(lambda t: self.crit(t, reml, centred=True), tc0, self.q)
         return self.from_centred(tc), fmin, ok
+
+
+def _kernel_q2_zdiag(lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_kernel_q2` when every ``Z_i'Z_i`` is diagonal (arm indicators): with ``G = Lambda
+    Lambda'`` and ``D_i = Z_i'Z_i``, ``K_i = (I + G D_i)^{-1} G`` and ``|M_i| = |I + G D_i|``."""
+    G = lam @ lam.T
+    g00, g01, g11 = G[0, 0], G[0, 1], G[1, 1]
+    d0, d1 = ZZ[:, 0, 0], ZZ[:, 1, 1]
+    det = (1.0 + g00 * d0) * (1.0 + g11 * d1) - (g01 * g01) * (d0 * d1)
+    detg = g00 * g11 - g01 * g01
+    inv = 1.0 / det
+    return (g00 + detg * d1) * inv, g01 * inv, (g11 + detg * d0) * inv, det
 
 
 def _kernel_q2(lam: np.ndarray, ZZ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
