@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import optimize, stats
 
 from therapist_effects.arm import ArmVarianceModel, two_arms
+from therapist_effects.exceptions import ModelError
 
 LOG2PI = math.log(2.0 * math.pi)
 # per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)
@@ -266,3 +268,32 @@ def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(cr
     lrt = ml.lrt_equal_variances()
     assert lrt["statistic"] == pytest.approx(stat, abs=1e-5)
     assert lrt["p_value"] == pytest.approx(stats.chi2.sf(stat, 1), rel=1e-4, abs=0)
+
+
+def test_contract_entry_carries_the_requested_intervals(crossed):
+    """to_contract with exact profile limits: each entry holds the limits of profile_interval under the
+    contract's field names; conf_int's level reaches lme4's profile; icc_by_arm names the roles."""
+    y, X, t, arm, _ = crossed
+    df = pd.DataFrame({"y": y, "therapist": t, "arm": arm})
+    res = ArmVarianceModel.from_frame(df, "y", correlated=True, arm_residual=True).fit()
+    entry = res.to_contract(interval="profile_exact")
+    for name in ("therapist[0]", "residual[1]"):
+        lo, hi = res.profile_interval(name)
+        assert entry["variance_components"][name] == {"estimate": res.vcomp[name], "ci_low": lo, "ci_high": hi}
+    assert "cov(therapist)" not in entry["variance_components"]
+    lo, hi = res.profile_interval("correlation")
+    assert entry["correlation"] == {"estimate": res.correlation, "ci_low": lo, "ci_high": hi}
+    lo, hi = res.profile_interval("icc[1]")
+    assert entry["icc_by_arm"]["1"] == {"estimate": res.icc_point()[1], "ci_low": lo, "ci_high": hi,
+                                        "ci_method": "profile_exact"}
+    assert list(res.icc_by_arm(method="profile_exact")["role"]) == ["control", "feedback"]
+    ci90 = res.conf_int(0.90)
+    assert tuple(ci90.loc["therapist[0]"]) == res.lme4_profile_interval("therapist[0]", 0.90)
+    assert ci90.loc["therapist[0]", "upper"] < res.conf_int(0.95).loc["therapist[0]", "upper"]
+
+
+def test_therapist_effects_refused_with_a_random_cluster_level(crossed):
+    y, X, t, arm, cl = crossed
+    res = ArmVarianceModel(y, X, t, arm, cluster=cl, cluster_random=True).fit()
+    with pytest.raises(ModelError, match="^therapist_effects\\(\\) is not available with cluster_random=True"):
+        res.therapist_effects()
