@@ -31,11 +31,11 @@ import pytest
 import yaml
 
 from therapist_effects.config import load_config
-from therapist_effects.csvsafe import DANGEROUS_PREFIXES
+from therapist_effects.io.csvsafe import DANGEROUS_PREFIXES
 from therapist_effects.exceptions import ConfigError, InputError, PseudonymisationError, TherapistEffectsError
-from therapist_effects.ingest import accounting, ingest_dataset
-from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
-from therapist_effects.readers import MAX_COLUMNS
+from therapist_effects.io.ingest import accounting, ingest_dataset
+from therapist_effects.io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+from therapist_effects.io.readers import MAX_COLUMNS
 from therapist_effects.safety import MIN_KEY_LENGTH, check_key, check_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
@@ -545,7 +545,7 @@ def test_research_report_is_marked_internal_and_service_report_shareable(tmp_pat
 
 
 def test_provenance_command_is_labelled_a_suggestion():
-    from therapist_effects.models import assemble_estimates
+    from therapist_effects.models.fitting import assemble_estimates
 
     cfg = load_config(_cfg(path=str(REPO / "data" / "demo_sessions.csv")))
     patients = pd.DataFrame({"patient": ["a", "b"], "therapist": ["x", "y"], "end": [1.0, 2.0]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,32 @@ def test_per_cluster_arm_columns(per_trial):
     assert {"icc_control", "icc_feedback", "icc_ratio"} <= set(est.columns)
     ok = est["icc_control"] > 0
     np.testing.assert_allclose(est.loc[ok, "icc_ratio"], est.loc[ok, "icc_feedback"] / est.loc[ok, "icc_control"])
+
+
+def test_per_cluster_arm_iccs_with_a_covariate_constant_in_one_cluster():
+    """A covariate constant within one cluster (e.g. every patient of a service has the same
+    referral route) is left out of that cluster's arm model as it is of its ICC, so the arm-specific
+    ICCs are estimated there, and equal the fit without the covariate."""
+    from therapist_effects.models.arm import ArmVarianceModel
+
+    rng = np.random.default_rng(11)
+    rows = []
+    for c in range(2):
+        for t in range(12):
+            u = rng.normal(scale=0.4, size=2)
+            for _ in range(25):
+                fb = int(rng.integers(0, 2))
+                rows.append({"cluster": f"s{c}", "therapist": f"s{c}t{t}", "arm": fb,
+                             "route": 1.0 if c == 0 else float(rng.integers(0, 2)),
+                             "y": u[fb] + rng.normal()})
+    df = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = per_cluster_estimates(df, "y", ["route"], therapist="therapist", cluster="cluster", arm="arm")
+        alone = ArmVarianceModel.from_frame(df[df["cluster"] == "s0"], "y", [], therapist="therapist",
+                                            arm="arm").fit().icc_point()
+    row = out.set_index("cluster").loc["s0"]
+    assert np.isfinite(row["icc_control"]) and np.isfinite(row["icc_feedback"])
+    assert row["icc_control"] == pytest.approx(alone[0], rel=1e-8)
+    assert row["icc_feedback"] == pytest.approx(alone[1], rel=1e-8)
+    assert np.isfinite(out.set_index("cluster").loc["s1", "icc_control"])

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
-from therapist_effects.arm import ArmVarianceModel, two_arms
 from therapist_effects.exceptions import ModelError
+from therapist_effects.models.arm import ArmVarianceModel, two_arms
 
 LOG2PI = math.log(2.0 * math.pi)
 # per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)

@@ -12,8 +12,8 @@ import warnings
 import pandas as pd
 
 from therapist_effects.exceptions import DataWarning
-from therapist_effects.ingest import REJECT_COLUMNS, ingest_frame
-from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+from therapist_effects.io.ingest import REJECT_COLUMNS, ingest_frame
+from therapist_effects.io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
 SESSION = {"layout": "session", "instrument": "PHQ-9",
            "columns": {"patient": "pid", "therapist": "tid", "score": "phq9", "occasion": "session"}}

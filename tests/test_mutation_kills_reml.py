@@ -14,8 +14,8 @@ import pytest
 from scipy import optimize, stats
 
 from therapist_effects.exceptions import ModelError
-from therapist_effects.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
-from therapist_effects.reml import NestedModel, RandomInterceptModel
+from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
 

@@ -29,6 +29,8 @@
 # would give, and the interval says how far off it can be; the same seed draws the same mutants, so a rerun
 # after new tests shows their effect on the same sample. Mutants left unchecked by the time box are not in
 # the score (the report counts them), which biases it only if the box cuts the sample short.
+# Sampled mutants that no selected test reaches are counted as "no tests" (outside the score, as in a full
+# run); the sample's survivors are listed by name.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BOX="${MUTATION_BOX:-600}"
@@ -54,10 +56,10 @@ declare -A TESTS=(
     [inference]="tests/test_mutation_kills_inference.py tests/test_results_interface.py::test_one_bootstrap_seed_rule_and_failure_count"
 )
 declare -A FILE=(
-    [csvsafe]="csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
-    [instruments]="instruments.py" [outcomes]="outcomes.py" [profile]="profile.py" [reml]="reml.py"
-    [arm]="arm.py" [glmm]="glmm.py" [inference]="engine/inference.py"
-    [arm_inference]="arm_inference.py" [gaussian]="engine/gaussian.py" [derivatives]="engine/derivatives.py"
+    [csvsafe]="io/csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
+    [instruments]="io/instruments.py" [outcomes]="io/outcomes.py" [profile]="models/profile.py" [reml]="models/reml.py"
+    [arm]="models/arm.py" [glmm]="models/glmm.py" [inference]="engine/inference.py"
+    [arm_inference]="models/arm_inference.py" [gaussian]="engine/gaussian.py" [derivatives]="engine/derivatives.py"
 )
 ORDER=(csvsafe classify privacy meta instruments outcomes gaussian derivatives profile reml arm arm_inference glmm
        inference)

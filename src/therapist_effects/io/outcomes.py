@@ -12,7 +12,7 @@ value"). Patient layout: the row's own baseline and outcome.
 
 ``change`` is oriented so that positive = improvement: ``baseline - end`` for lower-is-better
 instruments (and when no instrument is configured), ``end - baseline`` for higher-is-better ones
-(ORS). With an instrument (see :mod:`therapist_effects.instruments`):
+(ORS). With an instrument (see :mod:`therapist_effects.io.instruments`):
 
 - ``reliable_improvement`` / ``reliable_deterioration``: oriented change >= the reliable change
   index either way;
@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .csvsafe import neutralise_frame, safe_csv
-from .exceptions import ConfigError, DataWarning
+from ..exceptions import ConfigError, DataWarning
 from .ingest import REJECT_COLUMNS, _fmt_value, _id_text, accounting
 from .instruments import Instrument, get_instrument
 
@@ -95,7 +95,7 @@ def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
     levels = sorted(pd.unique(present), key=(float if numeric else str))
     wanted = spec.get("feedback_level")
     if wanted is not None:
-        match = [lv for lv in levels if _id_text(lv) == _id_text(wanted) or str(lv) == str(wanted)]
+        match = [lv for lv in levels if _id_text(lv) == _id_text(wanted)]
         if not match:
             shown = ", ".join(_fmt_value(v) for v in levels)
             raise ConfigError(
@@ -127,7 +127,7 @@ def derive_patient_outcomes(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per patient (the patient table) and the rejects of this step.
 
-    ``rows`` are the valid rows of :func:`therapist_effects.ingest.ingest_dataset`; ``spec`` the
+    ``rows`` are the valid rows of :func:`therapist_effects.io.ingest.ingest_dataset`; ``spec`` the
     dataset's configuration (layout, columns, min_sessions, dropout_codes, feedback_level);
     ``instrument`` an :class:`Instrument` (e.g. ``IngestResult.instrument``) or a registry name;
     when None the spec's ``instrument`` is looked up in the registry. Returns ``(patients,
@@ -231,14 +231,13 @@ def derive_patient_outcomes(
     if "baseline" in pt.columns:
         b = pt["baseline"].to_numpy(dtype=float)
         e = pt["end"].to_numpy(dtype=float)
-        derived["change"] = np.asarray(inst.improvement(b, e) if inst else b - e, dtype=float)
+        derived["change"] = inst.improvement(b, e) if inst else b - e
         if inst is not None:
             untreated = ~treated
-            case_b = np.asarray(inst.is_case(b), dtype=float)
-            case_e = np.asarray(inst.is_case(e), dtype=float)
-            ri = np.asarray(inst.reliable_improvement(b, e), dtype=float)
-            rd = np.asarray(inst.reliable_deterioration(b, e), dtype=float)
-            csc = np.asarray(inst.clinically_significant(b, e), dtype=float)
+            # the instrument returns float arrays (NaN where undefined) for array input
+            case_b, case_e = inst.is_case(b), inst.is_case(e)
+            ri, rd = inst.reliable_improvement(b, e), inst.reliable_deterioration(b, e)
+            csc = inst.clinically_significant(b, e)
             recovered = np.where(case_b == 1.0, 1.0 - case_e, np.nan)
             recovered[np.isnan(case_e)] = np.nan
             reliable_recovery = np.where(np.isnan(recovered) | np.isnan(ri), np.nan,
@@ -288,7 +287,7 @@ def derive_patient_outcomes(
 # ------------------------------------------------------------------------------------------------
 def escape_formulas(df: pd.DataFrame) -> pd.DataFrame:
     """Copy of ``df`` whose text cells starting with ``= + - @``, tab or CR get a leading ``'``
-    (spreadsheet formula injection); numbers untouched. See :mod:`therapist_effects.csvsafe`."""
+    (spreadsheet formula injection); numbers untouched. See :mod:`therapist_effects.io.csvsafe`."""
     return neutralise_frame(df)
 
 

@@ -49,12 +49,12 @@ import pandas as pd
 from scipy import optimize, stats
 from scipy.special import expit
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import build_design, group_codes
-from .engine.inference import chi2_cut, parametric_bootstrap, profile_limit
-from .engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
+from ..engine.inference import chi2_cut, parametric_bootstrap, profile_limit
+from ..engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
                              icc_table)
-from .exceptions import (
+from ..exceptions import (
     ConvergenceWarning,
     ModelError,
     SingularFitWarning,

@@ -30,14 +30,14 @@ import pandas as pd
 from scipy import stats
 
 from .arm import arm_design
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.derivatives import slope_deviance
-from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
-from .engine.results import ICC, ModelResults, icc_table
-from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
+from ..engine.derivatives import slope_deviance
+from ..engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
+from ..engine.results import ICC, ModelResults, icc_table
+from ..engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
                                profile_limit, wald_interval)
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 

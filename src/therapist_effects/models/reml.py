@@ -44,14 +44,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from .engine.gaussian import BlockEngine, gls_from_cholesky
-from .engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
-from .engine.results import ICC, ModelResults, icc_table
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from ..engine.gaussian import BlockEngine, gls_from_cholesky
+from ..engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
+from ..engine.results import ICC, ModelResults, icc_table
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
-from .progress import track
+from ..progress import track
 
 __all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
 
