@@ -15,30 +15,20 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
+from test_mutation_kills_reml import _dense_loglik
+from test_surviving_mutants import _balanced
 from therapist_effects.exceptions import ModelError
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
 
-LOG2PI = math.log(2.0 * math.pi)
 # per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)
 ARMS = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 2.5)]
 
 
-def _one_way(G, m, msb, msw, rng):
-    e = rng.standard_normal((G, m))
-    e -= e.mean(axis=1, keepdims=True)
-    e *= math.sqrt(msw * G * (m - 1) / np.sum(e**2))
-    u = rng.standard_normal(G)
-    u -= u.mean()
-    u *= math.sqrt(msb * (G - 1) / (m * np.sum(u**2)))
-    return (u[:, None] + e).ravel()
-
-
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(4)
     ys, ts, arms = [], [], []
     for a, (G, m, msb, msw) in enumerate(ARMS):
-        ys.append(20.0 - 3.0 * a + _one_way(G, m, msb, msw, rng))
+        ys.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
         ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
         arms.append(np.full(G * m, a))
     y, t, arm = np.concatenate(ys), np.concatenate(ts), np.concatenate(arms)
@@ -73,14 +63,8 @@ def test_per_arm_variances_iccs_and_ratio_are_the_anova_closed_forms(data, metho
 
 def _dense_reml(y, X, t, arm, tau2, s2):
     """Restricted log-likelihood with therapist variance ``tau2[arm]`` and residual ``s2[arm]``."""
-    same = t[:, None] == t[None, :]
-    V = np.diag(np.asarray(s2)[arm]) + same * np.asarray(tau2)[arm][:, None]
-    W = np.linalg.inv(V)
-    XWX = X.T @ W @ X
-    b = np.linalg.solve(XWX, X.T @ W @ y)
-    e = y - X @ b
-    n, p = X.shape
-    return -0.5 * ((n - p) * LOG2PI + np.linalg.slogdet(V)[1] + np.linalg.slogdet(XWX)[1] + e @ W @ e)
+    V = np.diag(np.asarray(s2)[arm]) + (t[:, None] == t[None, :]) * np.asarray(tau2)[arm][:, None]
+    return _dense_loglik(y, X, V, True)
 
 
 def test_loglik_and_equal_variance_lrt_against_the_dense_likelihood(data):
@@ -179,10 +163,7 @@ def _dense_ml_dev(y, X, t, arm, cl, tau2, rho, s2, vc):
     sd = np.sqrt(tau2)[arm]
     corr = np.where(arm[:, None] == arm[None, :], 1.0, rho)
     V = np.diag(np.asarray(s2)[arm]) + same_t * corr * np.outer(sd, sd) + vc * (cl[:, None] == cl[None, :])
-    W = np.linalg.inv(V)
-    b = np.linalg.solve(X.T @ W @ X, X.T @ W @ y)
-    e = y - X @ b
-    return float(len(y) * LOG2PI + np.linalg.slogdet(V)[1] + e @ W @ e)
+    return -2.0 * _dense_loglik(y, X, V, False)
 
 
 def _unpack(u, arm_residual, cluster):

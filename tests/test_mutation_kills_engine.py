@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from test_engine_blocks import _check, _data
+from test_mutation_kills_reml import _dense_loglik
 from therapist_effects.engine import gaussian as gs
 from therapist_effects.engine.derivatives import slope_deviance
 from therapist_effects.engine.gaussian import BlockEngine, theta_to_lambda
@@ -197,15 +198,6 @@ def test_box_minimisers_at_a_corner_and_in_one_dimension():
     assert ok and x[0] == 0.5
 
 
-def _dense_reml(y, X, V):
-    W = np.linalg.inv(V)
-    XWX = X.T @ W @ X
-    b = np.linalg.solve(XWX, X.T @ W @ y)
-    e = y - X @ b
-    n, p = X.shape
-    return -0.5 * ((n - p) * LOG2PI + np.linalg.slogdet(V)[1] + np.linalg.slogdet(XWX)[1] + e @ W @ e)
-
-
 def test_criterion_of_rarer_layouts_equals_the_dense_computation():
     """q = 3 without strata or cluster level, q = 1 with a slope column only, q = 1 with residual strata
     where the last therapist has no patient in the last stratum (also with a cluster level)."""
@@ -242,7 +234,7 @@ def test_cluster_level_fit_is_the_dense_reml_optimum_with_an_exact_zero():
     same_c = cl[codes][:, None] == cl[codes][None, :]
 
     def ll(vc, s):
-        return _dense_reml(y, X, s * np.eye(n) + vc * same_c)
+        return _dense_loglik(y, X, s * np.eye(n) + vc * same_c, True)
 
     best = ll(theta[1] ** 2 * s2, s2)
     assert -0.5 * fmin == pytest.approx(best, rel=1e-10)

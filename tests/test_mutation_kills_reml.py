@@ -13,23 +13,12 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
+from test_surviving_mutants import _balanced
 from therapist_effects.exceptions import ModelError
 from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
-
-
-def _exact_balanced(G: int, m: int, msb: float, msw: float, seed: int = 0):
-    """Balanced one-way data whose ANOVA mean squares are exactly ``msb`` and ``msw``."""
-    rng = np.random.default_rng(seed)
-    e = rng.standard_normal((G, m))
-    e -= e.mean(axis=1, keepdims=True)
-    e *= math.sqrt(msw * G * (m - 1) / np.sum(e**2))
-    u = rng.standard_normal(G)
-    u -= u.mean()
-    u *= math.sqrt(msb * (G - 1) / (m * np.sum(u**2)))
-    return (10.0 + u[:, None] + e).ravel(), np.repeat([f"T{i}" for i in range(G)], m)
 
 
 def _dense_loglik(y, X, V, reml):
@@ -55,7 +44,7 @@ def _reml_null_loglik(y):
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_balanced_random_intercept_fit_is_the_anova_closed_form(method):
     G, m, msb, msw = 8, 5, 9.0, 2.0
-    y, t = _exact_balanced(G, m, msb, msw)
+    y, t = _balanced(G, m, msb, msw, 0)
     n = len(y)
     res = RandomInterceptModel(y, np.ones((n, 1)), t, method=method).fit()
     tau2 = (msb - msw) / m if method == "REML" else ((1 - 1 / G) * msb - msw) / m
@@ -76,7 +65,7 @@ def test_balanced_lrt_and_icc_profile_by_hand():
     """LRT against lm's REML log-likelihood (p halved, abs=0); ICC profile ends from the closed-form
     restricted likelihood in k = tau2 / s2: -2 l(k) = (N-1) log(SSW + SSB / (1 + m k)) + (G-1) log(1 + m k)."""
     G, m, msb, msw = 10, 4, 4.0, 2.0
-    y, t = _exact_balanced(G, m, msb, msw, seed=5)
+    y, t = _balanced(G, m, msb, msw, seed=5)
     n = len(y)
     res = RandomInterceptModel(y, np.ones((n, 1)), t).fit()
     stat = 2 * (res.loglik - _reml_null_loglik(y))
@@ -260,7 +249,7 @@ def test_parametric_bootstrap_draws_the_fitted_variances():
     """ML, balanced: each replicate's residual variance is its MSW, unbiased for the fitted residual
     variance (sd of the mean of 40: 4%); nested REML: the replicates carry the fitted cluster variance."""
     G, m, msb, msw = 8, 5, 9.0, 2.0
-    y, t = _exact_balanced(G, m, msb, msw, seed=3)
+    y, t = _balanced(G, m, msb, msw, seed=3)
     res = RandomInterceptModel(y, np.ones((len(y), 1)), t, method="ML").fit()
     boot = res.bootstrap(n_boot=40, seed=1)
     assert boot["residual"].mean() == pytest.approx(res.vcomp["residual"], rel=0.15)
@@ -276,7 +265,7 @@ def test_parametric_bootstrap_draws_the_fitted_variances():
 
 
 def test_contract_bootstrap_intervals_use_the_given_seed():
-    y, t = _exact_balanced(8, 5, 9.0, 2.0, seed=4)
+    y, t = _balanced(8, 5, 9.0, 2.0, seed=4)
     res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
     entry = res.to_contract(interval="bootstrap", n_boot=20, seed=7)
     draws = res.bootstrap(n_boot=20, seed=7)["icc"]
@@ -285,7 +274,7 @@ def test_contract_bootstrap_intervals_use_the_given_seed():
 
 
 def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_variances_nan():
-    y, t = _exact_balanced(10, 4, 6.0, 2.0, seed=9)
+    y, t = _balanced(10, 4, 6.0, 2.0, seed=9)
     res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every end is found: no StatisticalWarning
