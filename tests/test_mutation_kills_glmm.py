@@ -27,7 +27,8 @@ from scipy.special import expit
 
 from refdata import REFERENCE_DIR
 from therapist_effects.exceptions import ModelError, SingularFitWarning
-from therapist_effects.glmm import LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, check_quadrature
+from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, block_modes,
+                                    check_quadrature)
 
 LATENT = math.pi**2 / 3
 Z95 = stats.norm.ppf(0.975)
@@ -281,12 +282,36 @@ def test_singular_profile_interval_has_an_exact_zero_and_the_profile_root(singul
     lo80, hi80 = res.conf_int(0.8, method="profile").loc["therapist"]
     assert lo80 == 0.0 and 2 * (res.loglik - _profile_sd(m, math.sqrt(hi80))) == pytest.approx(
         stats.chi2.ppf(0.8, 1), abs=1e-4)
+    # the intercept's profile re-optimises the therapist SD (started off the stationary point 0)
+    for b0 in ci.loc["(Intercept)"]:
+        best = optimize.minimize_scalar(lambda s: -m.loglik([b0], s), bounds=(0.0, 3.0), method="bounded",
+                                        options={"xatol": 1e-10}).fun
+        assert 2 * (res.loglik + best) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-4)
     c = res.to_contract()
     assert c["singular"] is True and c["variance_components"]["therapist"]["ci_low"] == 0.0
     assert c["variance_components"]["therapist"]["ci_high"] == pytest.approx(hi * hi, rel=1e-12)
     assert c["icc"]["ci_low"] == 0.0 and c["icc"]["ci_high"] == pytest.approx(icc_of(hi * hi), rel=1e-12)
     assert c["lrt"] == {"statistic": 0.0, "df": 1, "p_value": 1.0}
     assert any(w.startswith("SingularFitWarning: ") for w in c["warnings"])
+
+
+def test_weak_interior_estimate_lrt_and_exact_zero_profile_end():
+    """12 therapists x 10 patients, 4 recovered each except 1, 7, 1, 7 for the last four: a small
+    positive therapist variance whose LRT statistic (0.34) is below 1 and below the cut-off."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.concatenate([[1.0] * k + [0.0] * (10 - k) for k in [4] * 8 + [1, 7, 1, 7]])
+    m = LogisticRandomInterceptModel(y, np.ones((120, 1)), g, exog_names=["(Intercept)"])
+    res = m.fit()
+    assert not res.singular and 0.05 < res.vcomp["therapist"] < 0.2
+    ll_glm = 120 * (0.4 * math.log(0.4) + 0.6 * math.log(0.6))  # 48 of 120 recovered
+    assert res.loglik_glm == pytest.approx(ll_glm, rel=1e-12)
+    t = res.lrt()
+    assert 0.0 < t["statistic"] < 1.0
+    assert t["statistic"] == pytest.approx(2 * (res.loglik - ll_glm), rel=1e-9)
+    assert t["p_value"] == pytest.approx(0.5 * stats.chi2.sf(t["statistic"], 1), rel=1e-12, abs=0)
+    lo, hi = res.conf_int(method="profile").loc["therapist"]
+    assert lo == 0.0 and hi > res.vcomp["therapist"]
+    assert 2 * (res.loglik - _profile_sd(m, math.sqrt(hi))) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-4)
 
 
 # --------------------------------------------------------------------------- bootstrap (truth)
@@ -375,16 +400,16 @@ _Y4, _G4 = np.array([0.0, 1.0, 1.0, 0.0]), np.array(["a", "a", "b", "b"])
 
 @pytest.mark.parametrize("args,kw,message", [
     ((_Y4, np.ones((3, 1)), _G4), {},
-     "endog (4 rows), exog (3 rows) and therapist (4 rows) must have the same number of patients"),
+     "endog has 4 rows but exog has 3, therapist has 4: every array needs one row per patient"),
     ((_Y4, np.ones((4, 1)), _G4[:3]), {},
-     "endog (4 rows), exog (4 rows) and therapist (3 rows) must have the same number of patients"),
+     "endog has 4 rows but exog has 4, therapist has 3: every array needs one row per patient"),
     ((np.array([]), np.ones((0, 1)), np.array([])), {}, "no patients to fit: the outcome has no rows"),
     ((np.array([0.0, np.nan, 1.0, 0.0]), np.ones((4, 1)), _G4), {},
-     "outcome or covariates contain missing/non-finite values; drop them first"),
+     "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.array([[1.0], [np.inf], [1.0], [1.0]]), _G4), {},
-     "outcome or covariates contain missing/non-finite values; drop them first"),
+     "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.ones((4, 1)), np.array(["a", None, "b", "b"], dtype=object)), {},
-     "therapist identifier is missing for some patients; drop them first"),
+     "therapist is missing for some patients; drop them first"),
     ((np.array([0.0, 1.0, 0.5, 0.0]), np.ones((4, 1)), _G4), {},
      "binary outcome expected (0/1): patient at position 2 has value 0.5"),
     ((np.ones(4), np.ones((4, 1)), _G4), {}, "outcome has no variation: every patient has value 1"),
@@ -408,17 +433,19 @@ def test_model_accepts_a_vector_design_and_dataframe_names():
     assert m.X.shape == (6, 1) and m.exog_names == ["x0"] and m.k_fe == 1
     assert list(m.therapist_labels) == ["a", "b", "c"] and list(m.counts) == [2, 2, 2]
     np.testing.assert_array_equal(m.X[:, 0], [2.0, 3.0, 0.0, 1.0, 4.0, 5.0])  # sorted by therapist
+    np.testing.assert_array_equal(m.order, [2, 3, 0, 1, 4, 5])  # row i of the sorted data is input row order[i]
     m = LogisticRandomInterceptModel(y, pd.DataFrame({"one": np.ones(6), "dose": x}), g)
     assert m.exog_names == ["one", "dose"] and m.method == "laplace" and m.n_quad == 1
 
 
 def test_nonconvergence_message(monkeypatch, data):
-    import therapist_effects.glmm as glmm
+    import therapist_effects.models.glmm as glmm
 
     monkeypatch.setattr(glmm, "_NEWTON_MAXIT", 1)  # the conditional modes cannot converge in 1 step
     m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq", n_quad=3)
-    with pytest.warns(glmm.ConvergenceWarning, match=r"^AGQ3: optimiser did not converge \(.*\); estimates may not"
-                      r" be at the maximum$"):
+    # the optimiser's own message (scipy's L-BFGS-B: "CONVERGENCE: ..." or "ABNORMAL...") in brackets
+    with pytest.warns(glmm.ConvergenceWarning, match=r"^AGQ3: optimiser did not converge \([A-Z]{4,}.*\); estimates"
+                      r" may not be at the maximum$"):
         res = m.fit()
     assert res.converged is False
     assert res.warnings_list[0].startswith("ConvergenceWarning: AGQ3: optimiser did not converge (")
@@ -427,13 +454,100 @@ def test_nonconvergence_message(monkeypatch, data):
 
 def test_from_frame_defaults(data):
     assert LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq").n_quad == 10  # lme4 nAGQ = 10
+    assert LogisticRandomInterceptModel(data["y"], np.ones((len(data), 1)), data["therapist"], method="agq").n_quad == 10
     lap = LogisticRandomInterceptModel.from_frame(data, "y")
     assert (lap.method, lap.n_quad, lap.exog_names) == ("laplace", 1, ["(Intercept)"])
 
 
 def test_information_that_cannot_be_inverted_gives_nan_not_an_error():
-    import therapist_effects.glmm as glmm
+    import therapist_effects.models.glmm as glmm
 
     out = glmm._safe_inv(np.zeros((2, 2)))
     assert out.shape == (2, 2) and out.dtype == np.float64 and np.isnan(out).all()
     np.testing.assert_allclose(glmm._safe_inv(np.array([[2.0, 0.0], [0.0, 4.0]])), [[0.5, 0.0], [0.0, 0.25]])
+
+
+def test_model_without_fixed_effects():
+    """logit P(y_ij = 1) = u_j (no intercept): the no-therapist model has probability 1/2, and the
+    therapist variance maximises the (validated) marginal likelihood, checked by a scalar optimiser."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.concatenate([[1.0] * k + [0.0] * (10 - k) for k in [4] * 8 + [1, 7, 1, 7]])
+    m = LogisticRandomInterceptModel(y, np.ones((120, 0)), g)
+    res = m.fit()
+    assert res.converged and not res.singular and list(res.fe_params.index) == []
+    assert res.loglik_glm == pytest.approx(120 * math.log(0.5), rel=1e-12)
+    best = optimize.minimize_scalar(lambda s: -m.loglik([], s), bounds=(0.0, 5.0), method="bounded",
+                                    options={"xatol": 1e-10})
+    assert res.vcomp["therapist"] == pytest.approx(best.x**2, rel=1e-6)
+    assert res.loglik == pytest.approx(-best.fun, abs=1e-9)
+    lo, hi = res.conf_int(method="profile").loc["therapist"]
+    assert lo == 0.0  # LRT 1.71 < 3.84
+    assert 2 * (res.loglik - m.loglik([], math.sqrt(hi))) == pytest.approx(stats.chi2.ppf(0.95, 1), abs=1e-6)
+
+
+def test_block_modes_with_one_sd_per_block():
+    """The arm-variance engines' case: a random-effect SD per block (0 for one block). Each block's mode
+    maximises h_j(v) = sum_i log p(y_i | eta0_i + s_j v) - v^2/2 (checked by a scalar optimiser)."""
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(5), [3, 8, 1, 12, 6])
+    eta0 = rng.normal(0, 0.5, g.size)
+    y = (rng.random(g.size) < 0.5).astype(float)
+    s = np.array([0.5, 3.0, 8.0, 0.0, 1.5])
+    starts = np.r_[0, np.cumsum(np.bincount(g))[:-1]]
+    v, mu, ok = block_modes(y, g, lambda a: np.add.reduceat(a, starts, axis=0), eta0, s, np.full(5, 0.3))
+    assert ok and v[3] == 0.0
+    for j in range(5):
+        yj, ej = y[g == j], eta0[g == j]
+        r = optimize.minimize_scalar(
+            lambda t, yj=yj, ej=ej, sj=s[j]: -(np.sum(yj * (ej + sj * t) - np.logaddexp(0, ej + sj * t)) - t * t / 2),
+            bounds=(-10, 10), method="bounded", options={"xatol": 1e-12})
+        assert v[j] == pytest.approx(r.x, abs=1e-7)
+    np.testing.assert_allclose(mu, expit(eta0 + s[g] * v[g]), rtol=1e-14)
+
+
+def test_agq2_fit_is_the_maximum_of_its_likelihood(data):
+    """Two nodes (the analytic gradient's node weights matter): the fit is clean and its maximum is
+    that of an independent derivative-free optimiser of the same likelihood."""
+    m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], method="agq", n_quad=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = m.fit()
+    best = optimize.minimize(lambda t: -m.loglik(t[:2], t[2]), [-0.3, 0.8, 1.1], method="Nelder-Mead",
+                             options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 2000})
+    assert res.loglik >= -best.fun - 1e-8
+    np.testing.assert_allclose(np.r_[res.fe_params, res.s_u], np.r_[best.x[:2], abs(best.x[2])], atol=2e-4)
+
+
+def test_singular_model_without_fixed_effects_is_converged():
+    g = np.repeat(np.arange(12), 10)
+    y = np.tile([1.0] * 5 + [0.0] * 5, 12)  # every therapist 5 of 10: P = 1/2, no therapist variance
+    with pytest.warns(SingularFitWarning):
+        res = LogisticRandomInterceptModel(y, np.ones((120, 0)), g).fit()
+    assert res.singular is True and res.converged is True
+    assert res.loglik == pytest.approx(120 * math.log(0.5), rel=1e-12)
+
+
+def test_an_optimiser_stopped_early_is_reported_not_converged(monkeypatch, data):
+    """L-BFGS-B capped at 3 iterations stops with a (whitened) gradient of ~0.3: not the maximum."""
+    import therapist_effects.models.glmm as glmm
+
+    minimize = glmm.optimize.minimize
+
+    def capped(*args, **kwargs):
+        return minimize(*args, **{**kwargs, "options": {**kwargs["options"], "maxiter": 3}})
+
+    monkeypatch.setattr(glmm.optimize, "minimize", capped)
+    with pytest.warns(glmm.ConvergenceWarning, match="optimiser did not converge"):
+        res = LogisticRandomInterceptModel.from_frame(data, "y", ["x"]).fit()
+    assert res.converged is False
+
+
+def test_agq_fit_of_singular_data_starts_off_the_boundary():
+    """AGQ after a singular Laplace stage: the AGQ stage starts from s = 0.1 with the GLM metric and
+    returns to the boundary (the rates are identical): the logistic regression, flagged singular."""
+    g = np.repeat(np.arange(12), 10)
+    y = np.tile([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 12).astype(float)
+    with pytest.warns(SingularFitWarning):
+        res = LogisticRandomInterceptModel(y, np.ones((120, 1)), g, method="agq", n_quad=5).fit()
+    assert res.singular and res.converged and res.method == "AGQ5" and res.vcomp["therapist"] == 0.0
+    assert res.fe_params.iloc[0] == pytest.approx(math.log(0.4 / 0.6), abs=1e-7)

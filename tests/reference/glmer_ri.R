@@ -1,4 +1,4 @@
-# Reference values for the random-intercept logistic GLMM (therapist_effects.glmm) on a small data set
+# Reference values for the random-intercept logistic GLMM (therapist_effects.models.glmm) on a small data set
 # with a clearly positive therapist variance (the profile interval of the variance has a lower end > 0).
 #
 #   cd tests/reference && Rscript glmer_ri.R      # writes glmer_ri.json (about 1 minute)

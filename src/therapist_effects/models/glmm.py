@@ -386,7 +386,7 @@ class LogisticRandomInterceptModel:
         """Logistic regression without therapist effects by IRLS (start values; not the GLM fit)."""
         X, y = self.X, self.y
         b = np.zeros(self.k_fe)
-        for _ in range(50):
+        for _ in range(50 if self.k_fe else 0):  # no fixed effects (logit P = u_j): nothing to start
             eta = X @ b
             mu = expit(eta)
             w = np.maximum(mu * (1 - mu), 1e-10)
