@@ -285,6 +285,8 @@ def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_vari
     assert wald.loc[["therapist", "residual"]].isna().all().all()
     z = stats.norm.ppf(0.975)
     assert wald["upper"].iloc[0] == pytest.approx(res.fe_params.iloc[0] + z * res.bse.iloc[0], rel=1e-12)
+    assert wald["lower"].iloc[0] == pytest.approx(res.fe_params.iloc[0] - z * res.bse.iloc[0], rel=1e-12)
+    assert list(wald.columns) == ["lower", "upper"]
 
 
 def test_nested_fit_with_no_cluster_variance_is_the_random_intercept_fit():
