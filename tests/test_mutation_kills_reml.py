@@ -1,0 +1,327 @@
+"""Tests that kill mutants of reml.py and profile.py found by ``MUTATION_SAMPLE=... tools/mutation.sh reml|profile``.
+
+Expected values are independent of the code under test: closed forms of the balanced one-way ANOVA
+(Searle, Casella & McCulloch 1992, sec. 3.7 and 4.7) and dense-matrix Gaussian likelihoods in numpy."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import optimize, stats
+
+from test_surviving_mutants import _balanced
+from therapist_effects.exceptions import ModelError
+from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
+
+LOG2PI = math.log(2.0 * math.pi)
+
+
+def _dense_loglik(y, X, V, reml):
+    """Gaussian (restricted) log-likelihood with ``V`` known, fixed effects at their GLS values."""
+    n, p = X.shape
+    W = np.linalg.inv(V)
+    XWX = X.T @ W @ X
+    b = np.linalg.solve(XWX, X.T @ W @ y)
+    e = y - X @ b
+    ll = -0.5 * (n * LOG2PI + np.linalg.slogdet(V)[1] + e @ W @ e)
+    if reml:
+        ll += 0.5 * p * LOG2PI - 0.5 * np.linalg.slogdet(XWX)[1]
+    return ll
+
+
+def _reml_null_loglik(y):
+    """REML log-likelihood of ``lm(y ~ 1)``: -1/2 [(n-1) log(2 pi s^2) + log n + (n-1)], s^2 = var(y)."""
+    n = len(y)
+    s2 = np.var(y, ddof=1)
+    return -0.5 * ((n - 1) * math.log(2 * math.pi * s2) + math.log(n) + (n - 1))
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_balanced_random_intercept_fit_is_the_anova_closed_form(method):
+    G, m, msb, msw = 8, 5, 9.0, 2.0
+    y, t = _balanced(G, m, msb, msw, 0)
+    n = len(y)
+    res = RandomInterceptModel(y, np.ones((n, 1)), t, method=method).fit()
+    tau2 = (msb - msw) / m if method == "REML" else ((1 - 1 / G) * msb - msw) / m
+    assert res.vcomp["residual"] == pytest.approx(msw, rel=1e-6)
+    assert res.vcomp["therapist"] == pytest.approx(tau2, rel=1e-5)
+    assert res.fe_params.iloc[0] == pytest.approx(y.mean(), rel=1e-12)
+    # vcov of the mean: (s2 + m tau2) / (G m), which is MSB / (G m) under REML
+    assert res.bse.iloc[0] == pytest.approx(math.sqrt((msw + m * tau2) / n), rel=1e-5)
+    assert res.icc() == pytest.approx(tau2 / (tau2 + msw), rel=1e-5)
+    codes = np.repeat(np.arange(G), m)
+    V = msw * np.eye(n) + tau2 * (codes[:, None] == codes[None, :])
+    assert res.loglik == pytest.approx(_dense_loglik(y, np.ones((n, 1)), V, method == "REML"), rel=1e-9)
+    assert not res.singular and res.converged
+    assert res.n_obs == n and res.n_therapists == G
+
+
+def test_balanced_lrt_and_icc_profile_by_hand():
+    """LRT against lm's REML log-likelihood (p halved, abs=0); ICC profile ends from the closed-form
+    restricted likelihood in k = tau2 / s2: -2 l(k) = (N-1) log(SSW + SSB / (1 + m k)) + (G-1) log(1 + m k)."""
+    G, m, msb, msw = 10, 4, 4.0, 2.0
+    y, t = _balanced(G, m, msb, msw, seed=5)
+    n = len(y)
+    res = RandomInterceptModel(y, np.ones((n, 1)), t).fit()
+    stat = 2 * (res.loglik - _reml_null_loglik(y))
+    lrt = res.lrt()
+    assert lrt["statistic"] == pytest.approx(stat, rel=1e-7)
+    assert lrt["p_value"] == pytest.approx(0.5 * stats.chi2.sf(stat, 1), rel=1e-6, abs=0)
+    ssb, ssw = msb * (G - 1), msw * G * (m - 1)
+
+    def dev(k):
+        return (n - 1) * math.log(ssw + ssb / (1 + m * k)) + (G - 1) * math.log(1 + m * k)
+
+    khat = (msb - msw) / (m * msw)
+    q = stats.chi2.ppf(0.95, 1)
+    lo = optimize.brentq(lambda k: dev(k) - dev(khat) - q, 0.0, khat) if dev(0) - dev(khat) > q else 0.0
+    hi = optimize.brentq(lambda k: dev(k) - dev(khat) - q, khat, 100.0)
+    iv = res.icc_interval(0.95)
+    assert iv[0] == pytest.approx(lo / (1 + lo), rel=1e-4)
+    assert iv[1] == pytest.approx(hi / (1 + hi), rel=1e-4)
+
+
+def _nested_data(seed=2, C=5, per=3, m=4):
+    rng = np.random.default_rng(seed)
+    G = C * per
+    cl = np.repeat(np.arange(C), per)
+    sizes = m + rng.integers(-1, 3, size=G)
+    codes = np.repeat(np.arange(G), sizes)
+    n = len(codes)
+    x = rng.normal(size=n)
+    y = 3.0 + 0.4 * x + 1.2 * rng.normal(size=C)[cl[codes]] + 0.9 * rng.normal(size=G)[codes] + rng.normal(size=n)
+    return y, np.column_stack([np.ones(n), x]), codes, cl[codes]
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_nested_fit_is_the_dense_likelihood_maximum(method):
+    """The reported variances maximise the dense (restricted) likelihood: the log-likelihood equals the
+    dense one at the estimate, and no nearby point (+-2% in each variance) is higher."""
+    y, X, codes, cl = _nested_data()
+    n = len(y)
+    res = NestedModel(y, X, codes, cl, method=method).fit()
+    reml = method == "REML"
+    same_t = codes[:, None] == codes[None, :]
+    same_c = cl[:, None] == cl[None, :]
+
+    def ll(vt, vc, s2):
+        return _dense_loglik(y, X, s2 * np.eye(n) + vt * same_t + vc * same_c, reml)
+
+    v = res.vcomp
+    best = ll(v["therapist"], v["cluster"], v["residual"])
+    assert res.loglik == pytest.approx(best, rel=1e-10)
+    for dt, dc, ds in [(1.02, 1, 1), (0.98, 1, 1), (1, 1.02, 1), (1, 0.98, 1), (1, 1, 1.02), (1, 1, 0.98)]:
+        assert ll(v["therapist"] * dt, v["cluster"] * dc, v["residual"] * ds) < best
+    W = np.linalg.inv(v["residual"] * np.eye(n) + v["therapist"] * same_t + v["cluster"] * same_c)
+    cov = np.linalg.inv(X.T @ W @ X)
+    np.testing.assert_allclose(res.bse.to_numpy(), np.sqrt(np.diag(cov)), rtol=1e-8)
+    np.testing.assert_allclose(res.fe_params.to_numpy(), cov @ X.T @ W @ y, rtol=1e-9)
+    tot = sum(v.values())
+    assert res.icc() == pytest.approx(v["therapist"] / tot, rel=1e-12)
+    assert res.icc_cluster() == pytest.approx(v["cluster"] / tot, rel=1e-12)
+
+
+# -- profile.py's minimisers on functions with known minima ---------------------------------------
+def _bowl(c: float, a: float = 2.0):
+    return lambda x: a * (x - c) ** 2 + 0.5 * (x - c) ** 4 + 3.0
+
+
+@pytest.mark.parametrize("x0, c, lo", [(0.0, 0.4, -np.inf), (0.0, -0.4, -np.inf), (0.0, 37.0, -np.inf),
+                                       (0.0, -37.0, -np.inf), (1.0, 1.02, -np.inf), (5.0, 2.0, 0.0)])
+def test_min1d_local_finds_interior_minima_right_left_near_and_far(x0, c, lo):
+    x, fx = min1d_local(_bowl(c), x0, 0.1, lo)
+    assert x == pytest.approx(c, abs=1e-6)
+    assert fx == pytest.approx(3.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("x0, lo", [(0.0, -0.05), (0.0, -3.0), (-0.3, -0.3), (2.0, 1.0)])
+def test_min1d_local_returns_the_bound_exactly_when_the_minimum_lies_below_it(x0, lo):
+    """Minimum of the bowl at -10, below every bound: the answer is the bound and f there."""
+    f = _bowl(-10.0)
+    x, fx = min1d_local(f, x0, 0.1, lo)
+    assert x == lo and fx == f(lo)
+
+
+def test_min_nonneg_global_interior_tiny_boundary_and_runaway():
+    # interior: minimum at g = 2.5 in the middle of the grid
+    g, fg, ok = min_nonneg_global(lambda g: (math.log(g + 1e-300) - math.log(2.5)) ** 2 if g > 0 else 50.0)
+    assert ok and g == pytest.approx(2.5, rel=1e-9) and fg == pytest.approx(0.0, abs=1e-15)
+    # tiny interior minimum, below the grid's first point exp(-14): refined on theta = sqrt(g)
+    g, fg, ok = min_nonneg_global(lambda g: (math.sqrt(g) - 1e-4) ** 2 * 1e10)
+    assert ok and math.sqrt(g) == pytest.approx(1e-4, rel=1e-6) and fg == pytest.approx(0.0, abs=1e-9)
+    # boundary: increasing in g; exactly 0, f(0) reported
+    g, fg, ok = min_nonneg_global(lambda g: 1.0 + g)
+    assert ok and g == 0.0 and fg == 1.0
+    # a boundary within BOUNDARY_TOL of the interior optimum wins; 1e-6 above it does not
+    g, _, _ = min_nonneg_global(lambda g: (math.log(g) - 1.0) ** 2 if g > 0 else 5e-10)
+    assert g == 0.0
+    g, _, _ = min_nonneg_global(lambda g: (math.log(g) - 1.0) ** 2 if g > 0 else 1e-6)
+    assert g == pytest.approx(math.e, rel=1e-8)
+    # decreasing without end: the top of the grid, not converged
+    g, fg, ok = min_nonneg_global(lambda g: 1.0 / (1.0 + g))
+    assert ok is False and g == pytest.approx(math.exp(10.0), rel=1e-3) and fg == pytest.approx(1 / (1 + g), rel=1e-12)
+
+
+def test_min_nd_local_one_and_two_coordinates_with_a_bound():
+    """Two coordinates with the minimum on the bound of the first (Newton cannot vouch there, so the nested
+    1-D searches answer): the first exactly on its bound, the second at its conditional optimum."""
+    x, fx = min_nd_local(lambda z: float((z[0] - 2.0) ** 2 + 1.0), np.array([0.0]), np.array([0.1]), np.array([0.0]))
+    assert x[0] == pytest.approx(2.0, abs=1e-7) and fx == pytest.approx(1.0, abs=1e-12)
+
+    def f(z):
+        return float((z[0] + 0.5) ** 2 + (z[1] - 1.0) ** 2 + 0.5 * z[0] * (z[1] - 1.0) + 2.0)
+
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([0.0, -np.inf]))
+    assert x[0] == 0.0
+    assert x[1] == pytest.approx(1.0, abs=1e-6) and fx == pytest.approx(2.25, abs=1e-11)
+    # interior: with u = x0 + 1/2, v = x1 - 1 the gradient is A (u, v) - (0, 1/4), A = [[2, 1/2], [1/2, 2]]
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([-5.0, -5.0]))
+    u, v = np.linalg.solve([[2.0, 0.5], [0.5, 2.0]], [0.0, 0.25])
+    np.testing.assert_allclose(x, [u - 0.5, v + 1.0], atol=1e-7)
+    assert fx == pytest.approx(f(np.array([u - 0.5, v + 1.0])), abs=1e-12)
+
+
+def test_min_nonneg_global_keeps_a_grid_point_better_than_brents_answer():
+    """The global minimiser returns the best point it evaluated: a dip exactly at a grid point, which the
+    bounded Brent refinement cannot see, wins over Brent's answer (next to the boundary and inside)."""
+    gs = np.exp(LOG_G_GRID)
+
+    def dip(at: float, base):
+        return lambda g: base(g) - (1.0 if g == at else 0.0)
+
+    g, fg, ok = min_nonneg_global(dip(float(gs[0]), lambda g: 1.0 + g))
+    assert ok and g == gs[0] and fg == pytest.approx(gs[0], abs=1e-15)
+    k = int(np.argmin(np.abs(LOG_G_GRID - 3.0)))
+    g, fg, ok = min_nonneg_global(dip(float(gs[k]), lambda g: 1.0 + (math.log(g) - 3.2) ** 2 if g > 0 else 9.0))
+    assert ok and g == pytest.approx(gs[k], rel=1e-12) and fg == pytest.approx(0.04, abs=1e-12)
+
+
+def test_min_nd_local_one_coordinate_stops_on_its_bound_and_rejects_three():
+    f = _bowl(-3.0)
+    x, fx = min_nd_local(lambda z: f(z[0]), np.array([1.0]), np.array([0.1]), np.array([0.5]))
+    assert x[0] == 0.5 and fx == f(0.5)
+    with pytest.raises(ValueError, match="^min_nd_local handles 1 or 2 coordinates$"):
+        min_nd_local(lambda z: 0.0, np.zeros(3), np.ones(3), np.zeros(3))
+
+
+def test_nested_icc_profile_ends_are_roots_of_the_dense_profile():
+    """At each end of the therapist and cluster ICC intervals (REML), the dense restricted likelihood
+    maximised over the other parameters with that ICC's odds k fixed lies q / 2 below its maximum
+    (therapist: s2_t = k (s2 + s2_c); cluster: s2_c = k (s2 + s2_t)); icc(level) reports those intervals."""
+    y, X, codes, cl = _nested_data(seed=6, C=6, per=3, m=3)
+    n = len(y)
+    res = NestedModel(y, X, codes, cl).fit()
+    same_t = codes[:, None] == codes[None, :]
+    same_c = cl[:, None] == cl[None, :]
+    q = stats.chi2.ppf(0.95, 1)
+
+    def profile(which, k):
+        def neg(z):
+            other, s2 = np.exp(z)
+            mine = k * (s2 + other)
+            vt, vc = (mine, other) if which == "therapist" else (other, mine)
+            return -_dense_loglik(y, X, s2 * np.eye(n) + vt * same_t + vc * same_c, True)
+
+        v = res.vcomp
+        starts = [np.log([max(v["cluster" if which == "therapist" else "therapist"], 1e-3), v["residual"]]),
+                  np.log([1e-3, v["residual"]])]
+        return -min(optimize.minimize(neg, z0, method="Nelder-Mead",
+                                      options={"xatol": 1e-8, "fatol": 1e-10}).fun for z0 in starts)
+
+    table = res.icc(level=0.95)
+    for which, row in (("therapist", "icc"), ("cluster", "icc_cluster")):
+        lo, hi = res.icc_interval(0.95, which=which)
+        assert (table.loc[row, "ci_low"], table.loc[row, "ci_high"]) == (lo, hi)
+        assert hi < 1.0
+        for end in (lo, hi):
+            if end == 0.0:  # a lower end at the boundary: the profile there is still above the cut-off
+                assert profile(which, 0.0) > res.loglik - q / 2
+            else:
+                assert profile(which, end / (1 - end)) == pytest.approx(res.loglik - q / 2, abs=2e-4)
+
+
+def test_parametric_bootstrap_draws_the_fitted_variances():
+    """ML, balanced: each replicate's residual variance is its MSW, unbiased for the fitted residual
+    variance (sd of the mean of 40: 4%); nested REML: the replicates carry the fitted cluster variance."""
+    G, m, msb, msw = 8, 5, 9.0, 2.0
+    y, t = _balanced(G, m, msb, msw, seed=3)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t, method="ML").fit()
+    boot = res.bootstrap(n_boot=40, seed=1)
+    assert boot["residual"].mean() == pytest.approx(res.vcomp["residual"], rel=0.15)
+    rng = np.random.default_rng(8)
+    C, per, mm = 8, 3, 4
+    cl = np.repeat(np.arange(C), per * mm)
+    codes = np.repeat(np.arange(C * per), mm)
+    yn = 2.0 * rng.normal(size=C)[cl] + 0.5 * rng.normal(size=C * per)[codes] + rng.normal(size=len(codes))
+    nres = NestedModel(yn, np.ones((len(yn), 1)), codes, cl).fit()
+    assert nres.vcomp["cluster"] > 1.0
+    nboot = nres.bootstrap(n_boot=30, seed=2)
+    assert nboot["cluster"].mean() > 0.5 * nres.vcomp["cluster"]
+
+
+def test_contract_bootstrap_intervals_use_the_given_seed():
+    y, t = _balanced(8, 5, 9.0, 2.0, seed=4)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
+    entry = res.to_contract(interval="bootstrap", n_boot=20, seed=7)
+    draws = res.bootstrap(n_boot=20, seed=7)["icc"]
+    assert (entry["icc"]["ci_low"], entry["icc"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
+
+
+def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_variances_nan():
+    y, t = _balanced(10, 4, 6.0, 2.0, seed=9)
+    res = RandomInterceptModel(y, np.ones((len(y), 1)), t).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every end is found: no StatisticalWarning
+        ci = res.conf_int()
+    assert np.isfinite(ci.to_numpy(dtype=float)).all() and res.warnings == []
+    wald = res.conf_int(method="wald")
+    assert (wald.dtypes == float).all()
+    assert wald.loc[["therapist", "residual"]].isna().all().all()
+    z = stats.norm.ppf(0.975)
+    assert wald["upper"].iloc[0] == pytest.approx(res.fe_params.iloc[0] + z * res.bse.iloc[0], rel=1e-12)
+    assert wald["lower"].iloc[0] == pytest.approx(res.fe_params.iloc[0] - z * res.bse.iloc[0], rel=1e-12)
+    assert list(wald.columns) == ["lower", "upper"]
+
+
+def test_nested_fit_with_no_cluster_variance_is_the_random_intercept_fit():
+    """A cluster variance estimated at the boundary is exactly 0, and the rest is then the random-intercept
+    model of the therapist units: same therapist and residual variances and log-likelihood (the dense
+    likelihood checks that optimum)."""
+    rng = np.random.default_rng(3)
+    C, per, m = 5, 4, 4
+    cl = np.repeat(np.arange(C), per * m)
+    codes = np.repeat(np.arange(C * per), m)
+    y = 0.8 * rng.normal(size=C * per)[codes] + rng.normal(size=len(codes))
+    X = np.ones((len(y), 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the singular fit's warning
+        res = NestedModel(y, X, codes, cl).fit()
+    assert res.vcomp["cluster"] == 0.0 and res.singular
+    ri = RandomInterceptModel(y, X, codes).fit()
+    assert res.vcomp["therapist"] == pytest.approx(ri.vcomp["therapist"], rel=1e-7)
+    assert res.vcomp["residual"] == pytest.approx(ri.vcomp["residual"], rel=1e-9)
+    assert res.loglik == pytest.approx(ri.loglik, rel=1e-12)
+    same_t = codes[:, None] == codes[None, :]
+    V = ri.vcomp["residual"] * np.eye(len(y)) + ri.vcomp["therapist"] * same_t
+    assert ri.loglik == pytest.approx(_dense_loglik(y, X, V, True), rel=1e-10)
+
+
+def test_missing_group_labels_are_named_and_from_frame_keeps_the_method():
+    y, X, codes, cl = _nested_data()
+    t = codes.astype(float)
+    t[3] = np.nan
+    with pytest.raises(ModelError, match="^therapist label missing in 1 rows$"):
+        RandomInterceptModel(y, X, t)
+    c = cl.astype(object)
+    c[[0, 5]] = None
+    with pytest.raises(ModelError, match="^cluster label missing in 2 rows$"):
+        NestedModel(y, X, codes, c)
+    df = pd.DataFrame({"y": y, "x": X[:, 1], "therapist": codes, "cluster": cl})
+    assert NestedModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
+    assert RandomInterceptModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
