@@ -325,3 +325,20 @@ def test_missing_group_labels_are_named_and_from_frame_keeps_the_method():
     df = pd.DataFrame({"y": y, "x": X[:, 1], "therapist": codes, "cluster": cl})
     assert NestedModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
     assert RandomInterceptModel.from_frame(df, "y", ["x"], method="ML").fit().method == "ML"
+
+
+def test_bootstrap_singular_flag_marks_exactly_the_refits_at_zero_variance():
+    """A weak therapist effect (8 therapists x 10 patients, ICC about .02): some refits land on the
+    boundary. ``singular`` is lme4's isSingular for each refit (theta = sqrt(variance ratio) below
+    1e-4), so it must be True exactly where the refitted therapist variance is (numerically) 0."""
+    rng = np.random.default_rng(5)
+    t = np.repeat(np.arange(8), 10)
+    y = rng.normal(scale=0.15, size=8)[t] + rng.normal(size=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = RandomInterceptModel(y, np.ones((80, 1)), t).fit()
+        draws = res.bootstrap(40, seed=3)
+    ratio = draws["therapist"] / draws["residual"]
+    at_zero = ratio < 1e-8  # theta^2 < (1e-4)^2
+    assert draws["singular"].to_numpy().tolist() == at_zero.to_numpy().tolist()
+    assert 0 < int(at_zero.sum()) < 40  # both kinds of refit occur
