@@ -12,7 +12,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from therapist_effects.exceptions import DataWarning
+from therapist_effects.exceptions import ConfigError, DataWarning
 from therapist_effects.ingest import REJECT_COLUMNS, ingest_frame
 from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
@@ -148,6 +148,7 @@ def test_rejects_warning_names_the_dataset_counts_patients_and_lists_the_reasons
     assert [str(w.message) for w in caught] == [
         "datasets.demo: 3 rows of 2 patient(s) rejected while deriving patient outcomes (fewer than 2 measured "
         "sessions: no end-of-treatment score; missing value (no age on any row of the patient))"]
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller
     assert rejects.values.tolist() == [
         [4, "B", "age", "", "missing value (no age on any row of the patient)"],
         [5, "B", "age", "", "missing value (no age on any row of the patient)"],
@@ -221,3 +222,38 @@ def test_patient_parquet_holds_no_index_column(tmp_path):
     back = pd.read_parquet(tmp_path / "p.parquet")
     assert list(back.columns) == ["patient", "end"] and back.index.tolist() == [0, 1]
     assert back["patient"].tolist() == ["A", "B"]
+
+
+def test_a_zero_one_arm_with_only_ones_is_its_own_code_and_zero_two_is_coded_by_level():
+    """Numeric levels within {0, 1}: the value itself (all 1 -> 1, no single-level warning); levels {0, 2} are not
+    within {0, 1}: the second level (2) is the feedback level, coded 1."""
+    spec = {"layout": "patient", "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "arm": "arm"}}
+    for arm, feedback in (([1, 1], [1.0, 1.0]), ([0, 2], [0.0, 1.0])):
+        table = pd.DataFrame({"pid": ["A", "B"], "tid": ["T1", "T2"], "post": [5, 6], "arm": arm})
+        rows = ingest_frame(table, spec).rows
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataWarning)
+            patients, _ = derive_patient_outcomes(rows, spec)
+        assert patients["feedback"].tolist() == feedback
+
+
+def test_unknown_layout_error_names_the_dataset_and_the_value():
+    rows = pd.DataFrame({"row": [2], "patient": ["A"], "therapist": ["T1"], "end": [3.0]})
+    with pytest.raises(ConfigError, match=r"^datasets\.demo\.layout: expected 'session' or 'patient', got 'wide'$"):
+        derive_patient_outcomes(rows, {"name": "demo", "layout": "wide"})
+
+
+def test_covariates_the_rows_lack_are_left_out_in_both_layouts():
+    """Rows passed in directly without a configured covariate's column: the patient table simply has no such column."""
+    rows = pd.DataFrame({"row": [2, 3], "patient": ["A", "A"], "therapist": ["T1", "T1"], "occasion": [1.0, 2.0],
+                         "score": [18.0, 9.0], "end": [9.0, 9.0], "baseline": [18.0, 18.0]})
+    for layout in ("session", "patient"):
+        patients, _ = derive_patient_outcomes(rows, {"layout": layout, "columns": {"covariates": ["age"]}})
+        assert "age" not in patients.columns and patients["change"].tolist()[0] == 9.0
+
+
+def test_patient_outputs_create_missing_parent_folders(tmp_path):
+    patients = pd.DataFrame({"patient": ["A"], "end": [3.0]})
+    write_patient_outputs(patients, tmp_path / "a" / "b" / "p.parquet", tmp_path / "c" / "d" / "p.csv")
+    assert pd.read_parquet(tmp_path / "a" / "b" / "p.parquet")["patient"].tolist() == ["A"]
+    assert (tmp_path / "c" / "d" / "p.csv").read_bytes() == b"patient,end\r\nA,3.0\r\n"

@@ -170,16 +170,16 @@ def derive_patient_outcomes(
         for c in covs:
             if c not in r.columns:
                 continue
-            has = r[c].notna().groupby(code).transform("any").to_numpy(dtype=bool)
+            has = r[c].notna().groupby(code).transform("any").to_numpy()
             for rec in r[~has].itertuples():
                 rej_lines.append({"row": rec.row, "patient": rec.patient, "column": c,
                                   "value": "", "reason": f"missing value (no {c} on any row of "
                                   "the patient)"})
             r, code = r[has], code[has]
-        g = r.groupby(code, sort=True)
+        g = r.groupby(code)  # in sorted code order: r is sorted by code
         sizes = g.size()
         pt = pd.DataFrame(index=sizes.index)
-        pt["patient"] = np.asarray(pids, dtype=object)[sizes.index.to_numpy()]
+        pt["patient"] = np.asarray(pids)[sizes.index.to_numpy()]
         pt["therapist"] = g["therapist"].first()
         if "cluster" in r.columns:
             pt["cluster"] = g["cluster"].first()
@@ -202,7 +202,7 @@ def derive_patient_outcomes(
                 pt[c] = g[c].first()
         treated = pt["n_sessions"].to_numpy() >= 2
     else:
-        r = rows.sort_values("row", kind="stable")
+        r = rows.sort_values("row")
         pt = pd.DataFrame({"patient": r["patient"].to_numpy(), "therapist": r["therapist"].to_numpy()})
         for c in ("cluster", "arm"):
             if c in r.columns:
