@@ -148,7 +148,8 @@ def test_rejects_warning_names_the_dataset_counts_patients_and_lists_the_reasons
     assert [str(w.message) for w in caught] == [
         "datasets.demo: 3 rows of 2 patient(s) rejected while deriving patient outcomes (fewer than 2 measured "
         "sessions: no end-of-treatment score; missing value (no age on any row of the patient))"]
-    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller
+    # stacklevel: the warning points past outcomes.py, at the caller (under mutmut a trampoline frame sits between)
+    assert not caught[0].filename.endswith("outcomes.py")
     assert rejects.values.tolist() == [
         [4, "B", "age", "", "missing value (no age on any row of the patient)"],
         [5, "B", "age", "", "missing value (no age on any row of the patient)"],
