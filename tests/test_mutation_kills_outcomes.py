@@ -259,3 +259,23 @@ def test_patient_outputs_create_missing_parent_folders(tmp_path):
     write_patient_outputs(patients, tmp_path / "a" / "b" / "p.parquet", tmp_path / "c" / "d" / "p.csv")
     assert pd.read_parquet(tmp_path / "a" / "b" / "p.parquet")["patient"].tolist() == ["A"]
     assert (tmp_path / "c" / "d" / "p.csv").read_bytes() == b"patient,end\r\nA,3.0\r\n"
+
+
+def test_session_patients_come_out_in_sorted_id_order_whatever_the_file_order():
+    table = pd.DataFrame({"pid": ["B", "B", "A", "A"], "tid": ["T2", "T2", "T1", "T1"], "session": [1, 2, 1, 2],
+                          "phq9": [12, 14, 18, 9]})
+    patients, _ = _derive(table, SESSION)
+    assert patients[["patient", "therapist", "baseline", "end"]].values.tolist() == [["A", "T1", 18, 9],
+                                                                                     ["B", "T2", 12, 14]]
+
+
+def test_write_rejects_keeps_the_order_of_several_lines_of_one_row(tmp_path):
+    """Ingest may reject one row for several cells: lines of the same row keep their order (a stable sort; 40 lines
+    so that an unstable sort would reorder them)."""
+    n = 40
+    rejects = pd.DataFrame({"row": [3, 2] * (n // 2), "patient": ["A"] * n, "column": [f"c{i}" for i in range(n)],
+                            "value": [""] * n, "reason": ["missing value"] * n})
+    path = tmp_path / "rejects.csv"
+    write_rejects(rejects, path)
+    written = pd.read_csv(path)
+    assert written["column"].tolist() == [f"c{i}" for i in range(1, n, 2)] + [f"c{i}" for i in range(0, n, 2)]

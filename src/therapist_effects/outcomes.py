@@ -85,7 +85,7 @@ def _norm_ending(s: pd.Series) -> pd.Series:
     value is normalised once)."""
     code, uniq = pd.factorize(s, use_na_sentinel=True)
     norm = np.array([" ".join(str(v).split()).casefold() for v in uniq] + [np.nan], dtype=object)
-    return pd.Series(norm[code], index=s.index, dtype=object)
+    return pd.Series(norm[code], index=s.index)
 
 
 def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
