@@ -66,6 +66,7 @@ def test_rejects_table_has_exactly_the_reject_columns_with_integer_rows():
     assert rejects.index.tolist() == [0]
     _, none = _derive(table.iloc[:2], SESSION)
     assert none.empty and list(none.columns) == list(REJECT_COLUMNS) and none["row"].dtype == "int64"
+    assert [str(none[c].dtype) for c in REJECT_COLUMNS[1:]] == ["object"] * 4
 
 
 def test_too_few_sessions_rejects_that_patients_rows_when_the_file_is_not_in_patient_order():
@@ -208,8 +209,9 @@ def test_feedback_of_rows_not_from_ingest_missing_arm_and_labels_of_mixed_types(
     spec = {"layout": "patient", "columns": {"patient": "pid", "therapist": "tid", "outcome": "post", "arm": "arm"}}
     rows = ingest_frame(table, spec).rows
     rows["arm"] = pd.Series(["ROM", None, "ROM"], dtype=object)
-    with pytest.warns(DataWarning, match="single level 'ROM'"):
+    with pytest.warns(DataWarning, match="single level 'ROM'") as caught:
         patients, _ = derive_patient_outcomes(rows, spec)
+    assert Path(caught[0].filename).name != "outcomes.py"  # stacklevel: points at the caller
     assert patients["feedback"].tolist()[::2] == [0.0, 0.0] and math.isnan(patients["feedback"].iloc[1])
     rows["arm"] = pd.Series(["ROM", 2, "ROM"], dtype=object)
     patients, _ = derive_patient_outcomes(rows, spec)
@@ -246,12 +248,18 @@ def test_unknown_layout_error_names_the_dataset_and_the_value():
 
 
 def test_covariates_the_rows_lack_are_left_out_in_both_layouts():
-    """Rows passed in directly without a configured covariate's column: the patient table simply has no such column."""
-    rows = pd.DataFrame({"row": [2, 3], "patient": ["A", "A"], "therapist": ["T1", "T1"], "occasion": [1.0, 2.0],
-                         "score": [18.0, 9.0], "end": [9.0, 9.0], "baseline": [18.0, 18.0]})
-    for layout in ("session", "patient"):
-        patients, _ = derive_patient_outcomes(rows, {"layout": layout, "columns": {"covariates": ["age"]}})
-        assert "age" not in patients.columns and patients["change"].tolist()[0] == 9.0
+    """Rows passed in directly without a configured covariate's column: the patient table simply has no such column;
+    the covariates listed after it are still checked (session layout: B has no sex on any row and is rejected)."""
+    rows = pd.DataFrame({"row": [2, 3, 4, 5], "patient": ["A", "A", "B", "B"], "therapist": ["T1"] * 4,
+                         "occasion": [1.0, 2.0] * 2, "score": [18.0, 9.0] * 2, "end": [9.0] * 4,
+                         "baseline": [18.0] * 4, "sex": [None, "f", None, None]})
+    spec = {"layout": "session", "columns": {"covariates": ["age", "sex"]}}
+    with pytest.warns(DataWarning, match="2 rows of 1 patient"):
+        patients, rejects = derive_patient_outcomes(rows, spec)
+    assert patients[["patient", "sex", "change"]].values.tolist() == [["A", "f", 9.0]] and "age" not in patients
+    assert rejects["row"].tolist() == [4, 5]
+    patients, _ = derive_patient_outcomes(rows.iloc[:2], {**spec, "layout": "patient"})
+    assert "age" not in patients.columns and patients["change"].tolist() == [9.0, 9.0]
 
 
 def test_patient_outputs_create_missing_parent_folders(tmp_path):

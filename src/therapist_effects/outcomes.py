@@ -83,7 +83,7 @@ def _resolve_instrument(spec: Mapping[str, Any], instrument: Instrument | str | 
 def _norm_ending(s: pd.Series) -> pd.Series:
     """Ending values with blanks collapsed and case folded; NaN where missing (each distinct
     value is normalised once)."""
-    code, uniq = pd.factorize(s, use_na_sentinel=True)
+    code, uniq = pd.factorize(s)
     norm = np.array([" ".join(str(v).split()).casefold() for v in uniq] + [np.nan], dtype=object)
     return pd.Series(norm[code], index=s.index)
 
@@ -195,8 +195,7 @@ def derive_patient_outcomes(
             is_drop = ending.isin(codes) & ending.notna()
             any_drop = is_drop.groupby(code).any()
             any_end = ending.notna().groupby(code).any()
-            pt["dropout"] = np.where(any_drop.reindex(pt.index), 1.0,
-                                     np.where(any_end.reindex(pt.index), 0.0, np.nan))
+            pt["dropout"] = np.where(any_drop, 1.0, np.where(any_end, 0.0, np.nan))  # both in pt's code order
         for c in covs:
             if c in r.columns:
                 pt[c] = g[c].first()
