@@ -65,7 +65,7 @@ _CSV_EOL = "\r\n"
 
 
 def _empty_rejects() -> pd.DataFrame:
-    df = pd.DataFrame({c: pd.Series(dtype=object) for c in REJECT_COLUMNS})
+    df = pd.DataFrame({c: pd.Series() for c in REJECT_COLUMNS})  # an empty Series is of dtype object
     df["row"] = df["row"].astype("int64")
     return df
 
