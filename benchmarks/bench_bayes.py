@@ -8,7 +8,7 @@ explicitly, none relies on ``"auto"``):
 
 1. ``noncentred``, sufficient statistics, nutpie: 100,000 patients of 2,500 therapists (caseload
    40), ``y ~ baseline + (1 | therapist)``, sampled on per-therapist sufficient statistics
-   (``therapist_effects.bayes``) with the therapist effects ``u = sigma_therapist * z`` sampled
+   (``therapist_effects.models.bayes``) with the therapist effects ``u = sigma_therapist * z`` sampled
    (``z`` standard normal), 4 chains x 1,000 draws (1,000 tuning).
 2. ``noncentred``, per patient, PyMC NUTS: the same model written per patient
    (``pm.Normal(..., observed=y)``, no sufficient statistics) on 10,000 patients (the first 250
@@ -41,7 +41,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 
-from therapist_effects.bayes import BayesConfig, BayesModel
+from therapist_effects.models.bayes import BayesConfig, BayesModel
 from therapist_effects.exceptions import SamplerWarning
 
 

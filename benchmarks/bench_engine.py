@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     y, X, t, cl, fb = simulate(n, k, c)
     names = ["(Intercept)", "x", "feedback"]
     warnings.simplefilter("ignore")
-    from therapist_effects.reml import NestedModel, RandomInterceptModel
-    from therapist_effects.slopes import RandomSlopeModel
+    from therapist_effects.models.reml import NestedModel, RandomInterceptModel
+    from therapist_effects.models.slopes import RandomSlopeModel
 
     print(f"{n:,} patients, {k:,} therapists, {c} clusters "
           "(wall-clock seconds; CPU seconds of this process in brackets: on a shared machine the CPU "

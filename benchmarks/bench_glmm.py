@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from scipy.special import expit
 
-from therapist_effects.glmm import LogisticRandomInterceptModel
+from therapist_effects.models.glmm import LogisticRandomInterceptModel
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import _r_baseline  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from therapist_effects.glmm_arm import LogisticArmVarianceModel
+from therapist_effects.models.glmm_arm import LogisticArmVarianceModel
 
 REF = Path(__file__).resolve().parents[1] / "tests" / "reference"
 

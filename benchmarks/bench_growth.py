@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from therapist_effects.growth import GrowthModel, simulate_growth  # noqa: E402
+from therapist_effects.models.growth import GrowthModel, simulate_growth  # noqa: E402
 
 R_SCRIPT = """
 suppressMessages(library(lme4))

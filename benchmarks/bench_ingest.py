@@ -14,7 +14,7 @@ and prints each as a ratio to read_csv, with the process's peak RSS. Goal: inges
 
 ``--rows N`` is the streamed case (several years of national data): the national export is tiled
 (patient IDs made unique per copy) to N session rows and read by
-:func:`therapist_effects.stream.ingest_patients_streamed` (CSV in record batches, partitions of
+:func:`therapist_effects.io.stream.ingest_patients_streamed` (CSV in record batches, partitions of
 patients); it prints the time, its ratio to a read_csv of the first copy times the number of copies,
 and the peak RSS. Goal: under 8 GB.
 
@@ -73,8 +73,8 @@ def best(fn, repeat: int) -> tuple[float, object]:
 
 
 def warm_up(tmp: Path) -> None:
-    from therapist_effects.ingest import ingest_dataset
-    from therapist_effects.outcomes import derive_patient_outcomes
+    from therapist_effects.io.ingest import ingest_dataset
+    from therapist_effects.io.outcomes import derive_patient_outcomes
 
     p = tmp / "warm.csv"
     make_export(p, dict(n_services=1, therapists_per_service=3, mean_caseload=4.0), 1)
@@ -84,8 +84,8 @@ def warm_up(tmp: Path) -> None:
 
 
 def in_memory(path: Path, repeat: int) -> None:
-    from therapist_effects.ingest import ingest_dataset
-    from therapist_effects.outcomes import derive_patient_outcomes
+    from therapist_effects.io.ingest import ingest_dataset
+    from therapist_effects.io.outcomes import derive_patient_outcomes
 
     t_csv, df = best(lambda: pd.read_csv(path), 3)
     n_rows = len(df)
@@ -122,7 +122,7 @@ def tile(base: Path, out: Path, rows: int) -> int:
 
 
 def streamed(path: Path, base: Path, copies: int) -> None:
-    from therapist_effects.stream import ingest_patients_streamed
+    from therapist_effects.io.stream import ingest_patients_streamed
 
     t_csv, df = best(lambda: pd.read_csv(base), 3)
     del df

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from therapist_effects.config import load_config
-from therapist_effects.models import fit_model
+from therapist_effects.models.fitting import fit_model
 
 GOAL_SECONDS = 10.0
 

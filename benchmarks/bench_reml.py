@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 
-from therapist_effects.reml import RandomInterceptModel
+from therapist_effects.models.reml import RandomInterceptModel
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import _r_baseline  # noqa: E402

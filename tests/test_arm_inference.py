@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from refdata import REFERENCE_DIR
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.models.arm import ArmVarianceModel
 
 Q95 = 3.841458820694124  # qchisq(0.95, 1)
 FB = pd.read_csv(REFERENCE_DIR / "therapy_feedback.csv")

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 from scipy import optimize
 
-from therapist_effects.arm import ArmVarianceModel
-from therapist_effects.arm_inference import _r_backspline_predict
+from therapist_effects.models.arm import ArmVarianceModel
+from therapist_effects.models.arm_inference import _r_backspline_predict
 from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
 from refdata import REFERENCE_DIR
 
@@ -357,8 +357,8 @@ def test_cluster_level_criterion_equals_dense_computation(data):
 def test_cluster_level_reproduces_lme4_nested(ref, data):
     """The random cluster level of the engine, with a single arm, is lme4's nested model:
     lmer(phq9_post ~ phq9_pre + feedback + (1 | trial_id/therapist_id), data = therapy_trials, REML = TRUE)."""
-    from therapist_effects.arm import _Engine, _minimise
-    from therapist_effects.design import fixed_effects_matrix, group_codes
+    from therapist_effects.models.arm import _Engine, _minimise
+    from therapist_effects.models.design import fixed_effects_matrix, group_codes
 
     r = ref["therapy_trials"]["nested_REML"]
     df = data["therapy_trials"]

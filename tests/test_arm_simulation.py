@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.models.arm import ArmVarianceModel
 
 TRUE_ICC = (0.05, 0.03)  # (control, feedback)
 TRUE_REDUCTION = 1 - TRUE_ICC[1] / TRUE_ICC[0]  # 0.40

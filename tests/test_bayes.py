@@ -1,4 +1,4 @@
-"""Tests of the Bayesian therapist-effects engine (``therapist_effects.bayes``).
+"""Tests of the Bayesian therapist-effects engine (``therapist_effects.models.bayes``).
 
 Expected values come from R (lme4 1.1-31 / glmmTMB 1.1.5, R 4.2.2) via
 ``tests/reference/lme4_reference.json``; the R call that produced each is written beside it. With
@@ -31,8 +31,8 @@ import pandas as pd
 import pytest
 from scipy.special import gammaln
 
-from therapist_effects import bayes
-from therapist_effects.bayes import (
+from therapist_effects.models import bayes
+from therapist_effects.models.bayes import (
     BayesConfig,
     BayesModel,
     build_model,

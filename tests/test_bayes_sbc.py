@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from therapist_effects.bayes import BayesConfig, BayesModel, hdi
+from therapist_effects.models.bayes import BayesConfig, BayesModel, hdi
 from therapist_effects.exceptions import SamplerWarning
 
 N_SETS = 200

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from therapist_effects.glmm import LogisticRandomInterceptModel
+from therapist_effects.models.glmm import LogisticRandomInterceptModel
 
 
 @pytest.fixture(scope="module")

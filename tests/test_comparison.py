@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from refdata import REFERENCE_DIR
-from therapist_effects.comparison import (
+from therapist_effects.models.comparison import (
     add_to_estimates,
     information_criteria,
     lrt,
@@ -25,7 +25,7 @@ from therapist_effects.comparison import (
 )
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import TherapistEffectsWarning
-from therapist_effects.models import fit_model
+from therapist_effects.models.fitting import fit_model
 
 REF = json.loads((REFERENCE_DIR / "comparison.json").read_text())
 CRIT = REF["criteria"]

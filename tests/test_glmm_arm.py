@@ -22,8 +22,8 @@ from scipy.special import expit
 from refdata import REFERENCE_DIR
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError, SingularFitWarning
-from therapist_effects.glmm_arm import LogisticArmVarianceModel
-from therapist_effects.models import fit_model
+from therapist_effects.models.glmm_arm import LogisticArmVarianceModel
+from therapist_effects.models.fitting import fit_model
 
 REF = json.loads((REFERENCE_DIR / "glmer_arm.json").read_text())
 C = math.pi**2 / 3

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from therapist_effects.glmm import LogisticRandomInterceptModel
+from therapist_effects.models.glmm import LogisticRandomInterceptModel
 
 N_THERAPISTS, CASELOAD = 100, 30
 ICC_TRUE = 0.05

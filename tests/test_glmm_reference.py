@@ -20,13 +20,13 @@ import statsmodels.api as sm
 from scipy import integrate, optimize, stats
 from scipy.special import expit
 
-import therapist_effects.glmm as glmm
+import therapist_effects.models.glmm as glmm
 from therapist_effects.exceptions import (
     ConvergenceWarning,
     ModelError,
     SingularFitWarning,
 )
-from therapist_effects.glmm import LogisticRandomInterceptModel
+from therapist_effects.models.glmm import LogisticRandomInterceptModel
 from refdata import REFERENCE_DIR
 
 REF_DIR = REFERENCE_DIR

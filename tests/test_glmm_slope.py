@@ -1,4 +1,4 @@
-"""Binomial random slope (therapist_effects.glmm_slope): ``(1 + feedback | therapist)``, logit link.
+"""Binomial random slope (therapist_effects.models.glmm_slope): ``(1 + feedback | therapist)``, logit link.
 
 Reference values: tests/reference/glmer_slope.R -> glmer_slope.json (R 4.2.2, lme4 1.1-31):
 ``glmer(recovered ~ phq9_pre + feedback + (1 + feedback | therapist_id), family = binomial, nAGQ = 1)``
@@ -24,9 +24,9 @@ from therapist_effects.engine.inference import chi2_cut
 from therapist_effects.engine.registry import model_class
 from therapist_effects.engine.results import ModelResults
 from therapist_effects.exceptions import SingularFitWarning, TherapistEffectsWarning
-from therapist_effects.glmm_arm import LogisticArmVarianceModel
-from therapist_effects.glmm_slope import LogisticRandomSlopeModel, LogisticRandomSlopeResults, _theta_from_arms
-from therapist_effects.models import fit_model
+from therapist_effects.models.glmm_arm import LogisticArmVarianceModel
+from therapist_effects.models.glmm_slope import LogisticRandomSlopeModel, LogisticRandomSlopeResults, _theta_from_arms
+from therapist_effects.models.fitting import fit_model
 
 REF = json.loads((REFERENCE_DIR / "glmer_slope.json").read_text())
 ARM_REF = json.loads((REFERENCE_DIR / "glmer_arm.json").read_text())

@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import SingularFitWarning
-from therapist_effects.growth import GrowthModel, session_time, simulate_growth
-from therapist_effects.recovery import (early_flag_validation, growth_frame, not_on_track, recovery_curves,
+from therapist_effects.models.growth import GrowthModel, session_time, simulate_growth
+from therapist_effects.models.recovery import (early_flag_validation, growth_frame, not_on_track, recovery_curves,
                                         severity_bands)
 from refdata import REFERENCE_DIR
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-from therapist_effects.growth import GrowthModel, simulate_growth
+from therapist_effects.models.growth import GrowthModel, simulate_growth
 
 TRUE_SLOPE_VAR = 0.4
 TRUE_SHARE = 0.4 / (0.4 + 4.0)

@@ -24,7 +24,7 @@ import yaml
 from browser import render, require_chromium
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError
-from therapist_effects.growth import simulate_growth
+from therapist_effects.models.growth import simulate_growth
 from therapist_effects.report.privacy import pseudonymise_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_growth_service_report_in_chromium(growth_run, tmp_path):
 def test_growth_step_is_byte_identical_on_rerun(growth_run, tmp_path):
     """Same config and data give byte-identical model entry and not-on-track table (the folds of the
     cross-validation are drawn from the config's seed)."""
-    from therapist_effects.growth_step import fit_growth_step
+    from therapist_effects.models.growth_step import fit_growth_step
 
     work, _, _ = growth_run
     cfg = load_config(work / "my.yaml")

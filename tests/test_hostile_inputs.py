@@ -31,11 +31,11 @@ import pytest
 import yaml
 
 from therapist_effects.config import load_config
-from therapist_effects.csvsafe import DANGEROUS_PREFIXES
+from therapist_effects.io.csvsafe import DANGEROUS_PREFIXES
 from therapist_effects.exceptions import ConfigError, InputError, PseudonymisationError, TherapistEffectsError
-from therapist_effects.ingest import accounting, ingest_dataset
-from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
-from therapist_effects.readers import MAX_COLUMNS
+from therapist_effects.io.ingest import accounting, ingest_dataset
+from therapist_effects.io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+from therapist_effects.io.readers import MAX_COLUMNS
 from therapist_effects.safety import MIN_KEY_LENGTH, check_key, check_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
@@ -545,7 +545,7 @@ def test_research_report_is_marked_internal_and_service_report_shareable(tmp_pat
 
 
 def test_provenance_command_is_labelled_a_suggestion():
-    from therapist_effects.models import assemble_estimates
+    from therapist_effects.models.fitting import assemble_estimates
 
     cfg = load_config(_cfg(path=str(REPO / "data" / "demo_sessions.csv")))
     patients = pd.DataFrame({"patient": ["a", "b"], "therapist": ["x", "y"], "end": [1.0, 2.0]})
@@ -554,3 +554,41 @@ def test_provenance_command_is_labelled_a_suggestion():
     prov = est["provenance"]
     assert prov["command"] == "snakemake --cores 2 --configfile /x/my.yaml"  # unchanged field
     assert "suggested command" in prov["command_note"] and "not a record" in prov["command_note"]
+
+
+def _separated_binary_data():
+    """6 therapists x 12 patients; every patient with z = 1 recovered: the logistic coefficient of z
+    has no finite maximum (complete separation on z = 1)."""
+    rng = np.random.default_rng(0)
+    n = 72
+    t = np.repeat(np.arange(6), 12)
+    z = (np.arange(n) % 4 == 0).astype(float)
+    y = np.where(z == 1, 1.0, rng.integers(0, 2, n).astype(float))
+    return y, np.column_stack([np.ones(n), z]), t
+
+
+def test_separated_binary_outcome_is_a_one_line_model_error():
+    from therapist_effects.exceptions import ModelError
+    from therapist_effects.models.glmm import LogisticRandomInterceptModel
+
+    y, X, t = _separated_binary_data()
+    with pytest.raises(ModelError, match="separated") as err:
+        LogisticRandomInterceptModel(y, X, t).fit()
+    assert "\n" not in str(err.value)
+    # without the separating covariate the same data fit
+    assert LogisticRandomInterceptModel(y, X[:, :1], t).fit().converged
+
+
+def test_bootstrap_counts_a_refit_that_raises_a_model_error_as_failed():
+    from therapist_effects.engine.inference import parametric_bootstrap
+    from therapist_effects.exceptions import ModelError
+
+    def refit(i):
+        if i % 3 == 0:
+            raise ModelError("separated resample")
+        return {"x": float(i)}
+
+    counter = iter(range(9))
+    res = parametric_bootstrap(lambda rng: next(counter), refit, 9, seed=1, columns=["x"])
+    assert res.n_failed == 3
+    assert res.draws["x"].isna().sum() == 3

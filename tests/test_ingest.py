@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import ConfigError, DataWarning, InputError
-from therapist_effects.ingest import accounting, ingest_dataset, read_table
+from therapist_effects.io.ingest import accounting, ingest_dataset, read_table
 from refdata import REFERENCE_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")

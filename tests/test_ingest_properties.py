@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from therapist_effects.exceptions import ConfigError, InputError
-from therapist_effects.ingest import accounting, ingest_dataset, ingest_frame
-from therapist_effects.outcomes import derive_patient_outcomes
+from therapist_effects.io.ingest import accounting, ingest_dataset, ingest_frame
+from therapist_effects.io.outcomes import derive_patient_outcomes
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from therapist_effects.exceptions import ConfigError
-from therapist_effects.instruments import (
+from therapist_effects.io.instruments import (
     Instrument,
     get_instrument,
     jacobson_truax_rci,

@@ -219,7 +219,7 @@ def test_per_cluster_arm_iccs_with_a_covariate_constant_in_one_cluster():
     """A covariate constant within one cluster (e.g. every patient of a service has the same
     referral route) is left out of that cluster's arm model as it is of its ICC, so the arm-specific
     ICCs are estimated there, and equal the fit without the covariate."""
-    from therapist_effects.arm import ArmVarianceModel
+    from therapist_effects.models.arm import ArmVarianceModel
 
     rng = np.random.default_rng(11)
     rows = []

@@ -20,7 +20,7 @@ from browser import render, require_chromium
 from refdata import REFERENCE_DIR
 from test_report_browser import assert_clean, assert_shown, cells
 from therapist_effects.meta import dataset_meta
-from therapist_effects.models import write_json
+from therapist_effects.models.fitting import write_json
 from therapist_effects.pipeline import meta_report_step
 
 pytestmark = pytest.mark.browser

@@ -8,7 +8,7 @@ import pytest
 
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import SamplerWarning
-from therapist_effects.models import fit_model
+from therapist_effects.models.fitting import fit_model
 from therapist_effects.simulate import simulate_random_intercept
 
 

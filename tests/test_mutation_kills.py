@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from therapist_effects.classify import NOT_DISTINGUISHABLE, classify_effects
-from therapist_effects.csvsafe import neutralise_frame, safe_csv
+from therapist_effects.io.csvsafe import neutralise_frame, safe_csv
 from therapist_effects.meta import pool
 from therapist_effects.report.privacy import (
     is_small,
@@ -228,7 +228,7 @@ _GOOD = {"min": 0, "max": 40, "higher_is_better": False, "cutoff": 15, "rci": 5}
 ])
 def test_user_instrument_errors_name_the_key(entry, message):
     from therapist_effects.exceptions import ConfigError
-    from therapist_effects.instruments import get_instrument
+    from therapist_effects.io.instruments import get_instrument
 
     with pytest.raises(ConfigError) as err:
         get_instrument("MYSCALE", {"MYSCALE": entry})
@@ -237,7 +237,7 @@ def test_user_instrument_errors_name_the_key(entry, message):
 
 def test_user_instrument_built_from_sd_and_reliability():
     """Jacobson & Truax (1991): RCI = 1.96 * sd * sqrt(2 (1 - r)); 1.96 * 5 * sqrt(0.4) = 6.1980642."""
-    from therapist_effects.instruments import get_instrument
+    from therapist_effects.io.instruments import get_instrument
 
     inst = get_instrument("my-scale", {"MYSCALE": {**{k: v for k, v in _GOOD.items() if k != "rci"},
                                                     "sd": 5, "reliability": 0.8, "source": " a\n  b "}})
@@ -248,8 +248,8 @@ def test_user_instrument_built_from_sd_and_reliability():
 
 # ---- outcomes: feedback coding ----------------------------------------------------------------
 def _feedback_of(arm_values, feedback_level=None):
-    from therapist_effects.ingest import ingest_frame
-    from therapist_effects.outcomes import derive_patient_outcomes
+    from therapist_effects.io.ingest import ingest_frame
+    from therapist_effects.io.outcomes import derive_patient_outcomes
 
     table = pd.DataFrame({"pid": [f"P{i}" for i in range(len(arm_values))], "tid": ["T1", "T2"] * (len(arm_values) // 2)
                           + ["T1"] * (len(arm_values) % 2), "post": range(5, 5 + len(arm_values)), "arm": arm_values})
@@ -290,7 +290,7 @@ _NO_RCI = {k: v for k, v in _GOOD.items() if k != "rci"}
 ])
 def test_more_user_instrument_errors(entry, message):
     from therapist_effects.exceptions import ConfigError
-    from therapist_effects.instruments import get_instrument
+    from therapist_effects.io.instruments import get_instrument
 
     with pytest.raises(ConfigError) as err:
         get_instrument("MYSCALE", {"MYSCALE": entry})
@@ -302,7 +302,7 @@ def test_more_user_instrument_errors(entry, message):
 
 def test_user_instrument_boundaries_are_allowed():
     """A cutoff at the ends of the range and an RCI below one point are valid."""
-    from therapist_effects.instruments import get_instrument
+    from therapist_effects.io.instruments import get_instrument
 
     assert get_instrument("A", {"A": {**_GOOD, "cutoff": 0}}).cutoff == 0.0
     assert get_instrument("B", {"B": {**_GOOD, "cutoff": 40}}).cutoff == 40.0
@@ -310,7 +310,7 @@ def test_user_instrument_boundaries_are_allowed():
 
 
 def test_instrument_functions_return_scalars_for_scalars_and_arrays_for_arrays():
-    from therapist_effects.instruments import get_instrument
+    from therapist_effects.io.instruments import get_instrument
 
     phq = get_instrument("PHQ-9")
     assert type(phq.improvement(20, 8)) is float and phq.improvement(20, 8) == 12.0

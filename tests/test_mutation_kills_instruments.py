@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from therapist_effects import instruments
+from therapist_effects.io import instruments
 from therapist_effects.exceptions import ConfigError
-from therapist_effects.instruments import TOLERANCE, get_instrument, registry_names
+from therapist_effects.io.instruments import TOLERANCE, get_instrument, registry_names
 
 
 # ---- the 1e-9 tolerance is inclusive: a score exactly TOLERANCE short of the cut-off counts as at it -------------

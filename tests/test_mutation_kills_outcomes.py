@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import ConfigError, DataWarning
-from therapist_effects.ingest import REJECT_COLUMNS, ingest_frame
-from therapist_effects.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+from therapist_effects.io.ingest import REJECT_COLUMNS, ingest_frame
+from therapist_effects.io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
 SESSION = {"layout": "session", "instrument": "PHQ-9",
            "columns": {"patient": "pid", "therapist": "tid", "score": "phq9", "occasion": "session"}}

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import ConfigError, DataWarning
-from therapist_effects.ingest import accounting, ingest_dataset, ingest_frame
-from therapist_effects.outcomes import (
+from therapist_effects.io.ingest import accounting, ingest_dataset, ingest_frame
+from therapist_effects.io.outcomes import (
     derive_patient_outcomes,
     escape_formulas,
     write_patient_outputs,

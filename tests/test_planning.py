@@ -14,7 +14,7 @@ import pytest
 
 from therapist_effects.cli import main
 from therapist_effects.planning import grid_cells, large_sample_width, plan
-from therapist_effects.reml import RandomInterceptModel
+from therapist_effects.models.reml import RandomInterceptModel
 from therapist_effects.simulate import simulate_random_intercept
 
 

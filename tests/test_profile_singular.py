@@ -23,7 +23,7 @@ from scipy import optimize, stats
 from refdata import REFERENCE_DIR
 from therapist_effects.engine.inference import profile_limit
 from therapist_effects.meta import per_cluster_estimates
-from therapist_effects.reml import RandomInterceptModel
+from therapist_effects.models.reml import RandomInterceptModel
 
 Q95 = float(stats.chi2.ppf(0.95, 1))
 

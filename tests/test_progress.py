@@ -73,7 +73,7 @@ def test_format_seconds():
 
 
 def test_bootstrap_reports_progress(monkeypatch, caplog):
-    from therapist_effects.reml import RandomInterceptModel
+    from therapist_effects.models.reml import RandomInterceptModel
 
     monkeypatch.setattr(progress, "EVERY", 0.0)
     monkeypatch.setattr(progress, "QUIET", 0.0)
@@ -97,7 +97,7 @@ from therapist_effects.pipeline import step
 progress.EVERY = 0.0
 progress.QUIET = 0.0
 with step(sys.argv[1], "fit_ri_bayes"):
-    from therapist_effects.bayes import BayesConfig, fit_bayes
+    from therapist_effects.models.bayes import BayesConfig, fit_bayes
     import pytensor
     df = pd.read_csv(sys.argv[2])
     fit_bayes("random_intercept", df, "phq9_post", ["phq9_pre"], therapist="therapist_id",
@@ -120,7 +120,7 @@ def test_bayes_log_has_no_blas_warning_and_reports_sampling_progress(tmp_path):
 
 
 def test_profile_intervals_report_progress(monkeypatch, caplog):
-    from therapist_effects.reml import RandomInterceptModel
+    from therapist_effects.models.reml import RandomInterceptModel
 
     monkeypatch.setattr(progress, "EVERY", 0.0)
     monkeypatch.setattr(progress, "QUIET", 0.0)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from therapist_effects.reml import NestedModel, RandomInterceptModel
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 
 def simulate_ri(rng: np.random.Generator, n_therapists: int, caseload: int, icc: float,

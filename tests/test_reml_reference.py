@@ -21,7 +21,7 @@ import statsmodels.formula.api as smf
 from scipy import stats
 
 from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
-from therapist_effects.reml import NestedModel, RandomInterceptModel
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 from refdata import REFERENCE_DIR
 
 REF = REFERENCE_DIR
@@ -332,8 +332,8 @@ def test_no_within_therapist_variation_is_flagged_as_not_converged():
 def test_group_codes_identical_to_design_group_codes():
     """The engine's fast therapist coding (strings made of distinct labels only) gives exactly
     design.group_codes' codes and labels (sorted as strings: "10" before "9")."""
-    from therapist_effects.design import group_codes
-    from therapist_effects.reml import _group_codes
+    from therapist_effects.models.design import group_codes
+    from therapist_effects.models.reml import _group_codes
 
     rng = np.random.default_rng(4)
     for labels in (rng.integers(0, 120, size=500), np.array([f"T{k}" for k in rng.integers(0, 50, 300)]),

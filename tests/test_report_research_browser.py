@@ -17,7 +17,7 @@ from browser import render, require_chromium
 from refdata import REFERENCE_DIR
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import TherapistEffectsWarning
-from therapist_effects.models import fit_model
+from therapist_effects.models.fitting import fit_model
 from therapist_effects.report import research_report
 
 pytestmark = pytest.mark.browser

@@ -10,7 +10,7 @@ from scipy import stats
 
 from therapist_effects.exceptions import PseudonymisationError
 from therapist_effects.report import fmt, service_report
-from therapist_effects.csvsafe import neutralise, safe_csv
+from therapist_effects.io.csvsafe import neutralise, safe_csv
 from therapist_effects.report.privacy import pseudonym, pseudonym_key, safe_count, safe_rate
 from therapist_effects.report.research import conditional_residuals
 from therapist_effects.report.service import funnel_limits

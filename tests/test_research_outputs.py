@@ -26,7 +26,7 @@ import yaml
 from test_workflow import check_contract, demo_config, run_snakemake
 from therapist_effects.config import load_config
 from therapist_effects.sensitivity import sensitivity_table
-from therapist_effects.tables import MINUS, apa, apa_round, flow_svg, models_table, tex_escape
+from therapist_effects.report.tables import MINUS, apa, apa_round, flow_svg, models_table, tex_escape
 
 MODELS = [
     {"id": "ri", "type": "random_intercept"},

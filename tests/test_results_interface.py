@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 
 from refdata import REFERENCE_DIR
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.models.arm import ArmVarianceModel
 from therapist_effects.engine.registry import REGISTRY, lookup, model_class
 from therapist_effects.engine.results import ModelResults
 from therapist_effects.exceptions import ModelError
-from therapist_effects.glmm import LogisticRandomInterceptModel
-from therapist_effects.reml import NestedModel, RandomInterceptModel
+from therapist_effects.models.glmm import LogisticRandomInterceptModel
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 REF = json.loads((REFERENCE_DIR / "aic_bic.json").read_text())
 FB = pd.read_csv(REFERENCE_DIR / "therapy_feedback.csv")
@@ -118,8 +118,8 @@ import math
 import numpy as np
 
 from therapist_effects.engine.results import CONF_INT_COLUMNS, ICC, ICC_COLUMNS, Summary
-from therapist_effects.glmm_arm import LogisticArmVarianceModel
-from therapist_effects.slopes import RandomSlopeModel
+from therapist_effects.models.glmm_arm import LogisticArmVarianceModel
+from therapist_effects.models.slopes import RandomSlopeModel
 
 LATENT = math.pi**2 / 3
 THERAPIST_COLUMNS = {"therapist", "caseload", "effect", "effect_se", "ci_low", "ci_high", "classification"}
@@ -156,7 +156,7 @@ def _icc_by_hand(key, res) -> dict:
 
 @pytest.fixture(scope="module")
 def every_fit(fits):
-    from therapist_effects.bayes import BayesConfig, BayesModel
+    from therapist_effects.models.bayes import BayesConfig, BayesModel
 
     out = dict(fits)
     with warnings.catch_warnings():
@@ -287,15 +287,15 @@ def test_interval_methods_not_offered_are_refused(every_fit):
 # Every results class takes the same defaults for the interval level, method, bootstrap size and
 # seed, on every method that has them; seed=None is seed 0 in every bootstrap.
 
-from therapist_effects.arm import ArmVarianceResults
-from therapist_effects.bayes import BayesResults
+from therapist_effects.models.arm import ArmVarianceResults
+from therapist_effects.models.bayes import BayesResults
 from therapist_effects.engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from therapist_effects.engine.results import DEFAULT_INTERVAL
-from therapist_effects.glmm import LogisticMixedResults
-from therapist_effects.glmm_arm import LogisticArmVarianceResults
-from therapist_effects.glmm_slope import LogisticRandomSlopeResults
-from therapist_effects.reml import MixedResults
-from therapist_effects.slopes import RandomSlopeResults
+from therapist_effects.models.glmm import LogisticMixedResults
+from therapist_effects.models.glmm_arm import LogisticArmVarianceResults
+from therapist_effects.models.glmm_slope import LogisticRandomSlopeResults
+from therapist_effects.models.reml import MixedResults
+from therapist_effects.models.slopes import RandomSlopeResults
 
 RESULTS_CLASSES = [MixedResults, ArmVarianceResults, RandomSlopeResults, LogisticMixedResults,
                    LogisticArmVarianceResults, LogisticRandomSlopeResults, BayesResults]

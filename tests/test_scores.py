@@ -16,11 +16,11 @@ import pytest
 
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError, DataWarning
-from therapist_effects.ingest import ingest_frame
-from therapist_effects.instruments import get_instrument
-from therapist_effects.models import extra_columns, model_frame
-from therapist_effects.outcomes import derive_patient_outcomes
-from therapist_effects.scores import paired_outcomes
+from therapist_effects.io.ingest import ingest_frame
+from therapist_effects.io.instruments import get_instrument
+from therapist_effects.models.fitting import extra_columns, model_frame
+from therapist_effects.io.outcomes import derive_patient_outcomes
+from therapist_effects.io.scores import paired_outcomes
 
 NAN = math.nan
 

@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 
 from test_workflow import check_contract, run_snakemake
-from therapist_effects.scores import paired_outcomes
+from therapist_effects.io.scores import paired_outcomes
 
 
 def service_export(path, seed=5):

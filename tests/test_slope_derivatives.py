@@ -16,7 +16,7 @@ import pytest
 from refdata import REFERENCE_DIR
 from therapist_effects.engine.derivatives import slope_deviance
 from therapist_effects.engine.gaussian import minimise_box, newton_box
-from therapist_effects.slopes import RandomSlopeModel, _criterion
+from therapist_effects.models.slopes import RandomSlopeModel, _criterion
 
 
 def _data(slope_kind: str, seed: int = 3):

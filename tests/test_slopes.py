@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.models.arm import ArmVarianceModel
 from therapist_effects.exceptions import ModelError
-from therapist_effects.slopes import RandomSlopeModel
+from therapist_effects.models.slopes import RandomSlopeModel
 from refdata import REFERENCE_DIR
 
 REF_DIR = REFERENCE_DIR
@@ -174,7 +174,7 @@ def test_fit_model_slope_key(tmp_path):
     import yaml
 
     from therapist_effects.config import load_config
-    from therapist_effects.models import fit_model
+    from therapist_effects.models.fitting import fit_model
 
     df = simulate_slopes(seed=4, n_therapists=30, per_arm=5)
     df["patient"] = [f"P{i}" for i in range(len(df))]

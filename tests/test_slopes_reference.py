@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from refdata import REFERENCE_DIR
-from therapist_effects.slopes import RandomSlopeModel
+from therapist_effects.models.slopes import RandomSlopeModel
 
 REF = json.loads((REFERENCE_DIR / "random_slope.json").read_text())
 FB = pd.read_csv(REFERENCE_DIR / "therapy_feedback.csv")

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from therapist_effects.exceptions import ConfigError, InputError
-from therapist_effects.ingest import accounting, ingest_dataset
-from therapist_effects.outcomes import derive_patient_outcomes
+from therapist_effects.io.ingest import accounting, ingest_dataset
+from therapist_effects.io.outcomes import derive_patient_outcomes
 from therapist_effects.simulate import PracticeSimulation, inject_data_errors, simulate_practice
-from therapist_effects.stream import ingest_patients_streamed
+from therapist_effects.io.stream import ingest_patients_streamed
 
 pytestmark = pytest.mark.filterwarnings("ignore::therapist_effects.exceptions.DataWarning")
 

@@ -20,10 +20,10 @@ import pytest
 from scipy import optimize, stats
 
 from refdata import REFERENCE_DIR
-from therapist_effects.arm import ArmVarianceModel
+from therapist_effects.models.arm import ArmVarianceModel
 from therapist_effects.exceptions import SingularFitWarning
 from therapist_effects.meta import pool
-from therapist_effects.reml import RandomInterceptModel
+from therapist_effects.models.reml import RandomInterceptModel
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_model_prior_density_is_the_reported_prior(model_type, parameterization,
     sd_std = sd / sd(y) (Jacobian log sd(y)), beta_std_j = beta_j * sd(x_j) / sd(y)."""
     import pymc as pm
 
-    from therapist_effects.bayes import BayesConfig, BayesModel
+    from therapist_effects.models.bayes import BayesConfig, BayesModel
 
     df = _bayes_data()
     covs = ("x",) if model_type != "arm_variance" else ("x",)
@@ -262,7 +262,7 @@ def test_diagnose_flags_rhat_between_1_02_and_1_05():
     1.03 (Vehtari et al. 2021's threshold is 1.01), which diagnose() must name in its advice."""
     import arviz as az
 
-    from therapist_effects import bayes
+    from therapist_effects.models import bayes
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 4000)) + np.array([-1.5, -0.5, 0.5, 1.5])[:, None] * 0.2
@@ -354,7 +354,7 @@ def test_paule_mandel_i2_by_hand():
 def test_auto_parameterization_of_a_per_patient_model_is_noncentred():
     """The marginal likelihood is written on sufficient statistics only; "auto" must not pick it for a
     per-patient model (it did, and build_model raised ModelError)."""
-    from therapist_effects.bayes import BayesConfig, BayesModel
+    from therapist_effects.models.bayes import BayesConfig, BayesModel
 
     df = _bayes_data()
     per = BayesModel("random_intercept", df, "y", ("x",), config=BayesConfig(sampler="pymc"), per_patient=True)

@@ -16,7 +16,7 @@ import pytest
 import statsmodels.formula.api as smf
 from scipy import stats
 
-from therapist_effects.reml import NestedModel, RandomInterceptModel
+from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 from refdata import REFERENCE_DIR
 
 REF = REFERENCE_DIR

@@ -10,8 +10,11 @@
 # Each module is mutated in a scratch copy of src/ and tests/ (MUTATION_DIR, default
 # ${TMPDIR:-/tmp}/te-mutation/<module>), so the working tree is never touched. mutmut runs the tests
 # once to learn which tests call which function, then each mutant against those tests only, one at a
-# time (--max-children 1) under `nice`. A time box stops a module early: the report then says how many
-# mutants were tested; rerunning the same command continues where it stopped (mutmut keeps results).
+# time (--max-children 1) under `nice`, in a process forked from a server that has only collected the
+# tests (process_isolation = "forkserver"): with mutmut's default ("fork") each mutant inherits the
+# stats run's module-level caches (fits cached by a test module) and survives unseen. A time box
+# stops a module early: the report then says how many mutants were tested; rerunning the same command
+# continues where it stopped (mutmut keeps results).
 # Per module it prints: mutants, tested, killed (incl. timeouts), survived, score = killed / tested;
 # `cd $MUTATION_DIR/<module> && mutmut results` lists the survivors, `mutmut show <name>` the diff.
 #
@@ -46,14 +49,15 @@ declare -A TESTS=(
     [profile]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova"
     [reml]="tests/test_reml_reference.py tests/test_surviving_mutants.py::test_parametric_bootstrap_reproduces_the_anova_sampling_distribution tests/test_surviving_mutants.py::test_icc_profile_ends_match_the_closed_form_reml_profile tests/test_surviving_mutants.py::test_random_intercept_lrt_p_value_is_half_the_chi2_tail_dyestuff tests/test_surviving_mutants.py::test_near_boundary_fit_is_not_singular_and_matches_anova tests/test_surviving_mutants.py::test_profile_lower_end_is_exactly_zero_for_a_weak_interior_estimate"
     [arm]="tests/test_arm_reference.py tests/test_surviving_mutants.py::test_arm_equal_variance_lrt_p_is_the_full_chi2_tail"
-    [glmm]="tests/test_glmm_reference.py"
+    [glmm]="tests/test_glmm_reference.py tests/test_mutation_kills_glmm.py"
+    [inference]="tests/test_mutation_kills_inference.py tests/test_results_interface.py::test_one_bootstrap_seed_rule_and_failure_count"
 )
 declare -A FILE=(
-    [csvsafe]="csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
-    [instruments]="instruments.py" [outcomes]="outcomes.py" [profile]="profile.py" [reml]="reml.py"
-    [arm]="arm.py" [glmm]="glmm.py"
+    [csvsafe]="io/csvsafe.py" [classify]="classify.py" [privacy]="report/privacy.py" [meta]="meta.py"
+    [instruments]="io/instruments.py" [outcomes]="io/outcomes.py" [profile]="models/profile.py" [reml]="models/reml.py"
+    [arm]="models/arm.py" [glmm]="models/glmm.py" [inference]="engine/inference.py"
 )
-ORDER=(csvsafe classify privacy meta instruments outcomes profile reml arm glmm)
+ORDER=(csvsafe classify privacy meta instruments outcomes profile reml arm glmm inference)
 MODULES=("$@")
 [ ${#MODULES[@]} -eq 0 ] && MODULES=("${ORDER[@]}")
 
@@ -75,6 +79,7 @@ source_paths = ["src/"]
 only_mutate = ["*therapist_effects/${FILE[$m]}"]
 pytest_add_cli_args_test_selection = [${tests_toml%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-n", "0", "-x", "-q"]
+process_isolation = "forkserver"
 TOML
     echo "== mutmut: ${FILE[$m]} against ${TESTS[$m]} (time box: ${BOX}s${SAMPLE:+; sample $SAMPLE, seed $SEED})"
     start=$(date +%s)

@@ -30,7 +30,7 @@ def simulate_demo(out: str | Path, truth_out: str | Path | None = None) -> None:
     sessions = inject_data_errors(sessions, seed=DEMO_SEED)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
 
     safe_csv(sessions, out, lineterminator="\n")
     if truth_out:

@@ -154,7 +154,7 @@ def _check_datasets(cfg: dict, source: str) -> None:
             if cov in roles:
                 raise ConfigError(f"{source}: {key}.columns.covariates: {cov!r} already has another role")
         if ds.get("instrument"):
-            from .instruments import get_instrument
+            from .io.instruments import get_instrument
 
             try:
                 get_instrument(ds["instrument"], cfg.get("instruments") or {})
@@ -164,8 +164,8 @@ def _check_datasets(cfg: dict, source: str) -> None:
 
 def _resolve_scores(ds: dict, cfg: dict, source: str, key: str) -> None:
     """``columns.scores`` (several instruments per row): the primary instrument becomes the dataset's
-    ``instrument`` and its column ``columns.score`` (see :mod:`therapist_effects.scores`)."""
-    from .scores import primary_of, single_score_spec
+    ``instrument`` and its column ``columns.score`` (see :mod:`therapist_effects.io.scores`)."""
+    from .io.scores import primary_of, single_score_spec
 
     if ds["layout"] != "session":
         raise ConfigError(f"{source}: {key}.columns.scores: several instruments per row need layout: session")

@@ -28,8 +28,8 @@ Pooling scales (:data:`SCALES`):
   ``tests/test_meta_simulation.py`` shows it).
 
 The one-stage alternative (:func:`one_stage_icc`, :func:`one_stage_ratio`) fits the individual
-patient data of all trials at once: :class:`~therapist_effects.reml.NestedModel` (trial level,
-therapists in trials) and :class:`~therapist_effects.arm.ArmVarianceModel` with a random trial level.
+patient data of all trials at once: :class:`~therapist_effects.models.reml.NestedModel` (trial level,
+therapists in trials) and :class:`~therapist_effects.models.arm.ArmVarianceModel` with a random trial level.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .arm import ArmVarianceModel, arm_labels
-from .design import fixed_effects_matrix
+from .models.arm import ArmVarianceModel, arm_labels
+from .models.design import fixed_effects_matrix
 from .exceptions import InputError, ModelError, SingularFitWarning, StatisticalWarning
-from .reml import NestedModel, RandomInterceptModel
+from .models.reml import NestedModel, RandomInterceptModel
 
 __all__ = [
     "ICC_FLOOR",
@@ -220,14 +220,14 @@ def per_cluster_estimates(
     """Per-cluster (trial/service) therapist ICCs: stage 1 of a two-stage meta-analysis.
 
     Fits ``outcome ~ covariates + (1 | therapist)`` by REML in each cluster
-    (:class:`~therapist_effects.reml.RandomInterceptModel`). Returns one row per cluster:
+    (:class:`~therapist_effects.models.reml.RandomInterceptModel`). Returns one row per cluster:
     ``cluster, n_patients, n_therapists, n0`` (Donner's effective caseload), ``icc, icc_ci_low,
     icc_ci_high`` (profile-likelihood interval at ``level``; a singular trial's interval is passed
     through as the engine gives it), ``var_icc`` (:func:`donner_var_icc` with the unbalanced n0),
     ``yi, vi`` on the pooling ``scale`` (:func:`to_scale`; on ``fisher_z`` ``vi`` is Donner's variance
     at the clusters' mean ICC, :func:`common_donner_vi`), ``logit_icc, var_logit_icc`` and
     ``singular``. When ``arm`` is given, also the arm-specific ICCs ``icc_control, icc_feedback,
-    icc_ratio`` from :class:`~therapist_effects.arm.ArmVarianceModel` with their Donner variances
+    icc_ratio`` from :class:`~therapist_effects.models.arm.ArmVarianceModel` with their Donner variances
     ``var_icc_control, var_icc_feedback`` (each arm's own caseloads) and patient / therapist counts
     per arm (NaN with a warning where a cluster's arm model cannot be fitted, e.g. fewer than two
     therapists in an arm).
@@ -737,7 +737,7 @@ def pool_arms(t: pd.DataFrame, method: str = "REML", *, test: str = "z", level: 
 # --------------------------------------------------------------------------------------------
 def one_stage_icc(df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *, therapist: str = "therapist",
                   cluster: str = "cluster", level: float = 0.95) -> dict:
-    """One-stage IPD pooled therapist ICC: :class:`~therapist_effects.reml.NestedModel`
+    """One-stage IPD pooled therapist ICC: :class:`~therapist_effects.models.reml.NestedModel`
     ``outcome ~ covariates + (1 | cluster) + (1 | cluster:therapist)`` by REML, its ICC
     ``s2_t / (s2_c + s2_t + s2)`` with the profile interval, and the flags (singular fits are
     reported, not hidden)."""
@@ -753,7 +753,7 @@ def one_stage_icc(df: pd.DataFrame, outcome: str, covariates: Sequence[str] = ()
 
 def one_stage_ratio(df: pd.DataFrame, outcome: str, covariates: Sequence[str] = (), *, therapist: str = "therapist",
                     arm: str = "arm", cluster: str = "cluster", feedback_level=1, level: float = 0.95) -> dict:
-    """One-stage IPD feedback meta-analysis: :class:`~therapist_effects.arm.ArmVarianceModel` with a
+    """One-stage IPD feedback meta-analysis: :class:`~therapist_effects.models.arm.ArmVarianceModel` with a
     random trial level (``cluster_random=True``): the ICC per arm, their ratio (feedback / control)
     and the reduction ``1 - ratio``, with profile intervals."""
     with warnings.catch_warnings(record=True) as caught:

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from .exceptions import TherapistEffectsError
-from .models import (
+from .models.fitting import (
     applicable_models,
     assemble_estimates,
     extra_columns,
@@ -109,7 +109,7 @@ def _check_model_outcomes(cfg: dict, dataset: dict, data_path: str) -> None:
     """A model outcome that is neither derived nor a column of the file: one line naming models[i].outcome."""
     from .config import INSTRUMENT_OUTCOMES
     from .exceptions import ConfigError, InputError
-    from .readers import read_header
+    from .io.readers import read_header
 
     extra = set(extra_columns(cfg, dataset))
     if not extra:
@@ -134,14 +134,14 @@ def _check_model_outcomes(cfg: dict, dataset: dict, data_path: str) -> None:
 
 
 #: CSV / Parquet exports larger than this are ingested streamed, in bounded memory
-#: (:mod:`therapist_effects.stream`): the ingest step then writes the per-patient table itself.
+#: (:mod:`therapist_effects.io.stream`): the ingest step then writes the per-patient table itself.
 STREAM_BYTES = 512 * 1024 * 1024
 
 
 def _ingest_streamed(data_path: str, spec: dict, cfg: dict, out_rows: str, out_rejects: str,
                      out_summary: str) -> None:
-    from .outcomes import write_rejects
-    from .stream import ingest_patients_streamed
+    from .io.outcomes import write_rejects
+    from .io.stream import ingest_patients_streamed
 
     Path(out_rows).parent.mkdir(parents=True, exist_ok=True)
     res = ingest_patients_streamed(data_path, spec, user_instruments=cfg.get("instruments") or {},
@@ -164,8 +164,8 @@ def ingest_step(data_path: str, dataset: dict, cfg: dict, out_rows: str, out_rej
     Exports over :data:`STREAM_BYTES` are streamed: ``out_rows`` then holds the per-patient table
     (and the summary says ``streamed``), which the outcomes step passes through.
     """
-    from .ingest import ingest_dataset
-    from .outcomes import write_rejects
+    from .io.ingest import ingest_dataset
+    from .io.outcomes import write_rejects
 
     _check_model_outcomes(cfg, dataset, data_path)
     spec = _ingest_spec(cfg, dataset)
@@ -191,9 +191,9 @@ def outcomes_step(
     out_parquet: str, out_csv: str, out_rejects: str, out_accounting: str,
 ) -> None:
     """Derive one row per patient with the instrument's outcomes; combine the rejects of both steps."""
-    from .ingest import accounting
-    from .instruments import get_instrument
-    from .outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
+    from .io.ingest import accounting
+    from .io.instruments import get_instrument
+    from .io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 
     with open(ingest_summary, encoding="utf-8") as fh:
         summary = json.load(fh)
@@ -204,8 +204,8 @@ def outcomes_step(
     if summary.get("streamed"):  # the streamed ingest derived the patients (and all rejects) already
         patients, rejects = rows, rejects1
     else:
-        if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.scores
-            from .scores import derive_scores_outcomes
+        if dataset["columns"].get("scores"):  # several instruments per row: therapist_effects.io.scores
+            from .io.scores import derive_scores_outcomes
 
             patients, rejects2 = derive_scores_outcomes(rows, _ingest_spec(cfg, dataset), cfg.get("instruments") or {})
         else:
@@ -226,7 +226,7 @@ def _higher_is_better(dataset: dict, cfg: dict) -> bool | None:
     if dataset.get("higher_is_better") is not None:
         return bool(dataset["higher_is_better"])
     if dataset.get("instrument"):
-        from .instruments import get_instrument
+        from .io.instruments import get_instrument
 
         return get_instrument(dataset["instrument"], cfg.get("instruments") or {}).higher_is_better
     return None
@@ -237,7 +237,7 @@ def fit_step(
     out_narrowing: str | None = None, out_idata: str | None = None,
 ) -> None:
     """Fit one model; write its contract entry, its therapist table and (random slopes) the narrowing table."""
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
 
     patients = pd.read_parquet(patients_path)
     model = next(m for m in cfg["models"] if m["id"] == model_id)
@@ -260,7 +260,7 @@ def fit_step(
 def per_cluster_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str, out_json: str) -> None:
     """Per-cluster (trial / service) ICCs, their random-effects pooling (two-stage meta-analysis) and
     the one-stage models with a trial level (:func:`therapist_effects.meta.dataset_meta`)."""
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
     from .meta import dataset_meta
 
     patients = pd.read_parquet(patients_path)
@@ -283,7 +283,7 @@ def collect_step(
     meta_json: str | None = None, configfiles: list[str] | None = None,
 ) -> None:
     """Assemble ``estimates.json`` (the contract) and the combined therapist table."""
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
 
     patients = pd.read_parquet(patients_path)
     with open(accounting_path, encoding="utf-8") as fh:
@@ -298,7 +298,7 @@ def collect_step(
         with open(meta_json, encoding="utf-8") as fh:
             meta = json.load(fh)
     est = assemble_estimates(dataset_name, dataset, cfg, acc, patients, entries, skipped, meta=meta, configfiles=configfiles)
-    from .comparison import add_to_estimates  # AIC/BIC where absent, LRTs between nested models
+    from .models.comparison import add_to_estimates  # AIC/BIC where absent, LRTs between nested models
 
     add_to_estimates(est, fitted, patients, dataset)
     write_json(est, out_estimates)
@@ -414,7 +414,7 @@ def meta_report_step(
             m = json.load(fh)
         one_stage[Path(path).parent.name] = {"icc": m.get("one_stage"), "arms": m.get("one_stage_arms")}
     if studies_path:
-        from .ingest import read_table
+        from .io.ingest import read_table
 
         st = study_table(read_table(studies_path), columns=cfg["meta"].get("columns") or {}, scale=opts["scale"],
                          level=level, source=studies_path)
@@ -449,7 +449,7 @@ def meta_report_step(
         write_json({**opts, "level": level, "pooled": pooled, "n_studies": int(len(studies)),
                     "leave_one_out": loo, "one_stage": one_stage or None, "arms": arms_out}, out_json)
     if out_csv:
-        from .csvsafe import safe_csv
+        from .io.csvsafe import safe_csv
 
         safe_csv(studies, out_csv)
     log.info("pooled %d studies (%s, %s, %s scale): ICC %s", len(studies), opts["method"], opts["test"],
@@ -470,7 +470,7 @@ def plan_cell_step(design: dict, cfg: dict, out_json: str) -> None:
 
 def plan_grid_step(cell_jsons: list[str], out_csv: str, out_png: str) -> None:
     """The planning grid's table and plot from the per-design results."""
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
     from .planning import grid_figure, plan_grid
 
     results = []
@@ -484,7 +484,7 @@ def plan_grid_step(cell_jsons: list[str], out_csv: str, out_png: str) -> None:
 
 def sensitivity_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str) -> None:
     """``sensitivity: true``: refit the Gaussian random-intercept models under the sensitivity analyses."""
-    from .csvsafe import safe_csv
+    from .io.csvsafe import safe_csv
     from .sensitivity import sensitivity_table
 
     patients = pd.read_parquet(patients_path)
@@ -496,7 +496,7 @@ def sensitivity_step(patients_path: str, dataset: dict, cfg: dict, out_csv: str)
 
 def tables_step(estimates_path: str, patients_path: str, out_dir: str) -> None:
     """Publication tables (Markdown, LaTeX, CSV), the descriptive table by arm and the flow diagram."""
-    from .tables import write_tables
+    from .report.tables import write_tables
 
     with open(estimates_path, encoding="utf-8") as fh:
         est = json.load(fh)

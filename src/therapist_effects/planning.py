@@ -3,12 +3,12 @@
 :func:`plan` simulates the design with the exact REML engines, seeded, and reports
 
 * ``expected_ci_width``: the mean width of the 95% profile-likelihood interval of the therapist ICC
-  (:class:`~therapist_effects.reml.RandomInterceptModel`, ``y ~ 1 + (1 | therapist)``);
+  (:class:`~therapist_effects.models.reml.RandomInterceptModel`, ``y ~ 1 + (1 | therapist)``);
 * ``p_singular``: the share of fits with the therapist variance at 0 (a singular fit);
 * ``power`` (when a ``reduction`` R is given): the probability of detecting a relative ICC reduction
   of R between arms, ``ICC_feedback = (1 - R) ICC_control``: each therapist's patients are randomised
   1:1 to the two arms and the data are fitted by
-  :class:`~therapist_effects.arm.ArmVarianceModel` (a therapist variance per arm); a replicate
+  :class:`~therapist_effects.models.arm.ArmVarianceModel` (a therapist variance per arm); a replicate
   detects the reduction when the likelihood-ratio test of equal variances has p < 1 - ``level``
   and the feedback ICC is the smaller (a directional test).
 
@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .arm import ArmVarianceModel
+from .models.arm import ArmVarianceModel
 from .exceptions import ModelError
 from .meta import donner_var_icc
 from .progress import track
-from .reml import RandomInterceptModel
+from .models.reml import RandomInterceptModel
 
 __all__ = ["caseloads", "simulate_design", "plan", "large_sample_width", "plan_grid", "grid_cells"]
 

@@ -42,7 +42,7 @@ def sensitivity_models(models: list[dict]) -> list[dict]:
 
 
 def _fit(df: pd.DataFrame, outcome: str, covariates: list[str], therapist: str, model: dict, cfg: dict) -> dict:
-    from .reml import RandomInterceptModel
+    from .models.reml import RandomInterceptModel
 
     interval = model.get("interval") or cfg["intervals"]["method"]
     method = "bootstrap" if interval == "bootstrap" else "profile"
@@ -61,7 +61,7 @@ def sensitivity_table(patients: pd.DataFrame, models: list[dict], dataset: dict,
     configured), and an analysis whose data cannot be fitted (e.g. fewer than two therapists with 10
     patients) is logged and left out.
     """
-    from .models import model_frame, role_names
+    from .models.fitting import model_frame, role_names
 
     names = role_names(dataset)
     rows = []

@@ -1,4 +1,4 @@
-# Reference values for model comparison (therapist_effects.comparison): lme4's AIC(), BIC(), logLik()
+# Reference values for model comparison (therapist_effects.models.comparison): lme4's AIC(), BIC(), logLik()
 # and the df it counts, and likelihood-ratio tests from anova().
 #
 #   cd tests/reference && Rscript comparison.R      # writes comparison.json

@@ -1,4 +1,4 @@
-# Reference values for the binomial arm-variance model (therapist_effects.glmm_arm).
+# Reference values for the binomial arm-variance model (therapist_effects.models.glmm_arm).
 #
 #   cd tests/reference && Rscript glmer_arm.R      # writes glmer_arm.json
 #

@@ -1,4 +1,4 @@
-# Reference values for the binomial random-slope model (therapist_effects.glmm_slope).
+# Reference values for the binomial random-slope model (therapist_effects.models.glmm_slope).
 #
 #   cd tests/reference && Rscript glmer_slope.R      # writes glmer_slope.json
 #

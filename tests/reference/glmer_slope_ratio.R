@@ -1,4 +1,4 @@
-# Reference for the ICC ratio's profile in the binomial random-slope model (therapist_effects.glmm_slope).
+# Reference for the ICC ratio's profile in the binomial random-slope model (therapist_effects.models.glmm_slope).
 #
 #   cd tests/reference && Rscript glmer_slope_ratio.R      # writes glmer_slope_ratio.json (seconds)
 #

@@ -1,9 +1,9 @@
-# Reference values for the growth model (therapist_effects.growth), written to growth.json.
+# Reference values for the growth model (therapist_effects.models.growth), written to growth.json.
 #   cd tests/reference && Rscript growth.R
 # R 4.2, lme4 1.1-31, jsonlite. Data:
 #   growth_demo.csv      the demo's sessions (data/demo_sessions.csv) after the package's exclusions,
-#                        exported by therapist_effects.recovery.growth_frame (lt = log(session number))
-#   growth_singular.csv  therapist_effects.growth.simulate_growth(30, 15, cov_T=((0.5, 0), (0, 0)), seed=1):
+#                        exported by therapist_effects.models.recovery.growth_frame (lt = log(session number))
+#   growth_singular.csv  therapist_effects.models.growth.simulate_growth(30, 15, cov_T=((0.5, 0), (0, 0)), seed=1):
 #                        no therapist slope variance; lme4's fit is singular
 # For each fit: lme4's default fit ("default") and the same model refitted from the default's theta
 # by nlminb with tolerances at machine precision ("refined"), so that the optimum itself is known

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from therapist_effects.config import load_config
 from therapist_effects.exceptions import ConfigError, TherapistEffectsError
-from therapist_effects.models import applicable_models
+from therapist_effects.models.fitting import applicable_models
 from therapist_effects.safety import check_before_run, check_paths
 
 

@@ -1,5 +1,5 @@
-# Thin wrapper: see therapist_effects.growth_step.fit_growth_step.
-from therapist_effects.growth_step import fit_growth_step
+# Thin wrapper: see therapist_effects.models.growth_step.fit_growth_step.
+from therapist_effects.models.growth_step import fit_growth_step
 from therapist_effects.pipeline import _higher_is_better, run
 
 run(

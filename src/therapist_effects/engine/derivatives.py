@@ -17,7 +17,7 @@ so one evaluation costs a few length-``G`` products per pair, as the criterion i
 residual sum of squares ``r`` (a Schur complement of ``A``) and ``log|X'WX|`` follow by the chain
 rule (``u = (-b, 1)`` the GLS direction: ``dr = u' dA u``, ``d2r = u' d2A u - 2 (dA_a u)_x'
 A_xx^{-1} (dA_b u)_x``). :func:`slope_deviance` maps them to the ML deviance, or the profiled ML or
-REML criterion, in the parameters the profiles of :mod:`therapist_effects.slopes` move: log SDs,
+REML criterion, in the parameters the profiles of :mod:`therapist_effects.models.slopes` move: log SDs,
 the correlation and log sigma^2 (each a linear function of the inner coordinates).
 """
 

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from ..exceptions import ModelError
 from ..progress import track
 
-__all__ = ["ProfileLimit", "profile_limit", "profile_interval", "profile_end", "chi2_cut",
+__all__ = ["ProfileLimit", "profile_limit", "profile_interval", "profile_end", "signed_root_limit", "chi2_cut",
            "wald_interval", "percentile_interval", "parametric_bootstrap", "BootstrapResult",
            "bootstrap_rng", "DEFAULT_LEVEL", "DEFAULT_N_BOOT"]
 
@@ -39,8 +40,6 @@ DEFAULT_N_BOOT = 1000
 def chi2_cut(level: float) -> float:
     """The deviance cut-off of a ``level`` profile interval: ``qchisq(level, 1)``."""
     if not 0.0 < level < 1.0:
-        from ..exceptions import ModelError
-
         raise ModelError(f"confidence level must be between 0 and 1, got {level}")
     return float(stats.chi2.ppf(level, 1))
 
@@ -64,7 +63,7 @@ class ProfileLimit:
 def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direction: int, *,
                   lower: float = -math.inf, upper: float = math.inf, step: float,
                   log_scale: bool = False, scale: float = 1.0, edge_ok: bool = True,
-                  ceiling: float | None = None, growth: float = 2.0,
+                  ceiling: float | None = None, growth: float = 2.0, extrapolate: bool = False,
                   xtol: float = 1e-14, rtol: float = 1e-11) -> ProfileLimit:
     """The end of a profile-likelihood interval in ``direction`` (+1 upper, -1 lower).
 
@@ -78,6 +77,12 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
       multiplicatively ``xhat * exp(+-step * growth**k)`` for positive parameters
       (``log_scale=True``), from ``scale * growth**k`` upwards when ``xhat`` is 0. Steps that pass a
       finite edge are clipped to it. The crossing is then located by Brent's method.
+    - ``extrapolate``: ``excess`` is (nearly) linear in the step from the estimate (a signed root
+      of the excess deviance, see :func:`signed_root_limit`), so after a step that stays below
+      ``q`` the next one goes 10% past the crossing a straight line through the estimate and that
+      point predicts (at least 1.1 times, at most ``4 growth`` times the last step) instead of
+      ``growth`` times as far; not from an estimate at 0 on the log scale. The finite edge is then
+      evaluated only when a step reaches it or that line (in ``x``) crosses ``q`` beyond it.
     - Towards an infinite edge (or an edge where the criterion is undefined) the search stops at
       ``ceiling`` (default ``1e12 * max(|xhat|, scale)``) and reports ``"open"``.
     """
@@ -92,15 +97,15 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
     if finite_edge and xhat == edge:
         return ProfileLimit(float(edge), "edge", 0)
     e_edge = None
-    if finite_edge and edge_ok:
+    if finite_edge and edge_ok and not extrapolate:
         e_edge = ex(edge)
         if e_edge < q:
             return ProfileLimit(float(edge), "edge", n_eval[0])
     if ceiling is None:
         ceiling = 1e12 * max(abs(xhat), scale)
     prev, e_prev = xhat, 0.0
+    h = step
     for k in range(400):
-        h = step * growth ** k
         if log_scale:
             if xhat > 0.0:
                 lx = math.log(xhat) + direction * h
@@ -121,6 +126,10 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
                 if abs(x - edge) <= 1e-12 * max(abs(xhat), scale):
                     return ProfileLimit(-math.inf if direction < 0 else math.inf, "open", n_eval[0])
             else:  # the edge's excess is >= q: the root lies between prev and the edge
+                if e_edge is None:  # (deferred by extrapolate)
+                    e_edge = ex(edge)
+                    if e_edge < q:
+                        return ProfileLimit(float(edge), "edge", n_eval[0])
                 return ProfileLimit(_root(ex, q, prev, e_prev, edge, e_edge, xtol, rtol), "root", n_eval[0])
         elif not math.isfinite(x) or abs(x) > ceiling:
             return ProfileLimit(math.inf if direction > 0 else -math.inf, "open", n_eval[0])
@@ -128,6 +137,15 @@ def profile_limit(excess: Callable[[float], float], xhat: float, q: float, direc
         if e >= q:
             return ProfileLimit(_root(ex, q, prev, e_prev, x, e, xtol, rtol), "root", n_eval[0])
         prev, e_prev = x, e
+        if extrapolate and e > 0.0 and not (log_scale and xhat <= 0.0):
+            h = min(max(1.1 * h * q / e, 1.1 * h), 4.0 * growth * h)
+            if (finite_edge and edge_ok and e_edge is None
+                    and direction * (xhat + (x - xhat) * q / e - edge) >= 0.0):
+                e_edge = ex(edge)  # a straight line in x predicts the crossing past the edge
+                if e_edge < q:
+                    return ProfileLimit(float(edge), "edge", n_eval[0])
+        else:
+            h = h * growth if extrapolate else step * growth ** (k + 1)
     return ProfileLimit(math.inf * direction, "open", n_eval[0])  # pragma: no cover
 
 
@@ -149,9 +167,22 @@ def profile_interval(excess: Callable[[float], float], xhat: float, level: float
     return (profile_limit(excess, xhat, q, -1, **kw), profile_limit(excess, xhat, q, +1, **kw))
 
 
+def signed_root_limit(excess: Callable[[float], float], xhat: float, q: float, direction: int, *,
+                      wald: float | None = None, cap: float = math.inf, **kw) -> ProfileLimit:
+    """:func:`profile_limit` on the signed root ``sqrt(excess)`` of the excess deviance, cut-off
+    ``sqrt(q)``: nearly linear in the parameter, so that Brent's interpolation converges in a few
+    evaluations. ``wald``: the distance (on the search scale: log scale for ``log_scale``) from the
+    estimate to the limit the quadratic (Wald) approximation predicts; the first trial goes there (at
+    most ``cap``: the approximation is local), else ``kw["step"]``. Other keywords as
+    :func:`profile_limit`; the root is the same as that of ``excess - q``."""
+    if wald is not None and math.isfinite(wald) and wald > 0.0:
+        kw["step"] = min(wald, cap)
+    return profile_limit(lambda x: math.sqrt(max(excess(x), 0.0)), xhat, math.sqrt(q), direction, **kw)
+
+
 def profile_end(excess: Callable[[float], float], xhat: float, q: float, direction: int, *,
                 positive: bool, step: float, zero_allowed: bool = False,
-                scale: float = 1.0, max_steps: int = 60) -> tuple[float, bool]:
+                scale: float = 1.0) -> tuple[float, bool]:
     """``(end, found)`` of :func:`profile_limit` for a parameter on ``[0, inf)`` (``positive``,
     criterion defined at 0 when ``zero_allowed``) or on the real line (the older interface)."""
     if positive:
@@ -221,8 +252,6 @@ def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
     """
     n_boot = int(n_boot)
     if n_boot < 1:
-        from ..exceptions import ModelError
-
         raise ModelError(f"n_boot must be a positive integer, got {n_boot}")
     rng = bootstrap_rng(seed)
     rows, failed = [], 0
@@ -230,7 +259,7 @@ def parametric_bootstrap(simulate: Callable[[np.random.Generator], object],
         data = simulate(rng)
         try:
             row = refit(data)
-        except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError, ModelError):  # e.g. a separated resample
             row = None
         ok = row is not None and bool(row.get("converged", True)) and all(
             np.isfinite(row.get(c, np.nan)) for c in columns if c not in optional)

@@ -1,6 +1,6 @@
 """Model registry: model type (and family / engine) -> the class that fits it.
 
-:func:`therapist_effects.models.fit_model` looks a configured model up here instead of walking an
+:func:`therapist_effects.models.fitting.fit_model` looks a configured model up here instead of walking an
 if/elif chain. Each entry is a :class:`ModelSpec`: the results-producing model class (imported
 lazily, so that e.g. PyMC is only imported for Bayesian models) and an adapter that builds the
 model from the model frame, fits it and returns the contract entry, the per-therapist table and the
@@ -115,26 +115,26 @@ def _gap(res) -> pd.DataFrame:
     return gap.assign(intercept_effect=gap["intercept"], slope_effect=gap["slope"])
 
 
-@register("random_intercept", ".reml:RandomInterceptModel")
+@register("random_intercept", ".models.reml:RandomInterceptModel")
 def _fit_random_intercept(r: FitRequest) -> Fitted:
     res = _fit(r, "random_intercept", default_method="REML")
     return Fitted(res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed), _table(r, res), None, res)
 
 
-@register("nested", ".reml:NestedModel")
+@register("nested", ".models.reml:NestedModel")
 def _fit_nested(r: FitRequest) -> Fitted:
     res = _fit(r, "nested", default_method="REML", cluster=r.mf.cluster)
     return Fitted(res.to_contract(interval=r.interval, n_boot=r.n_boot, seed=r.seed), _table(r, res), None, res)
 
 
-@register(("random_intercept", "binomial"), ".glmm:LogisticRandomInterceptModel")
+@register(("random_intercept", "binomial"), ".models.glmm:LogisticRandomInterceptModel")
 def _fit_logistic(r: FitRequest) -> Fitted:
     res = _fit(r, "random_intercept", "binomial", default_method="agq", n_quad=r.model["n_quad"])
     entry = res.to_contract(interval=r.interval_or_profile, n_boot=r.n_boot, seed=r.seed)
     return Fitted(entry, _table(r, res), None, res)
 
 
-@register("arm_variance", ".arm:ArmVarianceModel")
+@register("arm_variance", ".models.arm:ArmVarianceModel")
 def _fit_arm_variance(r: FitRequest) -> Fitted:
     mf, model = r.mf, r.model
     res = _fit(r, "arm_variance", default_method="REML", arm=True, correlated=model.get("correlated", False),
@@ -149,29 +149,29 @@ def _fit_arm_variance(r: FitRequest) -> Fitted:
     return Fitted(entry, table, None, res)
 
 
-@register(("arm_variance", "binomial"), ".glmm_arm:LogisticArmVarianceModel")
+@register(("arm_variance", "binomial"), ".models.glmm_arm:LogisticArmVarianceModel")
 def _fit_logistic_arm_variance(r: FitRequest) -> Fitted:
     res = _fit(r, "arm_variance", "binomial", default_method="agq", arm=True, n_quad=r.model["n_quad"])
     return Fitted(res.to_contract(interval=r.interval_or_profile), _table(r, res), None, res)
 
 
-@register("random_slope", ".slopes:RandomSlopeModel")
+@register("random_slope", ".models.slopes:RandomSlopeModel")
 def _fit_random_slope(r: FitRequest) -> Fitted:
     res = _fit(r, "random_slope", default_method="REML", arm=True, slope=r.model.get("slope"))
     entry = res.to_contract(interval=r.interval_or_profile, n_boot=r.n_boot, seed=r.seed)
     return Fitted(entry, None, _gap(res), res)
 
 
-@register(("random_slope", "binomial"), ".glmm_slope:LogisticRandomSlopeModel")
+@register(("random_slope", "binomial"), ".models.glmm_slope:LogisticRandomSlopeModel")
 def _fit_logistic_random_slope(r: FitRequest) -> Fitted:
     res = _fit(r, "random_slope", "binomial", default_method="laplace", arm=True, slope=r.model.get("slope"),
                n_quad=r.model["n_quad"])
     return Fitted(res.to_contract(interval=r.interval_or_profile), None, _gap(res), res)
 
 
-@register("bayes", ".bayes:BayesModel")
+@register("bayes", ".models.bayes:BayesModel")
 def _fit_bayes(r: FitRequest) -> Fitted:
-    from ..bayes import BayesConfig, fit_bayes, prior_sensitivity
+    from ..models.bayes import BayesConfig, fit_bayes, prior_sensitivity
 
     mf, model, cfg = r.mf, r.model, r.cfg
     kind, family = model["type"], model.get("family", "gaussian")

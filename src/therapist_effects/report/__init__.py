@@ -4,7 +4,7 @@ All three are single self-contained HTML files (inline CSS, figures as base64 PN
 network fetches, a print stylesheet), rendered with Jinja2 with autoescaping on.
 """
 
-from ..csvsafe import safe_csv
+from ..io.csvsafe import safe_csv
 from .meta import meta_report
 from .research import research_report
 from .service import service_report

@@ -116,7 +116,7 @@ def higher_is_better(estimates: dict, model_id: str | None) -> bool | None:
         return bool(ds["higher_is_better"])
     if estimates.get("instrument"):
         try:
-            from ..instruments import get_instrument  # written by the ingestion engineer
+            from ..io.instruments import get_instrument  # written by the ingestion engineer
 
             return bool(get_instrument(estimates["instrument"], cfg.get("instruments") or {}).higher_is_better)
         except Exception:  # noqa: BLE001 - unknown instrument or module not there: fall through

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..design import INTERCEPT, fixed_effects_matrix
+from ..models.design import INTERCEPT, fixed_effects_matrix
 from ..exceptions import InputError
 from . import figures, fmt, research_extras
 from .common import (CI_WORDS, TYPE_WORDS, dataset_columns, finite, fixed_terms, higher_is_better,
@@ -253,7 +253,7 @@ def conditional_residuals(est: dict, mid: str, patients: pd.DataFrame, therapist
     """Fitted values, residuals and therapist effects of a Gaussian random-intercept model.
 
     fitted = X beta + u_therapist, with beta from ``estimates.json`` and u from ``therapists.csv``;
-    the design matrix is rebuilt with :func:`therapist_effects.design.fixed_effects_matrix` after the
+    the design matrix is rebuilt with :func:`therapist_effects.models.design.fixed_effects_matrix` after the
     patient table's canonical columns are renamed back to the file's names (as the models do).
     Raises ``ValueError`` with the reason when the fit cannot be reconstructed.
     """

@@ -49,12 +49,12 @@ import pandas as pd
 from scipy import optimize, stats
 from scipy.special import expit
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import build_design, group_codes
-from .engine.inference import chi2_cut, parametric_bootstrap, profile_limit
-from .engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
+from ..engine.inference import chi2_cut, parametric_bootstrap, profile_limit
+from ..engine.results import (CONF_INT_COLUMNS, DEFAULT_INTERVAL, DEFAULT_LEVEL, DEFAULT_N_BOOT, ICC, ModelResults,
                              icc_table)
-from .exceptions import (
+from ..exceptions import (
     ConvergenceWarning,
     ModelError,
     SingularFitWarning,
@@ -386,7 +386,7 @@ class LogisticRandomInterceptModel:
         """Logistic regression without therapist effects by IRLS (start values; not the GLM fit)."""
         X, y = self.X, self.y
         b = np.zeros(self.k_fe)
-        for _ in range(50):
+        for _ in range(50 if self.k_fe else 0):  # no fixed effects (logit P = u_j): nothing to start
             eta = X @ b
             mu = expit(eta)
             w = np.maximum(mu * (1 - mu), 1e-10)
@@ -464,10 +464,10 @@ class LogisticRandomInterceptModel:
         theta0 = np.concatenate([b0, [0.0]])
         free = np.ones(p + 1, bool)
         free[p] = False
-        th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, 0.0, free))
+        th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, free))
         return th[:p], ll, ok
 
-    def _b_scale(self, b: np.ndarray, s: float, free: np.ndarray) -> np.ndarray:
+    def _b_scale(self, b: np.ndarray, free: np.ndarray) -> np.ndarray:
         """Scaling for the free coordinates: inverse Cholesky factor of the GLM information for the
         fixed effects (whitening), and a fixed scale for s."""
         p = self.k_fe
@@ -498,7 +498,7 @@ class LogisticRandomInterceptModel:
 
         def from_start(s0: float):
             self._v_warm = np.zeros(self.n_therapists)
-            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, s0, free))
+            return self._maximise(np.concatenate([b_glm, [s0]]), free, self._b_scale(b_glm, free))
 
         try:
             th, ll, ok, msg = best_start(from_start, (0.5, 0.1))
@@ -516,7 +516,7 @@ class LogisticRandomInterceptModel:
             th0 = th.copy()
             th0[p] = max(th0[p], 0.1)
             if scale is None:
-                scale = self._b_scale(th0[:p], th0[p], free)
+                scale = self._b_scale(th0[:p], free)
             th, ll, ok, msg = self._maximise(th0, free, scale)
         singular = bool(th[p] < SINGULAR_TOL)
         if singular or ll_glm > ll:
@@ -535,7 +535,16 @@ class LogisticRandomInterceptModel:
         without therapist effect.
         """
         p = self.k_fe
-        th, ll, ok, msg, singular, ll_glm = self._estimate()
+        try:
+            th, ll, ok, msg, singular, ll_glm = self._estimate()
+        except np.linalg.LinAlgError as err:
+            # the GLM information matrix lost rank on the way to an infinite coefficient
+            raise ModelError(
+                f"logistic random-intercept fit ({self._label()}): the fixed effects have no finite maximum "
+                "likelihood estimate: the outcome is "
+                "completely or quasi-completely separated by the covariates (e.g. every patient with one value "
+                "of a covariate has the same outcome); leave out or combine that covariate"
+            ) from err
         msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
                             " those of the logistic regression without therapist effect" if singular else None)
         ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
@@ -661,7 +670,7 @@ class LogisticMixedResults(ModelResults):
             except np.linalg.LinAlgError:
                 scale = None
         if scale is None:
-            scale = m._b_scale(th0[:p], th0[p], free)
+            scale = m._b_scale(th0[:p], free)
         th, ll, _, _ = m._maximise(th0, free, scale)
         cache[value] = th
         return ll

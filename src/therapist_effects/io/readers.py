@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .exceptions import InputError
+from ..exceptions import InputError
 
 __all__ = ["MAX_COLUMNS", "MAX_HEADER_BYTES", "read_columns", "read_header", "file_kind"]
 

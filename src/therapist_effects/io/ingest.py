@@ -67,7 +67,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from .exceptions import ConfigError, DataWarning, InputError
+from ..exceptions import ConfigError, DataWarning, InputError
 from .instruments import Instrument, get_instrument
 from .readers import check_unique, read_columns, read_header
 
@@ -262,7 +262,7 @@ def read_table(path: str | Path, *, sheet: str | int | None = None,
     their leading zeros; ingestion converts scores to numbers), Excel cells as their typed values
     (text, number, date), Parquet columns with their stored types. ``sheet`` selects an Excel
     sheet by name or 0-based index (default: the first); ``columns`` reads only these columns
-    (names as :func:`therapist_effects.readers.read_header` gives them). Column names are stripped
+    (names as :func:`therapist_effects.io.readers.read_header` gives them). Column names are stripped
     of surrounding blanks; blank rows at the end of the table are dropped. Any failure to read,
     duplicate column names included, raises :class:`InputError` with one line naming the file.
     """
@@ -884,7 +884,7 @@ def ingest_frame(
     several therapists, arm changes), the rows kept.
     """
     if isinstance(spec, Mapping) and isinstance(spec.get("columns"), Mapping) and "scores" in spec["columns"]:
-        from .scores import ingest_scores_frame  # several instruments per row: see therapist_effects.scores
+        from .scores import ingest_scores_frame  # several instruments per row: see therapist_effects.io.scores
 
         return ingest_scores_frame(table, spec, source=source, user_instruments=user_instruments,
                                    today=today, name=name)

@@ -37,21 +37,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from threadpoolctl import threadpool_limits
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from .engine.gaussian import BlockEngine, gls_from_cholesky
-from .engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval
-from .engine.results import ICC, ModelResults, icc_table
-from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global, profile_end
-from .progress import track
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from ..engine.gaussian import BlockEngine, _fd_derivatives, gls_from_cholesky, newton_minimise
+from ..engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval, signed_root_limit
+from ..engine.results import ICC, ModelResults, icc_table
+from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global
+from ..progress import track
 
 __all__ = ["RandomInterceptModel", "NestedModel", "MixedResults"]
 
@@ -73,9 +74,18 @@ def _crit(eng: BlockEngine, gt: float, gc: float, reml: bool) -> float:
     return eng.crit(_theta(gt, gc, eng.C > 0), reml)
 
 
-def _fit(eng: BlockEngine, reml: bool) -> tuple[np.ndarray, float, bool]:
+#: the optimisers and profiles make many BLAS calls on tiny matrices (the engine's p x p algebra,
+#: crit_many's batch products), where on a busy machine multithreaded OpenBLAS spends most of its
+#: time waiting for its threads (measured: crit_many over 49 ratios 16 ms -> 0.7 ms)
+_single_thread_blas = threadpool_limits.wrap(limits=1, user_api="blas")
+
+
+@_single_thread_blas
+def _fit(eng: BlockEngine, reml: bool, near: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
     """Global optimum ``(g, crit_min, converged)``; ``g = [g_t]`` or ``[g_t, g_c]``: a grid in
-    ``log g`` refined by Brent, the boundary ``g = 0`` checked exactly (singular fits)."""
+    ``log g`` refined by Brent, the boundary ``g = 0`` checked exactly (singular fits). ``near``:
+    an interior optimum of a neighbouring criterion (the REML fit's, for the ML refit of the
+    profiles), where the nested model's local refinement starts instead of the 2-D grid's best point."""
     def on_grid(gt: np.ndarray, gc: np.ndarray) -> np.ndarray:  # the criterion at many ratios at once
         th = np.sqrt(np.column_stack([gt, gc]))
         return eng.crit_many(th if eng.C else th[:, :1], reml)
@@ -87,14 +97,17 @@ def _fit(eng: BlockEngine, reml: bool) -> tuple[np.ndarray, float, bool]:
     # nested: coarse 2-D grid in log ratios, local refinement on theta = sqrt(g) from the best
     # grid point, and the exact optima on the boundary lines g_t = 0 and g_c = 0
     f2 = lambda gt, gc: _crit(eng, gt, gc, reml)  # noqa: E731
-    grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
-    gt_all, gc_all = np.meshgrid(grid, grid, indexing="ij")
-    vals = on_grid(gt_all.ravel(), gc_all.ravel()).reshape(len(grid), len(grid))
-    i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
-    th0 = np.sqrt([grid[i], grid[j]])
+    if near is not None and np.all(near > 0.0):
+        th0, conv = np.sqrt(near), True
+    else:
+        grid = np.exp(np.arange(-12.0, 8.0001, 1.5))
+        gt_all, gc_all = np.meshgrid(grid, grid, indexing="ij")
+        vals = on_grid(gt_all.ravel(), gc_all.ravel()).reshape(len(grid), len(grid))
+        i, j = np.unravel_index(int(np.argmin(vals)), vals.shape)
+        th0 = np.sqrt([grid[i], grid[j]])
+        conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
     th, fmin = min_nd_local(lambda th: eng.crit(th, reml), th0, 0.25 * th0, np.zeros(2), xtol=1e-10)
     best = (float(fmin), th[0] ** 2, th[1] ** 2)
-    conv = bool(i < len(grid) - 1 and j < len(grid) - 1)
     gc0, f_c, conv_c = min_nonneg_global(lambda x: f2(0.0, x), f_grid=lambda gs: on_grid(0.0 * gs, gs))
     gt0, f_t, conv_t = min_nonneg_global(lambda x: f2(x, 0.0), f_grid=lambda gs: on_grid(gs, 0.0 * gs))
     for cand in ((f_c, 0.0, gc0), (f_t, gt0, 0.0)):
@@ -107,6 +120,43 @@ def _fit(eng: BlockEngine, reml: bool) -> tuple[np.ndarray, float, bool]:
 def _dev_sd(eng: BlockEngine, sds: Sequence[float], sigma: float) -> float:
     """ML deviance at therapist [and cluster] SDs and residual SD, the fixed effects profiled out."""
     return eng.crit(tuple(sd / sigma for sd in sds), False, sigma2=sigma * sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# Profile searches
+# --------------------------------------------------------------------------------------------
+def _profile_end(excess: Callable[[float], float], xhat: float, q: float, direction: int, **kw) -> tuple[float, bool]:
+    """``(end, found)`` of a profile: the root of the signed root of ``excess`` (nearly linear: few
+    evaluations), each step after the first aimed just past the crossing it predicts
+    (:func:`~therapist_effects.engine.inference.signed_root_limit`; keywords as there)."""
+    lim = signed_root_limit(excess, xhat, q, direction, extrapolate=True, **kw)
+    return lim.value, lim.found
+
+
+def _along_profile(H: np.ndarray | None, k: int, inner: list[int], q: float, value: float
+                   ) -> tuple[float | None, np.ndarray, np.ndarray | None]:
+    """From the deviance's Hessian ``H`` at the optimum, for the profile of coordinate ``k`` (at
+    ``value``) with the coordinates ``inner`` re-optimised: the quadratic approximation's distance
+    to the limit on the log scale, ``sqrt(q 2 [H^-1]_kk) / value``; the slope of the inner optimum
+    along the profile, ``-H_oo^-1 H_ok``; and ``H_oo``. ``(None, 0, None)`` without ``H``."""
+    if H is None:
+        return None, np.zeros(len(inner)), None
+    var = 2.0 * float(np.linalg.inv(H)[k, k])  # deviance: cov = 2 H^-1
+    H_oo = H[np.ix_(inner, inner)]
+    return math.sqrt(q * var) / value, -np.linalg.solve(H_oo, H[inner, k]), H_oo
+
+
+def _curvature(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray) -> np.ndarray | None:
+    """Finite-difference Hessian of ``f`` at ``x`` (steps ``h``); None unless positive definite."""
+    _, H = _fd_derivatives(f, x, h, list(range(len(x))))
+    return H if np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0.0) else None
+
+
+def _reset(hess: dict, H: np.ndarray | None) -> None:
+    """Start a profile end's inner Newton from ``H`` (a fresh finite-difference Hessian if None)."""
+    hess.clear()
+    if H is not None:
+        hess["H"] = H
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +403,7 @@ class MixedResults(ModelResults):
         """The ML fit that lme4's profile() refits to (cached)."""
         if "ml" not in self._cache:
             if self._reml:
-                g, dmin, _ = _fit(self._eng, False)
+                g, dmin, _ = _fit(self._eng, False, near=self.g)
             else:
                 g, dmin = self.g, self._crit_min
             gt = float(g[0])
@@ -389,6 +439,7 @@ class MixedResults(ModelResults):
             raise ModelError("icc_cluster is defined for nested models only")
         return self.vcomp["cluster"] / sum(self.vcomp.values())
 
+    @_single_thread_blas
     def _icc_profile(self, which: str, level: float) -> tuple[float, float]:
         """Profile-likelihood interval of an ICC under the fit's own criterion (REML or ML).
 
@@ -414,17 +465,22 @@ class MixedResults(ModelResults):
             start = [math.sqrt(gc) if which == "therapist" else math.sqrt(gt)]
             khat = gt / (1.0 + gc) if which == "therapist" else gc / (1.0 + gt)
             oth = math.sqrt(gc if which == "therapist" else gt)
+            hess: dict = {}  # the inner Newton's curvature, handed from one profile point to the next
 
             def excess(k: float) -> float:
                 if which == "therapist":
                     f = lambda th: eng.crit((math.sqrt(k * (1.0 + th * th)), th), reml)  # noqa: E731
                 else:
                     f = lambda th: eng.crit((th, math.sqrt(k * (1.0 + th * th))), reml)  # noqa: E731
-                th, fv = min1d_local(f, start[0], 0.1 * max(oth, 0.1), 0.0)
+                # warm-started Newton first; bracketing Brent where it cannot vouch for its answer
+                x, fv, ok = newton_minimise(lambda v: f(v[0]), np.array([start[0]]), np.zeros(1), hess=hess)
+                th = float(x[0])
+                if not ok:
+                    th, fv = min1d_local(f, start[0], 0.1 * max(oth, 0.1), 0.0)
                 start[0] = th
                 return fv - cmin
-        lo, _ = profile_end(excess, khat, q, -1, positive=True, step=0.25, zero_allowed=True)
-        hi, found = profile_end(excess, khat, q, +1, positive=True, step=0.25, scale=1e-3)
+        lo, _ = _profile_end(excess, khat, q, -1, lower=0.0, log_scale=True, step=0.25)
+        hi, found = _profile_end(excess, khat, q, +1, lower=0.0, log_scale=True, step=0.25, scale=1e-3)
         res_lo = lo / (1.0 + lo)
         res_hi = hi / (1.0 + hi) if found else 1.0
         if not found:
@@ -452,6 +508,7 @@ class MixedResults(ModelResults):
         raise ModelError(f"ICC interval method must be 'profile' or 'bootstrap', got {method!r}")
 
     # -- profile intervals (lme4's confint(method = "profile")) -----------------------------------
+    @_single_thread_blas
     def _profile_intervals(self, level: float) -> pd.DataFrame:
         """Profile intervals of the fixed effects and variance components, as lme4.
 
@@ -479,6 +536,8 @@ class MixedResults(ModelResults):
         # r_j = r + (b_j(theta) - beta)^2 / [(X'WX)^-1]_jj (constrained GLS, sigma profiled)
         th_hat = np.sqrt(ml["g"])
         hess: dict = {}  # the inner optimiser's Hessian, handed from one profile point to the next
+        # each end's inner Newton starts from the ML deviance's curvature in theta at the optimum
+        H_th = _curvature(lambda th: eng.crit(tuple(th), False), th_hat, 1e-3 * th_hat) if np.all(th_hat > 0) else None
         for j, name in track(list(enumerate(self.fe_params.index)), "profile intervals of the fixed effects"):
             start = [th_hat.copy()]
 
@@ -496,25 +555,31 @@ class MixedResults(ModelResults):
             ends = []
             for d in (-1, 1):
                 start[0] = th_hat.copy()
-                hess.clear()
-                e, found = profile_end(excess, float(ml["b"][j]), q, d, positive=False,
-                                       step=0.5 * float(ml["se"][j]))
+                _reset(hess, H_th)
+                e, found = _profile_end(excess, float(ml["b"][j]), q, d, step=0.5 * float(ml["se"][j]),
+                                        wald=math.sqrt(q) * float(ml["se"][j]))
                 ends.append(e if found else math.nan)
                 if not found:
                     notes.append(name)
             rows[name] = (ends[0], ends[1])
 
-        # variance components on the SD scale
+        # variance components on the SD scale. With the ML deviance's curvature in (SDs, log sigma)
+        # each end's first trial goes where the quadratic approximation puts it, and each inner
+        # optimisation starts where the previous profile point's optimum moves along the profile
+        # (its slope -H_oo^-1 H_ok), with H_oo as the inner Newton's first Hessian
+        H = self._sd_curvature()
         sd_names = ["therapist", "cluster"][:nsd]
         for k, name in track(list(enumerate(sd_names)), "profile intervals of the variance components"):
             others = [i for i in range(nsd) if i != k]
+            inner = [nsd] + others  # v = (log sigma, the other SDs)
             x0 = np.array([math.log(sigma)] + [sds[i] for i in others])
             steps = np.array([0.02] + [0.1 * max(sds[i], 0.05 * sigma) for i in others])
             lows = np.array([-np.inf] + [0.0] * len(others))
-            start = [x0.copy()]
+            wald, slope, H_in = _along_profile(H, k, inner, q, float(sds[k]))
+            start = [(float(sds[k]), x0.copy())]
 
             def excess(s: float, k: int = k, others: list = others, start: list = start,
-                       steps: np.ndarray = steps, lows: np.ndarray = lows) -> float:
+                       steps: np.ndarray = steps, lows: np.ndarray = lows, slope: np.ndarray = slope) -> float:
                 def f(v: np.ndarray) -> float:
                     sv = np.empty(nsd)
                     sv[k] = s
@@ -522,16 +587,17 @@ class MixedResults(ModelResults):
                         sv[o] = v[1 + i]
                     return _dev_sd(eng, sv, math.exp(v[0]))
 
-                x, fv = min_nd_local(f, start[0], steps, lows, hess=hess)
-                start[0] = x
+                s0, v0 = start[0]
+                x, fv = min_nd_local(f, v0 + slope * (s - s0), steps, lows, hess=hess)
+                start[0] = (s, x)
                 return fv - dmin
 
             ends = []
             for d in (-1, 1):
-                start[0] = x0.copy()
-                hess.clear()
-                e, found = profile_end(excess, float(sds[k]), q, d, positive=True, step=0.1,
-                                       zero_allowed=True, scale=0.01 * sigma)
+                start[0] = (float(sds[k]), x0.copy())
+                _reset(hess, H_in)
+                e, found = _profile_end(excess, float(sds[k]), q, d, lower=0.0, log_scale=True, step=0.1,
+                                        scale=0.01 * sigma, wald=wald)
                 ends.append(e ** 2 if found else math.nan)
                 if not found:
                     notes.append(f"{name} variance")
@@ -539,19 +605,23 @@ class MixedResults(ModelResults):
 
         # residual SD: the therapist/cluster SDs re-optimised
         x0 = sds.copy()
-        start = [x0.copy()]
+        wald, slope, H_in = _along_profile(H, nsd, list(range(nsd)), q, 1.0)
+        slope = slope / sigma  # H's coordinate is log sigma
+        start = [(sigma, x0.copy())]
 
         def excess_sigma(sg: float) -> float:
-            x, fv = min_nd_local(lambda v: _dev_sd(eng, v, sg), start[0],
+            s0, v0 = start[0]
+            x, fv = min_nd_local(lambda v: _dev_sd(eng, v, sg), v0 + slope * (sg - s0),
                                  0.1 * np.maximum(sds, 0.05 * sigma), np.zeros(nsd), hess=hess)
-            start[0] = x
+            start[0] = (sg, x)
             return fv - dmin
 
         ends = []
         for d in (-1, 1):
-            start[0] = x0.copy()
-            hess.clear()
-            e, found = profile_end(excess_sigma, sigma, q, d, positive=True, step=0.02)
+            start[0] = (sigma, x0.copy())
+            _reset(hess, H_in)
+            e, found = _profile_end(excess_sigma, sigma, q, d, lower=0.0, log_scale=True, step=0.02, edge_ok=False,
+                                    wald=wald)
             ends.append(e ** 2 if found else math.nan)
             if not found:
                 notes.append("residual variance")
@@ -562,6 +632,18 @@ class MixedResults(ModelResults):
         out = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
         self._cache[key] = out
         return out
+
+    def _sd_curvature(self) -> np.ndarray | None:
+        """Hessian of the ML deviance in (therapist SD, [cluster SD], log residual SD) at the ML
+        optimum (finite differences, relative steps on the SDs); None at a boundary estimate or a
+        Hessian that is not positive definite."""
+        ml = self._ml()
+        sds = ml["sds"]
+        if not np.all(sds > 0.0):
+            return None
+        x = np.append(sds, math.log(ml["sigma"]))
+        return _curvature(lambda v: _dev_sd(self._eng, v[:-1], math.exp(v[-1])), x,
+                          1e-3 * np.append(sds, max(abs(x[-1]), 0.1)))
 
     def conf_int(self, level: float = 0.95, method: str = "profile", *, n_boot: int = DEFAULT_N_BOOT,
                  seed: int | None = None) -> pd.DataFrame:

@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning
 
 __all__ = ["GrowthModel", "GrowthResults", "session_time", "simulate_growth", "TIME_KINDS"]
 

@@ -14,7 +14,7 @@ the models, ``<column>_end`` in ``estimates.json``), and its direction says whic
 Ingestion (:func:`ingest_scores_frame`): the primary column is validated as ``score`` is; every other
 score column must be present on each row and inside its instrument's range, else the row is rejected
 (``missing value`` / ``not a number`` / ``out of range (GAD-7: 0-21)``, column = the file column).
-These checks come after the cross-row checks of :mod:`~therapist_effects.ingest` (duplicates,
+These checks come after the cross-row checks of :mod:`~therapist_effects.io.ingest` (duplicates,
 several therapists), so a row with a duplicate occasion and a missing GAD-7 is reported as the
 duplicate.
 
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .exceptions import ConfigError, DataWarning
+from ..exceptions import ConfigError, DataWarning
 from .instruments import Instrument, get_instrument
 
 __all__ = [
@@ -151,7 +151,7 @@ def single_score_spec(spec: Mapping[str, Any], user_instruments: Mapping[str, An
 def ingest_scores_frame(table: pd.DataFrame, spec: Mapping[str, Any], *, source: str = "<table>",
                         user_instruments: Mapping[str, Any] | None = None, today: Any = None,
                         name: str | None = None):
-    """:func:`therapist_effects.ingest.ingest_frame` for a ``columns.scores`` export (see module doc)."""
+    """:func:`therapist_effects.io.ingest.ingest_frame` for a ``columns.scores`` export (see module doc)."""
     from .ingest import REJECT_COLUMNS, _fmt_value, accounting, ingest_frame
 
     if spec.get("layout") != "session":
@@ -245,7 +245,7 @@ def paired_outcomes(phq9_first, phq9_last, gad7_first, gad7_last, n_sessions=Non
 
 def derive_scores_outcomes(rows: pd.DataFrame, spec: Mapping[str, Any],
                            user_instruments: Mapping[str, Any] | None = None):
-    """:func:`therapist_effects.outcomes.derive_patient_outcomes` for a ``columns.scores`` export."""
+    """:func:`therapist_effects.io.outcomes.derive_patient_outcomes` for a ``columns.scores`` export."""
     from .outcomes import derive_patient_outcomes
 
     spec1, insts, primary = single_score_spec(spec, user_instruments)

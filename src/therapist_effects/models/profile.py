@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import optimize
 
-from .engine.inference import profile_end  # noqa: F401  (re-exported: one profile search)
+from ..engine.inference import profile_end  # noqa: F401  (re-exported: one profile search)
 
 #: grid in log(variance ratio) used to locate the global optimum before Brent refinement
 LOG_G_GRID = np.arange(-14.0, 10.0001, 0.5)
@@ -126,7 +126,7 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
         raise ValueError("min_nd_local handles 1 or 2 coordinates")
     # warm-started damped Newton first (a few dozen evaluations near the previous profile point);
     # the nested Brent searches below only when it cannot vouch for its answer
-    from .engine.gaussian import newton_minimise
+    from ..engine.gaussian import newton_minimise
 
     xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float), hess=hess)
     if ok:

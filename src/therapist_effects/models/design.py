@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .exceptions import ModelError
+from ..exceptions import ModelError
 
 INTERCEPT = "(Intercept)"
 

@@ -30,14 +30,14 @@ import pandas as pd
 from scipy import stats
 
 from .arm import arm_design
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.derivatives import slope_deviance
-from .engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
-from .engine.results import ICC, ModelResults, icc_table
-from .engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
-                               profile_limit, wald_interval)
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from ..engine.derivatives import slope_deviance
+from ..engine.gaussian import SINGULAR_TOL, BlockEngine, minimise_box, newton_box
+from ..engine.results import ICC, ModelResults, icc_table
+from ..engine.inference import (DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, parametric_bootstrap,
+                               signed_root_limit, wald_interval)
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["RandomSlopeModel", "RandomSlopeResults"]
 
@@ -385,17 +385,14 @@ class RandomSlopeResults(ModelResults):
             kw = dict(lower=0.0, step=0.05, log_scale=True, edge_ok=False)
         else:
             raise ModelError(f"cannot profile {name!r}; choose therapist, therapist_slope, residual or correlation")
+        # the first trial near the root the quadratic approximation predicts (at most a factor e^2
+        # on a variance, 0.5 on the correlation: the approximation is local)
         wald = self._wald_step(name, q)
-        if wald is not None:  # the first trial near the root the quadratic approximation predicts
-            # (at most a factor e^2 on a variance, 0.5 on the correlation: the approximation is local)
-            kw["step"] = min(wald, 2.0 if kw.get("log_scale") else 0.5)
-
-        def signed_root(c):  # nearly linear in c: Brent's interpolation converges in a few steps
-            return math.sqrt(max(excess(c), 0.0))
+        cap = 2.0 if kw.get("log_scale") else 0.5
         ends = []
         for d in (-1, 1):
             state["done"] = {est: z0.copy()}
-            lim = profile_limit(signed_root, est, math.sqrt(q), d, **kw)
+            lim = signed_root_limit(excess, est, q, d, wald=wald, cap=cap, **kw)
             ends.append(lim.value if lim.found else (math.inf if d > 0 else -math.inf))
             if not lim.found:
                 self._warn(f"profile likelihood of {name} does not reach the {level:.0%} cut-off "

@@ -25,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from .comparison import information_criteria, n_params_of
-from .report.fmt import _finite
+from ..models.comparison import information_criteria, n_params_of
+from .fmt import _finite
 
 __all__ = ["apa", "models_table", "descriptives_table", "flow_svg", "write_tables"]
 
@@ -293,7 +293,7 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ descriptives
 def descriptives_table(patients: pd.DataFrame) -> pd.DataFrame | None:
     """Descriptive table by arm (rows: variables; columns: arms and all patients), cells as text."""
-    from .report.research import descriptives
+    from .research import descriptives
 
     d = descriptives(patients)
     if d is None:
@@ -397,7 +397,7 @@ def flow_svg(est: dict) -> str:
 # ------------------------------------------------------------------------------------------ entry
 def write_tables(est: dict, patients: pd.DataFrame | None, out_dir: str | Path) -> dict[str, Path]:
     """Write every table of ``results/<dataset>/tables/``; returns the paths by name."""
-    from .csvsafe import safe_csv
+    from ..io.csvsafe import safe_csv
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

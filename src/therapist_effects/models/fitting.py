@@ -6,13 +6,13 @@ This module maps the workflow's configuration onto the model engines, through th
 =================  ==========  =========================================================
 type               family      engine
 =================  ==========  =========================================================
-random_intercept   gaussian    :class:`therapist_effects.reml.RandomInterceptModel`
-random_intercept   binomial    :class:`therapist_effects.glmm.LogisticRandomInterceptModel`
-nested             gaussian    :class:`therapist_effects.reml.NestedModel`
-arm_variance       gaussian    :class:`therapist_effects.arm.ArmVarianceModel`
-arm_variance       binomial    :class:`therapist_effects.glmm_arm.LogisticArmVarianceModel`
-random_slope       gaussian    :class:`therapist_effects.slopes.RandomSlopeModel` (exact engine)
-any (engine bayes)             :func:`therapist_effects.bayes.fit_bayes` (PyMC)
+random_intercept   gaussian    :class:`therapist_effects.models.reml.RandomInterceptModel`
+random_intercept   binomial    :class:`therapist_effects.models.glmm.LogisticRandomInterceptModel`
+nested             gaussian    :class:`therapist_effects.models.reml.NestedModel`
+arm_variance       gaussian    :class:`therapist_effects.models.arm.ArmVarianceModel`
+arm_variance       binomial    :class:`therapist_effects.models.glmm_arm.LogisticArmVarianceModel`
+random_slope       gaussian    :class:`therapist_effects.models.slopes.RandomSlopeModel` (exact engine)
+any (engine bayes)             :func:`therapist_effects.models.bayes.fit_bayes` (PyMC)
 =================  ==========  =========================================================
 
 The patient table uses canonical column names (``therapist``, ``end``, ``baseline``, ``arm``, ...);
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import DERIVED_OUTCOMES, INSTRUMENT_OUTCOMES, model_applies
-from .exceptions import ModelError, TherapistEffectsWarning
+from ..config import DERIVED_OUTCOMES, INSTRUMENT_OUTCOMES, model_applies
+from ..exceptions import ModelError, TherapistEffectsWarning
 
 log = logging.getLogger("therapist_effects")
 
@@ -78,7 +78,7 @@ def extra_columns(cfg: dict, dataset: dict) -> list[str]:
     """File columns the models use as outcomes that the column mapping does not already carry."""
     cols = dataset["columns"]
     mapped = {v for k, v in cols.items() if k not in ("covariates", "scores")} | set(cols.get("covariates", []))
-    for c in (cols.get("scores") or {}).values():  # per-instrument patient columns (therapist_effects.scores)
+    for c in (cols.get("scores") or {}).values():  # per-instrument patient columns (therapist_effects.io.scores)
         mapped |= {c} | {f"{c}_{s}" for s in ("baseline", "end", "change", "caseness_baseline",
                                                "reliable_improvement", "reliable_deterioration")}
     extra = []
@@ -222,7 +222,7 @@ def fit_model(
     idata_path: str | Path | None = None,
 ) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     """Fit one configured model. Returns (contract entry, therapist table or None, narrowing table or None)."""
-    from .engine.registry import FitRequest, lookup
+    from ..engine.registry import FitRequest, lookup
 
     mf = model_frame(patients, model, dataset)
     family = model.get("family", "gaussian")

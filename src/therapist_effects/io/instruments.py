@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
 
 __all__ = [
     "Instrument",

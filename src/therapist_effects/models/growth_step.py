@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-from .exceptions import ModelError, TherapistEffectsWarning
+from ..exceptions import ModelError, TherapistEffectsWarning
 from .growth import GrowthModel, GrowthResults
 from .recovery import TIME_NAMES, early_flag_validation, growth_frame, not_on_track, poor_outcome, recovery_curves
 
@@ -131,8 +131,8 @@ def fit_growth_step(
 ) -> None:
     """Fit one growth model; write its contract entry, therapist slope table, not-on-track table and
     recovery curves (with the cross-validated early-flag validity in the entry)."""
-    from .csvsafe import safe_csv
-    from .models import _clean, write_json
+    from ..io.csvsafe import safe_csv
+    from .fitting import _clean, write_json
 
     rows = pd.read_parquet(rows_path)
     patients = pd.read_parquet(patients_path)
@@ -207,7 +207,7 @@ def _pct(e: dict) -> str:
 
 def not_on_track_copy_step(track_path: str, out_csv: str) -> None:
     """``results/<dataset>/not_on_track.csv``: the contract's columns of the first growth model's table."""
-    from .csvsafe import safe_csv
+    from ..io.csvsafe import safe_csv
 
     t = pd.read_csv(track_path, dtype={"patient": str, "therapist": str})
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ in which they treat patients, and the two arms have their own therapist variance
 
 Each patient is in one arm and the covariance is diagonal, so the likelihood factorises into
 one-dimensional integrals, one per therapist x arm block. They are approximated as in
-:mod:`therapist_effects.glmm` (Laplace = glmer ``nAGQ = 1``; adaptive Gauss-Hermite with ``n_quad``
+:mod:`therapist_effects.models.glmm` (Laplace = glmer ``nAGQ = 1``; adaptive Gauss-Hermite with ``n_quad``
 nodes), vectorised over blocks: block ``k`` of arm ``a`` has the spherical effect ``v_k`` with
 ``u_k = s_a v_k``, so every formula of the random-intercept engine holds with the scalar ``s``
 replaced by the block's ``s_a(k)``; the gradient in ``s_a`` sums the blocks of arm ``a``. (glmer
@@ -40,11 +40,11 @@ from scipy import optimize, stats
 from scipy.special import expit
 
 from .arm import arm_design, two_arms
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import group_codes
-from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit
-from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, per_arm_icc
-from .exceptions import ModelError, StatisticalWarning
+from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit
+from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, interval_frame, per_arm_icc
+from ..exceptions import ModelError, StatisticalWarning
 from .glmm import (
     best_start,
     block_modes,
@@ -143,7 +143,7 @@ class LogisticArmVarianceModel:
                    arm: str = "arm", feedback_level=1, method: str = "laplace", n_quad: int = 10
                    ) -> LogisticArmVarianceModel:
         """``outcome ~ covariates + arm`` with a therapist variance per arm, from a patient table
-        (the arm coded as in :func:`therapist_effects.arm.arm_design`)."""
+        (the arm coded as in :func:`therapist_effects.models.arm.arm_design`)."""
         y, X, names, _ind, _name = arm_design(
             df, outcome, covariates, therapist=therapist, arm=arm, feedback_level=feedback_level
         )
@@ -158,7 +158,7 @@ class LogisticArmVarianceModel:
         return np.add.reduceat(a, self.starts, axis=0)
 
     def _modes(self, eta0, sb, v0):
-        """Conditional modes of all blocks (:func:`therapist_effects.glmm.block_modes`, SD ``sb`` per block)."""
+        """Conditional modes of all blocks (:func:`therapist_effects.models.glmm.block_modes`, SD ``sb`` per block)."""
         return block_modes(self.y, self.g, self._gsum, eta0, sb, v0)
 
     def _evaluate(self, b: np.ndarray, s: np.ndarray, *, grad: bool = True, warm: bool = True) -> _Eval:

@@ -1,9 +1,9 @@
-"""Inference of the arm-variance model (:mod:`therapist_effects.arm`): the profiled quantities,
+"""Inference of the arm-variance model (:mod:`therapist_effects.models.arm`): the profiled quantities,
 their exact profile-likelihood limits, lme4's spline-interpolated profile of the variance
 components, the likelihood-ratio test of equal arm variances and the parametric bootstrap.
 
 :class:`ArmProfiles` and :class:`ArmBootstrap` are mixins of
-:class:`~therapist_effects.arm.ArmVarianceResults`: they use its fit (``model``, ``opt``,
+:class:`~therapist_effects.models.arm.ArmVarianceResults`: they use its fit (``model``, ``opt``,
 ``fe_params``, ``cov_re``, ...) and caches, and keep every root search and bootstrap on the shared
 :mod:`therapist_effects.engine.inference` (:func:`~therapist_effects.engine.inference.profile_limit`,
 :func:`~therapist_effects.engine.inference.parametric_bootstrap`, one seed rule).
@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .engine.inference import chi2_cut, parametric_bootstrap, percentile_interval, profile_limit
-from .exceptions import ConvergenceWarning, ModelError, StatisticalWarning
+from ..engine.inference import chi2_cut, parametric_bootstrap, percentile_interval, profile_limit
+from ..exceptions import ConvergenceWarning, ModelError, StatisticalWarning
 
 if TYPE_CHECKING:
     from .arm import _Optimum

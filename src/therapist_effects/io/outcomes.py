@@ -12,7 +12,7 @@ value"). Patient layout: the row's own baseline and outcome.
 
 ``change`` is oriented so that positive = improvement: ``baseline - end`` for lower-is-better
 instruments (and when no instrument is configured), ``end - baseline`` for higher-is-better ones
-(ORS). With an instrument (see :mod:`therapist_effects.instruments`):
+(ORS). With an instrument (see :mod:`therapist_effects.io.instruments`):
 
 - ``reliable_improvement`` / ``reliable_deterioration``: oriented change >= the reliable change
   index either way;
@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .csvsafe import neutralise_frame, safe_csv
-from .exceptions import ConfigError, DataWarning
+from ..exceptions import ConfigError, DataWarning
 from .ingest import REJECT_COLUMNS, _fmt_value, _id_text, accounting
 from .instruments import Instrument, get_instrument
 
@@ -127,7 +127,7 @@ def derive_patient_outcomes(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per patient (the patient table) and the rejects of this step.
 
-    ``rows`` are the valid rows of :func:`therapist_effects.ingest.ingest_dataset`; ``spec`` the
+    ``rows`` are the valid rows of :func:`therapist_effects.io.ingest.ingest_dataset`; ``spec`` the
     dataset's configuration (layout, columns, min_sessions, dropout_codes, feedback_level);
     ``instrument`` an :class:`Instrument` (e.g. ``IngestResult.instrument``) or a registry name;
     when None the spec's ``instrument`` is looked up in the registry. Returns ``(patients,
@@ -282,7 +282,7 @@ def derive_patient_outcomes(
 # ------------------------------------------------------------------------------------------------
 def escape_formulas(df: pd.DataFrame) -> pd.DataFrame:
     """Copy of ``df`` whose text cells starting with ``= + - @``, tab or CR get a leading ``'``
-    (spreadsheet formula injection); numbers untouched. See :mod:`therapist_effects.csvsafe`."""
+    (spreadsheet formula injection); numbers untouched. See :mod:`therapist_effects.io.csvsafe`."""
     return neutralise_frame(df)
 
 

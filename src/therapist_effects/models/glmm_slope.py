@@ -16,7 +16,7 @@ the feedback-arm effect ``u_0 + u_1`` (variance ``Sigma_00 + 2 Sigma_01 + Sigma_
 of arm ``a`` is ``v_a / (v_a + pi^2/3)``; the ratio is ICC_feedback / ICC_control and the reduction
 1 - ratio.
 
-The therapist effects do not factorise as in :mod:`therapist_effects.glmm_arm` (the two arm effects
+The therapist effects do not factorise as in :mod:`therapist_effects.models.glmm_arm` (the two arm effects
 of a therapist are correlated): each therapist's integral is two-dimensional. It is approximated by
 the Laplace approximation at the conditional mode (glmer's ``nAGQ = 1``; the default) or by adaptive
 Gauss-Hermite quadrature on an ``n_quad x n_quad`` product grid centred at the mode and scaled by the
@@ -47,9 +47,9 @@ from scipy.special import expit
 
 from .arm import arm_design
 from .design import group_codes
-from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
-from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, icc_table, interval_frame, per_arm_icc
-from .exceptions import ModelError, StatisticalWarning
+from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT, chi2_cut, profile_limit, wald_interval
+from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, icc_table, interval_frame, per_arm_icc
+from ..exceptions import ModelError, StatisticalWarning
 from .glmm import (
     LATENT_RESIDUAL_VARIANCE,
     SINGULAR_TOL,
@@ -183,7 +183,7 @@ class LogisticRandomSlopeModel:
                    therapist: str = "therapist", arm: str | None = "feedback", feedback_level=1,
                    slope: str | None = None, method: str = "laplace", n_quad: int = 10
                    ) -> LogisticRandomSlopeModel:
-        """Build from a patient table, as :meth:`therapist_effects.slopes.RandomSlopeModel.from_frame`:
+        """Build from a patient table, as :meth:`therapist_effects.models.slopes.RandomSlopeModel.from_frame`:
         without ``slope`` the arm's 0/1 feedback indicator is the fixed effect and the random slope."""
         if slope is None or (arm is not None and slope == arm):
             if arm is None:

@@ -80,12 +80,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
-from .engine.results import ICC, ModelResults, icc_table
-from .exceptions import ConfigError, ModelError, SamplerWarning
-from .progress import nutpie_progress
-from .pytensor_setup import configure as _configure_pytensor
+from ..engine.results import ICC, ModelResults, icc_table
+from ..exceptions import ConfigError, ModelError, SamplerWarning
+from ..progress import nutpie_progress
+from ..pytensor_setup import configure as _configure_pytensor
 
 _configure_pytensor()  # before PyMC is imported: Numba backend, no C-BLAS search (see pytensor_setup)
 

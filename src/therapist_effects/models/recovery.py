@@ -2,7 +2,7 @@
 
 Feedback systems (OQ-Analyst, PCOMS, CORE Net) compare each patient's session scores with the
 course expected for patients who started at the same severity. Here the expectation comes from the
-fitted growth model (:mod:`therapist_effects.growth`): under the model a patient's scores are
+fitted growth model (:mod:`therapist_effects.models.growth`): under the model a patient's scores are
 jointly normal (therapist and patient effects integrated out), so given the intake score ``y_1``
 (the first measured session) the score at a later session is normal with
 
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .exceptions import ModelError
+from ..exceptions import ModelError
 from .growth import GrowthResults, session_time
 
 __all__ = ["growth_frame", "not_on_track", "recovery_curves", "severity_bands", "early_flag_validation",

@@ -1,7 +1,7 @@
 """Streamed ingestion for exports larger than memory: session rows in, the per-patient table out.
 
-:func:`ingest_patients_streamed` gives what :func:`therapist_effects.ingest.ingest_dataset` followed by
-:func:`therapist_effects.outcomes.derive_patient_outcomes` give (the same patients, outcomes, rejects
+:func:`ingest_patients_streamed` gives what :func:`therapist_effects.io.ingest.ingest_dataset` followed by
+:func:`therapist_effects.io.outcomes.derive_patient_outcomes` give (the same patients, outcomes, rejects
 and reasons, the same row numbers) while holding only part of the file in memory:
 
 1. *Pass 1* reads the CSV (or Parquet) in record batches (pyarrow), only the configured columns, and
@@ -9,7 +9,7 @@ and reasons, the same row numbers) while holding only part of the file in memory
    so that all rows of a patient land in the same partition. On the way it counts what ingestion
    decides over the whole file: whether the occasion holds session numbers or dates, whether the arm
    and each covariate are numeric, and where the last non-empty row is.
-2. *Pass 2* validates each partition with :func:`~therapist_effects.ingest.ingest_frame` (the same
+2. *Pass 2* validates each partition with :func:`~therapist_effects.io.ingest.ingest_frame` (the same
    stages and pandera schema, given the whole-file decisions and the original row numbers) and derives
    its patients' outcomes. The patient tables are concatenated in patient-ID order; the feedback
    indicator is derived once over all patients; at most two arm levels are allowed over the file.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .exceptions import ConfigError, DataWarning, InputError
+from ..exceptions import ConfigError, DataWarning, InputError
 from .ingest import (
     REJECT_COLUMNS,
     _configured_columns,
@@ -196,7 +196,7 @@ def ingest_patients_streamed(
 
     ``partitions`` (default: one per :data:`PARTITION_BYTES` of file) sets how many parts pass 2
     holds in memory one at a time; ``workdir`` holds the temporary partitions (default: a temporary
-    directory, removed afterwards). Errors are those of :func:`~therapist_effects.ingest.ingest_dataset`.
+    directory, removed afterwards). Errors are those of :func:`~therapist_effects.io.ingest.ingest_dataset`.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -9,7 +9,7 @@ The model (lme4: ``y ~ x + feedback + (0 + control | therapist) + (0 + feedback 
 with ``r_a = 1`` unless ``arm_residual=True`` (arm-specific residual variances). By default the two
 arm effects of a therapist are independent; ``correlated=True`` estimates their covariance for
 therapists who treat patients in both arms (a 2 x 2 covariance per therapist, which is the same model
-as a random feedback slope across therapists, see :mod:`therapist_effects.slopes`).
+as a random feedback slope across therapists, see :mod:`therapist_effects.models.slopes`).
 
 With ``cluster_random=True`` a random service/trial intercept is added (one-stage IPD analysis of
 several trials: ``(1 | cluster) + (0 + control | cluster:therapist) + (0 + feedback |
@@ -49,13 +49,13 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .classify import classify_effects
+from ..classify import classify_effects
 from .design import fixed_effects_matrix, group_codes
-from .engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
-from .engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
+from ..engine.gaussian import BlockEngine, lambda_to_theta, psd_cholesky
+from ..engine.inference import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from .arm_inference import ArmBootstrap, ArmProfiles
-from .engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
-from .exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from ..engine.results import DEFAULT_INTERVAL, ICC, ModelResults, per_arm_icc
+from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 
 __all__ = ["ArmVarianceModel", "ArmVarianceResults", "arm_labels"]
 
@@ -733,7 +733,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
     def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
         """Predicted therapist effects (BLUPs) per therapist and arm, on the outcome's scale.
 
-        Columns as :meth:`therapist_effects.reml.MixedResults.therapist_effects`, plus ``arm``:
+        Columns as :meth:`therapist_effects.models.reml.MixedResults.therapist_effects`, plus ``arm``:
         ``caseload`` (the therapist's patients in that arm), ``raw_mean`` (their mean outcome),
         ``adjusted_mean`` (case-mix adjusted: the arm's mean fitted fixed part plus the therapist's
         mean residual in the arm; not shrunken), ``effect`` (BLUP: the therapist's deviation from

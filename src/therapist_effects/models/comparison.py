@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .exceptions import TherapistEffectsError
+from ..exceptions import TherapistEffectsError
 
 log = logging.getLogger("therapist_effects")
 
@@ -226,7 +226,7 @@ def model_comparison(
 
 def ml_loglik(patients, model: dict, dataset: dict) -> float:
     """Maximised ML log-likelihood of a configured Gaussian model (the refit behind an LRT)."""
-    from .models import model_frame
+    from .fitting import model_frame
 
     mf = model_frame(patients, model, dataset)
     kind = model["type"]
