@@ -65,7 +65,7 @@ _CSV_EOL = "\r\n"
 
 
 def _empty_rejects() -> pd.DataFrame:
-    df = pd.DataFrame({c: pd.Series(dtype=object) for c in REJECT_COLUMNS})
+    df = pd.DataFrame({c: pd.Series() for c in REJECT_COLUMNS})  # an empty Series is of dtype object
     df["row"] = df["row"].astype("int64")
     return df
 
@@ -83,9 +83,9 @@ def _resolve_instrument(spec: Mapping[str, Any], instrument: Instrument | str | 
 def _norm_ending(s: pd.Series) -> pd.Series:
     """Ending values with blanks collapsed and case folded; NaN where missing (each distinct
     value is normalised once)."""
-    code, uniq = pd.factorize(s, use_na_sentinel=True)
+    code, uniq = pd.factorize(s)
     norm = np.array([" ".join(str(v).split()).casefold() for v in uniq] + [np.nan], dtype=object)
-    return pd.Series(norm[code], index=s.index, dtype=object)
+    return pd.Series(norm[code], index=s.index)
 
 
 def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
@@ -117,7 +117,7 @@ def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
             )
         return pd.Series(np.where(arm.isna(), np.nan, 0.0), index=arm.index)
     out = (arm == level).astype(float)
-    return out.where(arm.notna(), np.nan)
+    return out.where(arm.notna())
 
 
 def derive_patient_outcomes(
@@ -155,33 +155,31 @@ def derive_patient_outcomes(
     if layout == "session":
         # patients as integer codes in sorted ID order: sorting and grouping on integers, not text
         pcode, pids = pd.factorize(rows["patient"], sort=True)
-        occ = rows["occasion"].to_numpy()
-        occ_key = occ.view("int64") if occ.dtype.kind == "M" else occ.astype(float)
-        order = np.lexsort((rows["row"].to_numpy(), occ_key, pcode))
+        # numbers and dates (datetime64) both sort as they are
+        order = np.lexsort((rows["row"].to_numpy(), rows["occasion"].to_numpy(), pcode))
         r = rows.iloc[order]
         code = pcode[order]
-        n_per = pd.Series(np.bincount(code, minlength=len(pids))[code], index=r.index)
+        n_per = pd.Series(np.bincount(code)[code], index=r.index)
         few = n_per < min_sessions
         score_col = str(columns.get("score", "score"))
         reason = (f"fewer than {min_sessions} measured sessions: no end-of-treatment score")
-        for rec in r[few].itertuples(index=False):
+        for rec in r[few].itertuples():
             rej_lines.append({"row": rec.row, "patient": rec.patient, "column": score_col,
                               "value": _fmt_value(rec.score), "reason": reason})
         r, code = r[~few.to_numpy()], code[~few.to_numpy()]
         for c in covs:
             if c not in r.columns:
                 continue
-            has = r[c].notna().groupby(code, sort=False).transform("any").to_numpy(dtype=bool)
-            for rec in r[~has].itertuples(index=False):
+            has = r[c].notna().groupby(code).transform("any").to_numpy()
+            for rec in r[~has].itertuples():
                 rej_lines.append({"row": rec.row, "patient": rec.patient, "column": c,
                                   "value": "", "reason": f"missing value (no {c} on any row of "
                                   "the patient)"})
             r, code = r[has], code[has]
-        g = r.groupby(code, sort=True)
+        g = r.groupby(code)  # in sorted code order: r is sorted by code
         sizes = g.size()
-        idx = pd.Index(np.asarray(pids, dtype=object)[sizes.index.to_numpy()], name="patient")
         pt = pd.DataFrame(index=sizes.index)
-        pt["patient"] = idx.to_numpy(dtype=object)
+        pt["patient"] = np.asarray(pids)[sizes.index.to_numpy()]
         pt["therapist"] = g["therapist"].first()
         if "cluster" in r.columns:
             pt["cluster"] = g["cluster"].first()
@@ -189,7 +187,7 @@ def derive_patient_outcomes(
             pt["arm"] = g["arm"].first()
         pt["baseline"] = g["score"].first()
         pt["end"] = g["score"].last()
-        pt["n_sessions"] = sizes.astype("int64")
+        pt["n_sessions"] = sizes
         pt["first_occasion"] = g["occasion"].min()
         pt["last_occasion"] = g["occasion"].max()
         if "ending" in r.columns:
@@ -197,22 +195,20 @@ def derive_patient_outcomes(
             is_drop = ending.isin(codes) & ending.notna()
             any_drop = is_drop.groupby(code).any()
             any_end = ending.notna().groupby(code).any()
-            pt["dropout"] = np.where(any_drop.reindex(pt.index), 1.0,
-                                     np.where(any_end.reindex(pt.index), 0.0, np.nan))
+            pt["dropout"] = np.where(any_drop, 1.0, np.where(any_end, 0.0, np.nan))  # both in pt's code order
         for c in covs:
             if c in r.columns:
                 pt[c] = g[c].first()
-        pt.index = idx
         treated = pt["n_sessions"].to_numpy() >= 2
     else:
-        r = rows.sort_values("row", kind="stable")
+        r = rows.sort_values("row")
         pt = pd.DataFrame({"patient": r["patient"].to_numpy(), "therapist": r["therapist"].to_numpy()})
         for c in ("cluster", "arm"):
             if c in r.columns:
                 pt[c] = r[c].to_numpy()
         if "baseline" in r.columns:
-            pt["baseline"] = r["baseline"].to_numpy(dtype=float)
-        pt["end"] = r["end"].to_numpy(dtype=float)
+            pt["baseline"] = r["baseline"].to_numpy()
+        pt["end"] = r["end"].to_numpy()
         if "ending" in r.columns:
             ending = _norm_ending(r["ending"])
             pt["dropout"] = np.where(ending.isin(codes).to_numpy(), 1.0,
@@ -224,13 +220,12 @@ def derive_patient_outcomes(
 
     pt = pt.reset_index(drop=True)
     if "arm" in pt.columns:
-        fb = _feedback(pt["arm"], spec, where)
-        pt.insert(pt.columns.get_loc("arm") + 1, "feedback", fb.to_numpy(dtype=float))
+        pt["feedback"] = _feedback(pt["arm"], spec, where)
 
     derived: dict[str, np.ndarray] = {}
     if "baseline" in pt.columns:
-        b = pt["baseline"].to_numpy(dtype=float)
-        e = pt["end"].to_numpy(dtype=float)
+        b = pt["baseline"].to_numpy()
+        e = pt["end"].to_numpy()
         derived["change"] = inst.improvement(b, e) if inst else b - e
         if inst is not None:
             untreated = ~treated
@@ -241,7 +236,7 @@ def derive_patient_outcomes(
             recovered = np.where(case_b == 1.0, 1.0 - case_e, np.nan)
             recovered[np.isnan(case_e)] = np.nan
             reliable_recovery = np.where(np.isnan(recovered) | np.isnan(ri), np.nan,
-                                         ((recovered == 1.0) & (ri == 1.0)).astype(float))
+                                         (recovered == 1.0) & (ri == 1.0))
             for arr in (ri, rd, csc, recovered, reliable_recovery):
                 arr[untreated] = np.nan
             derived.update(
@@ -259,7 +254,7 @@ def derive_patient_outcomes(
     for k, v in derived.items():
         out[k] = v
     if "dropout" in pt.columns:
-        out["dropout"] = pt["dropout"].to_numpy(dtype=float)
+        out["dropout"] = pt["dropout"]
     for c in covs:
         if c in pt.columns and c not in out.columns:
             out[c] = pt[c].to_numpy()
@@ -268,7 +263,7 @@ def derive_patient_outcomes(
             out[c] = out[c].astype(object)
 
     if rej_lines:
-        rejects = pd.DataFrame(rej_lines, columns=REJECT_COLUMNS).sort_values("row", kind="stable")
+        rejects = pd.DataFrame(rej_lines).sort_values("row")
         rejects["row"] = rejects["row"].astype("int64")
         rejects["patient"] = rejects["patient"].map(_fmt_value)
         rejects = rejects.reset_index(drop=True)
@@ -307,5 +302,5 @@ def write_patient_outputs(patients: pd.DataFrame, parquet_path: str | Path,
 def write_rejects(rejects: pd.DataFrame, csv_path: str | Path) -> None:
     """Write a rejects table (``row, patient, column, value, reason``) as formula-escaped CSV."""
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    df = rejects.sort_values("row", kind="stable") if len(rejects) else rejects
+    df = rejects.sort_values("row", kind="stable")
     safe_csv(df[REJECT_COLUMNS], csv_path, lineterminator=_CSV_EOL)
