@@ -592,3 +592,18 @@ def test_bootstrap_counts_a_refit_that_raises_a_model_error_as_failed():
     res = parametric_bootstrap(lambda rng: next(counter), refit, 9, seed=1, columns=["x"])
     assert res.n_failed == 3
     assert res.draws["x"].isna().sum() == 3
+
+
+@pytest.mark.parametrize("name", ["change", "recovered", "dropout", "n_sessions", "feedback"])
+def test_covariate_named_like_a_derived_patient_column_is_refused(tmp_path, name):
+    """A covariate called e.g. ``change`` would be shadowed by the derived column of the same name in
+    the patient table (and silently lost): refused with one line naming the key."""
+    path = tmp_path / "rows.csv"
+    pd.DataFrame({"patient_id": ["p1", "p1"], "therapist_id": ["t1", "t1"], "session": [1, 2],
+                  "phq9": [15, 9], name: [1.0, 1.0]}).to_csv(path, index=False)
+    spec = {"layout": "session", "instrument": "PHQ-9",
+            "columns": {"patient": "patient_id", "therapist": "therapist_id", "occasion": "session",
+                        "score": "phq9", "covariates": [name]}}
+    with pytest.raises(ConfigError, match=rf"columns.covariates: '{name}' clashes") as err:
+        ingest_dataset(path, spec, name="demo")
+    assert "\n" not in str(err.value)
