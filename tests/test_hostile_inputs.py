@@ -594,16 +594,43 @@ def test_bootstrap_counts_a_refit_that_raises_a_model_error_as_failed():
     assert res.draws["x"].isna().sum() == 3
 
 
-@pytest.mark.parametrize("name", ["change", "recovered", "dropout", "n_sessions", "feedback"])
-def test_covariate_named_like_a_derived_patient_column_is_refused(tmp_path, name):
-    """A covariate called e.g. ``change`` would be shadowed by the derived column of the same name in
-    the patient table (and silently lost): refused with one line naming the key."""
+def _rows_with_covariate(tmp_path, name):
     path = tmp_path / "rows.csv"
-    pd.DataFrame({"patient_id": ["p1", "p1"], "therapist_id": ["t1", "t1"], "session": [1, 2],
-                  "phq9": [15, 9], name: [1.0, 1.0]}).to_csv(path, index=False)
+    pd.DataFrame({"patient_id": ["p1", "p1", "p2", "p2"], "therapist_id": ["t1", "t1", "t2", "t2"],
+                  "session": [1, 2, 1, 2], "phq9": [15, 9, 18, 17], name: [1.0, 1.0, 0.0, 0.0]}).to_csv(path, index=False)
     spec = {"layout": "session", "instrument": "PHQ-9",
             "columns": {"patient": "patient_id", "therapist": "therapist_id", "occasion": "session",
                         "score": "phq9", "covariates": [name]}}
-    with pytest.raises(ConfigError, match=rf"columns.covariates: '{name}' clashes") as err:
-        ingest_dataset(path, spec, name="demo")
+    return ingest_dataset(path, spec, name="demo"), spec
+
+
+@pytest.mark.parametrize("name", ["change", "recovered", "n_sessions", "reliable_improvement"])
+def test_covariate_named_like_a_derived_patient_column_is_refused(tmp_path, name):
+    """A covariate called e.g. ``change`` would be overwritten by the column of the same name that the
+    patient table derives (and silently lost): refused with one line naming the key."""
+    from therapist_effects.io.outcomes import derive_patient_outcomes
+
+    ing, spec = _rows_with_covariate(tmp_path, name)
+    with pytest.raises(ConfigError, match=rf"columns.covariates: '{name}' is also a column") as err:
+        derive_patient_outcomes(ing.rows, spec)
     assert "\n" not in str(err.value)
+
+
+def test_covariate_named_like_an_outcome_the_dataset_does_not_derive_is_kept(tmp_path):
+    """Without an ending column there is no derived ``dropout``: a file column of that name (e.g. a
+    model outcome read from the file) is carried into the patient table as it is."""
+    from therapist_effects.io.outcomes import derive_patient_outcomes
+
+    ing, spec = _rows_with_covariate(tmp_path, "dropout")
+    table, _ = derive_patient_outcomes(ing.rows, spec)
+    assert table.set_index("patient")["dropout"].to_dict() == {"p1": 1.0, "p2": 0.0}
+
+
+def test_the_refused_names_are_exactly_the_derived_columns(tmp_path):
+    """The names refused as covariates are the columns the patient table really derives here."""
+    from therapist_effects.io.outcomes import _derived_columns, derive_patient_outcomes
+
+    ing, spec = _rows_with_covariate(tmp_path, "age")
+    table, _ = derive_patient_outcomes(ing.rows, spec)
+    own = {"patient", "therapist", "baseline", "end", "age"}
+    assert _derived_columns("session", ing.rows, ing.instrument) == set(table.columns) - own

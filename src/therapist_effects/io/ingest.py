@@ -83,10 +83,6 @@ __all__ = [
 
 #: Columns of the rejects table.
 REJECT_COLUMNS = ["row", "patient", "column", "value", "reason"]
-#: columns the patient table derives (io.outcomes): a covariate of the same name would be lost there
-DERIVED_PATIENT_COLUMNS = ("feedback", "n_sessions", "first_occasion", "last_occasion", "change", "caseness_baseline",
-                           "reliable_improvement", "reliable_deterioration", "clinically_significant", "recovered",
-                           "reliable_recovery", "dropout")
 
 _NA_TOKENS = {"", "na", "n/a", "nan", "null", "#n/a", "<na>", "nat"}
 _ROLES = ("patient", "therapist", "outcome", "baseline", "score", "occasion", "arm", "cluster",
@@ -335,11 +331,11 @@ def _parse_spec(spec: Mapping[str, Any], name: str | None = None) -> _Spec:
     if len(set(covs)) != len(covs):
         raise ConfigError(f"{where}.columns.covariates: a column is listed twice: {covs}")
     canonical = {"row", "patient", "therapist", "occasion", "score", "end", "baseline", "arm",
-                 "cluster", "ending"} | set(DERIVED_PATIENT_COLUMNS)
+                 "cluster", "ending"}
     clash = [c for c in covs if c in canonical]
     if clash:
         raise ConfigError(
-            f"{where}.columns.covariates: {clash[0]!r} clashes with a column name of the patient table "
+            f"{where}.columns.covariates: {clash[0]!r} clashes with a canonical column name "
             f"({', '.join(sorted(canonical))}); rename the column in the file"
         )
     ctypes = spec.get("covariate_types") or {}

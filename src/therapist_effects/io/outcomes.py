@@ -120,6 +120,21 @@ def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
     return out.where(arm.notna())
 
 
+def _derived_columns(layout: str, rows: pd.DataFrame, inst: Instrument | None) -> set[str]:
+    """The columns :func:`derive_patient_outcomes` derives for this layout, these rows and instrument."""
+    out = {"n_sessions", "first_occasion", "last_occasion"} if layout == "session" else set()
+    if "arm" in rows.columns:
+        out.add("feedback")
+    if "ending" in rows.columns:
+        out.add("dropout")
+    if layout == "session" or "baseline" in rows.columns:
+        out.add("change")
+        if inst is not None:
+            out |= {"caseness_baseline", "reliable_improvement", "reliable_deterioration", "clinically_significant",
+                    "recovered", "reliable_recovery"}
+    return out
+
+
 def derive_patient_outcomes(
     rows: pd.DataFrame,
     spec: Mapping[str, Any],
@@ -146,6 +161,10 @@ def derive_patient_outcomes(
     columns = spec.get("columns") or {}
     covs = columns.get("covariates") or []
     covs = [covs] if isinstance(covs, str) else [str(c).strip() for c in covs]
+    shadowed = [c for c in covs if c in _derived_columns(layout, rows, inst)]
+    if shadowed:
+        raise ConfigError(f"{where}.columns.covariates: {shadowed[0]!r} is also a column that this dataset's patient "
+                          "table derives (the file's values would be lost); rename the column in the file")
     min_sessions = int(spec.get("min_sessions", 2))
     codes = spec.get("dropout_codes", ["dropout", "dropped out", "unilateral"]) or []
     codes = {" ".join(str(c).split()).casefold() for c in ([codes] if isinstance(codes, str) else codes)}
