@@ -125,3 +125,21 @@ def test_conditional_residuals_refuse_a_design_that_does_not_match():
     est["models"]["ri"]["fixed_effects"]["age"] = {"estimate": 0.1}
     with pytest.raises(ValueError, match="do not match"):
         conditional_residuals(est, "ri", inp["patients"], inp["therapists"])
+
+
+def test_neutralise_frame_checks_distinct_values_but_keeps_every_cell_its_own():
+    """Neutralising looks at each distinct value once; cells that compare equal but differ in type
+    (1 and True hash alike) keep their own objects, missing cells stay missing, text columns stay
+    text columns and dates stay dates."""
+    from therapist_effects.io.csvsafe import neutralise_frame
+
+    df = pd.DataFrame({"mixed": pd.Series([1, True, "=x", "=x", None], dtype=object),
+                       "text": pd.Series(["=cmd", "T1", "=cmd", None, "-2"], dtype="string"),
+                       "when": pd.to_datetime(["2025-01-01"] * 5)})
+    out = neutralise_frame(df)
+    assert out["mixed"].tolist()[:4] == [1, True, "'=x", "'=x"] and out["mixed"][4] is None
+    assert type(out["mixed"][1]) is bool
+    assert isinstance(out["text"].dtype, pd.StringDtype)
+    assert out["text"].tolist()[:3] == ["'=cmd", "T1", "'=cmd"] and out["text"][4] == "-2"
+    assert pd.isna(out["text"][3])
+    assert out["when"].dtype == df["when"].dtype

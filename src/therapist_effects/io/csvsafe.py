@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 DANGEROUS_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -29,16 +30,38 @@ def neutralise(value: Any) -> Any:
     return value
 
 
+def _neutralise_series(s: pd.Series) -> pd.Series:
+    """``s`` as objects with its formula-like text cells neutralised. Each distinct value is checked
+    once (a national patient table repeats its therapist and service IDs thousands of times); only
+    the cells whose text changes are replaced, so every other cell keeps its own object."""
+    values = s.to_numpy(dtype=object, copy=True)
+    codes, uniq = pd.factorize(s, use_na_sentinel=True)
+    new = [u if isinstance(u, numbers.Number) else neutralise(u) for u in uniq]
+    changed = np.array([n is not u for n, u in zip(new, uniq)], dtype=bool)
+    if changed.any():
+        hit = codes >= 0
+        hit[hit] = changed[codes[hit]]
+        values[hit] = np.asarray(new, dtype=object)[codes[hit]]
+    # a text column stays text (pandas writes it vectorised), anything else becomes objects
+    dtype = s.dtype if isinstance(s.dtype, pd.StringDtype) else object
+    return pd.Series(values, index=s.index, dtype=dtype, name=s.name)
+
+
 def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``df`` whose text cells (and column names) are neutralised; numbers untouched."""
     out = df.copy()
     for col in out.columns:
         s = out[col]
-        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+        if (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)
+                or pd.api.types.is_datetime64_any_dtype(s)):  # no text in these
             continue
-        out[col] = s.map(lambda v: v if isinstance(v, numbers.Number) else neutralise(v)).astype(object)
+        out[col] = _neutralise_series(s)
     out.columns = [neutralise(c) if isinstance(c, str) else c for c in out.columns]
     return out
+
+
+def _has_carriage_return(s: pd.Series) -> bool:
+    return any(isinstance(v, str) and "\r" in v for v in pd.unique(s.to_numpy(dtype=object)))
 
 
 def safe_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs: Any) -> Path:
@@ -47,8 +70,8 @@ def safe_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     to_csv_kwargs.setdefault("index", False)
     safe = neutralise_frame(df)
-    text_cols = [c for c in safe.columns if safe[c].dtype == object]
-    if any(safe[c].map(lambda v: isinstance(v, str) and "\r" in v).any() for c in text_cols):
+    text_cols = [c for c in safe.columns if safe[c].dtype == object or isinstance(safe[c].dtype, pd.StringDtype)]
+    if any(_has_carriage_return(safe[c]) for c in text_cols):
         # pandas does not quote a bare carriage return, which readers take as a line break
         to_csv_kwargs.setdefault("quoting", csv.QUOTE_NONNUMERIC)
     safe.to_csv(path, **to_csv_kwargs)
