@@ -143,3 +143,16 @@ def test_neutralise_frame_checks_distinct_values_but_keeps_every_cell_its_own():
     assert out["text"].tolist()[:3] == ["'=cmd", "T1", "'=cmd"] and out["text"][4] == "-2"
     assert pd.isna(out["text"][3])
     assert out["when"].dtype == df["when"].dtype
+
+
+def test_safe_csv_keeps_rows_of_a_frame_with_its_own_index_and_quotes_a_carriage_return(tmp_path):
+    """Neutralised columns stay aligned with the frame's own index (here not 0..n-1), and a carriage
+    return inside a mixed (object) column makes the writer quote text, so readers see one row."""
+    from therapist_effects.io.csvsafe import safe_csv
+
+    df = pd.DataFrame({"who": ["=a", "b"], "note": pd.Series([1, "x\ry"], dtype=object)}).set_axis([10, 11])
+    path = safe_csv(df, tmp_path / "t.csv")
+    back = pd.read_csv(path, keep_default_na=False)
+    assert back["who"].tolist() == ["'=a", "b"]
+    assert back["note"].astype(str).tolist() == ["1", "x\ry"]
+    assert len(back) == 2

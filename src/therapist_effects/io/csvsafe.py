@@ -10,7 +10,6 @@ as a formula). Every CSV the package writes goes through :func:`safe_csv`.
 from __future__ import annotations
 
 import csv
-import numbers
 import re
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ def _neutralise_series(s: pd.Series) -> pd.Series:
     the cells whose text changes are replaced, so every other cell keeps its own object."""
     values = s.to_numpy(dtype=object, copy=True)
     codes, uniq = pd.factorize(s, use_na_sentinel=True)
-    new = [u if isinstance(u, numbers.Number) else neutralise(u) for u in uniq]
+    new = [neutralise(u) for u in uniq]  # numbers and other non-text come back as they are
     changed = np.array([n is not u for n, u in zip(new, uniq)], dtype=bool)
     if changed.any():
         hit = codes >= 0
