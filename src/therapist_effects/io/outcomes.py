@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .csvsafe import neutralise_frame, safe_csv
+from ..config import INSTRUMENT_OUTCOMES
 from ..exceptions import ConfigError, DataWarning
 from .ingest import REJECT_COLUMNS, _fmt_value, _id_text, accounting
 from .instruments import Instrument, get_instrument
@@ -130,8 +131,7 @@ def _derived_columns(layout: str, rows: pd.DataFrame, inst: Instrument | None) -
     if layout == "session" or "baseline" in rows.columns:
         out.add("change")
         if inst is not None:
-            out |= {"caseness_baseline", "reliable_improvement", "reliable_deterioration", "clinically_significant",
-                    "recovered", "reliable_recovery"}
+            out |= INSTRUMENT_OUTCOMES | {"caseness_baseline"}
     return out
 
 
@@ -161,7 +161,8 @@ def derive_patient_outcomes(
     columns = spec.get("columns") or {}
     covs = columns.get("covariates") or []
     covs = [covs] if isinstance(covs, str) else [str(c).strip() for c in covs]
-    shadowed = [c for c in covs if c in _derived_columns(layout, rows, inst)]
+    derived_here = _derived_columns(layout, rows, inst)
+    shadowed = [c for c in covs if c in derived_here]
     if shadowed:
         raise ConfigError(f"{where}.columns.covariates: {shadowed[0]!r} is also a column that this dataset's patient "
                           "table derives (the file's values would be lost); rename the column in the file")
