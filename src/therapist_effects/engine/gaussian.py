@@ -51,7 +51,7 @@ import numpy as np
 from scipy import optimize
 
 __all__ = ["BlockEngine", "theta_to_lambda", "theta_lower_bounds", "SINGULAR_TOL", "minimise_theta", "minimise_box",
-           "newton_minimise", "newton_box", "centre_design", "gls_from_cholesky", "psd_cholesky"]
+           "newton_minimise", "newton_box", "fd_derivatives", "centre_design", "gls_from_cholesky", "psd_cholesky"]
 
 LOG2PI = math.log(2.0 * math.pi)
 #: lme4's ``isSingular`` tolerance on the diagonal of theta
@@ -587,7 +587,7 @@ def _nm(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray, xato
     return x, float(fx), ok
 
 
-def _fd_derivatives(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray,
+def fd_derivatives(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray,
                     free: list[int], fx: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Gradient and Hessian of ``f`` in the coordinates ``free`` by finite differences: the
     gradient from central differences at ``h`` and ``h/2`` combined by Richardson (error O(h^4)),
@@ -631,7 +631,7 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
         free = [k for k in range(len(x)) if x[k] - 2 * h[k] >= lows[k] and x[k] + 2 * h[k] <= ups[k]]
         if not free:
             break
-        g, H = _fd_derivatives(f, x, h, free, f_at_x)
+        g, H = fd_derivatives(f, x, h, free, f_at_x)
         try:
             if np.any(np.linalg.eigvalsh(H) <= 0):
                 break
@@ -698,7 +698,7 @@ def minimise_box(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndar
 
 
 def _fd_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """The gradient of :func:`_fd_derivatives` alone (Richardson-extrapolated central differences)."""
+    """The gradient of :func:`fd_derivatives` alone (Richardson-extrapolated central differences)."""
     g = np.empty(len(x))
     for k in range(len(x)):
         e = np.zeros(len(x))
@@ -737,7 +737,7 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
             return x, fx, False
         fresh = H is None
         if fresh:
-            g, H = _fd_derivatives(f, x, h, list(range(m)), f_at_x)
+            g, H = fd_derivatives(f, x, h, list(range(m)), f_at_x)
         else:
             g = _fd_gradient(f, x, h)
             if g_prev is not None:  # BFGS update with the last step
@@ -764,7 +764,7 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
             if step is not None or fresh:
                 break
             fresh = True  # the quasi-Newton step failed: one retry with a fresh Hessian
-            g, H = _fd_derivatives(f, x, h, list(range(m)), f_at_x)
+            g, H = fd_derivatives(f, x, h, list(range(m)), f_at_x)
         if step is None:
             return x, fx, False
         g_prev, x_prev = g, x

@@ -48,7 +48,7 @@ from threadpoolctl import threadpool_limits
 from ..classify import classify_effects
 from .design import INTERCEPT, build_design, group_codes
 from ..exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from ..engine.gaussian import BlockEngine, _fd_derivatives, gls_from_cholesky, newton_minimise
+from ..engine.gaussian import BlockEngine, fd_derivatives, gls_from_cholesky, newton_minimise
 from ..engine.inference import DEFAULT_N_BOOT, parametric_bootstrap, percentile_interval, signed_root_limit
 from ..engine.results import ICC, ModelResults, icc_table
 from .profile import BOUNDARY_TOL, min1d_local, min_nd_local, min_nonneg_global
@@ -148,7 +148,7 @@ def _along_profile(H: np.ndarray | None, k: int, inner: list[int], q: float, val
 
 def _curvature(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray) -> np.ndarray | None:
     """Finite-difference Hessian of ``f`` at ``x`` (steps ``h``); None unless positive definite."""
-    _, H = _fd_derivatives(f, x, h, list(range(len(x))))
+    _, H = fd_derivatives(f, x, h, list(range(len(x))))
     return H if np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0.0) else None
 
 
