@@ -60,16 +60,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pa
-from pandera.errors import SchemaErrors
 
 from ..exceptions import ConfigError, DataWarning, InputError
 from .instruments import Instrument, get_instrument
 from .readers import check_unique, read_columns, read_header
+
+if TYPE_CHECKING:  # pandera is imported where a schema is built (0.25 s: not on the outcomes step's path)
+    import pandera.pandas as pa
 
 __all__ = [
     "IngestResult",
@@ -152,13 +153,8 @@ def _id_text(v: Any) -> Any:
     return " ".join(str(v).split())
 
 
-def _text(s: pd.Series) -> pd.Series:
-    """Every cell as stripped text (pandas ``str`` dtype), NaN where missing.
-
-    Text is taken as written; numbers as :func:`_id_text` writes them (7.0 -> "7"); dates and
-    timestamps in ISO form. Vectorised for text columns (every CSV column) and typed columns;
-    a loop only for mixed-type object columns (Excel, in-memory tables).
-    """
+def _as_text(s: pd.Series) -> pd.Series:
+    """Every cell as text (pandas ``str`` dtype), NaN where nothing at all; not yet stripped."""
     if s.dtype == _TEXT:
         t = s
     elif pd.api.types.is_bool_dtype(s.dtype):
@@ -180,19 +176,58 @@ def _text(s: pd.Series) -> pd.Series:
     else:
         t = pd.Series([_id_text(v) if not _is_missing_scalar(v) else np.nan
                        for v in s.to_numpy(dtype=object)], index=s.index, dtype=_TEXT)
+    return t
+
+
+def _clean(t: pd.Series) -> pd.Series:
+    """Text stripped of surrounding blanks; NaN where blank or an NA token (any case)."""
     t = t.str.strip()
     missing = t.isna() | t.str.lower().isin(sorted(_NA_TOKENS))
     return t.mask(missing)
 
 
-def _by_distinct(t: pd.Series, fn, fill):
-    """``fn`` applied to the distinct values of a long text column and spread back (exports repeat
-    their scores, dates, arms and labels many times); ``fill`` where a cell is missing."""
-    if len(t) < 20000:
-        return None
+def _text_distinct(s: pd.Series) -> tuple[pd.Series, np.ndarray, pd.Series]:
+    """:func:`_text` of ``s`` with its factorisation: ``(text, codes, distinct)``, ``text`` equal to
+    ``distinct[codes]`` (``codes`` -1 where missing, ``distinct`` without repeats).
+
+    Each distinct cell is stripped and checked for NA tokens once (a national export repeats its IDs,
+    scores, dates and labels many times); a column that needs no change is returned as it is.
+    """
+    t = _as_text(s)
     codes, uniq = pd.factorize(t, use_na_sentinel=True)
-    if len(uniq) * 4 > len(t):
-        return None
+    uniq = pd.Series(uniq, dtype=_TEXT)
+    clean = _clean(uniq)
+    if clean.isna().any() or bool((clean != uniq).any()):
+        new_codes, uniq = pd.factorize(clean, use_na_sentinel=True)  # " a" and "a" are one value
+        uniq = pd.Series(uniq, dtype=_TEXT)
+        has = codes >= 0
+        codes[has] = new_codes[codes[has]]
+        t = pd.Series(uniq.array.take(codes, allow_fill=True), index=s.index, dtype=_TEXT)
+    return t, codes, uniq
+
+
+def _text(s: pd.Series) -> pd.Series:
+    """Every cell as stripped text (pandas ``str`` dtype), NaN where missing.
+
+    Text is taken as written; numbers as :func:`_id_text` writes them (7.0 -> "7"); dates and
+    timestamps in ISO form. Vectorised for text columns (every CSV column) and typed columns;
+    a loop only for mixed-type object columns (Excel, in-memory tables).
+    """
+    return _text_distinct(s)[0]
+
+
+def _by_distinct(t: pd.Series, fn, fill, distinct: tuple[np.ndarray, pd.Series] | None = None):
+    """``fn`` applied to the distinct values of a long text column and spread back (exports repeat
+    their scores, dates, arms and labels many times); ``fill`` where a cell is missing.
+    ``distinct``: the column's ``(codes, distinct values)`` when known (see :func:`_text_distinct`)."""
+    if distinct is not None:
+        codes, uniq = distinct
+    else:
+        if len(t) < 20000:
+            return None
+        codes, uniq = pd.factorize(t, use_na_sentinel=True)
+        if len(uniq) * 4 > len(t):
+            return None
     vals = fn(pd.Series(np.asarray(uniq, dtype=object), dtype=_TEXT))
     vals = np.asarray(vals)
     out = np.empty(len(t), dtype=vals.dtype)
@@ -202,9 +237,9 @@ def _by_distinct(t: pd.Series, fn, fill):
     return out
 
 
-def _numbers(t: pd.Series) -> np.ndarray:
+def _numbers(t: pd.Series, distinct: tuple[np.ndarray, pd.Series] | None = None) -> np.ndarray:
     """Numeric value of each text cell (float); NaN for missing and non-numbers; +-inf kept."""
-    spread = _by_distinct(t, _numbers, np.nan)
+    spread = _by_distinct(t, _numbers, np.nan, distinct)
     if spread is not None:
         return spread.astype(float, copy=False)
     import pyarrow as pyarrow_
@@ -217,13 +252,15 @@ def _numbers(t: pd.Series) -> np.ndarray:
     return pc.cast(arr, pyarrow_.float64()).to_numpy(zero_copy_only=False).astype(float, copy=False)
 
 
-def _parse_dates(t: pd.Series, date_format: str | None) -> pd.Series:
+def _parse_dates(t: pd.Series, date_format: str | None,
+                 distinct: tuple[np.ndarray, pd.Series] | None = None) -> pd.Series:
     """Dates (naive; zoned values in UTC) of each text cell; NaT where missing or unparseable.
 
     Text is read as ISO 8601 (``2023-01-05``, ``2023-01-05 14:00``) or, failing that, with
     ``date_format``; numbers are not dates.
     """
-    spread = _by_distinct(t, lambda u: _parse_dates(u, date_format).to_numpy(), np.datetime64("NaT", "us"))
+    spread = _by_distinct(t, lambda u: _parse_dates(u, date_format).to_numpy(), np.datetime64("NaT", "us"),
+                          distinct)
     if spread is not None:
         return pd.Series(spread, index=t.index, dtype="datetime64[us]")
     iso = t.str.match(_ISO_RE).fillna(False).to_numpy(dtype=bool)
@@ -484,14 +521,13 @@ class _Rejector:
         for pos, column, reasons, values in self._parts:
             fcol = self.file_cols.get(column, column)
             if values is None:
-                raw = self.raw[fcol].to_numpy(dtype=object)[pos] if fcol in self.raw.columns \
+                raw = self.raw[fcol].iloc[pos].to_numpy(dtype=object) if fcol in self.raw.columns \
                     else np.full(len(pos), "", dtype=object)
                 shown = [_fmt_value(v) for v in raw]
             else:
                 shown = [_fmt_value(v) for v in values]
             pieces.append(pd.DataFrame({
-                "pos": pos, "patient": [_fmt_value(v) for v in
-                                        self.patient.to_numpy(dtype=object)[pos]],
+                "pos": pos, "patient": [_fmt_value(v) for v in self.patient.iloc[pos].to_numpy(dtype=object)],
                 "column": fcol, "value": shown, "reason": reasons.astype(object),
             }))
         df = pd.concat(pieces, ignore_index=True).sort_values("pos", kind="stable")
@@ -500,6 +536,8 @@ class _Rejector:
 
 
 def _check(fn, name: str) -> pa.Check:
+    import pandera.pandas as pa
+
     return pa.Check(fn, name=name, error=name)
 
 
@@ -508,9 +546,9 @@ def _mask_check(ok: np.ndarray, name: str) -> pa.Check:
     return _check(lambda s: pd.Series(ok[s.index.to_numpy()], index=s.index), name)
 
 
-def _numeric_checks(num: np.ndarray, text: pd.Series, rng: tuple[float, float, str] | None
+def _numeric_checks(num: np.ndarray, present: np.ndarray, rng: tuple[float, float, str] | None
                     ) -> list[pa.Check]:
-    present = text.notna().to_numpy()
+    """``present``: where the column's cell is not missing."""
     checks = [_mask_check(~present | ~np.isnan(num), "not a number"),
               _mask_check(~np.isinf(num), "not a finite number")]
     if rng is not None:
@@ -528,6 +566,7 @@ class _Columns:
     raw: pd.DataFrame                    # the table as read (file column names)
     file_cols: dict[str, str]            # canonical name -> file column
     text: dict[str, pd.Series]           # canonical name -> stripped text, NaN for missing
+    distinct: dict[str, tuple[np.ndarray, pd.Series]]  # canonical name -> (codes, distinct text), -1 missing
     numbers: dict[str, np.ndarray] = field(default_factory=dict)
     occasion: pd.Series | None = None    # parsed occasions (session layout)
     occasion_kind: str | None = None
@@ -539,6 +578,14 @@ class _Columns:
     @property
     def n(self) -> int:
         return len(self.raw)
+
+    def present(self, name: str) -> np.ndarray:
+        """Where the column's cell is not missing."""
+        return self.distinct[name][0] >= 0
+
+    def numbers_of(self, name: str) -> np.ndarray:
+        """The column's cells as numbers (see :func:`_numbers`), converted once per distinct value."""
+        return _numbers(self.text[name], self.distinct[name])
 
     def row_numbers(self) -> np.ndarray:
         if self.rows is None:
@@ -572,15 +619,18 @@ def _canonical_columns(raw: pd.DataFrame, sp: _Spec) -> _Columns:
     file_cols: dict[str, str] = {canon_name.get(r, r): c for r, c in sp.roles.items()}
     for c in sp.covariates:
         file_cols[c] = c
-    text = {k: _text(raw[c]) for k, c in file_cols.items()}
-    return _Columns(raw=raw, file_cols=file_cols, text=text)
+    text, distinct = {}, {}
+    for k, c in file_cols.items():
+        text[k], codes, uniq = _text_distinct(raw[c])
+        distinct[k] = (codes, uniq)
+    return _Columns(raw=raw, file_cols=file_cols, text=text, distinct=distinct)
 
 
 def _empty_rows(cols: _Columns, rej: _Rejector) -> np.ndarray:
     """Stage 2: rows whose every configured cell is missing are rejected; returns the live rows."""
     empty = np.ones(cols.n, dtype=bool)
-    for t in cols.text.values():
-        empty &= t.isna().to_numpy()
+    for codes, _ in cols.distinct.values():
+        empty &= codes < 0
     rej.add(np.flatnonzero(empty), "patient", "empty row", value="")
     return ~empty
 
@@ -590,13 +640,13 @@ def _decide_occasion(cols: _Columns, live: np.ndarray, sp: _Spec) -> None:
     t = cols.text["occasion"]
     if cols.decided is not None:  # decided over the whole file (streamed ingestion)
         cols.occasion_kind = cols.decided["occasion_kind"]
-        cols.occasion = (pd.Series(_numbers(t), index=t.index) if cols.occasion_kind == "number"
-                         else _parse_dates(t, sp.date_format))
+        cols.occasion = (pd.Series(cols.numbers_of("occasion"), index=t.index) if cols.occasion_kind == "number"
+                         else _parse_dates(t, sp.date_format, cols.distinct["occasion"]))
         return
-    present = t.notna().to_numpy() & live
+    present = cols.present("occasion") & live
     m = int(present.sum())
-    nums = _numbers(t)
-    dates = _parse_dates(t, sp.date_format)
+    nums = cols.numbers_of("occasion")
+    dates = _parse_dates(t, sp.date_format, cols.distinct["occasion"])
     n_num = int(np.isfinite(nums[present]).sum())
     n_date = int(dates[present].notna().sum())
     if m == 0 or (n_num >= n_date and n_num > 0):
@@ -618,6 +668,8 @@ def _decide_occasion(cols: _Columns, live: np.ndarray, sp: _Spec) -> None:
 def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrument | None,
                 today: _dt.date | str | None) -> pa.DataFrameSchema:
     """Stage 3a: the pandera schema of one row, column by column in the documented order."""
+    import pandera.pandas as pa
+
     columns: dict[str, pa.Column] = {"patient": pa.Column(nullable=False),
                                      "therapist": pa.Column(nullable=False)}
     rng = (instrument.min, instrument.max, instrument.name) if instrument is not None else None
@@ -627,7 +679,7 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
         if cols.occasion_kind == "number":
             num = occ.to_numpy(dtype=float)
             cols.numbers["occasion"] = num
-            checks = _numeric_checks(num, cols.text["occasion"], None)
+            checks = _numeric_checks(num, cols.present("occasion"), None)
             with np.errstate(invalid="ignore"):
                 checks.append(_mask_check(~(num < 0), "negative session number"))
         else:
@@ -638,24 +690,24 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
             lim_label = "export date" if sp.export_date is not None else "today"
             parsed = occ.notna().to_numpy()
             checks = [
-                _mask_check(parsed | cols.text["occasion"].isna().to_numpy(), "unparseable date"),
+                _mask_check(parsed | ~cols.present("occasion"), "unparseable date"),
                 _mask_check(~(occ.dt.normalize() > limit).to_numpy(),
                             f"impossible date (after {lim_label} {limit.date()})"),
                 _mask_check(~(occ.dt.year < _MIN_YEAR).to_numpy(), f"impossible date (before {_MIN_YEAR})"),
             ]
         columns["occasion"] = pa.Column(nullable=False, checks=checks)
-        cols.numbers["score"] = _numbers(cols.text["score"])
+        cols.numbers["score"] = cols.numbers_of("score")
         columns["score"] = pa.Column(nullable=False,
-                                     checks=_numeric_checks(cols.numbers["score"], cols.text["score"], rng))
+                                     checks=_numeric_checks(cols.numbers["score"], cols.present("score"), rng))
     else:
         for c in ("end", "baseline"):
             if c in cols.text:
-                cols.numbers[c] = _numbers(cols.text[c])
+                cols.numbers[c] = cols.numbers_of(c)
                 columns[c] = pa.Column(nullable=False,
-                                       checks=_numeric_checks(cols.numbers[c], cols.text[c], rng))
+                                       checks=_numeric_checks(cols.numbers[c], cols.present(c), rng))
     if "arm" in cols.text:
-        num = _numbers(cols.text["arm"])
-        present = cols.text["arm"].notna().to_numpy() & live
+        num = cols.numbers_of("arm")
+        present = cols.present("arm") & live
         cols.arm_numeric = bool(present.any()) and bool(np.isfinite(num[present]).all())
         if cols.decided is not None:
             cols.arm_numeric = bool(cols.decided["arm_numeric"])
@@ -665,9 +717,8 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
     if "cluster" in cols.text:
         columns["cluster"] = pa.Column(nullable=False)
     for c in sp.covariates:
-        t = cols.text[c]
-        num = _numbers(t)
-        present = t.notna().to_numpy() & live
+        num = cols.numbers_of(c)
+        present = cols.present(c) & live
         declared = sp.covariate_types.get(c) or (cols.decided or {}).get("covariate_kinds", {}).get(c)
         if declared is None:
             is_num = bool(present.any()) and bool(np.isfinite(num[present]).all())
@@ -678,7 +729,7 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
         nullable = sp.layout == "session"
         if declared == "numeric":
             cols.numbers[c] = num
-            columns[c] = pa.Column(nullable=nullable, checks=_numeric_checks(num, t, None))
+            columns[c] = pa.Column(nullable=nullable, checks=_numeric_checks(num, cols.present(c), None))
         else:
             columns[c] = pa.Column(nullable=nullable)
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
@@ -686,8 +737,12 @@ def _row_schema(cols: _Columns, live: np.ndarray, sp: _Spec, instrument: Instrum
 
 def _row_checks(cols: _Columns, live: np.ndarray, schema: pa.DataFrameSchema, rej: _Rejector) -> None:
     """Stage 3b: validate the live rows; each failing row is rejected for its first problem."""
+    from pandera.errors import SchemaErrors
+
     order = list(schema.columns)
-    to_check = pd.DataFrame({c: cols.text[c] for c in order}).loc[live]
+    to_check = pd.DataFrame({c: cols.text[c] for c in order})
+    if not live.all():
+        to_check = to_check.loc[live]
     if not len(to_check):
         return
     try:
@@ -748,15 +803,22 @@ def _check_arm_levels(typed: pd.DataFrame, valid: np.ndarray, cols: _Columns, sp
         )
 
 
-def _duplicates(typed: pd.DataFrame, sp: _Spec, rej: _Rejector) -> None:
+def _duplicates(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, cols: _Columns) -> None:
     """Stage 5a: the same session (session layout) or the same record (patient layout) twice."""
+    import pandera.pandas as pa
+    from pandera.errors import SchemaErrors
+
     if sp.layout == "session":
         key = ["patient", "occasion"]
+        # patients by the codes of their distinct IDs: the same rows are duplicates, integers hash faster
+        frame = pd.DataFrame({"row": typed["row"].to_numpy(), "patient": cols.distinct["patient"][0],
+                              "occasion": typed["occasion"].to_numpy()})
     else:
         # the same record twice; rows sharing a patient ID with different data are kept (IDs
         # numbered within therapist, re-referrals) and noted below
         key = [c for c in typed.columns if c != "row"]
-    current = typed.loc[~rej.rejected]
+        frame = typed
+    current = _unrejected(frame, rej)
     if not len(current):
         return
     try:
@@ -786,28 +848,33 @@ def _shared_patient_ids(typed: pd.DataFrame, rej: _Rejector, notes: list[str]) -
         )
 
 
-def _varying(current: pd.DataFrame, col: str) -> np.ndarray:
-    """Rows of ``current`` whose patient has more than one distinct value of ``col`` (on integer codes)."""
-    if not len(current):
-        return np.zeros(0, dtype=bool)
-    pcode = pd.factorize(current["patient"])[0] if "_pcode" not in current.columns else \
-        current["_pcode"].to_numpy()
-    vcode = pd.factorize(current[col])[0]
-    n_pat = int(pcode.max()) + 1
+def _unrejected(frame: pd.DataFrame, rej: _Rejector) -> pd.DataFrame:
+    """The rows of ``frame`` not rejected so far (``frame`` itself when none is: no copy)."""
+    return frame.loc[~rej.rejected] if rej.rejected.any() else frame
+
+
+def _varying(pcode: np.ndarray, vcode: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Rows (of ``among``) whose patient has more than one distinct value among the rows of ``among``;
+    patients and values as integer codes."""
+    out = np.zeros(len(pcode), dtype=bool)
+    if not among.any():
+        return out
+    p, v = pcode[among], vcode[among]
+    n_pat = int(p.max()) + 1
     lo = np.full(n_pat, np.iinfo(np.int64).max)
     hi = np.full(n_pat, -1)
-    np.minimum.at(lo, pcode, vcode)
-    np.maximum.at(hi, pcode, vcode)
-    return (hi > lo)[pcode]
+    np.minimum.at(lo, p, v)
+    np.maximum.at(hi, p, v)
+    out[among] = (hi > lo)[p]
+    return out
 
 
-def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list[str]) -> None:
+def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list[str], cols: _Columns) -> None:
     """Stage 5c (session layout): patients seen by more than one therapist, recoded or rejected."""
-    current = typed.loc[~rej.rejected]
-    multi = _varying(current, "therapist")
+    multi = _varying(cols.distinct["patient"][0], cols.distinct["therapist"][0], ~rej.rejected)
     if not multi.any():
         return
-    sub = current[multi].sort_values(["patient", "occasion", "row"], kind="stable")
+    sub = typed.loc[multi].sort_values(["patient", "occasion", "row"], kind="stable")
     recoded = 0
     for pid, g in sub.groupby("patient", sort=True):
         counts = g["therapist"].value_counts()
@@ -830,13 +897,14 @@ def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list
                         "assigned to the therapist with most sessions (ties: first session)")
 
 
-def _arm_changes(typed: pd.DataFrame, rej: _Rejector) -> None:
+def _arm_changes(typed: pd.DataFrame, rej: _Rejector, cols: _Columns) -> None:
     """Stage 5d (session layout): a patient whose arm changes between sessions (all their rows)."""
-    current = typed.loc[~rej.rejected]
-    changing = _varying(current, "arm")
+    # a numeric arm by its numbers ("1" and "1.0" are one level), a text arm by its distinct text
+    arm = pd.factorize(typed["arm"].to_numpy())[0] if cols.arm_numeric else cols.distinct["arm"][0]
+    changing = _varying(cols.distinct["patient"][0], arm, ~rej.rejected)
     if not changing.any():
         return
-    sub = current[changing].sort_values(["patient", "occasion", "row"], kind="stable")
+    sub = typed.loc[changing].sort_values(["patient", "occasion", "row"], kind="stable")
     for _, g in sub.groupby("patient", sort=True):
         seq = " -> ".join(_fmt_value(v) for v in pd.unique(g["arm"]))
         rej.add(g.index.to_numpy(), "arm", f"arm changes between sessions ({seq})")
@@ -845,7 +913,7 @@ def _arm_changes(typed: pd.DataFrame, rej: _Rejector) -> None:
 def _kept_rows(typed: pd.DataFrame, rej: _Rejector, cols: _Columns) -> pd.DataFrame:
     """Stage 6: the rows kept, IDs and labels as text (pandas' ``str`` dtype, as Parquet gives them
     back) and a 0/1-style numeric arm as integers."""
-    rows = typed.loc[~rej.rejected].reset_index(drop=True)
+    rows = _unrejected(typed, rej).reset_index(drop=True)
     if "arm" in rows.columns and cols.arm_numeric:
         a = rows["arm"].to_numpy(dtype=float)
         if len(a) and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**53):
@@ -911,13 +979,13 @@ def ingest_frame(
     typed = _typed_rows(cols, sp)
     _check_arm_levels(typed, live & ~rej.rejected, cols, sp)
     notes: list[str] = []
-    _duplicates(typed, sp, rej)
+    _duplicates(typed, sp, rej, cols)
     if sp.layout == "patient":
         _shared_patient_ids(typed, rej, notes)
     else:
-        _multi_therapist(typed, sp, rej, notes)
+        _multi_therapist(typed, sp, rej, notes, cols)
         if "arm" in typed.columns:
-            _arm_changes(typed, rej)
+            _arm_changes(typed, rej, cols)
 
     rows = _kept_rows(typed, rej, cols)
     rejects = rej.frame()
