@@ -517,20 +517,21 @@ class _Rejector:
             df = pd.DataFrame({c: pd.Series(dtype=object) for c in REJECT_COLUMNS})
             df["row"] = df["row"].astype("int64")
             return df
-        pieces = []
-        for pos, column, reasons, values in self._parts:
-            fcol = self.file_cols.get(column, column)
-            if values is None:
-                raw = self.raw[fcol].iloc[pos].to_numpy(dtype=object) if fcol in self.raw.columns \
-                    else np.full(len(pos), "", dtype=object)
-                shown = [_fmt_value(v) for v in raw]
-            else:
-                shown = [_fmt_value(v) for v in values]
-            pieces.append(pd.DataFrame({
-                "pos": pos, "patient": [_fmt_value(v) for v in self.patient.iloc[pos].to_numpy(dtype=object)],
-                "column": fcol, "value": shown, "reason": reasons.astype(object),
-            }))
-        df = pd.concat(pieces, ignore_index=True).sort_values("pos", kind="stable")
+        pos = np.concatenate([part[0] for part in self._parts])
+        fcol = np.concatenate([np.full(len(part[0]), self.file_cols.get(part[1], part[1]), dtype=object)
+                               for part in self._parts])
+        given = np.concatenate([np.full(len(part[0]), part[3] is not None) for part in self._parts])
+        value = np.concatenate([np.asarray(part[3], dtype=object) if part[3] is not None
+                                else np.full(len(part[0]), "", dtype=object) for part in self._parts])
+        for c in pd.unique(fcol[~given]):  # the raw cells shown, one look-up per column (not per part)
+            at = np.flatnonzero(~given & (fcol == c))
+            if c in self.raw.columns:
+                value[at] = self.raw[c].iloc[pos[at]].to_numpy(dtype=object)
+        df = pd.DataFrame({
+            "pos": pos, "patient": [_fmt_value(v) for v in self.patient.iloc[pos].to_numpy(dtype=object)],
+            "column": fcol, "value": [_fmt_value(v) for v in value],
+            "reason": np.concatenate([part[2].astype(object) for part in self._parts]),
+        }).sort_values("pos", kind="stable")
         df.insert(0, "row", self.row_numbers[df.pop("pos").to_numpy()])
         return df[REJECT_COLUMNS].reset_index(drop=True)
 
@@ -825,8 +826,8 @@ def _duplicates(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, cols: _Columns) 
         pa.DataFrameSchema(unique=key, report_duplicates="exclude_first").validate(current[key], lazy=True)
     except SchemaErrors as err:
         dup_pos = np.unique(err.failure_cases["index"].dropna().astype(np.int64).to_numpy())
-        first_row = current.groupby(key, sort=False, dropna=False)["row"].transform("min")
-        fr = first_row.loc[dup_pos].to_numpy()
+        in_dup = current.loc[current.duplicated(key, keep=False)]  # the groups of the duplicates only
+        fr = in_dup.groupby(key, sort=False, dropna=False)["row"].transform("min").loc[dup_pos].to_numpy()
         if sp.layout == "session":
             rej.add(dup_pos, "occasion",
                     [f"duplicate session (same patient and occasion as row {int(r)})" for r in fr])
@@ -875,7 +876,7 @@ def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list
     if not multi.any():
         return
     sub = typed.loc[multi].sort_values(["patient", "occasion", "row"], kind="stable")
-    recoded = 0
+    recoded, positions, chosen_of = 0, [], []
     for pid, g in sub.groupby("patient", sort=True):
         counts = g["therapist"].value_counts()
         listing = ", ".join(f"{t} ({int(k)})" for t, k in counts.items())
@@ -887,12 +888,14 @@ def _multi_therapist(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, notes: list
             chosen = g["therapist"].iloc[0] if g["therapist"].iloc[0] in top else (
                 next(t for t in g["therapist"] if t in top)
             )
-            typed.loc[g.index, "therapist"] = chosen
+            positions.append(g.index.to_numpy())
+            chosen_of.append(np.full(len(g), chosen, dtype=object))
             recoded += 1
             notes.append(
                 f"patient {pid}: sessions with therapists {listing}; all {len(g)} rows assigned to {chosen}"
             )
-    if recoded:
+    if recoded:  # one assignment: each would copy the whole column
+        typed.loc[np.concatenate(positions), "therapist"] = np.concatenate(chosen_of)
         notes.insert(0, f"{recoded} patient(s) seen by more than one therapist were "
                         "assigned to the therapist with most sessions (ties: first session)")
 
