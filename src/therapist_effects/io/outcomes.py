@@ -81,12 +81,12 @@ def _resolve_instrument(spec: Mapping[str, Any], instrument: Instrument | str | 
     return get_instrument(name)
 
 
-def _norm_ending(s: pd.Series) -> pd.Series:
-    """Ending values with blanks collapsed and case folded; NaN where missing (each distinct
-    value is normalised once)."""
+def _ending_flags(s: pd.Series, dropout_codes: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: is an ending recorded, and is it a dropout (blanks collapsed, case folded; each
+    distinct value is normalised once)."""
     code, uniq = pd.factorize(s)
-    norm = np.array([" ".join(str(v).split()).casefold() for v in uniq] + [np.nan], dtype=object)
-    return pd.Series(norm[code], index=s.index)
+    dropout = np.array([" ".join(str(v).split()).casefold() in dropout_codes for v in uniq] + [False])
+    return code >= 0, dropout[code]
 
 
 def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
@@ -119,6 +119,108 @@ def _feedback(arm: pd.Series, spec: Mapping[str, Any], where: str) -> pd.Series:
         return pd.Series(np.where(arm.isna(), np.nan, 0.0), index=arm.index)
     out = (arm == level).astype(float)
     return out.where(arm.notna())
+
+
+def _run_positions(notna: np.ndarray, starts: np.ndarray, ends: np.ndarray, last: bool) -> np.ndarray | None:
+    """Position of the first (or last) True of each run ``starts[i]..ends[i]``; None when a run has none."""
+    pos = np.arange(len(notna))
+    if last:
+        at = np.maximum.reduceat(np.where(notna, pos, -1), starts)
+    else:
+        at = np.minimum.reduceat(np.where(notna, pos, len(notna)), starts)
+    return None if ((at < starts) | (at > ends)).any() else at
+
+
+def _session_patients(rows: pd.DataFrame, covs: list[str], dropout_codes: set[str], min_sessions: int,
+                      score_col: str, rej_lines: list[dict[str, Any]]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The patient table of the session layout (see the module docstring) and who counts as treated.
+
+    Rows are ordered by patient (integer codes in sorted ID order), occasion and row number once, and
+    each patient's values are looked up at the first and last position of their run of rows: no copy
+    of the whole table. Rejected rows are appended to ``rej_lines``.
+    """
+    # patients as integer codes in sorted ID order: sorting and grouping on integers, not text
+    pcode, pids = pd.factorize(rows["patient"], sort=True)
+    order = _patient_order(pcode, rows["occasion"].to_numpy(), rows["row"].to_numpy())
+    code = pcode[order]
+    keep = np.bincount(code)[code] >= min_sessions
+    reason = f"fewer than {min_sessions} measured sessions: no end-of-treatment score"
+    few = order[~keep]
+    for row, patient, score in zip(rows["row"].to_numpy()[few], rows["patient"].iloc[few], rows["score"].iloc[few]):
+        rej_lines.append({"row": row, "patient": patient, "column": score_col, "value": _fmt_value(score),
+                          "reason": reason})
+    for c in covs:
+        if c not in rows.columns:
+            continue
+        present = rows[c].notna().to_numpy()[order] & keep
+        has = (np.bincount(code[present], minlength=len(pids)) > 0)[code] & keep
+        gone = order[keep & ~has]
+        for row, patient in zip(rows["row"].to_numpy()[gone], rows["patient"].iloc[gone]):
+            rej_lines.append({"row": row, "patient": patient, "column": c, "value": "",
+                              "reason": f"missing value (no {c} on any row of the patient)"})
+        keep = has
+    order, code = order[keep], code[keep]
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(code) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(code)] - 1
+    r = _SortedRows(rows, order, starts, ends)
+    pt = pd.DataFrame({"patient": np.asarray(pids)[code[starts]]})
+    for c in ("therapist", "cluster", "arm"):
+        if c in rows.columns:
+            pt[c] = r.first(c)
+    pt["baseline"] = r.first("score")
+    pt["end"] = r.first("score", last=True)
+    pt["n_sessions"] = (ends - starts + 1).astype(np.int64)
+    # sorted by occasion within a patient (missing ones last): the first and last are the min and max
+    pt["first_occasion"] = r.first("occasion")
+    pt["last_occasion"] = r.first("occasion", last=True)
+    if "ending" in rows.columns:
+        recorded, dropped = (x[order] for x in _ending_flags(rows["ending"], dropout_codes))
+        any_drop, any_end = (np.logical_or.reduceat(x, starts) if len(starts) else np.zeros(0, dtype=bool)
+                             for x in (dropped, recorded))
+        pt["dropout"] = np.where(any_drop, 1.0, np.where(any_end, 0.0, np.nan))
+    for c in covs:
+        if c in rows.columns:
+            pt[c] = r.first(c)
+    return pt, pt["n_sessions"].to_numpy() >= 2
+
+
+def _patient_order(pcode: np.ndarray, occasion: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Positions that sort the rows by patient code, occasion and row number (numbers and dates both sort
+    as they are; missing occasions last). Exports usually list each patient's sessions together and in
+    order: then only the patients' blocks are put in order (checked), not every row."""
+    n = len(pcode)
+    if n > 1:
+        same = np.diff(pcode) == 0
+        do = np.diff(occasion)
+        zero = np.zeros(1, dtype=do.dtype)  # 0, or a zero timedelta
+        in_order = (do > zero) | ((do == zero) & (np.diff(row) > 0))  # False where an occasion is missing
+        if np.all(in_order | ~same):
+            starts = np.flatnonzero(np.r_[True, ~same])
+            block_code = pcode[starts]
+            if np.bincount(block_code).max() == 1:  # each patient in one block
+                by_code = np.argsort(block_code)
+                lengths = np.diff(np.r_[starts, n])[by_code]
+                offsets = np.cumsum(lengths) - lengths
+                return np.arange(n) + np.repeat(starts[by_code] - offsets, lengths)
+    return np.lexsort((row, occasion, pcode))
+
+
+class _SortedRows:
+    """The rows in patient order, looked up per patient run (groupby's first/last where a run has no value)."""
+
+    def __init__(self, rows: pd.DataFrame, order: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.rows, self.order, self.starts, self.ends = rows, order, starts, ends
+
+    def first(self, col: str, last: bool = False) -> pd.Series:
+        values = self.rows[col]
+        notna = values.notna().to_numpy()[self.order]
+        if len(self.starts):
+            at = _run_positions(notna, self.starts, self.ends, last)
+            if at is not None:
+                return values.iloc[self.order[at]].reset_index(drop=True)
+        sorted_values = values.iloc[self.order].reset_index(drop=True)
+        groups = sorted_values.groupby(np.repeat(np.arange(len(self.starts)), self.ends - self.starts + 1))
+        return (groups.last() if last else groups.first()).reset_index(drop=True)
 
 
 def _derived_columns(layout: str, rows: pd.DataFrame, inst: Instrument | None) -> set[str]:
@@ -173,53 +275,8 @@ def derive_patient_outcomes(
     rej_lines: list[dict[str, Any]] = []
 
     if layout == "session":
-        # patients as integer codes in sorted ID order: sorting and grouping on integers, not text
-        pcode, pids = pd.factorize(rows["patient"], sort=True)
-        # numbers and dates (datetime64) both sort as they are
-        order = np.lexsort((rows["row"].to_numpy(), rows["occasion"].to_numpy(), pcode))
-        r = rows.iloc[order]
-        code = pcode[order]
-        n_per = pd.Series(np.bincount(code)[code], index=r.index)
-        few = n_per < min_sessions
-        score_col = str(columns.get("score", "score"))
-        reason = (f"fewer than {min_sessions} measured sessions: no end-of-treatment score")
-        for rec in r[few].itertuples():
-            rej_lines.append({"row": rec.row, "patient": rec.patient, "column": score_col,
-                              "value": _fmt_value(rec.score), "reason": reason})
-        r, code = r[~few.to_numpy()], code[~few.to_numpy()]
-        for c in covs:
-            if c not in r.columns:
-                continue
-            has = r[c].notna().groupby(code).transform("any").to_numpy()
-            for rec in r[~has].itertuples():
-                rej_lines.append({"row": rec.row, "patient": rec.patient, "column": c,
-                                  "value": "", "reason": f"missing value (no {c} on any row of "
-                                  "the patient)"})
-            r, code = r[has], code[has]
-        g = r.groupby(code)  # in sorted code order: r is sorted by code
-        sizes = g.size()
-        pt = pd.DataFrame(index=sizes.index)
-        pt["patient"] = np.asarray(pids)[sizes.index.to_numpy()]
-        pt["therapist"] = g["therapist"].first()
-        if "cluster" in r.columns:
-            pt["cluster"] = g["cluster"].first()
-        if "arm" in r.columns:
-            pt["arm"] = g["arm"].first()
-        pt["baseline"] = g["score"].first()
-        pt["end"] = g["score"].last()
-        pt["n_sessions"] = sizes
-        pt["first_occasion"] = g["occasion"].min()
-        pt["last_occasion"] = g["occasion"].max()
-        if "ending" in r.columns:
-            ending = _norm_ending(r["ending"])
-            is_drop = ending.isin(codes) & ending.notna()
-            any_drop = is_drop.groupby(code).any()
-            any_end = ending.notna().groupby(code).any()
-            pt["dropout"] = np.where(any_drop, 1.0, np.where(any_end, 0.0, np.nan))  # both in pt's code order
-        for c in covs:
-            if c in r.columns:
-                pt[c] = g[c].first()
-        treated = pt["n_sessions"].to_numpy() >= 2
+        pt, treated = _session_patients(rows, covs, codes, min_sessions, str(columns.get("score", "score")),
+                                        rej_lines)
     else:
         r = rows.sort_values("row")
         pt = pd.DataFrame({"patient": r["patient"].to_numpy(), "therapist": r["therapist"].to_numpy()})
@@ -230,9 +287,8 @@ def derive_patient_outcomes(
             pt["baseline"] = r["baseline"].to_numpy()
         pt["end"] = r["end"].to_numpy()
         if "ending" in r.columns:
-            ending = _norm_ending(r["ending"])
-            pt["dropout"] = np.where(ending.isin(codes).to_numpy(), 1.0,
-                                     np.where(ending.notna().to_numpy(), 0.0, np.nan))
+            recorded, dropped = _ending_flags(r["ending"], codes)
+            pt["dropout"] = np.where(dropped, 1.0, np.where(recorded, 0.0, np.nan))
         for c in covs:
             if c in r.columns:
                 pt[c] = r[c].to_numpy()
