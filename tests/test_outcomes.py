@@ -269,3 +269,80 @@ def test_write_rejects_escapes_user_text(tmp_path):
     # the formula is neutralised; the plain number -1 is not (issue 10, item 8)
     assert back.loc[0, "patient"].startswith("'=") and back.loc[0, "value"] == "-1"
     assert back.loc[0, "row"] == "3"
+
+
+def _nasty_patients(seed: int) -> pd.DataFrame:
+    """A patient table with every kind of cell the joined CSV writer formats itself."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    text = np.array(["P1", "=cmd()", "-2", "+1.5", "@x", "a,b", 'say "hi"', "two\nlines", "é ü", "", " pad "],
+                    dtype=object)
+    floats = np.array([0.0, -0.0, 1.5, -7.0, 1e-05, 12345678901.25, np.inf, -np.inf, np.nan, 1 / 3])
+    dates = pd.to_datetime(["2024-01-05", "1999-12-31", None, "2025-06-30T13:45"], format="ISO8601").astype(
+        "datetime64[us]")
+    return pd.DataFrame({
+        "patient": rng.choice(text, n),
+        "therapist": pd.Series(rng.choice(text, n)).where(rng.random(n) > 0.1),
+        "arm": rng.integers(-3, 3, n),
+        "baseline": rng.choice(floats, n),
+        "n_sessions": rng.integers(0, 10**12, n),
+        "first_occasion": rng.choice(dates, n),
+        "sex": pd.Series(rng.choice(["F", "M", "x,y"], n), dtype="str").where(rng.random(n) > 0.2),
+    })
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_patient_csv_holds_the_bytes_that_safe_csv_writes(tmp_path, seed):
+    from therapist_effects.io.csvsafe import safe_csv
+
+    table = _nasty_patients(seed)
+    write_patient_outputs(table, tmp_path / "p.parquet", tmp_path / "p.csv")
+    safe_csv(table, tmp_path / "ref.csv", date_format="%Y-%m-%d", lineterminator="\r\n")
+    assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [
+    {"note": ["line\rbreak", "b"] * 150},   # a carriage return: every text cell quoted (safe_csv's own path)
+    {"flag": [True, False] * 150},          # a column of another kind
+    {"age": pd.array([1, None] * 150, dtype="Int64")},
+])
+def test_patient_csv_falls_back_to_safe_csv(tmp_path, extra):
+    from therapist_effects.io.csvsafe import safe_csv
+
+    table = _nasty_patients(3).assign(**extra)
+    write_patient_outputs(table, tmp_path / "p.parquet", tmp_path / "p.csv")
+    safe_csv(table, tmp_path / "ref.csv", date_format="%Y-%m-%d", lineterminator="\r\n")
+    assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+
+
+@pytest.mark.parametrize("numeric_occasion", [True, False])
+def test_patient_table_does_not_depend_on_the_order_of_rows(numeric_occasion):
+    """Rows listed patient by patient in session order (no sort needed) and the same rows shuffled give the
+    same patient table: patients' first and last sessions, their covariates from the first row that has one."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    records = []
+    for p in range(60):
+        for k in range(int(rng.integers(1, 6))):
+            occasion = float(k + 1) if numeric_occasion else pd.Timestamp("2024-01-01") + pd.Timedelta(days=7 * k)
+            age = float(20 + p) if rng.random() > 0.5 else np.nan
+            records.append((f"P{p:03d}" if p % 7 else f"P{p}", f"T{p % 4}", occasion, float(rng.integers(0, 28)),
+                            rng.choice(["completed", "dropout", None]), age))
+    rows = pd.DataFrame(records, columns=["patient", "therapist", "occasion", "score", "ending", "age"])
+    rows.insert(0, "row", np.arange(2, len(rows) + 2))
+    spec = {"layout": "session", "instrument": "PHQ-9", "min_sessions": 2,
+            "columns": {"patient": "pid", "therapist": "tid", "score": "phq9", "occasion": "s", "ending": "e",
+                        "covariates": ["age"]}}
+    ordered, rej_ordered = derive_patient_outcomes(rows, spec)
+    shuffled, rej_shuffled = derive_patient_outcomes(rows.sample(frac=1, random_state=1), spec)
+    pd.testing.assert_frame_equal(ordered, shuffled)
+    pd.testing.assert_frame_equal(rej_ordered, rej_shuffled)
+    first = rows[rows.groupby("patient")["row"].transform("size") >= 2].groupby("patient")
+    expected = first["score"].first()
+    assert ordered.set_index("patient")["baseline"].reindex(expected.index).dropna().equals(
+        expected[ordered.set_index("patient")["baseline"].reindex(expected.index).notna()])
+    assert len(rej_ordered) > 0 and set(rej_ordered["reason"].map(lambda r: r.split(" (")[0])) <= {
+        "fewer than 2 measured sessions: no end-of-treatment score", "missing value"}
