@@ -230,11 +230,7 @@ def _by_distinct(t: pd.Series, fn, fill, distinct: tuple[np.ndarray, pd.Series] 
             return None
     vals = fn(pd.Series(np.asarray(uniq, dtype=object), dtype=_TEXT))
     vals = np.asarray(vals)
-    out = np.empty(len(t), dtype=vals.dtype)
-    out[:] = fill
-    has = codes >= 0
-    out[has] = vals[codes[has]]
-    return out
+    return np.append(vals, np.asarray([fill], dtype=vals.dtype))[codes]  # code -1 (missing) takes the fill
 
 
 def _numbers(t: pd.Series, distinct: tuple[np.ndarray, pd.Series] | None = None) -> np.ndarray:

@@ -203,7 +203,7 @@ def _read_csv_arrow(p: Path, names: list[str], sep: str, skip: int, header_len: 
                 f"{r.expected_columns} ({_one_line(r.text, 80)}); check the delimiter and quoting"
             ) from None
         raise
-    df = table.to_pandas(types_mapper=lambda t: _TEXT if t == pa.string() else None)
+    df = table.to_pandas(types_mapper=lambda t: _TEXT if t == pa.large_string() else None)
     df.columns = [names[i] for i in positions]
     return df
 
@@ -230,7 +230,8 @@ def _arrow_read(pcsv, pa, p, auto, keep, sep, skip, header_len, invalid, quoted=
                                       block_size=max(1 << 22, 2 * header_len + 1024)),
         parse_options=pcsv.ParseOptions(delimiter=sep, newlines_in_values=quoted, ignore_empty_lines=False,
                                         invalid_row_handler=invalid),
-        convert_options=pcsv.ConvertOptions(include_columns=keep, column_types={c: pa.string() for c in keep},
+        # large_string: what pandas' str dtype holds (plain string columns would be copied into it)
+        convert_options=pcsv.ConvertOptions(include_columns=keep, column_types={c: pa.large_string() for c in keep},
                                             strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
 
