@@ -375,84 +375,105 @@ def write_patient_outputs(patients: pd.DataFrame, parquet_path: str | Path,
     for p in (parquet_path, csv_path):
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     patients.to_parquet(parquet_path, index=False)
-    if not _write_csv_joined(neutralise_frame(patients), csv_path, _PATIENT_DATES):
+    if not _write_csv_joined(patients, csv_path, _PATIENT_DATES):
         safe_csv(patients, csv_path, date_format=_PATIENT_DATES, lineterminator=_CSV_EOL)
 
 
 _PATIENT_DATES = "%Y-%m-%d"
 #: Characters that make Python's csv writer (QUOTE_MINIMAL, CRLF line ends) quote a text cell.
-_QUOTED_IF = (",", '"', "\r", "\n")
+_QUOTED_IF = r'[,"\r\n]'
 
 
-def _csv_text(value: str) -> str:
-    """A text cell as Python's csv writer writes it (QUOTE_MINIMAL: quoted when it holds a delimiter,
-    quote or line break; quotes doubled)."""
-    if any(ch in value for ch in _QUOTED_IF):
-        return '"' + value.replace('"', '""') + '"'
-    return value
+def _text_cells(values: np.ndarray):
+    """Distinct text values as the CSV holds them: neutralised (:func:`~therapist_effects.io.csvsafe.neutralise`,
+    called for the values that start like a formula only) and quoted as Python's csv writer quotes them
+    (QUOTE_MINIMAL: a delimiter, quote or line break; quotes doubled). A pyarrow array; None when a value is
+    not text or holds a carriage return (safe_csv then quotes every text cell)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .csvsafe import DANGEROUS_PREFIXES, neutralise
+
+    if pd.api.types.infer_dtype(values, skipna=False) not in ("string", "empty"):
+        return None
+    arr = pa.array(values, type=pa.large_string())
+    if len(arr) and pc.any(pc.match_substring(arr, "\r")).as_py():
+        return None
+    formula_like = np.zeros(len(arr), dtype=bool)
+    for prefix in DANGEROUS_PREFIXES:
+        formula_like |= pc.starts_with(arr, prefix).to_numpy(zero_copy_only=False)
+    if formula_like.any():
+        values = values.copy()
+        values[formula_like] = [neutralise(v) for v in values[formula_like]]
+        arr = pa.array(values, type=pa.large_string())
+    quote = pc.match_substring_regex(arr, _QUOTED_IF)
+    text = pa.scalar('"', pa.large_string())
+    quoted = pc.binary_join_element_wise(text, pc.replace_substring(arr, '"', '""'), text,
+                                         pa.scalar("", pa.large_string()))
+    return pc.if_else(quote, quoted, arr)
 
 
-def _distinct_cells(s: pd.Series, date_format: str) -> tuple[np.ndarray, list[str]] | None:
-    """``(codes, text)``: the column's cells as pandas' ``to_csv`` writes them, ``text[codes]`` with code
-    -1 for an empty cell; each distinct value formatted once. None for a column the joined writer does not
-    handle (the caller falls back to pandas)."""
+def _distinct_cells(s: pd.Series, date_format: str):
+    """``(codes, cells)``: the column's cells as :func:`~therapist_effects.io.csvsafe.safe_csv` writes them,
+    ``cells[codes]`` (a pyarrow array) with code -1 for an empty cell; each distinct value formatted once.
+    None for a column the joined writer does not handle (the caller falls back to safe_csv)."""
+    import pyarrow as pa
+
     kind = s.dtype.kind
     if kind == "f" and s.dtype == np.float64:
         v = s.to_numpy()
         codes, bits = pd.factorize(v.view(np.int64))  # by bit pattern: -0.0 and 0.0 are written differently
         uniq = bits.view(np.float64)
-        text = uniq.astype(str).tolist()  # as pandas formats floats (numpy's shortest repr)
         nan = np.isnan(uniq)
         if nan.any():
             codes = np.where(nan[codes], -1, codes)
-        return codes, text
+        return codes, pa.array(uniq.astype(str), type=pa.large_string())  # as pandas formats floats
     if kind in "iu" and isinstance(s.dtype, np.dtype):
         codes, uniq = pd.factorize(s.to_numpy())
-        return codes, [str(u) for u in uniq.tolist()]
+        return codes, pa.array(uniq.astype(str), type=pa.large_string())
     if kind == "M" and isinstance(s.dtype, np.dtype):
         codes, uniq = pd.factorize(s, use_na_sentinel=True)
         if not len(uniq):
-            return codes, []
+            return codes, pa.array([], type=pa.large_string())
         # the distinct dates through pandas' own date formatting (they hold no delimiter or line break)
         shown = pd.DataFrame({"d": uniq, "k": 0}).to_csv(index=False, header=False, date_format=date_format,
                                                         lineterminator="\n")
-        return codes, [line[:-2] for line in shown.split("\n")[:-1]]  # each line ends ",0"
+        return codes, pa.array([line[:-2] for line in shown.split("\n")[:-1]], type=pa.large_string())  # ",0"
     if kind == "O" or isinstance(s.dtype, pd.StringDtype):
         codes, uniq = pd.factorize(s, use_na_sentinel=True)
-        values = uniq.tolist()
-        if not all(isinstance(v, str) and "\r" not in v for v in values):
-            return None  # other objects, or a carriage return (safe_csv then quotes every text cell)
-        return codes, [_csv_text(v) for v in values]
+        cells = _text_cells(np.asarray(uniq, dtype=object))
+        return None if cells is None else (codes, cells)
     return None
 
 
 def _write_csv_joined(df: pd.DataFrame, path: str | Path, date_format: str) -> bool:
-    """Write ``df`` (already neutralised) as ``df.to_csv(path, index=False, date_format=date_format,
-    lineterminator="\\r\\n")`` would, joining the cells of each row with pyarrow; False (nothing written)
-    when a column is of a kind this writer does not handle."""
+    """Write ``df`` as ``safe_csv(df, path, date_format=date_format, lineterminator="\r\n")`` would, joining
+    the cells of each row with pyarrow; False (nothing written) when a column is of a kind this writer does
+    not handle."""
     import csv
     import io
 
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from .csvsafe import neutralise
+
     if len(df.columns) < 2 or not all(isinstance(c, str) for c in df.columns):
         return False  # a lone empty cell is quoted by the csv writer; a one-column table is not a patient table
-    cells = []
+    columns = []
     for name in df.columns:
         distinct = _distinct_cells(df[name], date_format)
         if distinct is None:
             return False
-        codes, text = distinct
-        lookup = pa.array(text + [""], type=pa.large_string())
-        cells.append(lookup.take(pa.array(np.where(codes < 0, len(text), codes))))
+        codes, cells = distinct
+        lookup = pa.concat_arrays([cells, pa.array([""], type=pa.large_string())])
+        columns.append(lookup.take(pa.array(np.where(codes < 0, len(cells), codes))))
     head = io.StringIO()
-    csv.writer(head, lineterminator=_CSV_EOL).writerow(df.columns)
+    csv.writer(head, lineterminator=_CSV_EOL).writerow([neutralise(c) for c in df.columns])
     with open(path, "wb") as fh:
         fh.write(head.getvalue().encode("utf-8"))
         if len(df):
-            sep = pa.scalar(",", pa.large_string())
-            lines = pc.binary_join_element_wise(*cells, sep) if len(cells) > 1 else cells[0]
+            lines = pc.binary_join_element_wise(*columns, pa.scalar(",", pa.large_string()))
             lines = pc.binary_join_element_wise(lines, pa.scalar(_CSV_EOL, pa.large_string()),
                                                 pa.scalar("", pa.large_string()))
             offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)
