@@ -806,10 +806,12 @@ def _duplicates(typed: pd.DataFrame, sp: _Spec, rej: _Rejector, cols: _Columns) 
     from pandera.errors import SchemaErrors
 
     if sp.layout == "session":
-        key = ["patient", "occasion"]
-        # patients by the codes of their distinct IDs: the same rows are duplicates, integers hash faster
-        frame = pd.DataFrame({"row": typed["row"].to_numpy(), "patient": cols.distinct["patient"][0],
-                              "occasion": typed["occasion"].to_numpy()})
+        # a session is one integer: the codes of its patient's distinct ID and of its occasion (the same
+        # rows are duplicates as with the text and the dates themselves; one integer column hashes fastest)
+        occasion, n_occasions = pd.factorize(typed["occasion"].to_numpy())[0], len(typed) + 1
+        key = ["session"]
+        frame = pd.DataFrame({"row": typed["row"].to_numpy(),
+                              "session": cols.distinct["patient"][0] * n_occasions + occasion + 1})
     else:
         # the same record twice; rows sharing a patient ID with different data are kept (IDs
         # numbered within therapist, re-referrals) and noted below
