@@ -4,7 +4,6 @@ the feedback coding, dropout, the rejects of this step and the CSV/Parquet write
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
