@@ -3,9 +3,9 @@
 :func:`read_header` returns a file's column names (blanks collapsed) without reading its rows;
 :func:`read_columns` reads the rows of the named columns only, every CSV cell as text. CSV files are
 read by pyarrow's parser on one thread, as the rules declare (``threads: 1``), falling back to pandas'
-parser for files with short rows, which pyarrow refuses. A file with duplicate column names, more than :data:`MAX_COLUMNS` columns,
-a header line longer than :data:`MAX_HEADER_BYTES`, or text that is not UTF-8 is refused with one
-line naming the file, before its rows are read: pathological files cost bounded time and memory.
+parser for files with short rows, which pyarrow refuses. A file with duplicate column names, more than
+:data:`MAX_COLUMNS` columns, a header line longer than :data:`MAX_HEADER_BYTES`, or text that is not UTF-8
+is refused with one line naming the file, before its rows are read: pathological files cost bounded time and memory.
 
 Row numbers: the header is row 1 and the first data row row 2 (blank lines inside the file keep
 their number; blank lines before the header and at the end of the table are not rows).
