@@ -363,30 +363,35 @@ def therapist_pages(estimates, patients, therapists, out_dir, *, min_caseload: i
                           export_date=export_date)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = ctx["rows"]
-    eff = [r for r in rows if r["effect"][0] is not None]
+    backdrops = page_backdrops(ctx)
     paths = []
-    for r in rows:
-        figs = []
-        of = ctx["outcome_funnel"]
-        if of is not None and r["id"] in of["ids"]:
-            figs.append(("funnel-outcome", figures.control_funnel(
-                of["n"], of["value"], of["target"], of["grid"], of["lo"], of["hi"], of["keys"], level=ctx["level"],
-                ylabel=f"adjusted end score ({ctx['unit']})", title="Your case-mix-adjusted outcome and caseload",
-                highlight=of["ids"].index(r["id"]))))
-        fu = ctx["funnel"]
-        if fu is not None and r["id"] in fu["ids"]:
-            figs.append(("funnel-rate", figures.control_funnel(
-                fu["n"], fu["value"], fu["p0"], fu["grid"], fu["lo"], fu["hi"], fu["keys"], level=ctx["level"],
-                ylabel=fu["label"], title=f"Your {fu['label']} and caseload", highlight=fu["ids"].index(r["id"]),
-                percent=True)))
-        if r in eff and len(eff) > 1:
-            figs.append(("caterpillar", figures.caterpillar_highlight(
-                [e["effect"][0] for e in eff], [e["effect"][1] for e in eff], [e["effect"][2] for e in eff],
-                eff.index(r), ylabel=f"effect ({ctx['unit']})", title="Your estimated effect among all listed therapists")))
-        path = render("therapist_page.html", out / page_name(r["name"]), r=r, figs=figs, **ctx)
-        paths.append(path)
+    for r in ctx["rows"]:
+        figs = [(fid, bd.figure, bd.highlight(index[r["id"]])) for fid, bd, index in backdrops if r["id"] in index]
+        paths.append(render("therapist_page.html", out / page_name(r["name"]), r=r, figs=figs, **ctx))
     return paths
+
+
+def page_backdrops(ctx: dict) -> list[tuple[str, figures.Backdrop, dict[str, int]]]:
+    """The therapist pages' figures, each drawn once for all pages: (html id, backdrop, {therapist id: its
+    index in the backdrop}). A page shows those that contain its therapist, with its own mark overlaid."""
+    out = []
+    of, fu = ctx["outcome_funnel"], ctx["funnel"]
+    if of is not None:
+        out.append(("funnel-outcome", figures.control_funnel_backdrop(
+            of["n"], of["value"], of["target"], of["grid"], of["lo"], of["hi"], level=ctx["level"],
+            ylabel=f"adjusted end score ({ctx['unit']})", title="Your case-mix-adjusted outcome and caseload"),
+            of["ids"]))
+    if fu is not None:
+        out.append(("funnel-rate", figures.control_funnel_backdrop(
+            fu["n"], fu["value"], fu["p0"], fu["grid"], fu["lo"], fu["hi"], level=ctx["level"], ylabel=fu["label"],
+            title=f"Your {fu['label']} and caseload", percent=True), fu["ids"]))
+    eff = [r for r in ctx["rows"] if r["effect"][0] is not None]
+    if len(eff) > 1:
+        out.append(("caterpillar", figures.caterpillar_backdrop(
+            [e["effect"][0] for e in eff], [e["effect"][1] for e in eff], [e["effect"][2] for e in eff],
+            ylabel=f"effect ({ctx['unit']})", title="Your estimated effect among all listed therapists"),
+            [e["id"] for e in eff]))
+    return [(fid, bd, {t: j for j, t in enumerate(ids)}) for fid, bd, ids in out]
 
 
 def _not_on_track(track, min_caseload: int, suppress_below: int, pseudonymise: bool, key_env: str):
