@@ -17,6 +17,7 @@ from matplotlib.markers import MarkerStyle
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 from scipy import stats  # noqa: E402
 
 OKABE_ITO = {
@@ -504,9 +505,10 @@ def _backdrop(fig, ax, alt: str, x, y, star: float, low=None, high=None) -> Back
     scale = (fx0 * w_in, (fx1 - fx0) * w_in, height - fy0 * h_in, -(fy1 - fy0) * h_in)
     box = ax.get_position()
     clip = (box.x0 * w_in, height - box.y1 * h_in, box.width * w_in, box.height * h_in)
-    return Backdrop(Figure(src, alt), width, height, tuple(float(v) for v in scale), tuple(float(v) for v in clip),
+    # the data URI has no character that HTML escapes: marked safe once, not rescanned by every page's template
+    return Backdrop(Figure(Markup(src), alt), width, height, tuple(float(v) for v in scale), tuple(float(v) for v in clip),
                     np.asarray(x, float), np.asarray(y, float), _star_path(star),
-                    _pt(plt.rcParams["lines.linewidth"]), low, high)  # scatter's edge: rcParams, same colour
+                    _pt(plt.rcParams["patch.linewidth"]), low, high)  # scatter's edge: same colour, this width
 
 
 def control_funnel_backdrop(n, value, target: float, grid, low, high, *, level: float, ylabel: str, title: str,
