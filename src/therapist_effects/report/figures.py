@@ -2,7 +2,9 @@
 
 Colours are the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies);
 categories are also told apart by marker shape, not colour alone. Each function returns a
-:class:`Figure` holding the image and its alt text (a sentence saying what the figure shows).
+:class:`Figure` holding the image and its alt text (a sentence saying what the figure shows). The
+therapist pages' figures are drawn once per dataset as a :class:`Backdrop` (everyone grey), over which
+each page lays its own star as inline SVG (:meth:`Backdrop.highlight`, an :class:`Overlay`).
 """
 
 from __future__ import annotations
@@ -467,8 +469,8 @@ class Backdrop:
 
     def pixel(self, x: float, y: float) -> tuple[float, float]:
         """Where the data point (x, y) lands in the PNG (pixels from the top left)."""
-        ax_, bx, ay, by = self.scale
-        return ax_ + bx * x, ay + by * y
+        a_x, b_x, a_y, b_y = self.scale
+        return a_x + b_x * x, a_y + b_y * y
 
     def highlight(self, i: int) -> Overlay:
         """Therapist ``i``'s mark, where matplotlib's Agg would draw it on the backdrop."""
@@ -506,8 +508,8 @@ def _backdrop(fig, ax, alt: str, x, y, star: float, low=None, high=None) -> Back
     box = ax.get_position()
     clip = (box.x0 * w_in, height - box.y1 * h_in, box.width * w_in, box.height * h_in)
     # the data URI has no character that HTML escapes: marked safe once, not rescanned by every page's template
-    return Backdrop(Figure(Markup(src), alt), width, height, tuple(float(v) for v in scale), tuple(float(v) for v in clip),
-                    np.asarray(x, float), np.asarray(y, float), _star_path(star),
+    return Backdrop(Figure(Markup(src), alt), width, height, tuple(float(v) for v in scale),
+                    tuple(float(v) for v in clip), np.asarray(x, float), np.asarray(y, float), _star_path(star),
                     _pt(plt.rcParams["patch.linewidth"]), low, high)  # scatter's edge: same colour, this width
 
 
