@@ -356,7 +356,10 @@ def therapist_pages(estimates, patients, therapists, out_dir, *, min_caseload: i
                     export_date: str | None = None) -> list[Path]:
     """One feedback page per listed therapist, ``out_dir/<pseudonym>.html``, for supervision: their own
     position in the funnel plots and the caterpillar plot (the others unlabelled) and their own rates,
-    with the service report's suppression and rounding. Returns the paths written."""
+    with the service report's suppression and rounding. Returns the paths written.
+
+    Each figure is drawn and PNG-encoded once for all pages (:func:`page_backdrops`); a page embeds it and
+    lays its own star over it as inline SVG, so a page costs the same whatever the number of therapists."""
     ctx = service_context(estimates, patients, therapists, min_caseload=min_caseload, suppress_below=suppress_below,
                           pseudonymise=pseudonymise, key_env=key_env, higher_is_better=higher_is_better, model=model,
                           classification_level=classification_level, service_name=service_name,
