@@ -211,19 +211,25 @@ def service_context(estimates, patients, therapists, *, min_caseload: int = 10, 
 
     rec = _rates(patients, "recovered")
     rel = _rates(patients, "reliable_improvement")
+    # per-therapist lookups as dicts and the limits for every listed caseload at once (O(1) a therapist)
+    n_of = caseload.to_dict()
+    t_rows = t.to_dict("index") if t is not None else {}
+    rates = {lab: g.to_dict("index") if g is not None else {} for lab, g in (("recovery", rec), ("improvement", rel))}
+    limits = {} if rule != "funnel" else dict(zip(listed, zip(
+        *normal_funnel_limits(target, sd, [n_of[i] for i in listed], level), strict=True), strict=True))
     rows = []
     for i in listed:
-        r = {"id": i, "name": names[i], "caseload": safe_count(caseload[i], suppress_below, ROUND),
-             "n": int(caseload[i]), "adjusted": None, "diff": None, "half": None, "effect": (None, None, None),
+        r = {"id": i, "name": names[i], "caseload": safe_count(n_of[i], suppress_below, ROUND),
+             "n": int(n_of[i]), "adjusted": None, "diff": None, "half": None, "effect": (None, None, None),
              "words": "no estimate", "key": "none"}
-        if t is not None and i in t.index:
-            row = t.loc[i]
+        if i in t_rows:
+            row = t_rows[i]
             r["adjusted"] = finite(row.get("adjusted_mean"))
             eff, se = finite(row.get("effect")), finite(row.get("effect_se"))
             if eff is not None and se is not None:
                 r["effect"] = (eff, eff - z * se, eff + z * se)
             if rule == "funnel" and r["adjusted"] is not None:
-                lo, hi = normal_funnel_limits(target, sd, r["n"], level)
+                lo, hi = limits[i]
                 r["diff"], r["half"] = r["adjusted"] - target, float(hi - target)
                 label = classify_funnel(r["adjusted"], lo, hi, hib)
             elif rule == "interval" and eff is not None and se is not None:
@@ -231,11 +237,9 @@ def service_context(estimates, patients, therapists, *, min_caseload: int = 10, 
             else:
                 label = np.asarray("")
             r["words"], r["key"] = plain_classification(str(label), hib) if str(label) else ("no estimate", "none")
-        for lab, g in (("recovery", rec), ("improvement", rel)):
-            if g is not None and i in g.index:
-                r[lab] = safe_rate(g.loc[i, "k"], g.loc[i, "n"], suppress_below, ROUND, 0)
-            else:
-                r[lab] = ("\u2013", "\u2013", False)
+        for lab, by_id in rates.items():
+            kn = by_id.get(i)
+            r[lab] = safe_rate(kn["k"], kn["n"], suppress_below, ROUND, 0) if kn else ("\u2013", "\u2013", False)
         rows.append(r)
     rows.sort(key=lambda r: r["name"])
     n_flagged = sum(r["key"] != "none" for r in rows)
