@@ -2,7 +2,9 @@
 
 Colours are the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies);
 categories are also told apart by marker shape, not colour alone. Each function returns a
-:class:`Figure` holding the image and its alt text (a sentence saying what the figure shows).
+:class:`Figure` holding the image and its alt text (a sentence saying what the figure shows). The
+therapist pages' figures are drawn once per dataset as a :class:`Backdrop` (everyone grey), over which
+each page lays its own star as inline SVG (:meth:`Backdrop.highlight`, an :class:`Overlay`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import io
 from dataclasses import dataclass
 
 import matplotlib
+from matplotlib.markers import MarkerStyle
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 from scipy import stats  # noqa: E402
 
 OKABE_ITO = {
@@ -319,73 +323,213 @@ def bayes_diagnostics(idata_path, *, title: str, max_vars: int = 4) -> Figure:
 
 
 # -- service report and therapist pages (one classification rule: therapist_effects.classify) -------------
+OTHERS = "#b9bec6"  # the other therapists on a therapist's page: grey, unlabelled
+YOU = OKABE_ITO["blue"]
+FUNNEL_STAR, CATERPILLAR_STAR, CATERPILLAR_LINE = 90.0, 110.0, 2.2  # star areas (points^2), interval width (points)
+
+
+def _pt(points: float) -> float:
+    """Points (1/72 inch) as pixels of the saved PNG."""
+    return points * DPI / 72.0
+
+
+def _you_proxy(ax, size: float) -> None:
+    """The legend's "you" entry: an empty scatter styled as the star (it adds no data, so no limits)."""
+    ax.scatter([], [], s=size, color=YOU, marker="*", label="you")
+
+
+def _funnel_axes(n, value, target: float, grid, low, high, keys, *, level: float, ylabel: str, title: str,
+                 page: bool, percent: bool):
+    """The funnel plot's axes: on a page (``page``) every therapist grey, else coloured by classification."""
+    fig, ax = plt.subplots(figsize=(8, 3.9))
+    ax.plot(grid, low, "-", color=OKABE_ITO["vermillion"], lw=1.3, label=f"{100 * level:g}% control limits")
+    ax.plot(grid, high, "-", color=OKABE_ITO["vermillion"], lw=1.3)
+    ax.axhline(target, color=OKABE_ITO["black"], lw=0.9, label="service average")
+    if page:
+        ax.scatter(n, value, s=18, color=OTHERS, zorder=2, label="other therapists")
+        _you_proxy(ax, FUNNEL_STAR)
+    else:
+        for key in ("none", "better", "worse", "above", "below"):
+            m = keys == key
+            if m.any():
+                colour, marker = CLASS_STYLE[key]
+                words = {"none": "within the limits", "better": "better than the limits",
+                         "worse": "poorer than the limits", "above": "above the limits",
+                         "below": "below the limits"}[key]
+                ax.scatter(n[m], value[m], s=26, color=colour, marker=marker, zorder=3, label=words)
+    ax.set_xlabel("caseload (patients)")
+    ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_title(title)
+    fig.legend(frameon=False, fontsize=9, loc="outside lower center", ncol=4)
+    return fig, ax
+
+
+def _funnel_alt(ylabel: str, level: float, page: bool) -> str:
+    """The funnel's alt text; it contains no counts (disclosure control)."""
+    who = "this therapist (a star) among the other therapists (grey, unlabelled)" if page else "each listed therapist"
+    return (f"Funnel plot of {ylabel} against caseload for {who}, with the service average and "
+            f"{100 * level:g}% control limits that narrow as caseload grows; points outside the limits "
+            "are unlikely to be chance alone.")
+
+
 def control_funnel(n, value, target: float, grid, low, high, keys, *, level: float, ylabel: str, title: str,
                    highlight: int | None = None, percent: bool = False) -> Figure:
     """Funnel plot with the control limits of one level and each point's classification ``keys``
     ('better' / 'worse' / 'above' / 'below' / 'none', from :func:`therapist_effects.classify.classify_funnel`).
 
-    ``highlight``: index of the one therapist to mark (a therapist's own page); the others are drawn
-    unlabelled in grey. The alt text contains no counts (disclosure control).
+    ``highlight``: index of the one therapist to mark with a star, the others grey and unlabelled: one
+    therapist's figure redrawn whole (the pages draw :func:`control_funnel_backdrop` once and overlay the star).
     """
     n, value = np.asarray(n, float), np.asarray(value, float)
-    keys = np.asarray(keys, dtype=object)
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 3.9))
-        ax.plot(grid, low, "-", color=OKABE_ITO["vermillion"], lw=1.3, label=f"{100 * level:g}% control limits")
-        ax.plot(grid, high, "-", color=OKABE_ITO["vermillion"], lw=1.3)
-        ax.axhline(target, color=OKABE_ITO["black"], lw=0.9, label="service average")
-        if highlight is None:
-            for key in ("none", "better", "worse", "above", "below"):
-                m = keys == key
-                if m.any():
-                    colour, marker = CLASS_STYLE[key]
-                    words = {"none": "within the limits", "better": "better than the limits",
-                             "worse": "poorer than the limits", "above": "above the limits",
-                             "below": "below the limits"}[key]
-                    ax.scatter(n[m], value[m], s=26, color=colour, marker=marker, zorder=3, label=words)
-        else:
-            others = np.arange(len(n)) != highlight
-            ax.scatter(n[others], value[others], s=18, color="#b9bec6", zorder=2, label="other therapists")
-            ax.scatter(n[highlight], value[highlight], s=90, color=OKABE_ITO["blue"], marker="*", zorder=4,
-                       label="you")
-        ax.set_xlabel("caseload (patients)")
-        ax.set_ylabel(ylabel)
-        if percent:
-            ax.set_ylim(-0.02, 1.02)
-            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-        ax.set_title(title)
-        fig.legend(frameon=False, fontsize=9, loc="outside lower center", ncol=4)
+        fig, ax = _funnel_axes(n, value, target, grid, low, high, np.asarray(keys, dtype=object), level=level,
+                               ylabel=ylabel, title=title, page=highlight is not None, percent=percent)
+        if highlight is not None:
+            ax.scatter(n[highlight], value[highlight], s=FUNNEL_STAR, color=YOU, marker="*", zorder=4)
         src = _encode(fig)
-    who = "this therapist (a star) among the other therapists (grey, unlabelled)" if highlight is not None \
-        else "each listed therapist"
-    alt = (f"Funnel plot of {ylabel} against caseload for {who}, with the service average and "
-           f"{100 * level:g}% control limits that narrow as caseload grows; points outside the limits "
-           "are unlikely to be chance alone.")
-    return Figure(src, alt)
+    return Figure(src, _funnel_alt(ylabel, level, highlight is not None))
 
 
 def caterpillar_highlight(effect, low, high, highlight: int, *, ylabel: str, title: str) -> Figure:
-    """Therapist effects with intervals, sorted; one therapist marked, the others grey and unlabelled."""
+    """Therapist effects with intervals, sorted; one therapist marked, the others grey and unlabelled: one
+    therapist's figure redrawn whole (the pages draw :func:`caterpillar_backdrop` once and overlay the mark)."""
     effect, low, high = (np.asarray(a, dtype=float) for a in (effect, low, high))
-    order = np.argsort(effect, kind="stable")
-    pos = int(np.flatnonzero(order == highlight)[0]) + 1
-    x = np.arange(1, len(effect) + 1)
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 3.6))
-        ax.axhline(0, color=OKABE_ITO["black"], lw=0.8)
-        ax.vlines(x, low[order], high[order], color="#c5cad1", lw=1.0)
-        ax.scatter(x, effect[order], color="#9aa1ab", s=12, zorder=2, label="other therapists")
-        ax.vlines(pos, low[highlight], high[highlight], color=OKABE_ITO["blue"], lw=2.2, zorder=3)
-        ax.scatter([pos], [effect[highlight]], color=OKABE_ITO["blue"], marker="*", s=110, zorder=4, label="you")
-        ax.set_xticks([])
-        ax.set_xlabel("therapists (not a ranking: the order only makes the intervals readable)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(loc="upper left", frameon=False, fontsize=9)
+        fig, ax, x = _caterpillar_axes(effect, low, high, ylabel=ylabel, title=title)
+        ax.vlines(x[highlight], low[highlight], high[highlight], color=YOU, lw=CATERPILLAR_LINE, zorder=3)
+        ax.scatter([x[highlight]], [effect[highlight]], color=YOU, marker="*", s=CATERPILLAR_STAR, zorder=4)
         src = _encode(fig)
-    alt = (f"Caterpillar plot of therapist effects ({ylabel}) with their intervals, sorted by size; this "
-           "therapist is marked with a star, the others are grey and unlabelled.")
-    return Figure(src, alt)
+    return Figure(src, CATERPILLAR_ALT.format(ylabel=ylabel))
+
+
+CATERPILLAR_ALT = ("Caterpillar plot of therapist effects ({ylabel}) with their intervals, sorted by size; this "
+                   "therapist is marked with a star, the others are grey and unlabelled.")
+
+
+def _caterpillar_axes(effect, low, high, *, ylabel: str, title: str):
+    """The page caterpillar's axes (all grey) and each therapist's x position (rank of the effect, from 1)."""
+    order = np.argsort(effect, kind="stable")
+    x = np.empty(len(effect))
+    x[order] = np.arange(1, len(effect) + 1)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.axhline(0, color=OKABE_ITO["black"], lw=0.8)
+    ax.vlines(x[order], low[order], high[order], color="#c5cad1", lw=1.0)
+    ax.scatter(x[order], effect[order], color="#9aa1ab", s=12, zorder=2, label="other therapists")
+    _you_proxy(ax, CATERPILLAR_STAR)
+    ax.set_xticks([])
+    ax.set_xlabel("therapists (not a ranking: the order only makes the intervals readable)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left", frameon=False, fontsize=9)
+    return fig, ax, x
+
+
+# -- therapist pages: each figure drawn once, each page's own mark overlaid (inline SVG over the PNG) -------
+@dataclass(frozen=True)
+class Overlay:
+    """One therapist's mark over a :class:`Backdrop`, in the PNG's pixels (origin top left, y down): a star
+    at (``x``, ``y``), optionally the interval from ``top`` to ``bottom``, a "you" label, all clipped to the
+    axes box ``clip`` (x, y, width, height) as matplotlib clips its markers."""
+
+    width: int
+    height: int
+    x: float
+    y: float
+    star: str
+    stroke: float
+    clip: tuple[float, float, float, float]
+    label_x: float
+    label_anchor: str
+    top: float | None = None
+    bottom: float | None = None
+    line: float = 0.0
+    colour: str = YOU
+
+
+@dataclass(frozen=True)
+class Backdrop:
+    """A page figure drawn once for all therapists (every one grey and unlabelled) and where each
+    therapist's mark goes: ``x``, ``y`` (and the interval ``low``, ``high``) in data coordinates, the
+    linear map ``scale`` (a_x, b_x, a_y, b_y) from data to the PNG's pixels, pixel = a + b * value."""
+
+    figure: Figure
+    width: int
+    height: int
+    scale: tuple[float, float, float, float]
+    clip: tuple[float, float, float, float]
+    x: np.ndarray
+    y: np.ndarray
+    star: str
+    stroke: float
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def pixel(self, x: float, y: float) -> tuple[float, float]:
+        """Where the data point (x, y) lands in the PNG (pixels from the top left)."""
+        a_x, b_x, a_y, b_y = self.scale
+        return a_x + b_x * x, a_y + b_y * y
+
+    def highlight(self, i: int) -> Overlay:
+        """Therapist ``i``'s mark, where matplotlib's Agg would draw it on the backdrop."""
+        x, y = (_snap(v) for v in self.pixel(self.x[i], self.y[i]))
+        right = self.clip[0] + self.clip[2]
+        anchor = "start" if x < right - 60 else "end"  # "you" to the right of the star, or left at the edge
+        extra = {}
+        if self.low is not None and self.high is not None:  # the interval's ends are snapped the same way
+            extra = {"top": _snap(self.pixel(self.x[i], self.high[i])[1]),
+                     "bottom": _snap(self.pixel(self.x[i], self.low[i])[1]), "line": _pt(CATERPILLAR_LINE)}
+        return Overlay(self.width, self.height, x, y, self.star, self.stroke, self.clip,
+                       x + (12 if anchor == "start" else -12), anchor, **extra)
+
+
+def _snap(pixel: float) -> float:
+    """Agg centres a marker (and ends a snapped line) on the middle of the pixel its position rounds to."""
+    return float(np.floor(pixel + 0.5)) + 0.5
+
+
+def _star_path(area: float) -> str:
+    """SVG path data of matplotlib's "*" marker of ``area`` points^2, centred on 0 (y down), in pixels."""
+    marker = MarkerStyle("*")
+    verts = marker.get_path().transformed(marker.get_transform()).vertices * _pt(np.sqrt(area))
+    return "M" + "L".join(f"{vx:.2f},{-vy:.2f}" for vx, vy in verts[:-1]) + "Z"
+
+
+def _backdrop(fig, ax, alt: str, x, y, star: float, low=None, high=None) -> Backdrop:
+    """Encode ``fig`` once and record its data -> pixel map (after saving: the layout is done at DPI)."""
+    src = _encode(fig)
+    width, height = (int(v) for v in np.frombuffer(base64.b64decode(src.split(",", 1)[1])[16:24], ">u4"))
+    to_fraction = ax.transData + fig.transFigure.inverted()
+    (fx0, fy0), (fx1, fy1) = to_fraction.transform([(0.0, 0.0), (1.0, 1.0)])
+    w_in, h_in = fig.get_size_inches() * DPI  # the figure at DPI, in pixels (Agg flips y by the PNG's height)
+    scale = (fx0 * w_in, (fx1 - fx0) * w_in, height - fy0 * h_in, -(fy1 - fy0) * h_in)
+    box = ax.get_position()
+    clip = (box.x0 * w_in, height - box.y1 * h_in, box.width * w_in, box.height * h_in)
+    # the data URI has no character that HTML escapes: marked safe once, not rescanned by every page's template
+    return Backdrop(Figure(Markup(src), alt), width, height, tuple(float(v) for v in scale),
+                    tuple(float(v) for v in clip), np.asarray(x, float), np.asarray(y, float), _star_path(star),
+                    _pt(plt.rcParams["patch.linewidth"]), low, high)  # scatter's edge: same colour, this width
+
+
+def control_funnel_backdrop(n, value, target: float, grid, low, high, *, level: float, ylabel: str, title: str,
+                            percent: bool = False) -> Backdrop:
+    """The therapist pages' funnel plot, drawn once: :func:`control_funnel` with ``highlight`` but no star;
+    :meth:`Backdrop.highlight` gives each page its star."""
+    n, value = np.asarray(n, float), np.asarray(value, float)
+    with plt.rc_context(_RC):
+        fig, ax = _funnel_axes(n, value, target, grid, low, high, None, level=level, ylabel=ylabel, title=title,
+                               page=True, percent=percent)
+        return _backdrop(fig, ax, _funnel_alt(ylabel, level, True), n, value, FUNNEL_STAR)
+
+
+def caterpillar_backdrop(effect, low, high, *, ylabel: str, title: str) -> Backdrop:
+    """The therapist pages' caterpillar plot, drawn once: :func:`caterpillar_highlight` without the mark."""
+    effect, low, high = (np.asarray(a, dtype=float) for a in (effect, low, high))
+    with plt.rc_context(_RC):
+        fig, ax, x = _caterpillar_axes(effect, low, high, ylabel=ylabel, title=title)
+        return _backdrop(fig, ax, CATERPILLAR_ALT.format(ylabel=ylabel), x, effect, CATERPILLAR_STAR, low, high)
 
 
 def run_chart(labels, rate, center: float, lcl, ucl, *, ylabel: str, title: str) -> Figure:

@@ -211,19 +211,25 @@ def service_context(estimates, patients, therapists, *, min_caseload: int = 10, 
 
     rec = _rates(patients, "recovered")
     rel = _rates(patients, "reliable_improvement")
+    # per-therapist lookups as dicts and the limits for every listed caseload at once (O(1) a therapist)
+    n_of = caseload.to_dict()
+    t_rows = t.to_dict("index") if t is not None else {}
+    rates = {lab: g.to_dict("index") if g is not None else {} for lab, g in (("recovery", rec), ("improvement", rel))}
+    limits = {} if rule != "funnel" else dict(zip(listed, zip(
+        *normal_funnel_limits(target, sd, [n_of[i] for i in listed], level), strict=True), strict=True))
     rows = []
     for i in listed:
-        r = {"id": i, "name": names[i], "caseload": safe_count(caseload[i], suppress_below, ROUND),
-             "n": int(caseload[i]), "adjusted": None, "diff": None, "half": None, "effect": (None, None, None),
+        r = {"id": i, "name": names[i], "caseload": safe_count(n_of[i], suppress_below, ROUND),
+             "n": int(n_of[i]), "adjusted": None, "diff": None, "half": None, "effect": (None, None, None),
              "words": "no estimate", "key": "none"}
-        if t is not None and i in t.index:
-            row = t.loc[i]
+        if i in t_rows:
+            row = t_rows[i]
             r["adjusted"] = finite(row.get("adjusted_mean"))
             eff, se = finite(row.get("effect")), finite(row.get("effect_se"))
             if eff is not None and se is not None:
                 r["effect"] = (eff, eff - z * se, eff + z * se)
             if rule == "funnel" and r["adjusted"] is not None:
-                lo, hi = normal_funnel_limits(target, sd, r["n"], level)
+                lo, hi = limits[i]
                 r["diff"], r["half"] = r["adjusted"] - target, float(hi - target)
                 label = classify_funnel(r["adjusted"], lo, hi, hib)
             elif rule == "interval" and eff is not None and se is not None:
@@ -231,11 +237,9 @@ def service_context(estimates, patients, therapists, *, min_caseload: int = 10, 
             else:
                 label = np.asarray("")
             r["words"], r["key"] = plain_classification(str(label), hib) if str(label) else ("no estimate", "none")
-        for lab, g in (("recovery", rec), ("improvement", rel)):
-            if g is not None and i in g.index:
-                r[lab] = safe_rate(g.loc[i, "k"], g.loc[i, "n"], suppress_below, ROUND, 0)
-            else:
-                r[lab] = ("\u2013", "\u2013", False)
+        for lab, by_id in rates.items():
+            kn = by_id.get(i)
+            r[lab] = safe_rate(kn["k"], kn["n"], suppress_below, ROUND, 0) if kn else ("\u2013", "\u2013", False)
         rows.append(r)
     rows.sort(key=lambda r: r["name"])
     n_flagged = sum(r["key"] != "none" for r in rows)
@@ -356,37 +360,45 @@ def therapist_pages(estimates, patients, therapists, out_dir, *, min_caseload: i
                     export_date: str | None = None) -> list[Path]:
     """One feedback page per listed therapist, ``out_dir/<pseudonym>.html``, for supervision: their own
     position in the funnel plots and the caterpillar plot (the others unlabelled) and their own rates,
-    with the service report's suppression and rounding. Returns the paths written."""
+    with the service report's suppression and rounding. Returns the paths written.
+
+    Each figure is drawn and PNG-encoded once for all pages (:func:`page_backdrops`); a page embeds it and
+    lays its own star over it as inline SVG, so a page costs the same whatever the number of therapists."""
     ctx = service_context(estimates, patients, therapists, min_caseload=min_caseload, suppress_below=suppress_below,
                           pseudonymise=pseudonymise, key_env=key_env, higher_is_better=higher_is_better, model=model,
                           classification_level=classification_level, service_name=service_name,
                           export_date=export_date)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = ctx["rows"]
-    eff = [r for r in rows if r["effect"][0] is not None]
+    backdrops = page_backdrops(ctx)
     paths = []
-    for r in rows:
-        figs = []
-        of = ctx["outcome_funnel"]
-        if of is not None and r["id"] in of["ids"]:
-            figs.append(("funnel-outcome", figures.control_funnel(
-                of["n"], of["value"], of["target"], of["grid"], of["lo"], of["hi"], of["keys"], level=ctx["level"],
-                ylabel=f"adjusted end score ({ctx['unit']})", title="Your case-mix-adjusted outcome and caseload",
-                highlight=of["ids"].index(r["id"]))))
-        fu = ctx["funnel"]
-        if fu is not None and r["id"] in fu["ids"]:
-            figs.append(("funnel-rate", figures.control_funnel(
-                fu["n"], fu["value"], fu["p0"], fu["grid"], fu["lo"], fu["hi"], fu["keys"], level=ctx["level"],
-                ylabel=fu["label"], title=f"Your {fu['label']} and caseload", highlight=fu["ids"].index(r["id"]),
-                percent=True)))
-        if r in eff and len(eff) > 1:
-            figs.append(("caterpillar", figures.caterpillar_highlight(
-                [e["effect"][0] for e in eff], [e["effect"][1] for e in eff], [e["effect"][2] for e in eff],
-                eff.index(r), ylabel=f"effect ({ctx['unit']})", title="Your estimated effect among all listed therapists")))
-        path = render("therapist_page.html", out / page_name(r["name"]), r=r, figs=figs, **ctx)
-        paths.append(path)
+    for r in ctx["rows"]:
+        figs = [(fid, bd.figure, bd.highlight(index[r["id"]])) for fid, bd, index in backdrops if r["id"] in index]
+        paths.append(render("therapist_page.html", out / page_name(r["name"]), r=r, figs=figs, **ctx))
     return paths
+
+
+def page_backdrops(ctx: dict) -> list[tuple[str, figures.Backdrop, dict[str, int]]]:
+    """The therapist pages' figures, each drawn once for all pages: (html id, backdrop, {therapist id: its
+    index in the backdrop}). A page shows those that contain its therapist, with its own mark overlaid."""
+    out = []
+    of, fu = ctx["outcome_funnel"], ctx["funnel"]
+    if of is not None:
+        out.append(("funnel-outcome", figures.control_funnel_backdrop(
+            of["n"], of["value"], of["target"], of["grid"], of["lo"], of["hi"], level=ctx["level"],
+            ylabel=f"adjusted end score ({ctx['unit']})", title="Your case-mix-adjusted outcome and caseload"),
+            of["ids"]))
+    if fu is not None:
+        out.append(("funnel-rate", figures.control_funnel_backdrop(
+            fu["n"], fu["value"], fu["p0"], fu["grid"], fu["lo"], fu["hi"], level=ctx["level"], ylabel=fu["label"],
+            title=f"Your {fu['label']} and caseload", percent=True), fu["ids"]))
+    eff = [r for r in ctx["rows"] if r["effect"][0] is not None]
+    if len(eff) > 1:
+        out.append(("caterpillar", figures.caterpillar_backdrop(
+            [e["effect"][0] for e in eff], [e["effect"][1] for e in eff], [e["effect"][2] for e in eff],
+            ylabel=f"effect ({ctx['unit']})", title="Your estimated effect among all listed therapists"),
+            [e["id"] for e in eff]))
+    return [(fid, bd, {t: j for j, t in enumerate(ids)}) for fid, bd, ids in out]
 
 
 def _not_on_track(track, min_caseload: int, suppress_below: int, pseudonymise: bool, key_env: str):
