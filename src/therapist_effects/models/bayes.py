@@ -81,6 +81,7 @@ import numpy as np
 import pandas as pd
 
 from ..classify import classify_effects
+from .bayes_grid import EDGE_DROP, CaseloadSums, GridPosterior
 from .design import INTERCEPT, build_design, group_codes
 from ..engine.results import ICC, ModelResults, icc_table, json_plain
 from ..exceptions import ConfigError, ModelError, SamplerWarning
@@ -90,6 +91,7 @@ from ..pytensor_setup import configure as _configure_pytensor
 _configure_pytensor()  # before PyMC is imported: Numba backend, no C-BLAS search (see pytensor_setup)
 
 MODEL_TYPES = ("random_intercept", "nested", "arm_variance")
+SAMPLERS = ("auto", "grid", "nutpie", "pymc")
 FAMILIES = ("gaussian", "binomial")
 RHAT_MAX = 1.01
 ESS_MIN = 400
@@ -110,8 +112,13 @@ _PRIOR_KEYS = ("intercept", "slopes", "sigma_residual", "sigma_therapist", "sigm
 class BayesConfig:
     """Sampler settings and priors of a Bayesian therapist-effects fit.
 
-    ``sampler``: ``"nutpie"`` (compiled NUTS, fast), ``"pymc"`` (PyMC's own NUTS) or ``"auto"``
-    (nutpie where it is importable). The same config and data give identical draws.
+    ``sampler``: ``"grid"`` (Gaussian random_intercept and arm_variance models on sufficient
+    statistics: the exact posterior of the SDs on a grid, sampled iid, then the fixed and therapist
+    effects exactly from their conditional posteriors; no compilation, see
+    :mod:`therapist_effects.models.bayes_grid`), ``"nutpie"`` (compiled NUTS), ``"pymc"`` (PyMC's own
+    NUTS) or ``"auto"`` (``grid`` where it applies, else nutpie where it is importable, else PyMC).
+    ``chains`` x ``draws`` is the number of draws of every sampler (``tune`` and ``target_accept`` are
+    NUTS settings). The same config and data give identical draws.
     ``priors``: overrides of the default priors (see the module docstring), on the data's scale.
     ``parameterization``: ``"auto"`` (the default: ``"marginal"`` where it applies -- Gaussian
     random_intercept and arm_variance models on sufficient statistics, i.e. not ``per_patient`` --
@@ -120,6 +127,7 @@ class BayesConfig:
     or ``"marginal"`` (Gaussian random_intercept / arm_variance only: the therapist effects are
     integrated out analytically, NUTS samples only the fixed effects and SDs, and the effects are then
     drawn exactly from their conditional posterior -- the same joint posterior, far fewer dimensions).
+    The grid sampler is always ``"marginal"`` (it integrates the fixed effects out as well).
     """
 
     chains: int = 4
@@ -132,10 +140,19 @@ class BayesConfig:
     cores: int | None = None
     parameterization: str = "auto"
 
-    def resolved_sampler(self) -> str:
-        if self.sampler not in ("auto", "nutpie", "pymc"):
-            raise ConfigError(f"bayes.sampler: expected 'auto', 'nutpie' or 'pymc', got {self.sampler!r}")
+    def resolved_sampler(self, grid_applies: bool = False) -> str:
+        """The sampler used; ``grid_applies``: the model is one the grid sampler covers (Gaussian
+        random_intercept / arm_variance on sufficient statistics, parameterization auto or marginal)."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"bayes.sampler: expected one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler == "grid" and not grid_applies:
+            raise ConfigError(
+                "bayes.sampler: 'grid' covers Gaussian random_intercept and arm_variance models on sufficient "
+                "statistics with parameterization 'auto' or 'marginal'; use 'auto', 'nutpie' or 'pymc' for this model"
+            )
         if self.sampler == "auto":
+            if grid_applies:
+                return "grid"
             try:
                 import nutpie  # noqa: F401
             except ImportError:
@@ -603,6 +620,46 @@ def _sample(model, compiled, config: BayesConfig, sampler: str):
                 random_seed=config.seed, target_accept=config.target_accept, progressbar=False,
                 compute_convergence_checks=False, nuts_sampler="pymc",
             )
+    return idata, time.perf_counter() - t0
+
+
+def grid_posterior(prep: _Prepared, priors: dict) -> GridPosterior:
+    """The exact posterior of the SDs of a Gaussian random_intercept / arm_variance model (grid sampler)."""
+    d = _model_inputs(prep, priors)
+    sums = CaseloadSums.from_statistics(sufficient_statistics(prep), prep.arm_of_block)
+    std = {key: {"dist": priors[key]["dist"], **{k[len(f"prior_{key}_"):]: float(v) for k, v in d.items()
+                                                 if k.startswith(f"prior_{key}_")}}
+           for key in ("sigma_residual", "sigma_therapist")}
+    return GridPosterior(sums, d["prior_beta_mu"], d["prior_beta_sigma"], std["sigma_residual"],
+                         std["sigma_therapist"], max(len(prep.arm_labels), 1))
+
+
+def _sample_grid(prep: _Prepared, priors: dict, config: BayesConfig):
+    """Independent draws from the exact posterior (InferenceData laid out as a marginal NUTS fit; the grid's
+    size and edge drop in the posterior's attributes) and the wall time in seconds."""
+    import arviz as az
+
+    t0 = time.perf_counter()
+    post = grid_posterior(prep, priors)
+    grid = post.build()
+    n = config.chains * config.draws
+    d = post.draw(grid, n, np.random.default_rng([int(config.seed), 11]))
+    shape = (config.chains, config.draws)
+    sd = d["sd"].reshape(shape + (-1,))
+    coords = {"coef": prep.names}
+    dims = {"beta_std": ["coef"]}
+    if prep.model_type == "arm_variance":
+        coords["arm"] = prep.arm_labels
+        dims["sd_therapist_std"] = ["arm"]
+    else:
+        sd = sd[..., 0]
+    idata = az.from_dict(
+        posterior={"beta_std": d["beta"].reshape(shape + (-1,)), "sigma_std": d["sigma"].reshape(shape),
+                   "sd_therapist_std": sd},
+        sample_stats={"lp": d["lp"].reshape(shape), "diverging": np.zeros(shape, dtype=bool)},
+        coords=coords, dims=dims,
+    )
+    idata.posterior.attrs.update({"sampler": "grid", "grid_points": grid.points, "grid_edge_drop": grid.edge_gap})
     return idata, time.perf_counter() - t0
 
 
@@ -1083,22 +1140,35 @@ class BayesModel:
         )
         self.prep = _prepare(self.model_type, self.df, self.outcome, self.covariates, **self._kw)
         self.priors = resolve_priors(self.prep, self.config.priors)
-        self.sampler = self.config.resolved_sampler()
-        if self.config.parameterization == "auto":
-            collapsible = (self.family == "gaussian" and self.model_type in ("random_intercept", "arm_variance")
-                           and not self.per_patient)  # the marginal likelihood is on sufficient statistics
-            self.config = replace(self.config, parameterization="marginal" if collapsible else "noncentred")
-        if self.config.parameterization not in ("noncentred", "marginal"):
+        collapsible = (self.family == "gaussian" and self.model_type in ("random_intercept", "arm_variance")
+                       and not self.per_patient)  # the marginal likelihood is on sufficient statistics
+        if self.config.parameterization not in ("auto", "noncentred", "marginal"):
             raise ConfigError(
-                f"bayes.parameterization: expected 'noncentred' or 'marginal', got {self.config.parameterization!r}"
+                f"bayes.parameterization: expected 'auto', 'noncentred' or 'marginal', got {self.config.parameterization!r}"
             )
+        self.sampler = self.config.resolved_sampler(collapsible and self.config.parameterization != "noncentred")
+        if self.config.parameterization == "auto":
+            self.config = replace(self.config, parameterization="marginal" if collapsible else "noncentred")
+        self._refitted = False
+        self.model = self.compiled = None
+        self.compile_seconds = 0.0
+        if self.sampler == "grid":  # nothing to build or compile
+            return
         self.model = build_model(
             self.prep, self.priors, per_patient=self.per_patient, parameterization=self.config.parameterization
         )
         t0 = time.perf_counter()
         self.compiled = _compile(self.model, self.sampler)
         self.compile_seconds = time.perf_counter() - t0
-        self._refitted = False
+
+    def _refit_prep(self, df: pd.DataFrame) -> _Prepared:
+        """The new data of a refit, checked to have this model's structure."""
+        prep = _prepare(self.model_type, df, self.outcome, self.covariates, **self._kw)
+        if prep.names != self.prep.names or prep.n_blocks != self.prep.n_blocks or len(prep.cluster_labels) != len(
+            self.prep.cluster_labels
+        ):
+            raise ModelError("bayes engine: refit data differ in fixed effects or numbers of therapists/clusters")
+        return prep
 
     def _set_pymc_data(self, inputs: dict) -> None:
         import pymc as pm
@@ -1120,7 +1190,11 @@ class BayesModel:
         if cfg.parameterization != self.config.parameterization:
             raise ModelError("bayes engine: a refit cannot change the parameterization; build a new model")
         same_data = df is None or df is self.df
-        if same_data and cfg.priors == self.config.priors:
+        if self.sampler == "grid":
+            prep = self.prep if same_data else self._refit_prep(df)
+            priors = self.priors if same_data and cfg.priors == self.config.priors else resolve_priors(prep, cfg.priors)
+            idata, seconds = _sample_grid(prep, priors, cfg)
+        elif same_data and cfg.priors == self.config.priors:
             prep, priors = self.prep, self.priors
             compiled = self.compiled
             if self.sampler == "pymc" and self._refitted:
@@ -1131,12 +1205,8 @@ class BayesModel:
                 self._set_pymc_data(inputs)
                 self._refitted = False
         else:
-            prep = self.prep if same_data else _prepare(self.model_type, df, self.outcome, self.covariates, **self._kw)
+            prep = self.prep if same_data else self._refit_prep(df)
             priors = resolve_priors(prep, cfg.priors)
-            if prep.names != self.prep.names or prep.n_blocks != self.prep.n_blocks or len(prep.cluster_labels) != len(
-                self.prep.cluster_labels
-            ):
-                raise ModelError("bayes engine: refit data differ in fixed effects or numbers of therapists/clusters")
             if self.per_patient and prep.n != self.prep.n:
                 raise ModelError("bayes engine: a per-patient model is refitted only to data with as many patients")
             for key in ("sigma_residual", "sigma_therapist", "sigma_cluster"):
@@ -1158,7 +1228,8 @@ class BayesModel:
                 self._set_pymc_data(inputs)
                 self._refitted = True
                 compiled = None
-        idata, seconds = _sample(self.model, compiled, cfg, self.sampler)
+        if self.sampler != "grid":
+            idata, seconds = _sample(self.model, compiled, cfg, self.sampler)
         res = _finish(idata, prep, priors, cfg, self.sampler, seconds, self.compile_seconds)
         res._model = self
         return res
@@ -1166,6 +1237,10 @@ class BayesModel:
 
 def _finish(idata, prep, priors, cfg, sampler, seconds, compile_seconds) -> BayesResults:
     diagnostics = diagnose(idata, _sampled_vars(prep, cfg.parameterization))
+    gap = idata.posterior.attrs.get("grid_edge_drop")
+    if gap is not None and gap < EDGE_DROP / 2:  # cannot happen unless the grid search failed: say so loudly
+        problem = f"the grid's edge density is exp(-{gap:.1f}) of its maximum, so the tails may be cut: use sampler 'nutpie'"
+        diagnostics.update(failed=True, advice="; ".join(filter(None, [diagnostics["advice"], problem])))
     diagnostics.update({
         "chains": cfg.chains, "draws": cfg.draws, "tune": cfg.tune, "target_accept": cfg.target_accept,
         "seed": cfg.seed, "sampling_seconds": seconds, "compile_seconds": compile_seconds,
