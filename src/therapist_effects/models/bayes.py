@@ -728,7 +728,11 @@ def diagnose(idata, var_names: Sequence[str]) -> dict:
 
 def hdi(draws: np.ndarray, prob: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Highest-density interval of each column of ``draws`` (draws along axis 0), as ArviZ computes it."""
-    s = np.sort(np.asarray(draws, dtype=float), axis=0)
+    return _hdi_sorted(np.sort(np.asarray(draws, dtype=float), axis=0), prob)
+
+
+def _hdi_sorted(s: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hdi` of draws already sorted along axis 0."""
     n = s.shape[0]
     k = int(math.floor(prob * n))
     if k >= n:
@@ -738,6 +742,12 @@ def hdi(draws: np.ndarray, prob: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     low = np.take_along_axis(s, i[None, ...], axis=0)[0]
     high = np.take_along_axis(s, (i + k)[None, ...], axis=0)[0]
     return low, high
+
+
+def _median_sorted(s: np.ndarray) -> np.ndarray:
+    """``np.median(draws, axis=0)`` of draws already sorted along axis 0."""
+    n = s.shape[0]
+    return np.mean(s[(n - 1) // 2: n // 2 + 1], axis=0)
 
 
 def _flat(da) -> np.ndarray:
@@ -757,20 +767,28 @@ def _summ(draws: np.ndarray, level: float = 0.95) -> dict:
     return {"estimate": med, "mean": float(np.mean(draws)), "median": med, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def _conditional_z(post, prep: _Prepared, seed: int) -> np.ndarray:
-    """Standardised therapist effects z = u / sd_b drawn from p(u | b, sigma, sd, y) (Gaussian):
-    u_b ~ Normal(n_b sd_b^2 rbar_b / (sigma^2 + n_b sd_b^2), sigma^2 sd_b^2 / (sigma^2 + n_b sd_b^2))."""
+def _conditional_effects(post, prep: _Prepared, seed: int) -> np.ndarray:
+    """Therapist effects u (standardised scale) drawn from p(u | b, sigma, sd, y) (Gaussian):
+    u_b ~ Normal(sd_b^2 m_b / v_b, sigma^2 sd_b^2 / v_b), v_b = sigma^2 + n_b sd_b^2, m_b = S_yb - S_xb'b
+    (n_b times the block's mean residual). Computed in place: (draws x therapists) arrays are large."""
     st = sufficient_statistics(prep)
-    beta = post["beta_std"].values  # (c, d, p)
-    sigma2 = post["sigma_std"].values[..., None] ** 2
+    sigma = post["sigma_std"].values[..., None]
     sd = post["sd_therapist_std"].values
     sd_b = sd[..., prep.arm_of_block] if prep.model_type == "arm_variance" else sd[..., None]
-    v = sigma2 + st["n_b"] * sd_b**2
-    m = st["Sy_b"] - beta @ st["Sx_b"].T  # (c, d, B) = n_b * rbar_b
-    mean_z = sd_b * m / v  # mean of u / sd_b
-    sd_z = np.sqrt(sigma2 / v)  # sd of u / sd_b
-    rng = np.random.default_rng([int(seed), 7])
-    return mean_z + sd_z * rng.standard_normal(mean_z.shape)
+    w = st["n_b"] * sd_b**2
+    w += sigma**2
+    np.sqrt(w, out=w)
+    np.reciprocal(w, out=w)  # 1 / sqrt(v_b)
+    m = post["beta_std"].values @ st["Sx_b"].T
+    np.subtract(st["Sy_b"], m, out=m)
+    m *= w
+    m *= sd_b  # sd_b m_b / sqrt(v_b)
+    u = np.random.default_rng([int(seed), 7]).standard_normal(m.shape)
+    u *= sigma
+    u += m
+    u *= w
+    u *= sd_b  # sd_b / sqrt(v_b) (sd_b m_b / sqrt(v_b) + sigma e)
+    return u
 
 
 def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
@@ -797,8 +815,10 @@ def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
     new["var_residual"] = xr.DataArray(var_res, dims=dims2)
     if "z_therapist" in post:
         z = post["z_therapist"].values
+        effect = (sd_t[..., prep.arm_of_block] if prep.model_type == "arm_variance" else sd_t[..., None]) * z
     else:  # marginal parameterization: draw the effects from their exact conditional posterior
-        z = _conditional_z(post, prep, seed)
+        effect = _conditional_effects(post, prep, seed)
+        effect *= sy
     if prep.model_type == "arm_variance":
         var_arm = sd_t**2  # (chain, draw, arm)
         new["var_therapist_arm"] = xr.DataArray(var_arm, dims=(*dims2, "arm"))
@@ -808,12 +828,10 @@ def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
         ctrl = 1 - fb
         with np.errstate(divide="ignore", invalid="ignore"):
             new["icc_ratio"] = xr.DataArray(icc_arm[..., fb] / icc_arm[..., ctrl], dims=dims2)
-        effect = sd_t[..., prep.arm_of_block] * z
     else:
         var_t = sd_t**2
         new["var_therapist"] = xr.DataArray(var_t, dims=dims2)
         total = var_t + var_res
-        effect = sd_t[..., None] * z
         if prep.model_type == "nested":
             sd_c = post["sd_cluster_std"].values * sy
             var_c = sd_c**2
@@ -993,25 +1011,33 @@ class BayesResults(ModelResults):
         """
         prep = self._prep
         eff = _flat(self.idata.posterior["therapist_effect"].values)  # (S, B)
-        mean = eff.mean(axis=0)
-        med = np.median(eff, axis=0)
-        lo, hi = hdi(eff, level)
+        by_block = np.ascontiguousarray(eff.T)  # one row per therapist: the sorts below run along rows
+        mean = by_block.mean(axis=1)
+        sd = by_block.std(axis=1, ddof=1)
+        by_block.sort(axis=1)
+        med = _median_sorted(by_block.T)
+        lo, hi = _hdi_sorted(by_block.T, level)
+        del by_block
         sign = -1.0 if higher_is_better is False else 1.0
-        ranks = np.empty_like(eff)
-        groups = [np.arange(prep.n_blocks)] if prep.model_type != "arm_variance" else [
+        n_draws = eff.shape[0]
+        ranks = np.empty(eff.shape, dtype=np.int32)
+        groups = [slice(None)] if prep.model_type != "arm_variance" else [
             np.flatnonzero(prep.arm_of_block == a) for a in range(len(prep.arm_labels))
         ]
         p_top = np.empty(prep.n_blocks)
         p_bot = np.empty(prep.n_blocks)
         for idx in groups:
-            k = len(idx)
             # rank 1 = best: order by -sign * effect
-            order = np.argsort(-sign * eff[:, idx], axis=1, kind="stable")
-            r = np.empty_like(order)
-            np.put_along_axis(r, order, np.arange(1, k + 1)[None, :].repeat(eff.shape[0], 0), axis=1)
+            order = np.argsort(-sign * eff[:, idx], axis=1)
+            k = order.shape[1]
+            r = np.empty(order.shape, dtype=np.int32)
+            np.put_along_axis(r, order, np.arange(1, k + 1, dtype=np.int32)[None, :], axis=1)
+            del order
             ranks[:, idx] = r
             p_top[idx] = (r <= k / 4).mean(axis=0)
             p_bot[idx] = (r > k - k / 4).mean(axis=0)
+            del r
+        ranks.sort(axis=0)
         a = (1 - level) / 2
         table = prep.blocks.drop(columns="label").copy()
         cols = ["therapist"] + [c for c in ("cluster", "arm") if c in table.columns] + ["caseload"]
@@ -1020,14 +1046,15 @@ class BayesResults(ModelResults):
         table["effect_median"] = med
         table["effect_hdi_low"] = lo
         table["effect_hdi_high"] = hi
-        table["rank_median"] = np.median(ranks, axis=0)
-        table["rank_low"] = np.quantile(ranks, a, axis=0, method="lower")
-        table["rank_high"] = np.quantile(ranks, 1 - a, axis=0, method="higher")
+        # as np.median and np.quantile(method="lower" / "higher") of the ranks, from the ranks sorted per therapist
+        table["rank_median"] = _median_sorted(ranks)
+        table["rank_low"] = ranks[int(np.floor((n_draws - 1) * a))].astype(float)
+        table["rank_high"] = ranks[int(np.ceil((n_draws - 1) * (1 - a)))].astype(float)
         table["p_bottom_quartile"] = p_bot
         table["p_top_quartile"] = p_top
         # The columns every engine's therapist table shares (effect = posterior median, interval = HDI).
         table["effect"] = med
-        table["effect_se"] = eff.std(axis=0, ddof=1)
+        table["effect_se"] = sd
         table["ci_low"] = lo
         table["ci_high"] = hi
         table["classification"] = classify_effects(lo, hi, higher_is_better)

@@ -29,7 +29,7 @@ conditional draws of everything else):
 4. Cells are drawn with probability proportional to density x volume and a point is drawn uniformly
    within each (the cell-midpoint rule: the distribution function is exact to second order in the
    cell width), then ``b | variances, y ~ N(P^-1 r, P^-1)`` and the therapist effects
-   ``u | b, variances, y`` exactly (``bayes._conditional_z``).
+   ``u | b, variances, y`` exactly (``bayes._conditional_effects``).
 
 The draws are independent; R-hat and ESS are still computed and reported. The output has the layout
 of a NUTS fit of the marginal parameterisation (``beta_std``, ``sigma_std``, ``sd_therapist_std``
