@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -180,7 +181,8 @@ def test_grid_posterior_equals_brute_force_quadrature(data):
     logp = np.empty((cells, cells))
     for i, s in enumerate(sm):
         for j, t in enumerate(tm):
-            logp[i, j] = multivariate_normal(prep.Xs @ post.m, s**2 * np.eye(prep.n) + t**2 * same + XSX).logpdf(prep.ys)
+            cov = s**2 * np.eye(prep.n) + t**2 * same + XSX
+            logp[i, j] = multivariate_normal(prep.Xs @ post.m, cov).logpdf(prep.ys)
     logp += log_sd_prior(post.sigma_prior, sm)[:, None] + log_sd_prior(post.sd_prior, tm)[None, :]
     dens = np.exp(logp - logp.max())
     for name, marg, edges in (("sigma", dens.sum(axis=1), s_edges), ("sd_therapist", dens.sum(axis=0), t_edges)):
@@ -221,7 +223,7 @@ def test_same_seed_gives_identical_draws_and_another_seed_different_ones():
     cfg = BayesConfig(chains=2, draws=500, seed=9, sampler="grid")
     a = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=cfg)
     b = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=cfg)
-    c = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=BayesConfig(chains=2, draws=500, seed=10, sampler="grid"))
+    c = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=replace(cfg, seed=10))
     for v in ("beta_std", "sigma_std", "sd_therapist_std", "therapist_effect"):
         np.testing.assert_array_equal(a.idata.posterior[v].values, b.idata.posterior[v].values)
     assert not np.array_equal(a.idata.posterior["sigma_std"].values, c.idata.posterior["sigma_std"].values)
@@ -238,7 +240,8 @@ def test_auto_picks_the_grid_only_where_it_applies():
         BayesConfig(sampler="grid").resolved_sampler(grid_applies=False)
     df = _practice(**ORDINARY)
     with pytest.raises(ConfigError, match="'grid' covers"):
-        BayesModel("random_intercept", df, "y", ["x"], config=BayesConfig(sampler="grid", parameterization="noncentred"))
+        BayesModel("random_intercept", df, "y", ["x"],
+                   config=BayesConfig(sampler="grid", parameterization="noncentred"))
     with pytest.raises(ConfigError, match="expected one of"):
         BayesConfig(sampler="gibbs").resolved_sampler()
     m = BayesModel("random_intercept", df, "y", ["x"])
@@ -248,7 +251,8 @@ def test_auto_picks_the_grid_only_where_it_applies():
 def test_refit_to_new_data_and_priors(grid_fits):
     df = _practice(**ORDINARY)
     m = BayesModel("random_intercept", df, "y", ["x"], config=BayesConfig(chains=2, draws=500, sampler="grid"))
-    tight = BayesConfig(chains=2, draws=500, sampler="grid", priors={"sigma_therapist": {"dist": "halfnormal", "sigma": 0.01}})
+    tight = BayesConfig(chains=2, draws=500, sampler="grid",
+                        priors={"sigma_therapist": {"dist": "halfnormal", "sigma": 0.01}})
     refit = m.fit(config=tight)
     assert refit.priors["sigma_therapist"] == {"dist": "halfnormal", "sigma": 0.01}
     assert np.median(refit.idata.posterior["sd_therapist_std"].values) * refit._prep.sy < 0.02

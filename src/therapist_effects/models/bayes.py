@@ -1171,7 +1171,8 @@ class BayesModel:
                        and not self.per_patient)  # the marginal likelihood is on sufficient statistics
         if self.config.parameterization not in ("auto", "noncentred", "marginal"):
             raise ConfigError(
-                f"bayes.parameterization: expected 'auto', 'noncentred' or 'marginal', got {self.config.parameterization!r}"
+                "bayes.parameterization: expected 'auto', 'noncentred' or 'marginal', "
+                f"got {self.config.parameterization!r}"
             )
         self.sampler = self.config.resolved_sampler(collapsible and self.config.parameterization != "noncentred")
         if self.config.parameterization == "auto":
@@ -1266,7 +1267,8 @@ def _finish(idata, prep, priors, cfg, sampler, seconds, compile_seconds) -> Baye
     diagnostics = diagnose(idata, _sampled_vars(prep, cfg.parameterization))
     gap = idata.posterior.attrs.get("grid_edge_drop")
     if gap is not None and gap < EDGE_DROP / 2:  # cannot happen unless the grid search failed: say so loudly
-        problem = f"the grid's edge density is exp(-{gap:.1f}) of its maximum, so the tails may be cut: use sampler 'nutpie'"
+        problem = (f"the grid's edge density is exp(-{gap:.1f}) of its maximum, so the tails may be cut: "
+                   "use sampler 'nutpie'")
         diagnostics.update(failed=True, advice="; ".join(filter(None, [diagnostics["advice"], problem])))
     diagnostics.update({
         "chains": cfg.chains, "draws": cfg.draws, "tune": cfg.tune, "target_accept": cfg.target_accept,
