@@ -25,6 +25,15 @@ conditional posterior ``u_b | b, sigma, sd_b, y ~ Normal(n_b sd_b^2 rbar_b / (si
 sigma^2 sd_b^2 / (sigma^2 + n_b sd_b^2))`` (``rbar_b`` the block's mean residual): the same joint
 posterior with a few-dimensional NUTS problem, much faster for thousands of therapists.
 
+Samplers
+--------
+``BayesConfig(sampler="grid")`` (the choice of ``"auto"`` for Gaussian random_intercept and arm_variance
+models) integrates the fixed effects out as well, evaluates the exact posterior of the 2-3 standard
+deviations on an adaptive grid and draws from it independently, then the fixed and therapist effects
+exactly (:mod:`therapist_effects.models.bayes_grid`): no compilation, the same posterior as NUTS on the
+marginal parameterisation. Nested and binomial models, and ``parameterization="noncentred"``, are
+sampled by NUTS (nutpie, or PyMC's own).
+
 Sufficient statistics
 ---------------------
 For a Gaussian model the log-likelihood given the therapist effects ``w_b`` of the blocks ``b``
@@ -1141,8 +1150,8 @@ class BayesResults(ModelResults):
 class BayesModel:
     """A compiled Bayesian model that can be refitted to new data of the same structure.
 
-    Compiling (nutpie / numba) takes seconds; sampling a sufficient-statistics model takes far
-    less. Simulation studies build one ``BayesModel`` and call :meth:`fit` on each simulated data
+    Compiling (nutpie / numba) takes seconds to minutes; sampling a sufficient-statistics model takes
+    far less (the grid sampler compiles nothing). Simulation studies build one ``BayesModel`` and call :meth:`fit` on each simulated data
     set (same model type, fixed effects, number of therapists / clusters / blocks; the priors must
     be fixed, i.e. given explicitly in ``config.priors`` if they are to be the same in every fit --
     the defaults are scaled to each data set's SD).
