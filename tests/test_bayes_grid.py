@@ -266,3 +266,32 @@ def test_a_grid_that_cuts_the_tails_fails_loudly(monkeypatch):
         res = fit_bayes("random_intercept", _practice(**ORDINARY), "y", ["x"],
                         config=BayesConfig(chains=2, draws=500, sampler="grid"))
     assert res.failed and "tails may be cut" in res.advice
+
+
+@pytest.mark.parametrize("higher_is_better", [None, False])
+def test_therapist_table_equals_direct_computation(higher_is_better):
+    """The table's one-sort summaries equal numpy's median / quantile / std and ArviZ's HDI of the draws,
+    and the ranks scipy's rankdata within each arm."""
+    import arviz as az
+    from scipy.stats import rankdata
+
+    res = fit_bayes("arm_variance", _practice(**ORDINARY), "y", ["x"], arm="arm",
+                    config=BayesConfig(chains=2, draws=300, seed=4, sampler="grid"))
+    t = res.therapist_table(0.9, higher_is_better=higher_is_better)
+    eff = res.idata.posterior["therapist_effect"].values.reshape(600, -1)
+    np.testing.assert_array_equal(t["effect_median"], np.median(eff, axis=0))
+    np.testing.assert_allclose(t["effect_se"], eff.std(axis=0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(t["effect_mean"], eff.mean(axis=0), rtol=1e-12)
+    hdi = np.array([az.hdi(eff[:, j], hdi_prob=0.9) for j in range(eff.shape[1])])
+    np.testing.assert_array_equal(t[["effect_hdi_low", "effect_hdi_high"]].to_numpy(), hdi)
+    sign = -1.0 if higher_is_better is False else 1.0
+    arm = res._prep.arm_of_block
+    ranks = np.empty_like(eff)
+    for a in np.unique(arm):
+        ranks[:, arm == a] = rankdata(-sign * eff[:, arm == a], axis=1)
+    np.testing.assert_array_equal(t["rank_median"], np.median(ranks, axis=0))
+    np.testing.assert_array_equal(t["rank_low"], np.quantile(ranks, 0.05, axis=0, method="lower"))
+    np.testing.assert_array_equal(t["rank_high"], np.quantile(ranks, 0.95, axis=0, method="higher"))
+    k = np.bincount(arm)[arm]
+    np.testing.assert_allclose(t["p_top_quartile"], (ranks <= k / 4).mean(axis=0))
+    np.testing.assert_allclose(t["p_bottom_quartile"], (ranks > k - k / 4).mean(axis=0))

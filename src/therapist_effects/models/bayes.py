@@ -1027,7 +1027,7 @@ class BayesResults(ModelResults):
         med = _median_sorted(by_block.T)
         lo, hi = _hdi_sorted(by_block.T, level)
         del by_block
-        sign = -1.0 if higher_is_better is False else 1.0
+        largest_first = higher_is_better is not False
         n_draws = eff.shape[0]
         ranks = np.empty(eff.shape, dtype=np.int32)
         groups = [slice(None)] if prep.model_type != "arm_variance" else [
@@ -1036,8 +1036,9 @@ class BayesResults(ModelResults):
         p_top = np.empty(prep.n_blocks)
         p_bot = np.empty(prep.n_blocks)
         for idx in groups:
-            # rank 1 = best: order by -sign * effect
-            order = np.argsort(-sign * eff[:, idx], axis=1)
+            order = np.argsort(eff[:, idx], axis=1)  # rank 1 = best: the largest effect, or the smallest
+            if largest_first:
+                order = order[:, ::-1]
             k = order.shape[1]
             r = np.empty(order.shape, dtype=np.int32)
             np.put_along_axis(r, order, np.arange(1, k + 1, dtype=np.int32)[None, :], axis=1)
