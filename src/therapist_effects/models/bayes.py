@@ -759,6 +759,17 @@ def _median_sorted(s: np.ndarray) -> np.ndarray:
     return np.mean(s[(n - 1) // 2: n // 2 + 1], axis=0)
 
 
+def _sorted_columns(a: np.ndarray, chunk: int = 256, sort: bool = True):
+    """(column slice, those columns of ``a`` as contiguous rows, sorted unless ``sort`` is False), chunk by
+    chunk: per-therapist summaries of (draws x therapists) arrays in cache-sized pieces, with no
+    full-size temporaries."""
+    for j in range(0, a.shape[1], chunk):
+        rows = np.ascontiguousarray(a[:, j:j + chunk].T)
+        if sort:
+            rows.sort(axis=1)
+        yield slice(j, j + chunk), rows
+
+
 def _flat(da) -> np.ndarray:
     """(chain, draw, ...) -> (chain * draw, ...)."""
     v = np.asarray(da)
@@ -776,27 +787,35 @@ def _summ(draws: np.ndarray, level: float = 0.95) -> dict:
     return {"estimate": med, "mean": float(np.mean(draws)), "median": med, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def _conditional_effects(post, prep: _Prepared, seed: int) -> np.ndarray:
+def _conditional_effects(post, prep: _Prepared, seed: int, chunk: int = 256) -> np.ndarray:
     """Therapist effects u (standardised scale) drawn from p(u | b, sigma, sd, y) (Gaussian):
     u_b ~ Normal(sd_b^2 m_b / v_b, sigma^2 sd_b^2 / v_b), v_b = sigma^2 + n_b sd_b^2, m_b = S_yb - S_xb'b
-    (n_b times the block's mean residual). Computed in place: (draws x therapists) arrays are large."""
+    (n_b times the block's mean residual). The (draws x therapists) array is filled in place, ``chunk``
+    draws at a time (no full-size temporaries)."""
     st = sufficient_statistics(prep)
-    sigma = post["sigma_std"].values[..., None]
-    sd = post["sd_therapist_std"].values
-    sd_b = sd[..., prep.arm_of_block] if prep.model_type == "arm_variance" else sd[..., None]
-    w = st["n_b"] * sd_b**2
-    w += sigma**2
-    np.sqrt(w, out=w)
-    np.reciprocal(w, out=w)  # 1 / sqrt(v_b)
-    m = post["beta_std"].values @ st["Sx_b"].T
-    np.subtract(st["Sy_b"], m, out=m)
-    m *= w
-    m *= sd_b  # sd_b m_b / sqrt(v_b)
-    u = np.random.default_rng([int(seed), 7]).standard_normal(m.shape)
-    u *= sigma
-    u += m
-    u *= w
-    u *= sd_b  # sd_b / sqrt(v_b) (sd_b m_b / sqrt(v_b) + sigma e)
+    n_b, Sy, SxT = st["n_b"], st["Sy_b"], st["Sx_b"].T
+    beta = post["beta_std"].values
+    u = np.random.default_rng([int(seed), 7]).standard_normal(beta.shape[:-1] + (prep.n_blocks,))
+    flat = u.reshape(-1, prep.n_blocks)
+    beta = beta.reshape(len(flat), -1)
+    sigma = post["sigma_std"].values.reshape(-1, 1)
+    sd = post["sd_therapist_std"].values.reshape(len(flat), -1)
+    for i in range(0, len(flat), chunk):
+        rows = slice(i, i + chunk)
+        sd_b = sd[rows][:, prep.arm_of_block] if prep.model_type == "arm_variance" else sd[rows]
+        w = n_b * sd_b**2
+        w += sigma[rows] ** 2
+        np.sqrt(w, out=w)
+        np.reciprocal(w, out=w)  # 1 / sqrt(v_b)
+        m = beta[rows] @ SxT
+        np.subtract(Sy, m, out=m)
+        m *= w
+        m *= sd_b  # sd_b m_b / sqrt(v_b)
+        e = flat[rows]
+        e *= sigma[rows]
+        e += m
+        e *= w
+        e *= sd_b  # sd_b / sqrt(v_b) (sd_b m_b / sqrt(v_b) + sigma e)
     return u
 
 
@@ -1020,13 +1039,12 @@ class BayesResults(ModelResults):
         """
         prep = self._prep
         eff = _flat(self.idata.posterior["therapist_effect"].values)  # (S, B)
-        by_block = np.ascontiguousarray(eff.T)  # one row per therapist: the sorts below run along rows
-        mean = by_block.mean(axis=1)
-        sd = by_block.std(axis=1, ddof=1)
-        by_block.sort(axis=1)
-        med = _median_sorted(by_block.T)
-        lo, hi = _hdi_sorted(by_block.T, level)
-        del by_block
+        mean, sd, med, lo, hi = (np.empty(prep.n_blocks) for _ in range(5))
+        for cols, draws in _sorted_columns(eff, sort=False):
+            mean[cols], sd[cols] = draws.mean(axis=1), draws.std(axis=1, ddof=1)
+            draws.sort(axis=1)
+            med[cols] = _median_sorted(draws.T)
+            lo[cols], hi[cols] = _hdi_sorted(draws.T, level)
         largest_first = higher_is_better is not False
         n_draws = eff.shape[0]
         ranks = np.empty(eff.shape, dtype=np.int32)
@@ -1047,8 +1065,14 @@ class BayesResults(ModelResults):
             p_top[idx] = (r <= k / 4).mean(axis=0)
             p_bot[idx] = (r > k - k / 4).mean(axis=0)
             del r
-        ranks.sort(axis=0)
         a = (1 - level) / 2
+        # as np.median and np.quantile(method="lower" / "higher") of each therapist's ranks
+        rank_med, rank_low, rank_high = (np.empty(prep.n_blocks) for _ in range(3))
+        for cols, r in _sorted_columns(ranks):
+            rank_med[cols] = _median_sorted(r.T)
+            rank_low[cols] = r[:, int(np.floor((n_draws - 1) * a))]
+            rank_high[cols] = r[:, int(np.ceil((n_draws - 1) * (1 - a)))]
+        del ranks
         table = prep.blocks.drop(columns="label").copy()
         cols = ["therapist"] + [c for c in ("cluster", "arm") if c in table.columns] + ["caseload"]
         table = table[cols]
@@ -1056,10 +1080,9 @@ class BayesResults(ModelResults):
         table["effect_median"] = med
         table["effect_hdi_low"] = lo
         table["effect_hdi_high"] = hi
-        # as np.median and np.quantile(method="lower" / "higher") of the ranks, from the ranks sorted per therapist
-        table["rank_median"] = _median_sorted(ranks)
-        table["rank_low"] = ranks[int(np.floor((n_draws - 1) * a))].astype(float)
-        table["rank_high"] = ranks[int(np.ceil((n_draws - 1) * (1 - a)))].astype(float)
+        table["rank_median"] = rank_med
+        table["rank_low"] = rank_low
+        table["rank_high"] = rank_high
         table["p_bottom_quartile"] = p_bot
         table["p_top_quartile"] = p_top
         # The columns every engine's therapist table shares (effect = posterior median, interval = HDI).
@@ -1094,8 +1117,9 @@ class BayesResults(ModelResults):
         return list(self.warnings) + ([f"advice: {self.advice}"] if self.advice else [])
 
     def to_netcdf(self, path) -> str:
-        """Write the InferenceData (posterior with the data-scale quantities) to a netCDF file."""
-        return self.idata.to_netcdf(str(path))
+        """Write the InferenceData (posterior with the data-scale quantities) to a netCDF file, uncompressed
+        (zlib saves ~4% of the draws' bytes at ~15x the time: 8.5 s for 4,000 draws of 10,000 therapists)."""
+        return self.idata.to_netcdf(str(path), compress=False)
 
     def to_contract(self) -> dict:
         """This model's entry of ``estimates.json`` (plain JSON values), ``"method": "bayes"``."""
