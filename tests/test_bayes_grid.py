@@ -30,30 +30,41 @@ from therapist_effects.models.bayes_grid import log_sd_prior
 from therapist_effects.models.reml import RandomInterceptModel
 
 
-def _practice(seed: int, therapists: int, caseload: int, sd_therapist: float) -> pd.DataFrame:
-    """y = 1 + 0.5 x + u + e, e ~ N(0, 1), u ~ N(0, sd_therapist); uneven caseloads; two arms."""
+def _practice(seed: int, therapists: int, caseload: int, sd_therapist: float, sd_site: float = 0.3,
+              sites: int = 4) -> pd.DataFrame:
+    """y = 1 + 0.5 x + v + u + e, e ~ N(0, 1), u ~ N(0, sd_therapist), v ~ N(0, sd_site) per site; uneven
+    caseloads; two arms."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(max(caseload // 2, 2), 2 * caseload, therapists)
     therapist = np.repeat(np.arange(therapists), sizes)
     n = therapist.size
     u = rng.normal(0.0, sd_therapist, therapists)
+    site = therapist % sites
+    v = rng.normal(0.0, sd_site, sites)
     x = rng.normal(size=n)
     arm = (therapist % 2).astype(int)
-    y = 1.0 + 0.5 * x + u[therapist] + rng.normal(size=n)
-    return pd.DataFrame({"therapist": [f"T{t:03d}" for t in therapist], "x": x, "arm": arm, "y": y})
+    y = 1.0 + 0.5 * x + v[site] + u[therapist] + rng.normal(size=n)
+    return pd.DataFrame({"therapist": [f"T{t:03d}" for t in therapist], "site": [f"S{s}" for s in site], "x": x,
+                         "arm": arm, "y": y})
 
 
 def _prep(df: pd.DataFrame, model_type: str):
     arm = "arm" if model_type == "arm_variance" else None
-    return bayes._prepare(model_type, df, "y", ["x"], family="gaussian", therapist="therapist", cluster=None,
+    cluster = "site" if model_type == "nested" else None
+    return bayes._prepare(model_type, df, "y", ["x"], family="gaussian", therapist="therapist", cluster=cluster,
                           arm=arm, feedback_level=None)
 
 
 def _dense_log_marginal(prep, post, sigma: float, sd: np.ndarray) -> float:
-    """log N(ys | Xs m, V + Xs S Xs') with V built patient by patient (standardised scale)."""
+    """log N(ys | Xs m, V + Xs S Xs') with V built patient by patient (standardised scale); a nested model's
+    last SD is the cluster's."""
     same = prep.block[:, None] == prep.block[None, :]
-    sd_patient = np.asarray(sd)[prep.arm_of_block[prep.block]]
+    sd = np.asarray(sd)
+    sd_patient = sd[prep.arm_of_block[prep.block]]
     V = sigma**2 * np.eye(prep.n) + same * np.outer(sd_patient, sd_patient)
+    if prep.model_type == "nested":
+        cl = prep.cluster_of_block[prep.block]
+        V += sd[-1] ** 2 * (cl[:, None] == cl[None, :])
     cov = V + prep.Xs @ np.diag(1.0 / post.prec) @ prep.Xs.T
     return float(multivariate_normal(prep.Xs @ post.m, cov).logpdf(prep.ys))
 
@@ -62,7 +73,7 @@ def _dense_log_marginal(prep, post, sigma: float, sd: np.ndarray) -> float:
 # the collapsed likelihood and the priors
 
 
-@pytest.mark.parametrize("model_type", ["random_intercept", "arm_variance"])
+@pytest.mark.parametrize("model_type", ["random_intercept", "arm_variance", "nested"])
 def test_collapsed_likelihood_equals_dense_multivariate_normal(model_type):
     df = _practice(seed=3, therapists=12, caseload=6, sd_therapist=0.5)
     prep = _prep(df, model_type)
@@ -70,11 +81,11 @@ def test_collapsed_likelihood_equals_dense_multivariate_normal(model_type):
     rng = np.random.default_rng(4)
     for _ in range(4):
         sigma = rng.uniform(0.3, 2.0)
-        sd = rng.uniform(0.0, 1.5, post.n_arms)
+        sd = rng.uniform(0.0, 1.5, post.n_sd)
         got = post.log_marginal(np.array([sigma]), sd[None, :])[0]
         assert got == pytest.approx(_dense_log_marginal(prep, post, sigma, sd), rel=1e-10)
     # sd = 0 exactly (the boundary): the patients are independent given the fixed effects
-    zero = np.zeros(post.n_arms)
+    zero = np.zeros(post.n_sd)
     assert post.log_marginal(np.array([0.8]), zero[None, :])[0] == pytest.approx(
         _dense_log_marginal(prep, post, 0.8, zero), rel=1e-10)
 
@@ -295,3 +306,26 @@ def test_therapist_table_equals_direct_computation(higher_is_better):
     k = np.bincount(arm)[arm]
     np.testing.assert_allclose(t["p_top_quartile"], (ranks <= k / 4).mean(axis=0))
     np.testing.assert_allclose(t["p_bottom_quartile"], (ranks > k - k / 4).mean(axis=0))
+
+
+@pytest.mark.slow
+def test_nested_grid_posterior_agrees_with_long_nuts_run():
+    """Slow (~2-3 min: a non-centred nested nutpie model compiles). Six sites: a wide, skewed posterior of
+    the cluster SD; the cluster and therapist effects' posterior means and SDs agree too."""
+    df = _practice(seed=31, therapists=24, caseload=8, sd_therapist=0.4, sd_site=0.5, sites=6)
+    grid = fit_bayes("nested", df, "y", ["x"], cluster="site", config=BayesConfig(chains=4, draws=5000, seed=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplerWarning)
+        nuts = fit_bayes("nested", df, "y", ["x"], cluster="site", config=BayesConfig(
+            chains=4, draws=5000, tune=1500, seed=2, sampler="nutpie", target_accept=0.99))
+    assert grid.sampler == "grid" and nuts.diagnostics["max_rhat"] < 1.01
+    a, b = _draws(grid), _draws(nuts)
+    for d, res in ((a, grid), (b, nuts)):
+        d["sd_cluster"] = res.idata.posterior["sd_cluster_std"].values.ravel()
+        d["icc_cluster"] = res.idata.posterior["icc_cluster"].values.ravel()
+    _assert_same_quantiles(a, b, "nested")
+    for v in ("cluster_effect", "therapist_effect"):
+        eg = grid.idata.posterior[v].values.reshape(20000, -1)
+        en = nuts.idata.posterior[v].values.reshape(20000, -1)
+        assert np.max(np.abs(eg.mean(axis=0) - en.mean(axis=0))) < 0.1 * eg.std(axis=0).mean(), v
+        assert np.max(np.abs(eg.std(axis=0) - en.std(axis=0))) < 0.1 * eg.std(axis=0).mean(), v

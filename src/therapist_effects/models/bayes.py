@@ -27,12 +27,11 @@ posterior with a few-dimensional NUTS problem, much faster for thousands of ther
 
 Samplers
 --------
-``BayesConfig(sampler="grid")`` (the choice of ``"auto"`` for Gaussian random_intercept and arm_variance
-models) integrates the fixed effects out as well, evaluates the exact posterior of the 2-3 standard
-deviations on an adaptive grid and draws from it independently, then the fixed and therapist effects
-exactly (:mod:`therapist_effects.models.bayes_grid`): no compilation, the same posterior as NUTS on the
-marginal parameterisation. Nested and binomial models, and ``parameterization="noncentred"``, are
-sampled by NUTS (nutpie, or PyMC's own).
+``BayesConfig(sampler="grid")`` (the choice of ``"auto"`` for Gaussian models) integrates the therapist
+(and cluster) effects and the fixed effects out, evaluates the exact posterior of the 2-3 standard
+deviations on an adaptive grid and draws from it independently, then the fixed, cluster and therapist
+effects exactly (:mod:`therapist_effects.models.bayes_grid`): no compilation, the same posterior as NUTS.
+Binomial models, and ``parameterization="noncentred"``, are sampled by NUTS (nutpie, or PyMC's own).
 
 Sufficient statistics
 ---------------------
@@ -90,7 +89,7 @@ import numpy as np
 import pandas as pd
 
 from ..classify import classify_effects
-from .bayes_grid import EDGE_DROP, CaseloadSums, GridPosterior
+from .bayes_grid import EDGE_DROP, CaseloadSums, GridPosterior, cluster_terms
 from .design import INTERCEPT, build_design, group_codes
 from ..engine.results import ICC, ModelResults, icc_table, json_plain
 from ..exceptions import ConfigError, ModelError, SamplerWarning
@@ -121,9 +120,9 @@ _PRIOR_KEYS = ("intercept", "slopes", "sigma_residual", "sigma_therapist", "sigm
 class BayesConfig:
     """Sampler settings and priors of a Bayesian therapist-effects fit.
 
-    ``sampler``: ``"grid"`` (Gaussian random_intercept and arm_variance models on sufficient
-    statistics: the exact posterior of the SDs on a grid, sampled iid, then the fixed and therapist
-    effects exactly from their conditional posteriors; no compilation, see
+    ``sampler``: ``"grid"`` (Gaussian random_intercept, arm_variance and nested models on sufficient
+    statistics: the exact posterior of the SDs on a grid, sampled iid, then the fixed, cluster and
+    therapist effects exactly from their conditional posteriors; no compilation, see
     :mod:`therapist_effects.models.bayes_grid`), ``"nutpie"`` (compiled NUTS), ``"pymc"`` (PyMC's own
     NUTS) or ``"auto"`` (``grid`` where it applies, else nutpie where it is importable, else PyMC).
     ``chains`` x ``draws`` is the number of draws of every sampler (``tune`` and ``target_accept`` are
@@ -150,14 +149,14 @@ class BayesConfig:
     parameterization: str = "auto"
 
     def resolved_sampler(self, grid_applies: bool = False) -> str:
-        """The sampler used; ``grid_applies``: the model is one the grid sampler covers (Gaussian
-        random_intercept / arm_variance on sufficient statistics, parameterization auto or marginal)."""
+        """The sampler used; ``grid_applies``: the model is one the grid sampler covers (Gaussian, on
+        sufficient statistics, parameterization auto or marginal)."""
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"bayes.sampler: expected one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.sampler == "grid" and not grid_applies:
             raise ConfigError(
-                "bayes.sampler: 'grid' covers Gaussian random_intercept and arm_variance models on sufficient "
-                "statistics with parameterization 'auto' or 'marginal'; use 'auto', 'nutpie' or 'pymc' for this model"
+                "bayes.sampler: 'grid' covers Gaussian models on sufficient statistics with parameterization "
+                "'auto' or 'marginal'; use 'auto', 'nutpie' or 'pymc' for this model"
             )
         if self.sampler == "auto":
             if grid_applies:
@@ -633,14 +632,16 @@ def _sample(model, compiled, config: BayesConfig, sampler: str):
 
 
 def grid_posterior(prep: _Prepared, priors: dict) -> GridPosterior:
-    """The exact posterior of the SDs of a Gaussian random_intercept / arm_variance model (grid sampler)."""
+    """The exact posterior of the SDs of a Gaussian model (grid sampler)."""
     d = _model_inputs(prep, priors)
-    sums = CaseloadSums.from_statistics(sufficient_statistics(prep), prep.arm_of_block)
+    nested = prep.model_type == "nested"
+    sums = CaseloadSums.from_statistics(sufficient_statistics(prep), prep.arm_of_block,
+                                        prep.cluster_of_block if nested else None)
     std = {key: {"dist": priors[key]["dist"], **{k[len(f"prior_{key}_"):]: float(v) for k, v in d.items()
                                                  if k.startswith(f"prior_{key}_")}}
-           for key in ("sigma_residual", "sigma_therapist")}
-    return GridPosterior(sums, d["prior_beta_mu"], d["prior_beta_sigma"], std["sigma_residual"],
-                         std["sigma_therapist"], max(len(prep.arm_labels), 1))
+           for key in ("sigma_residual", "sigma_therapist", "sigma_cluster") if key in priors}
+    sd_priors = [std["sigma_therapist"]] * max(len(prep.arm_labels), 1) + ([std["sigma_cluster"]] if nested else [])
+    return GridPosterior(sums, d["prior_beta_mu"], d["prior_beta_sigma"], std["sigma_residual"], sd_priors)
 
 
 def _sample_grid(prep: _Prepared, priors: dict, config: BayesConfig):
@@ -657,14 +658,17 @@ def _sample_grid(prep: _Prepared, priors: dict, config: BayesConfig):
     sd = d["sd"].reshape(shape + (-1,))
     coords = {"coef": prep.names}
     dims = {"beta_std": ["coef"]}
+    draws = {"beta_std": d["beta"].reshape(shape + (-1,)), "sigma_std": d["sigma"].reshape(shape)}
     if prep.model_type == "arm_variance":
         coords["arm"] = prep.arm_labels
         dims["sd_therapist_std"] = ["arm"]
+        draws["sd_therapist_std"] = sd
     else:
-        sd = sd[..., 0]
+        draws["sd_therapist_std"] = sd[..., 0]
+    if prep.model_type == "nested":
+        draws["sd_cluster_std"] = sd[..., 1]
     idata = az.from_dict(
-        posterior={"beta_std": d["beta"].reshape(shape + (-1,)), "sigma_std": d["sigma"].reshape(shape),
-                   "sd_therapist_std": sd},
+        posterior=draws,
         sample_stats={"lp": d["lp"].reshape(shape), "diverging": np.zeros(shape, dtype=bool)},
         coords=coords, dims=dims,
     )
@@ -685,7 +689,7 @@ def _sampled_vars(prep: _Prepared, parameterization: str = "noncentred") -> list
     if prep.family == "gaussian":
         names.append("sigma_std")
     if prep.model_type == "nested":
-        names += ["sd_cluster_std", "z_cluster"]
+        names += ["sd_cluster_std"] + (["z_cluster"] if parameterization != "marginal" else [])
     return names
 
 
@@ -787,11 +791,33 @@ def _summ(draws: np.ndarray, level: float = 0.95) -> dict:
     return {"estimate": med, "mean": float(np.mean(draws)), "median": med, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def _conditional_effects(post, prep: _Prepared, seed: int, chunk: int = 256) -> np.ndarray:
-    """Therapist effects u (standardised scale) drawn from p(u | b, sigma, sd, y) (Gaussian):
-    u_b ~ Normal(sd_b^2 m_b / v_b, sigma^2 sd_b^2 / v_b), v_b = sigma^2 + n_b sd_b^2, m_b = S_yb - S_xb'b
-    (n_b times the block's mean residual). The (draws x therapists) array is filled in place, ``chunk``
-    draws at a time (no full-size temporaries)."""
+def _conditional_cluster_effects(post, prep: _Prepared, seed: int) -> np.ndarray:
+    """Cluster effects v (standardised scale) of a nested model drawn from p(v | b, sigma, sd, sd_cluster, y)
+    with the therapist effects integrated out: with W the inverse covariance of a cluster's patients given
+    v, ``v_c ~ Normal(g^2 (y'W1 - b'X'W1) / (1 + g^2 1'W1), g^2 / (1 + g^2 1'W1))``, g = sd_cluster."""
+    st = sufficient_statistics(prep)
+    order = np.argsort(prep.cluster_of_block, kind="stable")
+    start = np.flatnonzero(np.r_[True, np.diff(prep.cluster_of_block[order]) != 0])
+    shape = post["sigma_std"].values.shape
+    sigma2 = post["sigma_std"].values.reshape(-1, 1) ** 2
+    sd2 = post["sd_therapist_std"].values.reshape(-1, 1) ** 2
+    g2 = post["sd_cluster_std"].values.reshape(-1, 1) ** 2
+    beta = post["beta_std"].values.reshape(len(sigma2), -1)
+    a, gx, gy = cluster_terms(sigma2, sd2, st["n_b"][order], np.ones(len(order)), st["Sx_b"][order],
+                              st["Sy_b"][order], start)
+    h = 1.0 + g2 * a
+    mean = g2 * (gy - np.einsum("scp,sp->sc", gx, beta)) / h
+    e = np.random.default_rng([int(seed), 8]).standard_normal(mean.shape)
+    return (mean + np.sqrt(g2 / h) * e).reshape(shape + (-1,))
+
+
+def _conditional_effects(post, prep: _Prepared, seed: int, cluster_effect: np.ndarray | None = None,
+                         chunk: int = 256) -> np.ndarray:
+    """Therapist effects u (standardised scale) drawn from p(u | b, sigma, sd, [v,] y) (Gaussian):
+    u_b ~ Normal(sd_b^2 m_b / v_b, sigma^2 sd_b^2 / v_b), v_b = sigma^2 + n_b sd_b^2,
+    m_b = S_yb - S_xb'b - n_b v_c(b) (n_b times the block's mean residual; v the nested model's cluster
+    effects, standardised scale). The (draws x therapists) array is filled in place, ``chunk`` draws at a
+    time (no full-size temporaries)."""
     st = sufficient_statistics(prep)
     n_b, Sy, SxT = st["n_b"], st["Sy_b"], st["Sx_b"].T
     beta = post["beta_std"].values
@@ -800,6 +826,7 @@ def _conditional_effects(post, prep: _Prepared, seed: int, chunk: int = 256) -> 
     beta = beta.reshape(len(flat), -1)
     sigma = post["sigma_std"].values.reshape(-1, 1)
     sd = post["sd_therapist_std"].values.reshape(len(flat), -1)
+    v = None if cluster_effect is None else cluster_effect.reshape(len(flat), -1)
     for i in range(0, len(flat), chunk):
         rows = slice(i, i + chunk)
         sd_b = sd[rows][:, prep.arm_of_block] if prep.model_type == "arm_variance" else sd[rows]
@@ -809,6 +836,8 @@ def _conditional_effects(post, prep: _Prepared, seed: int, chunk: int = 256) -> 
         np.reciprocal(w, out=w)  # 1 / sqrt(v_b)
         m = beta[rows] @ SxT
         np.subtract(Sy, m, out=m)
+        if v is not None:
+            m -= n_b * v[rows][:, prep.cluster_of_block]
         m *= w
         m *= sd_b  # sd_b m_b / sqrt(v_b)
         e = flat[rows]
@@ -844,9 +873,15 @@ def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
     if "z_therapist" in post:
         z = post["z_therapist"].values
         effect = (sd_t[..., prep.arm_of_block] if prep.model_type == "arm_variance" else sd_t[..., None]) * z
+        cluster_effect = None
+        if "z_cluster" in post:
+            cluster_effect = post["sd_cluster_std"].values[..., None] * sy * post["z_cluster"].values
     else:  # marginal parameterization: draw the effects from their exact conditional posterior
-        effect = _conditional_effects(post, prep, seed)
+        cluster_effect = _conditional_cluster_effects(post, prep, seed) if prep.model_type == "nested" else None
+        effect = _conditional_effects(post, prep, seed, cluster_effect)
         effect *= sy
+        if cluster_effect is not None:
+            cluster_effect *= sy
     if prep.model_type == "arm_variance":
         var_arm = sd_t**2  # (chain, draw, arm)
         new["var_therapist_arm"] = xr.DataArray(var_arm, dims=(*dims2, "arm"))
@@ -866,7 +901,7 @@ def _postprocess(idata, prep: _Prepared, seed: int = DEFAULT_SEED) -> None:
             new["var_cluster"] = xr.DataArray(var_c, dims=dims2)
             total = total + var_c
             new["icc_cluster"] = xr.DataArray(var_c / total, dims=dims2)
-            new["cluster_effect"] = xr.DataArray(sd_c[..., None] * post["z_cluster"].values, dims=(*dims2, "cluster"))
+            new["cluster_effect"] = xr.DataArray(cluster_effect, dims=(*dims2, "cluster"))
         new["icc"] = xr.DataArray(var_t / total, dims=dims2)
     new["therapist_effect"] = xr.DataArray(effect, dims=(*dims2, "block"))
     coords = {"chain": post["chain"].values, "draw": post["draw"].values, "term": prep.names,
@@ -1201,16 +1236,17 @@ class BayesModel:
         )
         self.prep = _prepare(self.model_type, self.df, self.outcome, self.covariates, **self._kw)
         self.priors = resolve_priors(self.prep, self.config.priors)
-        collapsible = (self.family == "gaussian" and self.model_type in ("random_intercept", "arm_variance")
-                       and not self.per_patient)  # the marginal likelihood is on sufficient statistics
+        gaussian_sums = self.family == "gaussian" and not self.per_patient  # the collapsed likelihoods' data
+        collapsible = gaussian_sums and self.model_type in ("random_intercept", "arm_variance")  # for NUTS
         if self.config.parameterization not in ("auto", "noncentred", "marginal"):
             raise ConfigError(
                 "bayes.parameterization: expected 'auto', 'noncentred' or 'marginal', "
                 f"got {self.config.parameterization!r}"
             )
-        self.sampler = self.config.resolved_sampler(collapsible and self.config.parameterization != "noncentred")
+        self.sampler = self.config.resolved_sampler(gaussian_sums and self.config.parameterization != "noncentred")
         if self.config.parameterization == "auto":
-            self.config = replace(self.config, parameterization="marginal" if collapsible else "noncentred")
+            marginal = collapsible or self.sampler == "grid"
+            self.config = replace(self.config, parameterization="marginal" if marginal else "noncentred")
         self._refitted = False
         self.model = self.compiled = None
         self.compile_seconds = 0.0

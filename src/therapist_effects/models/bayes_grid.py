@@ -52,8 +52,9 @@ EDGE_DROP = 20.0
 CELLS = {2: 320, 3: 64}
 #: cells per dimension while the grid's box is searched
 SEARCH_CELLS = {2: 64, 3: 24}
-#: grid points evaluated at once (bounds the memory of the (points x caseload groups) matrices)
+#: grid points evaluated at once, at most; and at most CHUNK_CELLS entries of a (points x groups) matrix
 CHUNK = 16_384
+CHUNK_CELLS = 2_000_000
 
 
 def log_sd_prior(spec: dict, x: np.ndarray) -> np.ndarray:
@@ -70,9 +71,22 @@ def log_sd_prior(spec: dict, x: np.ndarray) -> np.ndarray:
     raise ModelError(f"bayes engine: grid sampler has no density for prior {dist!r}")
 
 
+def _group_sums(key: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Distinct rows of ``key`` (sorted), blocks per row, and each array summed over its row's blocks."""
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    sums = {}
+    for name, a in arrays.items():
+        out = np.zeros((len(uniq),) + a.shape[1:])
+        np.add.at(out, inv, a)
+        sums[name] = out
+    return uniq, np.bincount(inv, minlength=len(uniq)).astype(float), sums
+
+
 @dataclass
 class CaseloadSums:
-    """The data of a Gaussian random_intercept / arm_variance model, summed per (arm, caseload) group."""
+    """The data of a Gaussian model summed per (arm, caseload) group of blocks and, for a nested model,
+    per (cluster, caseload) group."""
 
     n: float
     n_blocks: int
@@ -85,50 +99,75 @@ class CaseloadSums:
     SxSx: np.ndarray  # (U, p * p): sum of S_xb S_xb' over the group's blocks
     SxSy: np.ndarray  # (U, p)
     SySy: np.ndarray  # (U,)
+    cl_caseload: np.ndarray | None = None  # (V,) per (cluster, caseload) group, sorted by cluster
+    cl_count: np.ndarray | None = None  # (V,)
+    cl_Sx: np.ndarray | None = None  # (V, p): sum of S_xb
+    cl_Sy: np.ndarray | None = None  # (V,)
+    cl_start: np.ndarray | None = None  # (C,) first group of each cluster
 
     @classmethod
-    def from_statistics(cls, st: dict, arm_of_block: np.ndarray) -> CaseloadSums:
+    def from_statistics(cls, st: dict, arm_of_block: np.ndarray, cluster_of_block: np.ndarray | None = None
+                        ) -> CaseloadSums:
         nb, Sx, Sy = st["n_b"], st["Sx_b"], st["Sy_b"]
         p = Sx.shape[1]
-        key = np.column_stack([arm_of_block.astype(float), nb])
-        uniq, inv = np.unique(key, axis=0, return_inverse=True)
-        inv = inv.ravel()
-        U = len(uniq)
         outer = (Sx[:, :, None] * Sx[:, None, :]).reshape(len(nb), p * p)
-
-        def group_sum(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((U,) + a.shape[1:])
-            np.add.at(out, inv, a)
-            return out
-
-        return cls(
+        uniq, count, g = _group_sums(np.column_stack([arm_of_block.astype(float), nb]),
+                                     {"SxSx": outer, "SxSy": Sx * Sy[:, None], "SySy": Sy**2})
+        out = cls(
             n=float(st["n"]), n_blocks=len(nb), XtX=np.asarray(st["XtX"], float), Xty=np.asarray(st["Xty"], float),
-            yty=float(st["yty"]), caseload=uniq[:, 1], arm=uniq[:, 0].astype(np.int64),
-            count=np.bincount(inv, minlength=U).astype(float), SxSx=group_sum(outer), SxSy=group_sum(Sx * Sy[:, None]),
-            SySy=group_sum(Sy**2),
+            yty=float(st["yty"]), caseload=uniq[:, 1], arm=uniq[:, 0].astype(np.int64), count=count, **g,
         )
+        if cluster_of_block is not None:
+            uniq, count, g = _group_sums(np.column_stack([cluster_of_block.astype(float), nb]), {"Sx": Sx, "Sy": Sy})
+            out.cl_caseload, out.cl_count, out.cl_Sx, out.cl_Sy = uniq[:, 1], count, g["Sx"], g["Sy"]
+            out.cl_start = np.flatnonzero(np.r_[True, np.diff(uniq[:, 0]) != 0])
+        return out
+
+    @property
+    def nested(self) -> bool:
+        return self.cl_start is not None
+
+    @property
+    def width(self) -> int:
+        """Groups per grid point (the columns of the per-point matrices)."""
+        return len(self.caseload) + (len(self.cl_caseload) if self.nested else 0)
+
+
+def cluster_terms(sigma2: np.ndarray, sd2: np.ndarray, caseload: np.ndarray, count: np.ndarray, Sx: np.ndarray,
+                  Sy: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per point and cluster, with W the inverse covariance of a cluster's patients without its cluster
+    effect (therapist blocks ``sigma^2 I + sd^2 11'``): ``1'W1``, ``X'W1`` and ``y'W1`` (blocks of a
+    caseload n contribute n / d, S_x / d, S_y / d with d = sigma^2 + n sd^2). ``sigma2``, ``sd2``: (G, 1);
+    the groups (or blocks) sorted by cluster, ``start`` the first of each cluster."""
+    inv = 1.0 / (sigma2 + caseload * sd2)  # (G, V)
+    a = np.add.reduceat(inv * (caseload * count), start, axis=1)
+    gx = np.stack([np.add.reduceat(inv * Sx[:, j], start, axis=1) for j in range(Sx.shape[1])], axis=-1)
+    gy = np.add.reduceat(inv * Sy, start, axis=1)
+    return a, gx, gy
 
 
 class GridPosterior:
-    """Log posterior of (sigma, sd_therapist[arm]) with the fixed and therapist effects integrated out.
+    """Log posterior of (sigma, sd_therapist[arm], [sd_cluster]) with the fixed, therapist (and cluster)
+    effects integrated out.
 
     ``sums``: :class:`CaseloadSums`; ``beta_mu``, ``beta_sd``: the fixed effects' normal prior;
-    ``sigma_prior``, ``sd_prior``: the SD priors (dicts as in ``bayes.priors``, standardised scale).
+    ``sigma_prior``: the residual SD's prior, ``sd_priors``: one per other SD (each arm's therapist SD,
+    then the cluster SD of a nested model); dicts as in ``bayes.priors``, standardised scale.
     """
 
     def __init__(self, sums: CaseloadSums, beta_mu: np.ndarray, beta_sd: np.ndarray, sigma_prior: dict,
-                 sd_prior: dict, n_arms: int):
+                 sd_priors: list[dict]):
         self.s = sums
         self.m = np.asarray(beta_mu, float)
         self.prec = 1.0 / np.asarray(beta_sd, float) ** 2
-        self.sigma_prior, self.sd_prior = sigma_prior, sd_prior
-        self.n_arms = n_arms
-        self.dim = 1 + n_arms
-        self.scale = np.ones(n_arms)  # c of t = asinh(sd / c), set by build()
+        self.sigma_prior, self.sd_priors = sigma_prior, list(sd_priors)
+        self.n_sd = len(self.sd_priors)
+        self.dim = 1 + self.n_sd
+        self.scale = np.ones(self.n_sd)  # c of t = asinh(sd / c), set by build()
 
     # -- the collapsed likelihood ---------------------------------------------------------------
     def normal_equations(self, sigma: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
-        """For each point (``sigma`` (G,), ``sd`` (G, arms)): log|V|, P (G, p, p), r (G, p), y'V^-1 y."""
+        """For each point (``sigma`` (G,), ``sd`` (G, SDs)): log|V|, P (G, p, p), r (G, p), y'V^-1 y."""
         s = self.s
         p = len(self.m)
         s2 = sigma[:, None] ** 2
@@ -137,9 +176,18 @@ class GridPosterior:
         c = t2 / d
         logdet = (s.n - s.n_blocks) * np.log(s2[:, 0]) + np.log(d) @ s.count
         P = (s.XtX.ravel() - c @ s.SxSx).reshape(-1, p, p) / s2[:, :, None]
-        P[:, np.arange(p), np.arange(p)] += self.prec
-        r = (s.Xty - c @ s.SxSy) / s2 + self.prec * self.m
+        r = (s.Xty - c @ s.SxSy) / s2
         q = (s.yty - c @ s.SySy) / s2[:, 0]
+        if s.nested:  # Woodbury for each cluster's effect: V_c^-1 = W - k W11'W, k = g^2 / (1 + g^2 1'W1)
+            g2 = sd[:, -1:] ** 2
+            a, gx, gy = cluster_terms(s2, sd[:, :1] ** 2, s.cl_caseload, s.cl_count, s.cl_Sx, s.cl_Sy, s.cl_start)
+            k = g2 / (1.0 + g2 * a)
+            logdet = logdet + np.log1p(g2 * a).sum(axis=1)
+            P -= np.einsum("gc,gcp,gcq->gpq", k, gx, gx)
+            r -= np.einsum("gc,gcp->gp", k * gy, gx)
+            q = q - (k * gy**2).sum(axis=1)
+        P[:, np.arange(p), np.arange(p)] += self.prec
+        r += self.prec * self.m
         return logdet, P, r, q
 
     def log_marginal(self, sigma: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -152,7 +200,8 @@ class GridPosterior:
         return -0.5 * (const + logdet + logdet_P + q - (z**2).sum(axis=1))
 
     def log_prior(self, sigma: np.ndarray, sd: np.ndarray) -> np.ndarray:
-        return log_sd_prior(self.sigma_prior, sigma) + log_sd_prior(self.sd_prior, sd).sum(axis=1)
+        return log_sd_prior(self.sigma_prior, sigma) + sum(
+            log_sd_prior(spec, sd[:, k]) for k, spec in enumerate(self.sd_priors))
 
     # -- grid coordinates: x = (log sigma, asinh(sd / c)) ------------------------------------------
     def to_natural(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +210,12 @@ class GridPosterior:
     def log_density(self, x: np.ndarray) -> np.ndarray:
         """Log posterior density in grid coordinates (Jacobian included), unnormalised; chunked."""
         out = np.empty(len(x))
-        for i in range(0, len(x), CHUNK):
-            xc = x[i:i + CHUNK]
+        step = max(64, min(CHUNK, CHUNK_CELLS // self.s.width))
+        for i in range(0, len(x), step):
+            xc = x[i:i + step]
             sigma, sd = self.to_natural(xc)
             jac = xc[:, 0] + np.log(self.scale * np.cosh(xc[:, 1:])).sum(axis=1)
-            out[i:i + CHUNK] = self.log_marginal(sigma, sd) + self.log_prior(sigma, sd) + jac
+            out[i:i + step] = self.log_marginal(sigma, sd) + self.log_prior(sigma, sd) + jac
         return out
 
     # -- the mode and the box ---------------------------------------------------------------------
@@ -176,10 +226,10 @@ class GridPosterior:
 
     def mode(self) -> np.ndarray:
         """Posterior mode in (log sigma, sd) (sd >= 0), best of an interior and a boundary start."""
-        bounds = [(-12.0, 5.0)] + [(0.0, None)] * self.n_arms
+        bounds = [(-12.0, 5.0)] + [(0.0, None)] * self.n_sd
         best = None
         for sd0 in (0.3, 0.0):
-            v0 = np.array([math.log(0.9)] + [sd0] * self.n_arms)
+            v0 = np.array([math.log(0.9)] + [sd0] * self.n_sd)
             res = optimize.minimize(self._neg_log_post_natural, v0, method="L-BFGS-B", bounds=bounds)
             if best is None or res.fun < best.fun:
                 best = res
