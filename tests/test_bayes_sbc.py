@@ -68,10 +68,11 @@ def simulate_from_prior(rng: np.random.Generator) -> tuple[pd.DataFrame, float]:
     return df, sigma_t**2 / (sigma_t**2 + sigma**2)
 
 
-def test_icc_90pct_hdi_covers_truth_drawn_from_prior():
+@pytest.mark.parametrize("sampler", ["grid", "nutpie"])
+def test_icc_90pct_hdi_covers_truth_drawn_from_prior(sampler):
     rng = np.random.default_rng(SEED)
     sets = [simulate_from_prior(rng) for _ in range(N_SETS)]
-    cfg = BayesConfig(chains=4, draws=500, tune=500, seed=SEED, priors=PRIORS)
+    cfg = BayesConfig(chains=4, draws=500, tune=500, seed=SEED, priors=PRIORS, sampler=sampler)
     t0 = time.perf_counter()
     model = BayesModel("random_intercept", sets[0][0], "y", ["x"], config=cfg)
     covered, failed, ranks = [], 0, []
@@ -86,7 +87,8 @@ def test_icc_90pct_hdi_covers_truth_drawn_from_prior():
             failed += res.failed
     coverage = float(np.mean(covered))
     elapsed = time.perf_counter() - t0
-    print(f"SBC: coverage of 90% HDI {coverage:.3f} over {N_SETS} sets; {failed} fits with failed diagnostics; {elapsed:.0f} s")
+    print(f"SBC ({sampler}): coverage of 90% HDI {coverage:.3f} over {N_SETS} sets; {failed} fits with failed "
+          f"diagnostics; {elapsed:.0f} s")
     assert 0.85 <= coverage <= 0.95, coverage
     # The posterior quantile of the truth should be ~uniform: no third of [0, 1] may hold more than half.
     counts = np.histogram(ranks, bins=3, range=(0, 1))[0]

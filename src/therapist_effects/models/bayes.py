@@ -763,15 +763,25 @@ def _median_sorted(s: np.ndarray) -> np.ndarray:
     return np.mean(s[(n - 1) // 2: n // 2 + 1], axis=0)
 
 
-def _sorted_columns(a: np.ndarray, chunk: int = 256, sort: bool = True):
-    """(column slice, those columns of ``a`` as contiguous rows, sorted unless ``sort`` is False), chunk by
-    chunk: per-therapist summaries of (draws x therapists) arrays in cache-sized pieces, with no
-    full-size temporaries."""
-    for j in range(0, a.shape[1], chunk):
-        rows = np.ascontiguousarray(a[:, j:j + chunk].T)
-        if sort:
-            rows.sort(axis=1)
-        yield slice(j, j + chunk), rows
+#: threads for the per-therapist summaries (NumPy releases the GIL in sorts and array arithmetic)
+THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _chunks(n: int, size: int = 256) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _in_threads(fn, chunks: list) -> None:
+    """``fn(chunk)`` for every chunk, on up to :data:`THREADS` threads (each writes its own slice of the
+    results: the outcome does not depend on the number of threads)."""
+    if THREADS == 1 or len(chunks) == 1:
+        for c in chunks:
+            fn(c)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(THREADS, len(chunks))) as pool:
+        list(pool.map(fn, chunks))
 
 
 def _flat(da) -> np.ndarray:
@@ -816,8 +826,8 @@ def _conditional_effects(post, prep: _Prepared, seed: int, cluster_effect: np.nd
     """Therapist effects u (standardised scale) drawn from p(u | b, sigma, sd, [v,] y) (Gaussian):
     u_b ~ Normal(sd_b^2 m_b / v_b, sigma^2 sd_b^2 / v_b), v_b = sigma^2 + n_b sd_b^2,
     m_b = S_yb - S_xb'b - n_b v_c(b) (n_b times the block's mean residual; v the nested model's cluster
-    effects, standardised scale). The (draws x therapists) array is filled in place, ``chunk`` draws at a
-    time (no full-size temporaries)."""
+    effects, standardised scale). The (draws x therapists) array of standard normal draws becomes the
+    effects in place, ``chunk`` draws at a time (no full-size temporaries; in threads)."""
     st = sufficient_statistics(prep)
     n_b, Sy, SxT = st["n_b"], st["Sy_b"], st["Sx_b"].T
     beta = post["beta_std"].values
@@ -827,8 +837,8 @@ def _conditional_effects(post, prep: _Prepared, seed: int, cluster_effect: np.nd
     sigma = post["sigma_std"].values.reshape(-1, 1)
     sd = post["sd_therapist_std"].values.reshape(len(flat), -1)
     v = None if cluster_effect is None else cluster_effect.reshape(len(flat), -1)
-    for i in range(0, len(flat), chunk):
-        rows = slice(i, i + chunk)
+
+    def fill(rows: slice) -> None:
         sd_b = sd[rows][:, prep.arm_of_block] if prep.model_type == "arm_variance" else sd[rows]
         w = n_b * sd_b**2
         w += sigma[rows] ** 2
@@ -845,6 +855,8 @@ def _conditional_effects(post, prep: _Prepared, seed: int, cluster_effect: np.nd
         e += m
         e *= w
         e *= sd_b  # sd_b / sqrt(v_b) (sd_b m_b / sqrt(v_b) + sigma e)
+
+    _in_threads(fill, _chunks(len(flat), chunk))
     return u
 
 
@@ -1074,40 +1086,46 @@ class BayesResults(ModelResults):
         """
         prep = self._prep
         eff = _flat(self.idata.posterior["therapist_effect"].values)  # (S, B)
-        mean, sd, med, lo, hi = (np.empty(prep.n_blocks) for _ in range(5))
-        for cols, draws in _sorted_columns(eff, sort=False):
+        n_draws, B = eff.shape
+        mean, sd, med, lo, hi, p_top, p_bot, rank_med, rank_low, rank_high = (np.empty(B) for _ in range(10))
+
+        def effect_summaries(cols: slice) -> None:
+            draws = np.ascontiguousarray(eff[:, cols].T)  # one row per therapist
             mean[cols], sd[cols] = draws.mean(axis=1), draws.std(axis=1, ddof=1)
             draws.sort(axis=1)
             med[cols] = _median_sorted(draws.T)
             lo[cols], hi[cols] = _hdi_sorted(draws.T, level)
-        largest_first = higher_is_better is not False
-        n_draws = eff.shape[0]
-        ranks = np.empty(eff.shape, dtype=np.int32)
+
+        _in_threads(effect_summaries, _chunks(B))
         groups = [slice(None)] if prep.model_type != "arm_variance" else [
             np.flatnonzero(prep.arm_of_block == a) for a in range(len(prep.arm_labels))
         ]
-        p_top = np.empty(prep.n_blocks)
-        p_bot = np.empty(prep.n_blocks)
-        for idx in groups:
-            order = np.argsort(eff[:, idx], axis=1)  # rank 1 = best: the largest effect, or the smallest
-            if largest_first:
-                order = order[:, ::-1]
-            k = order.shape[1]
-            r = np.empty(order.shape, dtype=np.int32)
-            np.put_along_axis(r, order, np.arange(1, k + 1, dtype=np.int32)[None, :], axis=1)
-            del order
-            ranks[:, idx] = r
-            p_top[idx] = (r <= k / 4).mean(axis=0)
-            p_bot[idx] = (r > k - k / 4).mean(axis=0)
-            del r
+        k = np.bincount(prep.arm_of_block)[prep.arm_of_block]  # therapists ranked together with each
+        ranks = np.empty(eff.shape, dtype=np.int32)
+
+        def rank_draws(rows: slice) -> None:
+            for idx in groups:
+                order = np.argsort(eff[rows][:, idx], axis=1)  # rank 1 = best: the largest effect, or the smallest
+                if higher_is_better is not False:
+                    order = order[:, ::-1]
+                r = np.empty(order.shape, dtype=np.int32)
+                np.put_along_axis(r, order, np.arange(1, order.shape[1] + 1, dtype=np.int32)[None, :], axis=1)
+                ranks[rows, idx] = r
+
+        _in_threads(rank_draws, _chunks(n_draws))
         a = (1 - level) / 2
-        # as np.median and np.quantile(method="lower" / "higher") of each therapist's ranks
-        rank_med, rank_low, rank_high = (np.empty(prep.n_blocks) for _ in range(3))
-        for cols, r in _sorted_columns(ranks):
+
+        def rank_summaries(cols: slice) -> None:  # as np.median, np.quantile(method="lower" / "higher")
+            r = np.ascontiguousarray(ranks[:, cols].T)
+            kc = k[cols, None]
+            p_top[cols] = (r <= kc / 4).mean(axis=1)
+            p_bot[cols] = (r > kc - kc / 4).mean(axis=1)
+            r.sort(axis=1)
             rank_med[cols] = _median_sorted(r.T)
             rank_low[cols] = r[:, int(np.floor((n_draws - 1) * a))]
             rank_high[cols] = r[:, int(np.ceil((n_draws - 1) * (1 - a)))]
-        del ranks
+
+        _in_threads(rank_summaries, _chunks(B))
         table = prep.blocks.drop(columns="label").copy()
         cols = ["therapist"] + [c for c in ("cluster", "arm") if c in table.columns] + ["caseload"]
         table = table[cols]
