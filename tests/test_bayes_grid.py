@@ -205,6 +205,33 @@ def test_grid_posterior_equals_brute_force_quadrature(data):
             assert abs(got - exact) < 4.5 * se + 0.25 * (edges[1] - edges[0]), (name, q, got, exact, se)
 
 
+def test_flat_density_at_the_boundary_is_gridded_correctly():
+    """Regression (found by the SBC test): a mode next to sd = 0 where the density is flat made the
+    finite-difference curvature noise and the grid's scale absurd (ICC coverage 0.82). Data set 1 of
+    test_bayes_sbc (true ICC 0.0002); the grid's quantiles against quadrature of the collapsed density
+    (checked against the dense one above) on a fixed 400 x 400 grid in (sigma, sd)."""
+    from test_bayes_sbc import PRIORS, SEED, simulate_from_prior
+
+    rng = np.random.default_rng(SEED)
+    df = [simulate_from_prior(rng) for _ in range(2)][1][0]
+    fit = fit_bayes("random_intercept", df, "y", ["x"],
+                    config=BayesConfig(chains=4, draws=5000, seed=1, sampler="grid", priors=PRIORS))
+    post = bayes.grid_posterior(fit._prep, fit.priors)
+    draws = _draws(fit)
+    s_edges = np.linspace(0.8 * draws["sigma"].min(), 1.2 * draws["sigma"].max(), 401)
+    t_edges = np.linspace(0.0, 1.5 * draws["sd_therapist"].max(), 401)
+    sm, tm = 0.5 * (s_edges[1:] + s_edges[:-1]), 0.5 * (t_edges[1:] + t_edges[:-1])
+    S, T = (a.ravel() for a in np.meshgrid(sm, tm, indexing="ij"))
+    logp = (post.log_marginal(S, T[:, None]) + post.log_prior(S, T[:, None])).reshape(400, 400)
+    dens = np.exp(logp - logp.max())
+    for name, marg, edges in (("sigma", dens.sum(axis=1), s_edges), ("sd_therapist", dens.sum(axis=0), t_edges)):
+        cdf = np.concatenate([[0.0], np.cumsum(marg) / marg.sum()])
+        for q in (0.05, 0.5, 0.95):
+            exact = np.interp(q, cdf, edges)
+            got = np.quantile(draws[name], q)
+            assert abs(got - exact) < 4.5 * _quantile_se(draws[name], q) + 0.5 * (edges[1] - edges[0]), (name, q)
+
+
 @pytest.fixture(scope="module")
 def nuts_fits():
     cfg = BayesConfig(chains=4, draws=5000, tune=1000, seed=5, sampler="nutpie", parameterization="marginal",

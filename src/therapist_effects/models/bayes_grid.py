@@ -235,25 +235,28 @@ class GridPosterior:
                 best = res
         return best.x
 
-    def _widths(self, v: np.ndarray) -> np.ndarray:
-        """Scale of the posterior along each natural coordinate at the mode ``v`` (diagonal curvature;
-        one-sided at sd = 0, where the slope counts too)."""
+    def _widths(self, v: np.ndarray, rise: float = 0.5) -> np.ndarray:
+        """Scale of the posterior along each natural coordinate from the mode ``v``: the step up that
+        coordinate after which -log posterior has risen by ``rise`` (one SD for a normal density), found
+        by doubling then bisection. Robust where the density is flat (a mode at or next to sd = 0),
+        where finite-difference curvature is noise."""
         f = self._neg_log_post_natural
         f0 = f(v)
         w = np.empty(len(v))
         for i in range(len(v)):
-            h = 1e-4 * max(1.0, abs(v[i])) if i == 0 else 1e-4 * max(v[i], 1e-2)
             e = np.zeros(len(v))
-            e[i] = h
-            if i > 0 and v[i] < 2 * h:  # at (or next to) the boundary sd = 0: forward differences
-                base = v.copy()
-                base[i] = 0.0
-                g0, g1, g2 = f(base), f(base + e), f(base + 2 * e)
-                slope, curv = (g1 - g0) / h, (g2 - 2 * g1 + g0) / h**2
-                w[i] = 1.0 / max(slope + math.sqrt(max(curv, 0.0)), 1e-8)
-            else:
-                curv = (f(v + e) - 2 * f0 + f(v - e)) / h**2
-                w[i] = 1.0 / math.sqrt(curv) if curv > 0 else 1.0
+            e[i] = 1.0
+
+            def risen(step: float) -> bool:
+                return f(v + step * e) - f0 >= rise
+
+            lo, hi = 0.0, 1e-3
+            while not risen(hi) and hi < 1e3:
+                lo, hi = hi, 2.0 * hi
+            for _ in range(12):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (lo, mid) if risen(mid) else (mid, hi)
+            w[i] = hi
         return w
 
     def _axes(self, box: np.ndarray, cells: int) -> list[np.ndarray]:
