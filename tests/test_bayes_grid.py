@@ -173,6 +173,20 @@ def test_grid_reaches_the_boundary_when_the_data_say_so(grid_fits):
     assert ordinary.idata.posterior.attrs["grid_edge_drop"] >= bayes_grid.EDGE_DROP
 
 
+def _assert_quantiles_match_quadrature(draws: dict, logp: np.ndarray, s_edges: np.ndarray, t_edges: np.ndarray,
+                                       cells: float) -> None:
+    """Quantiles of the sigma and sd draws against the CDFs of ``logp`` (log density on the cells of
+    ``s_edges`` x ``t_edges``), within 4.5 Monte Carlo SEs plus ``cells`` cell widths."""
+    dens = np.exp(logp - logp.max())
+    for name, marg, edges in (("sigma", dens.sum(axis=1), s_edges), ("sd_therapist", dens.sum(axis=0), t_edges)):
+        cdf = np.concatenate([[0.0], np.cumsum(marg) / marg.sum()])
+        for q in (0.05, 0.5, 0.95):
+            exact = np.interp(q, cdf, edges)
+            got = np.quantile(draws[name], q)
+            se = _quantile_se(draws[name], q)
+            assert abs(got - exact) < 4.5 * se + cells * (edges[1] - edges[0]), (name, q, got, exact, se)
+
+
 @pytest.mark.parametrize("data", [dict(seed=21, therapists=10, caseload=5, sd_therapist=0.6, sd_site=0.0),
                                   dict(seed=22, therapists=10, caseload=5, sd_therapist=0.0, sd_site=0.0)])
 def test_grid_posterior_equals_brute_force_quadrature(data):
@@ -195,14 +209,7 @@ def test_grid_posterior_equals_brute_force_quadrature(data):
             cov = s**2 * np.eye(prep.n) + t**2 * same + XSX
             logp[i, j] = multivariate_normal(prep.Xs @ post.m, cov).logpdf(prep.ys)
     logp += log_sd_prior(post.sigma_prior, sm)[:, None] + log_sd_prior(post.sd_priors[0], tm)[None, :]
-    dens = np.exp(logp - logp.max())
-    for name, marg, edges in (("sigma", dens.sum(axis=1), s_edges), ("sd_therapist", dens.sum(axis=0), t_edges)):
-        cdf = np.concatenate([[0.0], np.cumsum(marg) / marg.sum()])
-        for q in (0.05, 0.5, 0.95):
-            exact = np.interp(q, cdf, edges)
-            got = np.quantile(draws[name], q)
-            se = _quantile_se(draws[name], q)
-            assert abs(got - exact) < 4.5 * se + 0.25 * (edges[1] - edges[0]), (name, q, got, exact, se)
+    _assert_quantiles_match_quadrature(draws, logp, s_edges, t_edges, cells=0.25)
 
 
 def test_flat_density_at_the_boundary_is_gridded_correctly():
@@ -223,13 +230,7 @@ def test_flat_density_at_the_boundary_is_gridded_correctly():
     sm, tm = 0.5 * (s_edges[1:] + s_edges[:-1]), 0.5 * (t_edges[1:] + t_edges[:-1])
     S, T = (a.ravel() for a in np.meshgrid(sm, tm, indexing="ij"))
     logp = (post.log_marginal(S, T[:, None]) + post.log_prior(S, T[:, None])).reshape(400, 400)
-    dens = np.exp(logp - logp.max())
-    for name, marg, edges in (("sigma", dens.sum(axis=1), s_edges), ("sd_therapist", dens.sum(axis=0), t_edges)):
-        cdf = np.concatenate([[0.0], np.cumsum(marg) / marg.sum()])
-        for q in (0.05, 0.5, 0.95):
-            exact = np.interp(q, cdf, edges)
-            got = np.quantile(draws[name], q)
-            assert abs(got - exact) < 4.5 * _quantile_se(draws[name], q) + 0.5 * (edges[1] - edges[0]), (name, q)
+    _assert_quantiles_match_quadrature(draws, logp, s_edges, t_edges, cells=0.5)
 
 
 @pytest.fixture(scope="module")

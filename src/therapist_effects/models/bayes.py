@@ -1229,8 +1229,8 @@ class BayesModel:
     """A compiled Bayesian model that can be refitted to new data of the same structure.
 
     Compiling (nutpie / numba) takes seconds to minutes; sampling a sufficient-statistics model takes
-    far less (the grid sampler compiles nothing). Simulation studies build one ``BayesModel`` and call :meth:`fit` on each simulated data
-    set (same model type, fixed effects, number of therapists / clusters / blocks; the priors must
+    far less (the grid sampler compiles nothing). Simulation studies build one ``BayesModel`` and call
+    :meth:`fit` on each simulated data set (same model type, fixed effects, number of therapists / clusters / blocks; the priors must
     be fixed, i.e. given explicitly in ``config.priors`` if they are to be the same in every fit --
     the defaults are scaled to each data set's SD).
     """
