@@ -357,3 +357,30 @@ def test_nested_grid_posterior_agrees_with_long_nuts_run():
         en = nuts.idata.posterior[v].values.reshape(20000, -1)
         assert np.max(np.abs(eg.mean(axis=0) - en.mean(axis=0))) < 0.1 * eg.std(axis=0).mean(), v
         assert np.max(np.abs(eg.std(axis=0) - en.std(axis=0))) < 0.1 * eg.std(axis=0).mean(), v
+
+
+@pytest.mark.slow
+def test_arm_variance_grid_posterior_agrees_with_long_nuts_run():
+    """Slow (~1-2 min: a marginal arm_variance nutpie model compiles). 3-D grid (residual SD, one
+    therapist SD per arm): SDs, per-arm ICCs, their ratio and the fixed effects against NUTS."""
+    df = _practice(seed=41, therapists=30, caseload=8, sd_therapist=0.5)
+    grid = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=BayesConfig(chains=4, draws=5000, seed=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplerWarning)
+        nuts = fit_bayes("arm_variance", df, "y", ["x"], arm="arm", config=BayesConfig(
+            chains=4, draws=5000, tune=1000, seed=2, sampler="nutpie", parameterization="marginal", target_accept=0.95))
+    assert grid.sampler == "grid" and nuts.diagnostics["max_rhat"] < 1.01
+
+    def draws(res) -> dict:
+        post = res.idata.posterior
+        out = {"sigma": post["sigma_std"].values.ravel(), "icc_ratio": post["icc_ratio"].values.ravel()}
+        for i in range(2):
+            out[f"sd[{i}]"] = post["sd_therapist_std"].values[..., i].ravel()
+            out[f"icc[{i}]"] = post["icc_arm"].values[..., i].ravel()
+        for j, name in enumerate(res._prep.names):
+            out[name] = post["fixed"].values[..., j].ravel()
+        return out
+
+    _assert_same_quantiles(draws(grid), draws(nuts), "arm_variance")
+    p_grid, p_nuts = (r.to_contract()["p_icc_feedback_lt_control"] for r in (grid, nuts))
+    assert abs(p_grid - p_nuts) < 0.03
