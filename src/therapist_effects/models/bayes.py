@@ -699,11 +699,17 @@ def diagnose(idata, var_names: Sequence[str]) -> dict:
 
     post = idata.posterior[list(var_names)]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rhat = az.rhat(post)
-        ess_b = az.ess(post, method="bulk")
-        ess_t = az.ess(post, method="tail")
+    numba_was_on = az.Numba.numba_flag  # ArviZ's Numba kernels cost a JIT compile (~0.4 s) per process; these
+    az.Numba.disable_numba()  # arrays are small, and its NumPy code computes the same numbers
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rhat = az.rhat(post)
+            ess_b = az.ess(post, method="bulk")
+            ess_t = az.ess(post, method="tail")
+    finally:
+        if numba_was_on:
+            az.Numba.enable_numba()
     max_rhat = float(np.nanmax([np.nanmax(rhat[v].values) if np.isfinite(rhat[v].values).any() else np.inf for v in rhat.data_vars]))
     min_bulk = float(np.min([np.nan_to_num(ess_b[v].values, nan=0.0).min() for v in ess_b.data_vars]))
     min_tail = float(np.min([np.nan_to_num(ess_t[v].values, nan=0.0).min() for v in ess_t.data_vars]))
