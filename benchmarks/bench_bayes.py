@@ -17,13 +17,16 @@ explicitly, none relies on ``"auto"``):
 3. ``noncentred``, per patient, nutpie: (2) sampled with nutpie: this separates the gain of the
    sufficient statistics from the gain of the compiled sampler.
 4. ``marginal``, sufficient statistics, nutpie: (1) with the therapist effects integrated out
-   analytically (the default of ``"auto"`` for Gaussian models), NUTS on 4 parameters, effects
-   drawn exactly afterwards.
+   analytically, NUTS on 4 parameters, effects drawn exactly afterwards.
+5. ``marginal``, grid: (4) with the fixed effects integrated out too and the exact posterior of the two
+   SDs evaluated on a grid and sampled independently (``sampler="grid"``, the default of ``"auto"``
+   for Gaussian random_intercept models; ``therapist_effects.models.bayes_grid``), same number of draws.
 
 For each: compile and sampling wall time, and ESS per second = min bulk ESS of the variance
 parameters (sigma_therapist, sigma_residual) / sampling seconds (compilation excluded). The ratio
 (1) / (2) is the headline (target >= 10x); (1) / (3) the like-for-like sampler comparison;
-(4) / (2) and (4) / (3) the same for the marginal parameterisation.
+(4) / (2) and (4) / (3) the same for the marginal parameterisation; (5) / (4) the grid against NUTS on
+the same marginal model, in ESS per second and in total seconds (compile + sample), measured in the same run.
 Options: --quick, --patients, --therapists, --small-patients, --chains, --draws, --tune, --skip-pymc, --seed.
 ``--quick``: 2,000 patients of 50 therapists, 500 per patient, 2 chains x 200 draws (200 tune):
 the same code paths in seconds of sampling (compilation dominates); its ratios mean nothing.
@@ -124,6 +127,11 @@ def main(argv=None) -> None:
               f"({b['patients']} patients): {d['ess_per_s'] / b['ess_per_s']:.1f}x (target >= 10x)", flush=True)
     print(f"ratio ESS/s marginal sufficient statistics ({d['patients']} patients) / per-patient nutpie "
           f"({c['patients']} patients): {d['ess_per_s'] / c['ess_per_s']:.1f}x", flush=True)
+    e = run("sufficient statistics, grid", big, BayesConfig(**{**base, "parameterization": "marginal"}, sampler="grid"),
+            per_patient=False)
+    print(f"ratio grid / nutpie, marginal model ({e['patients']} patients): "
+          f"ESS/s {e['ess_per_s'] / d['ess_per_s']:.1f}x, compile + sample seconds "
+          f"{(d['compile_s'] + d['sample_s']) / (e['compile_s'] + e['sample_s']):.1f}x faster", flush=True)
 
 
 if __name__ == "__main__":

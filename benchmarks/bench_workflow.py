@@ -4,7 +4,8 @@ Generates a session export with the package's simulator (``simulate_practice``; 
 200 therapists, mean caseload 20: ~200,000 patients, ~1.3M session rows; ``--quick``: 4 services x 10
 therapists, a few thousand rows, same code paths), times ``pandas.read_csv`` of that file in this
 process (best of 3: the baseline), runs the workflow on it (models ``ri``, ``arm``, ``nested``,
-``slope`` (random_slope on feedback) and the binomial ``recovery``; profile intervals; reports) with
+``slope`` (random_slope on feedback), the binomial ``recovery`` and the Bayesian ``ri_bayes`` (default
+sampler: the grid); profile intervals; reports) with
 ``snakemake --cores N``, and prints for every rule its wall time from its Snakemake ``benchmark:``
 file, that time as a ratio to ``read_csv``, and its peak resident memory (``max_rss``) and CPU seconds
 (``cpu_time``: on a busy machine wall time overstates what a rule needs, CPU time does not). Snakemake
@@ -49,6 +50,7 @@ MODELS = [
     {"id": "nested", "type": "nested"},
     {"id": "slope", "type": "random_slope"},
     {"id": "recovery", "type": "random_intercept", "family": "binomial", "outcome": "recovered"},
+    {"id": "ri_bayes", "type": "random_intercept", "engine": "bayes"},
 ]
 FIT_GOAL_S = 10.0
 RSS_GOAL_MB = 2500.0
