@@ -156,3 +156,19 @@ def test_safe_csv_keeps_rows_of_a_frame_with_its_own_index_and_quotes_a_carriage
     assert back["who"].tolist() == ["'=a", "b"]
     assert back["note"].astype(str).tolist() == ["1", "x\ry"]
     assert len(back) == 2
+
+
+@pytest.mark.parametrize("sampler, words", [
+    ("grid", "exact posterior of the variances on a grid"),
+    ("nutpie", "No-U-Turn sampler"),
+    ("pymc", "No-U-Turn sampler"),
+    (None, "No-U-Turn sampler"),
+])
+def test_bayes_method_is_described_by_the_sampler_that_ran(sampler, words):
+    from therapist_effects.report.common import method_words
+    from therapist_effects.report.tables import _method
+
+    entry = {"method": "bayes", "engine": "bayes", "sampler": sampler}
+    assert words in method_words(entry)
+    table = _method(entry)
+    assert ("grid" in table) == (sampler == "grid") and ("NUTS" in table) == (sampler != "grid")

@@ -28,6 +28,11 @@ METHOD_WORDS = {
     "agq": "maximum likelihood with adaptive Gauss-Hermite quadrature",
     "bayes": "Bayesian estimation (PyMC, No-U-Turn sampler)",
 }
+#: the Bayesian method in words, by ``estimates.json``'s ``sampler`` (NUTS where it is missing)
+BAYES_SAMPLER_WORDS = {
+    "grid": "Bayesian estimation (exact posterior of the variances on a grid, independent draws)",
+    "nutpie": METHOD_WORDS["bayes"], "pymc": METHOD_WORDS["bayes"],
+}
 CI_WORDS = {
     "profile": "profile-likelihood", "wald": "Wald (normal approximation)", "delta": "delta-method",
     "bootstrap": "parametric bootstrap", "parametric_bootstrap": "parametric bootstrap",
@@ -60,7 +65,7 @@ def is_bayes(entry: dict) -> bool:
 
 def method_words(entry: dict) -> str:
     if is_bayes(entry):
-        return METHOD_WORDS["bayes"]
+        return BAYES_SAMPLER_WORDS.get(str(entry.get("sampler")), METHOD_WORDS["bayes"])
     m = str(entry.get("method", "")).lower()
     for key, words in METHOD_WORDS.items():
         if m.startswith(key):

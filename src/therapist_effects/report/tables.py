@@ -36,7 +36,8 @@ CI_NAMES = {"profile": "profile-likelihood", "wald": "Wald", "bootstrap": "param
             "hdi": "highest posterior density", "eti": "equal-tailed posterior"}
 METHOD_NAMES = {"reml": "restricted maximum likelihood (REML)", "ml": "maximum likelihood (ML)",
                 "laplace": "maximum likelihood, Laplace approximation",
-                "bayes": "Bayesian (PyMC, NUTS; posterior medians)"}
+                "bayes": "Bayesian (PyMC, NUTS; posterior medians)",
+                "bayes-grid": "Bayesian (exact grid posterior, independent draws; posterior medians)"}
 
 
 def _decimals(v: float, kind: str) -> int:
@@ -115,6 +116,8 @@ def _vc_name(e: dict, name: str) -> str:
 def _method(e: dict) -> str:
     m = str(e.get("method", ""))
     low = m.lower()
+    if low == "bayes" and e.get("sampler") == "grid":
+        return METHOD_NAMES["bayes-grid"]
     if low.startswith("agq"):
         k = low[3:]
         return f"maximum likelihood, adaptive Gauss{chr(8211)}Hermite quadrature" + (f" ({k} nodes)" if k else "")
