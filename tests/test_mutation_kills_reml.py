@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import optimize, stats
+from threadpoolctl import threadpool_limits
 
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError
+from therapist_effects.exceptions import ConvergenceWarning, ModelError
 from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
@@ -342,3 +343,123 @@ def test_bootstrap_singular_flag_marks_exactly_the_refits_at_zero_variance():
     at_zero = ratio < 1e-8  # theta^2 < (1e-4)^2
     assert draws["singular"].to_numpy().tolist() == at_zero.to_numpy().tolist()
     assert 0 < int(at_zero.sum()) < 40  # both kinds of refit occur
+
+
+def _dense_blups(y, X, codes, cl, res):
+    """BLUPs of the therapist effects and their conditional SDs from the dense marginal covariance at the
+    estimates: ``u = s2_t Z' V^-1 (y - X b)``, ``Var(u | y) = s2_t I - s2_t^2 Z' V^-1 Z`` (Henderson)."""
+    v = res.vcomp
+    Zt = (codes[:, None] == np.arange(codes.max() + 1)[None, :]).astype(float)
+    V = v["residual"] * np.eye(len(y)) + v["therapist"] * Zt @ Zt.T
+    if cl is not None:
+        Zc = (cl[:, None] == np.arange(cl.max() + 1)[None, :]).astype(float)
+        V += v["cluster"] * Zc @ Zc.T
+    W = np.linalg.inv(V)
+    u = v["therapist"] * Zt.T @ W @ (y - X @ res.fe_params.to_numpy())
+    cvar = v["therapist"] * np.eye(Zt.shape[1]) - v["therapist"] ** 2 * Zt.T @ W @ Zt
+    return u, np.sqrt(np.diag(cvar))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_therapist_effects_are_the_dense_blups_with_their_conditional_sds(nested):
+    """Every column of the therapist table against the dense Henderson BLUP and direct computations:
+    labels sorted as strings (``T10`` before ``T2``; nested: within sorted clusters), caseloads, raw and case-mix-adjusted means, the 90%
+    interval ``effect -+ z se`` and the classification of the intervals that exclude 0 for each direction."""
+    y, X, codes, cl = _nested_data(seed=3)
+    y = 10.0 * y  # a residual variance far from 1 (mixing up s2 and the variance ratio shows)
+    labels = np.array([f"T{c}" for c in codes])
+    clabels = np.array([f"S{c}" for c in cl])
+    model = NestedModel(y, X, labels, clabels) if nested else RandomInterceptModel(y, X, labels)
+    res = model.fit()
+    te = res.therapist_effects(level=0.9, higher_is_better=True)
+    u, se = _dense_blups(y, X, codes, cl if nested else None, res)
+    order = [int(t[1:]) for t in te["therapist"]]
+    units = sorted({(f"S{k}", f"T{c}") for c, k in zip(codes, cl)}) if nested else [("", f"T{c}") for c in set(codes)]
+    assert list(te["therapist"]) == [t for _, t in sorted(units, key=lambda u: (u[0], u[1]))]  # nested: cluster first
+    assert list(te.columns) == ["therapist", *(["cluster"] if nested else []), "caseload", "raw_mean",
+                                "adjusted_mean", "effect", "effect_se", "ci_low", "ci_high", "classification"]
+    if nested:
+        assert list(te["cluster"]) == [f"S{cl[codes == c][0]}" for c in order]
+    assert list(te["caseload"]) == [int(np.sum(codes == c)) for c in order]
+    np.testing.assert_allclose(te["raw_mean"], [y[codes == c].mean() for c in order], rtol=1e-12)
+    fitted = X @ res.fe_params.to_numpy()
+    np.testing.assert_allclose(te["adjusted_mean"], [fitted.mean() + (y - fitted)[codes == c].mean() for c in order],
+                               rtol=1e-10)
+    np.testing.assert_allclose(te["effect"], u[order], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(te["effect_se"], se[order], rtol=1e-8)
+    z = stats.norm.ppf(0.95)
+    np.testing.assert_allclose(te["ci_low"], u[order] - z * se[order], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(te["ci_high"], u[order] + z * se[order], rtol=1e-8, atol=1e-10)
+    lo, hi = u[order] - z * se[order], u[order] + z * se[order]
+    expect = np.where(lo > 0, "better than average", np.where(hi < 0, "worse than average",
+                                                               "not distinguishable from average"))
+    assert list(te["classification"]) == list(expect)
+    assert (lo > 0).any() and (hi < 0).any()  # both labels occur
+    worse = res.therapist_effects(level=0.9, higher_is_better=False)["classification"]
+    assert list(worse) == [{"better than average": "worse than average", "worse than average": "better than average"}
+                           .get(c, c) for c in expect]
+
+
+def test_nested_profile_intervals_are_roots_of_the_dense_ml_profile():
+    """lme4's confint(profile) of a nested REML fit (profiled by the ML deviance, as lme4): at every end the dense ML log-likelihood maximised
+    over the other parameters (variances by Nelder-Mead, the other fixed effects by GLS) lies q / 2 below its
+    maximum. 12 clusters with a clear cluster variance (its lower end is interior) and a residual variance
+    about 100, far from 1 (a start of the cluster SD's profile on the wrong scale shows)."""
+    y, X, codes, cl = _nested_data(seed=3, C=12)
+    y = 10.0 * y
+    n = len(y)
+    res = NestedModel(y, X, codes, cl).fit()
+    ci = res.conf_int()
+    assert ci.loc["cluster", "lower"] > 0.0
+    same_t = codes[:, None] == codes[None, :]
+    same_c = cl[:, None] == cl[None, :]
+    start = np.log([res.vcomp["therapist"], res.vcomp["cluster"], res.vcomp["residual"]])
+
+    def max_ll(var=None, value=None, beta=None):
+        """Maximum over the free variances; ``var``: index of a variance fixed at ``value``; ``beta``:
+        ``(j, b_j)``, fixed effect j fixed (its column moved to the outcome)."""
+        free = [i for i in range(3) if i != var]
+        yy, XX = (y, X) if beta is None else (y - beta[1] * X[:, beta[0]], np.delete(X, beta[0], axis=1))
+
+        def neg(z):
+            v = np.empty(3)
+            v[free] = np.exp(z)
+            if var is not None:
+                v[var] = value
+            return -_dense_loglik(yy, XX, v[2] * np.eye(n) + v[0] * same_t + v[1] * same_c, False)
+
+        with threadpool_limits(1):  # many small dense products: BLAS threads only wait on a busy machine
+            return -optimize.minimize(neg, start[free], method="Nelder-Mead",
+                                      options={"xatol": 1e-7, "fatol": 1e-10, "maxiter": 20000}).fun
+
+    cut = max_ll() - stats.chi2.ppf(0.95, 1) / 2
+    for i, name in enumerate(["therapist", "cluster", "residual"]):
+        lo, hi = ci.loc[name]
+        assert 0.0 < lo < hi
+        assert max_ll(i, lo) == pytest.approx(cut, abs=1e-6) and max_ll(i, hi) == pytest.approx(cut, abs=1e-6)
+    for j, name in enumerate(res.fe_params.index):
+        lo, hi = ci.loc[name]
+        assert lo < res.fe_params[name] < hi
+        assert max_ll(beta=(j, lo)) == pytest.approx(cut, abs=1e-6)
+        assert max_ll(beta=(j, hi)) == pytest.approx(cut, abs=1e-6)
+
+
+def test_failed_bootstrap_refits_are_counted_and_warned_as_convergence_warnings():
+    """Outcomes constant within therapists up to 1e-5: the fit runs to the top of the variance-ratio search,
+    and so do some refits of data simulated from it; those rows are NaN with ``converged`` False, and the
+    count is reported once as a ConvergenceWarning (not a generic UserWarning)."""
+    rng = np.random.default_rng(1)
+    t = np.repeat(np.arange(10), 5)
+    y = rng.normal(size=10)[t] + 1e-5 * rng.normal(size=t.size)
+    with pytest.warns(ConvergenceWarning):
+        res = RandomInterceptModel(y, np.ones(t.size), t).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draws = res.bootstrap(4, seed=0)
+    failed = ~draws["converged"]
+    assert 0 < int(failed.sum()) < 4
+    assert draws.loc[failed, ["(Intercept)", "therapist", "residual", "icc"]].isna().all().all()
+    assert draws.loc[~failed, ["(Intercept)", "therapist", "residual", "icc"]].notna().all().all()
+    msg = f"{int(failed.sum())} of 4 bootstrap refits failed (did not converge); they are left out of the percentile intervals"
+    assert [(w.category, str(w.message)) for w in caught] == [(ConvergenceWarning, msg)]
+    assert msg in res.warnings
