@@ -362,9 +362,10 @@ def _dense_blups(y, X, codes, cl, res):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_therapist_effects_are_the_dense_blups_with_their_conditional_sds(nested):
-    """Every column of the therapist table against the dense Henderson BLUP and direct computations:
-    labels sorted as strings (``T10`` before ``T2``; nested: within sorted clusters), caseloads, raw and case-mix-adjusted means, the 90%
-    interval ``effect -+ z se`` and the classification of the intervals that exclude 0 for each direction."""
+    """Every column of the therapist table against the dense Henderson BLUP and direct computations: labels
+    sorted as strings (``T10`` before ``T2``; nested: within sorted clusters), caseloads, raw and case-mix-adjusted
+    means, the 90% interval ``effect -+ z se`` and the classification of the intervals that exclude 0 for each
+    direction."""
     y, X, codes, cl = _nested_data(seed=3)
     y = 10.0 * y  # a residual variance far from 1 (mixing up s2 and the variance ratio shows)
     labels = np.array([f"T{c}" for c in codes])
@@ -401,10 +402,10 @@ def test_therapist_effects_are_the_dense_blups_with_their_conditional_sds(nested
 
 
 def test_nested_profile_intervals_are_roots_of_the_dense_ml_profile():
-    """lme4's confint(profile) of a nested REML fit (profiled by the ML deviance, as lme4): at every end the dense ML log-likelihood maximised
-    over the other parameters (variances by Nelder-Mead, the other fixed effects by GLS) lies q / 2 below its
-    maximum. 12 clusters with a clear cluster variance (its lower end is interior) and a residual variance
-    about 100, far from 1 (a start of the cluster SD's profile on the wrong scale shows)."""
+    """lme4's confint(profile) of a nested REML fit (profiled by the ML deviance, as lme4): at every end the dense
+    ML log-likelihood maximised over the other parameters (variances by Nelder-Mead, the other fixed effects by
+    GLS) lies q / 2 below its maximum. 12 clusters with a clear cluster variance (its lower end is interior) and a
+    residual variance about 100, far from 1 (a start of the cluster SD's profile on the wrong scale shows)."""
     y, X, codes, cl = _nested_data(seed=3, C=12)
     y = 10.0 * y
     n = len(y)
@@ -460,6 +461,7 @@ def test_failed_bootstrap_refits_are_counted_and_warned_as_convergence_warnings(
     assert 0 < int(failed.sum()) < 4
     assert draws.loc[failed, ["(Intercept)", "therapist", "residual", "icc"]].isna().all().all()
     assert draws.loc[~failed, ["(Intercept)", "therapist", "residual", "icc"]].notna().all().all()
-    msg = f"{int(failed.sum())} of 4 bootstrap refits failed (did not converge); they are left out of the percentile intervals"
+    msg = (f"{int(failed.sum())} of 4 bootstrap refits failed (did not converge); they are left out of the "
+           "percentile intervals")
     assert [(w.category, str(w.message)) for w in caught] == [(ConvergenceWarning, msg)]
     assert msg in res.warnings
