@@ -15,7 +15,7 @@ from scipy import optimize, stats
 from threadpoolctl import threadpool_limits
 
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ConvergenceWarning, ModelError
+from therapist_effects.exceptions import ConvergenceWarning, ModelError, StatisticalWarning
 from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
@@ -465,3 +465,34 @@ def test_failed_bootstrap_refits_are_counted_and_warned_as_convergence_warnings(
            "percentile intervals")
     assert [(w.category, str(w.message)) for w in caught] == [(ConvergenceWarning, msg)]
     assert msg in res.warnings
+
+
+@pytest.mark.parametrize("G, m, theta", [(30, 5, 3e-3), (50, 10, 1e-3), (100, 20, 1e-3)])
+def test_profile_ends_of_a_therapist_sd_near_zero_are_found(G, m, theta):
+    """ML estimate of the therapist SD a small interior value (theta = sd / sigma = 1e-3 .. 3e-3; balanced
+    data built so that the ML estimate of s2_t / s2 is theta^2). The profile's upper end of the therapist
+    variance is the root of the balanced one-way ML deviance, the mean at the grand mean and s2 profiled out
+    (minimize_scalar), -2 l = N log 2 pi + G (m - 1) log s2 + G log(s2 + m s2_t) + SSW / s2 + SSB / (s2 + m s2_t),
+    and the lower end is 0 (the deviance at 0 is within q of the minimum). Regressions: the first trial went
+    sqrt(q var) / sd (~1e3) out on the log scale, past the search's ceiling, and the end was reported
+    missing; for (100, 20, 1e-3) the finite-difference curvature is not positive definite and must not be used."""
+    msb = (1.0 + m * theta**2) / (1.0 - 1.0 / G)  # ML: ((1 - 1/G) MSB - MSW) / m = theta^2 with MSW = 1
+    y, t = _balanced(G, m, msb, 1.0, seed=5)
+    n = len(y)
+    res = RandomInterceptModel(y, np.ones((n, 1)), t, method="ML").fit()
+    assert res.vcomp["therapist"] == pytest.approx(theta**2, rel=1e-2) and not res.singular  # a flat optimum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StatisticalWarning)
+        ci = res.conf_int()
+    ssb, ssw = msb * (G - 1), 1.0 * G * (m - 1)
+
+    def dev(vt):
+        def d(ls2):
+            s2 = math.exp(ls2)
+            return n * LOG2PI + G * (m - 1) * ls2 + G * math.log(s2 + m * vt) + ssw / s2 + ssb / (s2 + m * vt)
+        return optimize.minimize_scalar(d, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-10}).fun
+
+    q = stats.chi2.ppf(0.95, 1)
+    dmin = dev(theta**2)
+    assert ci.loc["therapist", "lower"] == 0.0 and dev(0.0) - dmin < q
+    assert dev(ci.loc["therapist", "upper"]) - dmin == pytest.approx(q, abs=1e-6)

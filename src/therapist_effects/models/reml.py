@@ -596,8 +596,10 @@ class MixedResults(ModelResults):
             for d in (-1, 1):
                 start[0] = (float(sds[k]), x0.copy())
                 _reset(hess, H_in)
+                # the Wald distance on the log scale, sqrt(q var) / sd, grows without bound as the SD
+                # nears 0 (past the search's ceiling: the end was reported missing): at most a factor e^2
                 e, found = _profile_end(excess, float(sds[k]), q, d, lower=0.0, log_scale=True, step=0.1,
-                                        scale=0.01 * sigma, wald=wald)
+                                        scale=0.01 * sigma, wald=wald, cap=2.0)
                 ends.append(e ** 2 if found else math.nan)
                 if not found:
                     notes.append(f"{name} variance")
