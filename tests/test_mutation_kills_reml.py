@@ -15,7 +15,7 @@ from scipy import optimize, stats
 from threadpoolctl import threadpool_limits
 
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ConvergenceWarning, ModelError, StatisticalWarning
+from therapist_effects.exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
@@ -121,6 +121,7 @@ def test_nested_fit_is_the_dense_likelihood_maximum(method):
     W = np.linalg.inv(v["residual"] * np.eye(n) + v["therapist"] * same_t + v["cluster"] * same_c)
     cov = np.linalg.inv(X.T @ W @ X)
     np.testing.assert_allclose(res.bse.to_numpy(), np.sqrt(np.diag(cov)), rtol=1e-8)
+    np.testing.assert_allclose(res.cov_params.loc[["(Intercept)", "x1"], ["(Intercept)", "x1"]], cov, rtol=1e-8)
     np.testing.assert_allclose(res.fe_params.to_numpy(), cov @ X.T @ W @ y, rtol=1e-9)
     tot = sum(v.values())
     assert res.icc() == pytest.approx(v["therapist"] / tot, rel=1e-12)
@@ -263,6 +264,9 @@ def test_parametric_bootstrap_draws_the_fitted_variances():
     assert nres.vcomp["cluster"] > 1.0
     nboot = nres.bootstrap(n_boot=30, seed=2)
     assert nboot["cluster"].mean() > 0.5 * nres.vcomp["cluster"]
+    total = nboot["therapist"] + nboot["cluster"] + nboot["residual"]
+    np.testing.assert_allclose(nboot["icc"], nboot["therapist"] / total, rtol=1e-12)
+    np.testing.assert_allclose(nboot["icc_cluster"], nboot["cluster"] / total, rtol=1e-12)
 
 
 def test_contract_bootstrap_intervals_use_the_given_seed():
@@ -496,3 +500,37 @@ def test_profile_ends_of_a_therapist_sd_near_zero_are_found(G, m, theta):
     dmin = dev(theta**2)
     assert ci.loc["therapist", "lower"] == 0.0 and dev(0.0) - dmin < q
     assert dev(ci.loc["therapist", "upper"]) - dmin == pytest.approx(q, abs=1e-6)
+
+
+def test_input_errors_name_the_shapes_and_the_design():
+    """One-line errors with the numbers they promise; default names of an array design."""
+    y, X, codes, cl = _nested_data()
+    with pytest.raises(ModelError, match="^exog has 5 rows but endog has 6$"):
+        RandomInterceptModel(y[:6], X[:5], codes[:6])
+    Xd = np.column_stack([X, 2.0 * X[:, 1]])
+    with pytest.raises(ModelError, match=r"^fixed-effects design \['a', 'b', 'c'\] is rank deficient$"):
+        RandomInterceptModel(y, Xd, codes, exog_names=["a", "b", "c"])
+    with pytest.raises(ModelError, match="^3 patients for 3 fixed effects$"):
+        RandomInterceptModel([1.0, 2.0, 4.0], np.eye(3), [0, 0, 1])
+    df = pd.DataFrame({"y": y, "therapist": codes, "site": cl})
+    with pytest.raises(ModelError, match="^cluster column 'cluster' is not a column of the patient table$"):
+        NestedModel.from_frame(df, "y")
+    res = RandomInterceptModel(y, X, codes).fit()  # an array design: the column of ones is the intercept
+    assert list(res.params.index) == ["(Intercept)", "x1", "therapist", "residual"]
+    assert res.params.name == "estimate"
+    assert list(res.cov_params.columns) == list(res.cov_params.index) == ["(Intercept)", "x1"]
+
+
+def test_nested_singular_fit_names_both_zero_components():
+    """Therapist means all equal (each therapist's outcomes are the same centred values plus one constant):
+    no therapist or cluster variance; both are named in the one singular-fit warning."""
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(12, 5))
+    e -= e.mean(axis=1, keepdims=True)
+    y = 3.0 + e.ravel()
+    codes = np.repeat(np.arange(12), 5)
+    with pytest.warns(SingularFitWarning) as caught:
+        res = NestedModel(y, np.ones((60, 1)), codes, codes // 3).fit()
+    assert res.vcomp["therapist"] == 0.0 and res.vcomp["cluster"] == 0.0
+    assert [str(w.message) for w in caught] == ["singular fit: therapist and cluster variance estimated at (or "
+                                                "next to) zero"]

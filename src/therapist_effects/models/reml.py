@@ -202,8 +202,8 @@ class _BaseModel:
 
     _nested = False
 
-    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any = None, *,
-                 exog_names: Sequence[str] | None = None, method: str = "REML"):
+    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any, *,
+                 exog_names: Sequence[str] | None, method: str):
         self.method = _check_method(method)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
