@@ -534,3 +534,18 @@ def test_nested_singular_fit_names_both_zero_components():
     assert res.vcomp["therapist"] == 0.0 and res.vcomp["cluster"] == 0.0
     assert [str(w.message) for w in caught] == ["singular fit: therapist and cluster variance estimated at (or "
                                                 "next to) zero"]
+
+
+@pytest.mark.parametrize("x0, lo, dip, base_min", [
+    (0.0, -np.inf, 0.0, 0.03),    # the start itself: both first neighbours higher
+    (0.0, -np.inf, 0.1, 0.15),    # the last point of a bracket to the right
+    (0.0, -0.15, -0.1, 0.0),      # the last point before a step to the left hits the bound
+])
+def test_min1d_local_returns_the_best_point_it_evaluated(x0, lo, dip, base_min):
+    """A dip of depth 1 exactly at a point the bracketing evaluates (start 0, step 0.1), which the bounded Brent
+    refinement cannot see: the answer is that point, not Brent's local minimum of the smooth part."""
+    def f(x):
+        return (x - base_min) ** 2 - (1.0 if x == dip else 0.0)
+
+    x, fx = min1d_local(f, x0, 0.1, lo)
+    assert x == dip and fx == f(dip)
