@@ -400,6 +400,8 @@ def test_therapist_effects_are_the_dense_blups_with_their_conditional_sds(nested
                                                                "not distinguishable from average"))
     assert list(te["classification"]) == list(expect)
     assert (lo > 0).any() and (hi < 0).any()  # both labels occur
+    te95 = res.therapist_effects()  # the default level: 95%
+    np.testing.assert_allclose(te95["ci_high"], u[order] + stats.norm.ppf(0.975) * se[order], rtol=1e-8, atol=1e-10)
     worse = res.therapist_effects(level=0.9, higher_is_better=False)["classification"]
     assert list(worse) == [{"better than average": "worse than average", "worse than average": "better than average"}
                            .get(c, c) for c in expect]

@@ -776,8 +776,8 @@ class MixedResults(ModelResults):
         a = ni / (1.0 + ni * gt)
         if self.nested:
             cl = eng.cluster
-            tau = np.bincount(cl, weights=a, minlength=eng.C)
-            U = np.bincount(cl, weights=a * rbar, minlength=eng.C)
+            tau = np.bincount(cl, weights=a)  # every cluster has a therapist: C entries
+            U = np.bincount(cl, weights=a * rbar)
             w = gc / (1.0 + gc * tau)
             u_c = w * U
             effect = gt * a * (rbar - u_c[cl])
