@@ -512,6 +512,11 @@ def test_input_errors_name_the_shapes_and_the_design():
     Xd = np.column_stack([X, 2.0 * X[:, 1]])
     with pytest.raises(ModelError, match=r"^fixed-effects design \['a', 'b', 'c'\] is rank deficient$"):
         RandomInterceptModel(y, Xd, codes, exog_names=["a", "b", "c"])
+    y_nan = y.copy()
+    y_nan[4] = np.nan
+    with pytest.raises(ModelError, match="^outcome or covariates contain missing or infinite values; drop those rows "
+                                         "first$"):
+        RandomInterceptModel(y_nan, X, codes)
     with pytest.raises(ModelError, match="^3 patients for 3 fixed effects$"):
         RandomInterceptModel([1.0, 2.0, 4.0], np.eye(3), [0, 0, 1])
     df = pd.DataFrame({"y": y, "therapist": codes, "site": cl})

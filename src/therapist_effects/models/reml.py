@@ -242,7 +242,7 @@ class _BaseModel:
             pair = ccodes * len(tlabels) + tcodes
             uniq, gcodes = np.unique(pair, return_inverse=True)
             G = len(uniq)
-            cl = (uniq // len(tlabels)).astype(np.int64)
+            cl = uniq // len(tlabels)
             self.group_therapist = tlabels[uniq % len(tlabels)]
             self.group_cluster = clabels[cl]
             self.cluster_labels = clabels
