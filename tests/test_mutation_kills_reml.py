@@ -556,3 +556,23 @@ def test_min1d_local_returns_the_best_point_it_evaluated(x0, lo, dip, base_min):
 
     x, fx = min1d_local(f, x0, 0.1, lo)
     assert x == dip and fx == f(dip)
+
+
+def test_min_nd_local_stops_the_second_coordinate_on_its_bound():
+    """The minimum of the quadratic lies below the second coordinate's bound 0: the answer is on that bound,
+    the first coordinate at its conditional optimum there (2 (x0 + 1/2) + 1/2 = 0)."""
+    def f(z):
+        return float((z[0] + 0.5) ** 2 + (z[1] + 1.0) ** 2 + 0.5 * (z[0] + 0.5) * (z[1] + 1.0) + 2.0)
+
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([-np.inf, 0.0]))
+    assert x[1] == 0.0
+    assert x[0] == pytest.approx(-0.75, abs=1e-6) and fx == pytest.approx(2.9375, abs=1e-11)
+
+
+@pytest.mark.parametrize("theta", [1e-4, 3e-4])
+def test_min_nonneg_global_refines_theta_next_to_the_boundary_tightly(theta):
+    """A flat (quartic) criterion with its minimum at theta = sqrt(g) of lme4's singular tolerance 1e-4 and
+    just above it, below the first grid point: theta is found to 1e-8 relative (Brent's tolerance there is
+    about 1e-14 absolute), so the singular flag is decided by the optimum, not by the search's tolerance."""
+    g, fg, ok = min_nonneg_global(lambda g: ((math.sqrt(g) - theta) * 1e3) ** 4)
+    assert ok and math.sqrt(g) == pytest.approx(theta, rel=1e-8) and fg < 1e-40
