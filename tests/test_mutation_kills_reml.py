@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from test_surviving_mutants import _balanced
 from therapist_effects.exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
-from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
+from therapist_effects.models.profile import BOUNDARY_TOL, LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -576,3 +576,15 @@ def test_min_nonneg_global_refines_theta_next_to_the_boundary_tightly(theta):
     about 1e-14 absolute), so the singular flag is decided by the optimum, not by the search's tolerance."""
     g, fg, ok = min_nonneg_global(lambda g: ((math.sqrt(g) - theta) * 1e3) ** 4)
     assert ok and math.sqrt(g) == pytest.approx(theta, rel=1e-8) and fg < 1e-40
+
+
+def test_min_nonneg_global_boundary_wins_a_tie_at_exactly_boundary_tol():
+    """The boundary is preferred when within BOUNDARY_TOL of the interior optimum, that value included: an
+    interior minimum of exactly 0 (a flat bottom around g = e) and f(0) = BOUNDARY_TOL give g = 0."""
+    def f(g):
+        return max(abs(math.log(g) - 1.0) - 0.3, 0.0) ** 2 if g > 0 else BOUNDARY_TOL
+
+    g, fg, ok = min_nonneg_global(f)
+    assert ok and g == 0.0 and fg == BOUNDARY_TOL
+    g, fg, _ = min_nonneg_global(lambda g: f(g) if g > 0 else 2 * BOUNDARY_TOL)
+    assert g > 0.0 and fg == 0.0

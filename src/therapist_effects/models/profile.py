@@ -26,8 +26,7 @@ BOUNDARY_TOL = 1e-9
 def _brent(f: Callable[[float], float], lo: float, hi: float, xtol: float,
            extra: tuple[tuple[float, float], ...] = ()) -> tuple[float, float]:
     """Bounded Brent on ``[lo, hi]``; returns the best of its answer and the ``extra`` points."""
-    res = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded",
-                                   options={"xatol": xtol})
+    res = optimize.minimize_scalar(f, bounds=(lo, hi), options={"xatol": xtol})  # with bounds: method "bounded"
     best = (float(res.x), float(res.fun))
     for x, fx in extra:
         if fx < best[1]:
