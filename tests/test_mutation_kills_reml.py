@@ -276,6 +276,13 @@ def test_contract_bootstrap_intervals_use_the_given_seed():
     draws = res.bootstrap(n_boot=20, seed=7)["icc"]
     assert (entry["icc"]["ci_low"], entry["icc"]["ci_high"]) == pytest.approx(
         tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
+    y, X, codes, cl = _nested_data(seed=3)
+    nres = NestedModel(y, X, codes, cl).fit()
+    entry = nres.to_contract(interval="bootstrap", n_boot=12, seed=5)
+    draws = nres.bootstrap(n_boot=12, seed=5)["icc_cluster"]
+    assert entry["icc_cluster"]["ci_method"] == "bootstrap"
+    assert (entry["icc_cluster"]["ci_low"], entry["icc_cluster"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
 
 
 def test_profile_intervals_warn_only_when_an_end_is_missing_and_wald_leaves_variances_nan():
@@ -517,12 +524,18 @@ def test_input_errors_name_the_shapes_and_the_design():
     with pytest.raises(ModelError, match="^outcome or covariates contain missing or infinite values; drop those rows "
                                          "first$"):
         RandomInterceptModel(y_nan, X, codes)
+    with pytest.raises(ModelError, match="^the outcome takes a single value: there is no variance to partition$"):
+        RandomInterceptModel(np.full(len(y), 2.0), X, codes)
     with pytest.raises(ModelError, match="^3 patients for 3 fixed effects$"):
         RandomInterceptModel([1.0, 2.0, 4.0], np.eye(3), [0, 0, 1])
     df = pd.DataFrame({"y": y, "therapist": codes, "site": cl})
     with pytest.raises(ModelError, match="^cluster column 'cluster' is not a column of the patient table$"):
         NestedModel.from_frame(df, "y")
-    res = RandomInterceptModel(y, X, codes).fit()  # an array design: the column of ones is the intercept
+    model = RandomInterceptModel(y, X, codes)
+    assert model.cluster_labels is None and model.cluster_codes is None and model.codes.dtype == np.int64
+    nested = NestedModel(y, X, codes, np.array([f"S{c}" for c in cl]))
+    assert list(nested.cluster_labels) == [f"S{c}" for c in range(5)] and nested.codes.dtype == np.int64
+    res = model.fit()  # an array design: the column of ones is the intercept
     assert list(res.params.index) == ["(Intercept)", "x1", "therapist", "residual"]
     assert res.params.name == "estimate"
     assert list(res.cov_params.columns) == list(res.cov_params.index) == ["(Intercept)", "x1"]

@@ -255,7 +255,7 @@ class _BaseModel:
         if n <= X.shape[1]:
             raise ModelError(f"{n} patients for {X.shape[1]} fixed effects")
         self.endog, self.exog, self.exog_names = y, X, names
-        self.codes = np.asarray(gcodes, dtype=np.int64)
+        self.codes = gcodes  # int64 (factorized or np.unique's inverse)
         self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
         self._engine = BlockEngine(y, X, np.broadcast_to(1.0, (n, 1)), self.codes, G, cluster=cl)  # (a view: no memory)
 
