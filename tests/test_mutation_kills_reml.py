@@ -601,3 +601,14 @@ def test_min_nonneg_global_boundary_wins_a_tie_at_exactly_boundary_tol():
     assert ok and g == 0.0 and fg == BOUNDARY_TOL
     g, fg, _ = min_nonneg_global(lambda g: f(g) if g > 0 else 2 * BOUNDARY_TOL)
     assert g > 0.0 and fg == 0.0
+
+
+def test_integer_and_boolean_outcomes_are_fitted_as_floats():
+    """Scores stored as integers and a yes/no outcome (a linear probability model) give the fit of the same
+    values as floats; the model keeps the outcome as floats."""
+    y, X, codes, _ = _nested_data(seed=1)
+    for raw in (np.round(3.0 * y).astype(int), y > np.median(y)):
+        model = RandomInterceptModel(raw, X, codes)
+        assert model.endog.dtype == float
+        ref = RandomInterceptModel(raw.astype(float), X, codes).fit()
+        pd.testing.assert_series_equal(model.fit().params, ref.params)
