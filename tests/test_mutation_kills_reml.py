@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import optimize, stats
+from threadpoolctl import threadpool_limits
 
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError
-from therapist_effects.models.profile import LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
+from therapist_effects.exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
+from therapist_effects.models.profile import BOUNDARY_TOL, LOG_G_GRID, min1d_local, min_nd_local, min_nonneg_global
 from therapist_effects.models.reml import NestedModel, RandomInterceptModel
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -120,6 +121,7 @@ def test_nested_fit_is_the_dense_likelihood_maximum(method):
     W = np.linalg.inv(v["residual"] * np.eye(n) + v["therapist"] * same_t + v["cluster"] * same_c)
     cov = np.linalg.inv(X.T @ W @ X)
     np.testing.assert_allclose(res.bse.to_numpy(), np.sqrt(np.diag(cov)), rtol=1e-8)
+    np.testing.assert_allclose(res.cov_params.loc[["(Intercept)", "x1"], ["(Intercept)", "x1"]], cov, rtol=1e-8)
     np.testing.assert_allclose(res.fe_params.to_numpy(), cov @ X.T @ W @ y, rtol=1e-9)
     tot = sum(v.values())
     assert res.icc() == pytest.approx(v["therapist"] / tot, rel=1e-12)
@@ -262,6 +264,9 @@ def test_parametric_bootstrap_draws_the_fitted_variances():
     assert nres.vcomp["cluster"] > 1.0
     nboot = nres.bootstrap(n_boot=30, seed=2)
     assert nboot["cluster"].mean() > 0.5 * nres.vcomp["cluster"]
+    total = nboot["therapist"] + nboot["cluster"] + nboot["residual"]
+    np.testing.assert_allclose(nboot["icc"], nboot["therapist"] / total, rtol=1e-12)
+    np.testing.assert_allclose(nboot["icc_cluster"], nboot["cluster"] / total, rtol=1e-12)
 
 
 def test_contract_bootstrap_intervals_use_the_given_seed():
@@ -270,6 +275,13 @@ def test_contract_bootstrap_intervals_use_the_given_seed():
     entry = res.to_contract(interval="bootstrap", n_boot=20, seed=7)
     draws = res.bootstrap(n_boot=20, seed=7)["icc"]
     assert (entry["icc"]["ci_low"], entry["icc"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
+    y, X, codes, cl = _nested_data(seed=3)
+    nres = NestedModel(y, X, codes, cl).fit()
+    entry = nres.to_contract(interval="bootstrap", n_boot=12, seed=5)
+    draws = nres.bootstrap(n_boot=12, seed=5)["icc_cluster"]
+    assert entry["icc_cluster"]["ci_method"] == "bootstrap"
+    assert (entry["icc_cluster"]["ci_low"], entry["icc_cluster"]["ci_high"]) == pytest.approx(
         tuple(np.percentile(draws, [2.5, 97.5])), rel=1e-12)
 
 
@@ -342,3 +354,261 @@ def test_bootstrap_singular_flag_marks_exactly_the_refits_at_zero_variance():
     at_zero = ratio < 1e-8  # theta^2 < (1e-4)^2
     assert draws["singular"].to_numpy().tolist() == at_zero.to_numpy().tolist()
     assert 0 < int(at_zero.sum()) < 40  # both kinds of refit occur
+
+
+def _dense_blups(y, X, codes, cl, res):
+    """BLUPs of the therapist effects and their conditional SDs from the dense marginal covariance at the
+    estimates: ``u = s2_t Z' V^-1 (y - X b)``, ``Var(u | y) = s2_t I - s2_t^2 Z' V^-1 Z`` (Henderson)."""
+    v = res.vcomp
+    Zt = (codes[:, None] == np.arange(codes.max() + 1)[None, :]).astype(float)
+    V = v["residual"] * np.eye(len(y)) + v["therapist"] * Zt @ Zt.T
+    if cl is not None:
+        Zc = (cl[:, None] == np.arange(cl.max() + 1)[None, :]).astype(float)
+        V += v["cluster"] * Zc @ Zc.T
+    W = np.linalg.inv(V)
+    u = v["therapist"] * Zt.T @ W @ (y - X @ res.fe_params.to_numpy())
+    cvar = v["therapist"] * np.eye(Zt.shape[1]) - v["therapist"] ** 2 * Zt.T @ W @ Zt
+    return u, np.sqrt(np.diag(cvar))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_therapist_effects_are_the_dense_blups_with_their_conditional_sds(nested):
+    """Every column of the therapist table against the dense Henderson BLUP and direct computations: labels
+    sorted as strings (``T10`` before ``T2``; nested: within sorted clusters), caseloads, raw and case-mix-adjusted
+    means, the 90% interval ``effect -+ z se`` and the classification of the intervals that exclude 0 for each
+    direction."""
+    y, X, codes, cl = _nested_data(seed=3)
+    y = 10.0 * y  # a residual variance far from 1 (mixing up s2 and the variance ratio shows)
+    labels = np.array([f"T{c}" for c in codes])
+    clabels = np.array([f"S{c}" for c in cl])
+    model = NestedModel(y, X, labels, clabels) if nested else RandomInterceptModel(y, X, labels)
+    res = model.fit()
+    te = res.therapist_effects(level=0.9, higher_is_better=True)
+    u, se = _dense_blups(y, X, codes, cl if nested else None, res)
+    order = [int(t[1:]) for t in te["therapist"]]
+    units = sorted({(f"S{k}", f"T{c}") for c, k in zip(codes, cl)}) if nested else [("", f"T{c}") for c in set(codes)]
+    assert list(te["therapist"]) == [t for _, t in sorted(units, key=lambda u: (u[0], u[1]))]  # nested: cluster first
+    assert list(te.columns) == ["therapist", *(["cluster"] if nested else []), "caseload", "raw_mean",
+                                "adjusted_mean", "effect", "effect_se", "ci_low", "ci_high", "classification"]
+    if nested:
+        assert list(te["cluster"]) == [f"S{cl[codes == c][0]}" for c in order]
+    assert list(te["caseload"]) == [int(np.sum(codes == c)) for c in order]
+    np.testing.assert_allclose(te["raw_mean"], [y[codes == c].mean() for c in order], rtol=1e-12)
+    fitted = X @ res.fe_params.to_numpy()
+    np.testing.assert_allclose(te["adjusted_mean"], [fitted.mean() + (y - fitted)[codes == c].mean() for c in order],
+                               rtol=1e-10)
+    np.testing.assert_allclose(te["effect"], u[order], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(te["effect_se"], se[order], rtol=1e-8)
+    z = stats.norm.ppf(0.95)
+    np.testing.assert_allclose(te["ci_low"], u[order] - z * se[order], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(te["ci_high"], u[order] + z * se[order], rtol=1e-8, atol=1e-10)
+    lo, hi = u[order] - z * se[order], u[order] + z * se[order]
+    expect = np.where(lo > 0, "better than average", np.where(hi < 0, "worse than average",
+                                                               "not distinguishable from average"))
+    assert list(te["classification"]) == list(expect)
+    assert (lo > 0).any() and (hi < 0).any()  # both labels occur
+    te95 = res.therapist_effects()  # the default level: 95%
+    np.testing.assert_allclose(te95["ci_high"], u[order] + stats.norm.ppf(0.975) * se[order], rtol=1e-8, atol=1e-10)
+    worse = res.therapist_effects(level=0.9, higher_is_better=False)["classification"]
+    assert list(worse) == [{"better than average": "worse than average", "worse than average": "better than average"}
+                           .get(c, c) for c in expect]
+
+
+def test_nested_profile_intervals_are_roots_of_the_dense_ml_profile():
+    """lme4's confint(profile) of a nested REML fit (profiled by the ML deviance, as lme4): at every end the dense
+    ML log-likelihood maximised over the other parameters (variances by Nelder-Mead, the other fixed effects by
+    GLS) lies q / 2 below its maximum. 12 clusters with a clear cluster variance (its lower end is interior) and a
+    residual variance about 100, far from 1 (a start of the cluster SD's profile on the wrong scale shows)."""
+    y, X, codes, cl = _nested_data(seed=3, C=12)
+    y = 10.0 * y
+    n = len(y)
+    res = NestedModel(y, X, codes, cl).fit()
+    ci = res.conf_int()
+    assert ci.loc["cluster", "lower"] > 0.0
+    same_t = codes[:, None] == codes[None, :]
+    same_c = cl[:, None] == cl[None, :]
+    start = np.log([res.vcomp["therapist"], res.vcomp["cluster"], res.vcomp["residual"]])
+
+    def max_ll(var=None, value=None, beta=None):
+        """Maximum over the free variances; ``var``: index of a variance fixed at ``value``; ``beta``:
+        ``(j, b_j)``, fixed effect j fixed (its column moved to the outcome)."""
+        free = [i for i in range(3) if i != var]
+        yy, XX = (y, X) if beta is None else (y - beta[1] * X[:, beta[0]], np.delete(X, beta[0], axis=1))
+
+        def neg(z):
+            v = np.empty(3)
+            v[free] = np.exp(z)
+            if var is not None:
+                v[var] = value
+            return -_dense_loglik(yy, XX, v[2] * np.eye(n) + v[0] * same_t + v[1] * same_c, False)
+
+        with threadpool_limits(1):  # many small dense products: BLAS threads only wait on a busy machine
+            return -optimize.minimize(neg, start[free], method="Nelder-Mead",
+                                      options={"xatol": 1e-7, "fatol": 1e-10, "maxiter": 20000}).fun
+
+    cut = max_ll() - stats.chi2.ppf(0.95, 1) / 2
+    for i, name in enumerate(["therapist", "cluster", "residual"]):
+        lo, hi = ci.loc[name]
+        assert 0.0 < lo < hi
+        assert max_ll(i, lo) == pytest.approx(cut, abs=1e-6) and max_ll(i, hi) == pytest.approx(cut, abs=1e-6)
+    for j, name in enumerate(res.fe_params.index):
+        lo, hi = ci.loc[name]
+        assert lo < res.fe_params[name] < hi
+        assert max_ll(beta=(j, lo)) == pytest.approx(cut, abs=1e-6)
+        assert max_ll(beta=(j, hi)) == pytest.approx(cut, abs=1e-6)
+
+
+def test_failed_bootstrap_refits_are_counted_and_warned_as_convergence_warnings():
+    """Outcomes constant within therapists up to 1e-5: the fit runs to the top of the variance-ratio search,
+    and so do some refits of data simulated from it; those rows are NaN with ``converged`` False, and the
+    count is reported once as a ConvergenceWarning (not a generic UserWarning)."""
+    rng = np.random.default_rng(1)
+    t = np.repeat(np.arange(10), 5)
+    y = rng.normal(size=10)[t] + 1e-5 * rng.normal(size=t.size)
+    with pytest.warns(ConvergenceWarning):
+        res = RandomInterceptModel(y, np.ones(t.size), t).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draws = res.bootstrap(4, seed=0)
+    failed = ~draws["converged"]
+    assert 0 < int(failed.sum()) < 4
+    assert draws.loc[failed, ["(Intercept)", "therapist", "residual", "icc"]].isna().all().all()
+    assert draws.loc[~failed, ["(Intercept)", "therapist", "residual", "icc"]].notna().all().all()
+    msg = (f"{int(failed.sum())} of 4 bootstrap refits failed (did not converge); they are left out of the "
+           "percentile intervals")
+    assert [(w.category, str(w.message)) for w in caught] == [(ConvergenceWarning, msg)]
+    assert msg in res.warnings
+
+
+@pytest.mark.parametrize("G, m, theta", [(30, 5, 3e-3), (50, 10, 1e-3), (100, 20, 1e-3)])
+def test_profile_ends_of_a_therapist_sd_near_zero_are_found(G, m, theta):
+    """ML estimate of the therapist SD a small interior value (theta = sd / sigma = 1e-3 .. 3e-3; balanced
+    data built so that the ML estimate of s2_t / s2 is theta^2). The profile's upper end of the therapist
+    variance is the root of the balanced one-way ML deviance, the mean at the grand mean and s2 profiled out
+    (minimize_scalar), -2 l = N log 2 pi + G (m - 1) log s2 + G log(s2 + m s2_t) + SSW / s2 + SSB / (s2 + m s2_t),
+    and the lower end is 0 (the deviance at 0 is within q of the minimum). Regressions: the first trial went
+    sqrt(q var) / sd (~1e3) out on the log scale, past the search's ceiling, and the end was reported
+    missing; for (100, 20, 1e-3) the finite-difference curvature is not positive definite and must not be used."""
+    msb = (1.0 + m * theta**2) / (1.0 - 1.0 / G)  # ML: ((1 - 1/G) MSB - MSW) / m = theta^2 with MSW = 1
+    y, t = _balanced(G, m, msb, 1.0, seed=5)
+    n = len(y)
+    res = RandomInterceptModel(y, np.ones((n, 1)), t, method="ML").fit()
+    assert res.vcomp["therapist"] == pytest.approx(theta**2, rel=1e-2) and not res.singular  # a flat optimum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StatisticalWarning)
+        ci = res.conf_int()
+    ssb, ssw = msb * (G - 1), 1.0 * G * (m - 1)
+
+    def dev(vt):
+        def d(ls2):
+            s2 = math.exp(ls2)
+            return n * LOG2PI + G * (m - 1) * ls2 + G * math.log(s2 + m * vt) + ssw / s2 + ssb / (s2 + m * vt)
+        return optimize.minimize_scalar(d, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-10}).fun
+
+    q = stats.chi2.ppf(0.95, 1)
+    dmin = dev(theta**2)
+    assert ci.loc["therapist", "lower"] == 0.0 and dev(0.0) - dmin < q
+    assert dev(ci.loc["therapist", "upper"]) - dmin == pytest.approx(q, abs=1e-6)
+
+
+def test_input_errors_name_the_shapes_and_the_design():
+    """One-line errors with the numbers they promise; default names of an array design."""
+    y, X, codes, cl = _nested_data()
+    with pytest.raises(ModelError, match="^exog has 5 rows but endog has 6$"):
+        RandomInterceptModel(y[:6], X[:5], codes[:6])
+    Xd = np.column_stack([X, 2.0 * X[:, 1]])
+    with pytest.raises(ModelError, match=r"^fixed-effects design \['a', 'b', 'c'\] is rank deficient$"):
+        RandomInterceptModel(y, Xd, codes, exog_names=["a", "b", "c"])
+    y_nan = y.copy()
+    y_nan[4] = np.nan
+    with pytest.raises(ModelError, match="^outcome or covariates contain missing or infinite values; drop those rows "
+                                         "first$"):
+        RandomInterceptModel(y_nan, X, codes)
+    with pytest.raises(ModelError, match="^the outcome takes a single value: there is no variance to partition$"):
+        RandomInterceptModel(np.full(len(y), 2.0), X, codes)
+    with pytest.raises(ModelError, match="^3 patients for 3 fixed effects$"):
+        RandomInterceptModel([1.0, 2.0, 4.0], np.eye(3), [0, 0, 1])
+    df = pd.DataFrame({"y": y, "therapist": codes, "site": cl})
+    with pytest.raises(ModelError, match="^cluster column 'cluster' is not a column of the patient table$"):
+        NestedModel.from_frame(df, "y")
+    model = RandomInterceptModel(y, X, codes)
+    assert model.cluster_labels is None and model.cluster_codes is None and model.codes.dtype == np.int64
+    nested = NestedModel(y, X, codes, np.array([f"S{c}" for c in cl]))
+    assert list(nested.cluster_labels) == [f"S{c}" for c in range(5)] and nested.codes.dtype == np.int64
+    res = model.fit()  # an array design: the column of ones is the intercept
+    assert list(res.params.index) == ["(Intercept)", "x1", "therapist", "residual"]
+    assert res.params.name == "estimate"
+    assert list(res.cov_params.columns) == list(res.cov_params.index) == ["(Intercept)", "x1"]
+
+
+def test_nested_singular_fit_names_both_zero_components():
+    """Therapist means all equal (each therapist's outcomes are the same centred values plus one constant):
+    no therapist or cluster variance; both are named in the one singular-fit warning."""
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(12, 5))
+    e -= e.mean(axis=1, keepdims=True)
+    y = 3.0 + e.ravel()
+    codes = np.repeat(np.arange(12), 5)
+    with pytest.warns(SingularFitWarning) as caught:
+        res = NestedModel(y, np.ones((60, 1)), codes, codes // 3).fit()
+    assert res.vcomp["therapist"] == 0.0 and res.vcomp["cluster"] == 0.0
+    assert [str(w.message) for w in caught] == ["singular fit: therapist and cluster variance estimated at (or "
+                                                "next to) zero"]
+
+
+@pytest.mark.parametrize("x0, lo, dip, base_min", [
+    (0.0, -np.inf, 0.0, 0.03),    # the start itself: both first neighbours higher
+    (0.0, -np.inf, 0.1, 0.15),    # the last point of a bracket to the right
+    (0.0, -0.15, -0.1, 0.0),      # the last point before a step to the left hits the bound
+])
+def test_min1d_local_returns_the_best_point_it_evaluated(x0, lo, dip, base_min):
+    """A dip of depth 1 exactly at a point the bracketing evaluates (start 0, step 0.1), which the bounded Brent
+    refinement cannot see: the answer is that point, not Brent's local minimum of the smooth part."""
+    def f(x):
+        return (x - base_min) ** 2 - (1.0 if x == dip else 0.0)
+
+    x, fx = min1d_local(f, x0, 0.1, lo)
+    assert x == dip and fx == f(dip)
+
+
+def test_min_nd_local_stops_the_second_coordinate_on_its_bound():
+    """The minimum of the quadratic lies below the second coordinate's bound 0: the answer is on that bound,
+    the first coordinate at its conditional optimum there (2 (x0 + 1/2) + 1/2 = 0)."""
+    def f(z):
+        return float((z[0] + 0.5) ** 2 + (z[1] + 1.0) ** 2 + 0.5 * (z[0] + 0.5) * (z[1] + 1.0) + 2.0)
+
+    x, fx = min_nd_local(f, np.array([0.4, 0.2]), np.array([0.1, 0.1]), np.array([-np.inf, 0.0]))
+    assert x[1] == 0.0
+    assert x[0] == pytest.approx(-0.75, abs=1e-6) and fx == pytest.approx(2.9375, abs=1e-11)
+
+
+@pytest.mark.parametrize("theta", [1e-4, 3e-4])
+def test_min_nonneg_global_refines_theta_next_to_the_boundary_tightly(theta):
+    """A flat (quartic) criterion with its minimum at theta = sqrt(g) of lme4's singular tolerance 1e-4 and
+    just above it, below the first grid point: theta is found to 1e-8 relative (Brent's tolerance there is
+    about 1e-14 absolute), so the singular flag is decided by the optimum, not by the search's tolerance."""
+    g, fg, ok = min_nonneg_global(lambda g: ((math.sqrt(g) - theta) * 1e3) ** 4)
+    assert ok and math.sqrt(g) == pytest.approx(theta, rel=1e-8) and fg < 1e-40
+
+
+def test_min_nonneg_global_boundary_wins_a_tie_at_exactly_boundary_tol():
+    """The boundary is preferred when within BOUNDARY_TOL of the interior optimum, that value included: an
+    interior minimum of exactly 0 (a flat bottom around g = e) and f(0) = BOUNDARY_TOL give g = 0."""
+    def f(g):
+        return max(abs(math.log(g) - 1.0) - 0.3, 0.0) ** 2 if g > 0 else BOUNDARY_TOL
+
+    g, fg, ok = min_nonneg_global(f)
+    assert ok and g == 0.0 and fg == BOUNDARY_TOL
+    g, fg, _ = min_nonneg_global(lambda g: f(g) if g > 0 else 2 * BOUNDARY_TOL)
+    assert g > 0.0 and fg == 0.0
+
+
+def test_integer_and_boolean_outcomes_are_fitted_as_floats():
+    """Scores stored as integers and a yes/no outcome (a linear probability model) give the fit of the same
+    values as floats; the model keeps the outcome as floats."""
+    y, X, codes, _ = _nested_data(seed=1)
+    for raw in (np.round(3.0 * y).astype(int), y > np.median(y)):
+        model = RandomInterceptModel(raw, X, codes)
+        assert model.endog.dtype == float
+        ref = RandomInterceptModel(raw.astype(float), X, codes).fit()
+        pd.testing.assert_series_equal(model.fit().params, ref.params)

@@ -26,8 +26,7 @@ BOUNDARY_TOL = 1e-9
 def _brent(f: Callable[[float], float], lo: float, hi: float, xtol: float,
            extra: tuple[tuple[float, float], ...] = ()) -> tuple[float, float]:
     """Bounded Brent on ``[lo, hi]``; returns the best of its answer and the ``extra`` points."""
-    res = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded",
-                                   options={"xatol": xtol, "maxiter": 500})
+    res = optimize.minimize_scalar(f, bounds=(lo, hi), options={"xatol": xtol})  # with bounds: method "bounded"
     best = (float(res.x), float(res.fun))
     for x, fx in extra:
         if fx < best[1]:
@@ -84,26 +83,25 @@ def min1d_local(f: Callable[[float], float], x0: float, step: float, lo: float =
     xr = x0 + step
     fr = f(xr)
     if fr < f0:
-        d, a, b, fb = 1.0, x0, xr, fr
+        a, b, fb = x0, xr, fr
     else:
         if x0 == lo:
             return _brent(f, lo, xr, xtol, ((lo, f0),))
         xl = max(x0 - step, lo)
         fl = f(xl)
         if fl >= f0:
-            return _brent(f, xl, xr, xtol, ((x0, f0), (xl, fl)))
+            return _brent(f, xl, xr, xtol, ((x0, f0),))
         if xl == lo:
             return _brent(f, lo, x0, xtol, ((lo, fl),))
-        d, a, b, fb = -1.0, x0, xl, fl
-    h = step
+        a, b, fb = x0, xl, fl
+    h = b - a  # the first step, signed: doubled in the direction of descent
     for _ in range(200):
         h *= 2.0
-        c = b + d * h
-        if d < 0 and c <= lo:
-            c = lo
-            fc = f(c)
+        c = b + h
+        if c <= lo:  # only a step to the left reaches the bound (b >= lo)
+            fc = f(lo)
             if fc < fb:
-                return _brent(f, lo, b, xtol, ((lo, fc), (b, fb)))
+                return _brent(f, lo, b, xtol, ((lo, fc),))
             return _brent(f, lo, a, xtol, ((b, fb),))
         fc = f(c)
         if fc >= fb:
@@ -118,7 +116,7 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
     (the first coordinate profiled inside the second), warm-started at ``x0``. ``xtol`` is in
     the coordinates' units; 1e-7 on O(1) coordinates leaves a criterion error of ~1e-14. ``hess``:
     a dict carrying the Hessian from one call to the next (see :func:`newton_minimise`)."""
-    x0 = np.maximum(np.asarray(x0, dtype=float), lows)
+    x0 = np.maximum(x0, lows)
     if len(x0) == 1:
         x, fx = min1d_local(lambda t: f(np.array([t])), x0[0], steps[0], lows[0], xtol=xtol)
         return np.array([x]), fx
@@ -128,7 +126,7 @@ def min_nd_local(f: Callable[[np.ndarray], float], x0: np.ndarray, steps: np.nda
     # the nested Brent searches below only when it cannot vouch for its answer
     from ..engine.gaussian import newton_minimise
 
-    xn, fn, ok = newton_minimise(f, x0, np.asarray(lows, dtype=float), hess=hess)
+    xn, fn, ok = newton_minimise(f, x0, lows, hess=hess)
     if ok:
         return xn, fn
     inner_start = [x0[0]]

@@ -202,8 +202,8 @@ class _BaseModel:
 
     _nested = False
 
-    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any = None, *,
-                 exog_names: Sequence[str] | None = None, method: str = "REML"):
+    def __init__(self, endog: Any, exog: Any, therapist: Any, cluster: Any, *,
+                 exog_names: Sequence[str] | None, method: str):
         self.method = _check_method(method)
         y = np.asarray(endog, dtype=float).ravel()
         X = np.asarray(exog, dtype=float)
@@ -242,7 +242,7 @@ class _BaseModel:
             pair = ccodes * len(tlabels) + tcodes
             uniq, gcodes = np.unique(pair, return_inverse=True)
             G = len(uniq)
-            cl = (uniq // len(tlabels)).astype(np.int64)
+            cl = uniq // len(tlabels)
             self.group_therapist = tlabels[uniq % len(tlabels)]
             self.group_cluster = clabels[cl]
             self.cluster_labels = clabels
@@ -255,7 +255,7 @@ class _BaseModel:
         if n <= X.shape[1]:
             raise ModelError(f"{n} patients for {X.shape[1]} fixed effects")
         self.endog, self.exog, self.exog_names = y, X, names
-        self.codes = np.asarray(gcodes, dtype=np.int64)
+        self.codes = gcodes  # int64 (factorized or np.unique's inverse)
         self.n_obs, self.n_therapists, self.n_clusters = n, G, (C if cluster is not None else None)
         self._engine = BlockEngine(y, X, np.broadcast_to(1.0, (n, 1)), self.codes, G, cluster=cl)  # (a view: no memory)
 
@@ -596,8 +596,10 @@ class MixedResults(ModelResults):
             for d in (-1, 1):
                 start[0] = (float(sds[k]), x0.copy())
                 _reset(hess, H_in)
+                # the Wald distance on the log scale, sqrt(q var) / sd, grows without bound as the SD
+                # nears 0 (past the search's ceiling: the end was reported missing): at most a factor e^2
                 e, found = _profile_end(excess, float(sds[k]), q, d, lower=0.0, log_scale=True, step=0.1,
-                                        scale=0.01 * sigma, wald=wald)
+                                        scale=0.01 * sigma, wald=wald, cap=2.0)
                 ends.append(e ** 2 if found else math.nan)
                 if not found:
                     notes.append(f"{name} variance")
@@ -774,8 +776,8 @@ class MixedResults(ModelResults):
         a = ni / (1.0 + ni * gt)
         if self.nested:
             cl = eng.cluster
-            tau = np.bincount(cl, weights=a, minlength=eng.C)
-            U = np.bincount(cl, weights=a * rbar, minlength=eng.C)
+            tau = np.bincount(cl, weights=a)  # every cluster has a therapist: C entries
+            U = np.bincount(cl, weights=a * rbar)
             w = gc / (1.0 + gc * tau)
             u_c = w * U
             effect = gt * a * (rbar - u_c[cl])
