@@ -188,11 +188,15 @@ TARGETS = {
 }
 
 
-@pytest.mark.parametrize("arm_residual, cluster, names", [
-    (True, False, ["residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]", "icc_ratio"]),
-    (False, True, ["residual", "cluster", "therapist[0]", "icc[0]"]),
-])
-def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual, cluster, names):
+# (the per-arm targets of uncorrelated models are checked against closed forms above)
+DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "correlation", "icc_ratio")] + [
+    (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]")]
+
+
+@pytest.mark.parametrize("arm_residual, cluster, name", DENSE_CASES)
+def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual, cluster, name):
+    """Correlated arm effects (and a cluster level): each profile limit is where the dense ML deviance, minimised
+    under the constraint target = limit, exceeds its minimum by qchisq(.95, 1)."""
     y, X, t, arm, cl = crossed
     kw = {"exog_names": ["Intercept", "arm"], "correlated": True, "arm_residual": arm_residual}
     if cluster:
@@ -209,20 +213,18 @@ def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual,
 
     dmin = dev(u_hat)
     assert dmin == pytest.approx(-2 * ml.loglik, rel=1e-9)
-    for name in names:
-        lo, hi = res.profile_interval(name)
-        assert np.isfinite(lo) and np.isfinite(hi)
-        for end in (lo, hi):
-            if end in (0.0, 1.0, -1.0):  # an edge of the parameter space (checked elsewhere)
-                continue
-            cons = {"type": "eq", "fun": lambda u, end=end, name=name: TARGETS[name](*_unpack(u, arm_residual, cluster))
-                    - end}
-            u = u_hat
-            for _ in range(3):  # SLSQP restarted from its own answer (it stops early on this problem)
-                u = optimize.minimize(dev, u, method="SLSQP", options={"ftol": 1e-13, "maxiter": 1000},
-                                      constraints=cons).x
-            assert abs(cons["fun"](u)) < 1e-7
-            assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
+    lo, hi = res.profile_interval(name)
+    assert np.isfinite(lo) and np.isfinite(hi)
+    for end in (lo, hi):
+        if end in (0.0, 1.0, -1.0):  # an edge of the parameter space (checked elsewhere)
+            continue
+        cons = {"type": "eq", "fun": lambda u, end=end: TARGETS[name](*_unpack(u, arm_residual, cluster)) - end}
+        u = u_hat
+        for _ in range(3):  # SLSQP restarted from its own answer (it stops early on this problem)
+            u = optimize.minimize(dev, u, method="SLSQP", options={"ftol": 1e-13, "maxiter": 1000},
+                                  constraints=cons).x
+        assert abs(cons["fun"](u)) < 1e-7
+        assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
 
 
 @pytest.mark.parametrize("arm_residual, cluster", [(False, False), (True, True)])
@@ -252,25 +254,58 @@ def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(cr
 
 
 def test_contract_entry_carries_the_requested_intervals(crossed):
-    """to_contract with exact profile limits: each entry holds the limits of profile_interval under the
-    contract's field names; conf_int's level reaches lme4's profile; icc_by_arm names the roles."""
+    """to_contract with bootstrap intervals (a few seeded replicates): each entry holds the interval that
+    conf_int / icc_by_arm / icc_ratio give for the same seed, under the contract's field names; fixed effects
+    get Wald intervals; the LRT is lrt_equal_variances'; icc_by_arm names the roles."""
     y, X, t, arm, _ = crossed
     df = pd.DataFrame({"y": y, "therapist": t, "arm": arm})
     res = ArmVarianceModel.from_frame(df, "y", correlated=True, arm_residual=True).fit()
-    entry = res.to_contract(interval="profile_exact")
-    for name in ("therapist[0]", "residual[1]"):
-        lo, hi = res.profile_interval(name)
+    kw = {"method": "bootstrap", "n_boot": 6, "seed": 3}
+    entry = res.to_contract(interval="bootstrap", n_boot=6, seed=3)
+    ci = res.conf_int(0.95, **kw)
+    for name in ("therapist[0]", "therapist[1]", "residual[0]", "residual[1]"):
+        lo, hi = ci.loc[name]
         assert entry["variance_components"][name] == {"estimate": res.vcomp[name], "ci_low": lo, "ci_high": hi}
-    assert "cov(therapist)" not in entry["variance_components"]
-    lo, hi = res.profile_interval("correlation")
+        assert lo < hi
+    assert set(entry["variance_components"]) == {"therapist[0]", "therapist[1]", "residual[0]", "residual[1]"}
+    lo, hi = ci.loc["correlation"]
     assert entry["correlation"] == {"estimate": res.correlation, "ci_low": lo, "ci_high": hi}
-    lo, hi = res.profile_interval("icc[1]")
-    assert entry["icc_by_arm"]["1"] == {"estimate": res.icc_point()[1], "ci_low": lo, "ci_high": hi,
-                                        "ci_method": "profile_exact"}
-    assert list(res.icc_by_arm(method="profile_exact")["role"]) == ["control", "feedback"]
-    ci90 = res.conf_int(0.90)
-    assert tuple(ci90.loc["therapist[0]"]) == res.lme4_profile_interval("therapist[0]", 0.90)
-    assert ci90.loc["therapist[0]", "upper"] < res.conf_int(0.95).loc["therapist[0]", "upper"]
+    icc = res.icc_by_arm(**kw)
+    assert list(icc["role"]) == ["control", "feedback"] and list(icc["ci_method"]) == ["bootstrap"] * 2
+    for lv in ("0", "1"):
+        assert entry["icc_by_arm"][lv] == {"estimate": res.icc_point()[int(lv)], "ci_low": icc.loc[lv, "ci_low"],
+                                           "ci_high": icc.loc[lv, "ci_high"], "ci_method": "bootstrap"}
+    ratio = res.icc_ratio(**kw)
+    assert entry["icc_ratio"] == ratio and ratio["estimate"] == res.ratio_point()
+    assert entry["icc_reduction"] == {"estimate": 1 - ratio["estimate"], "ci_low": 1 - ratio["ci_high"],
+                                      "ci_high": 1 - ratio["ci_low"], "ci_method": "bootstrap"}
+    z = stats.norm.ppf(0.975)
+    assert set(entry["fixed_effects"]) == set(res.fe_params.index) and len(res.fe_params) == 2
+    for nm in res.fe_params.index:
+        b, se = res.fe_params[nm], res.bse[nm]
+        assert entry["fixed_effects"][nm] == pytest.approx({"estimate": b, "se": se, "ci_low": b - z * se,
+                                                            "ci_high": b + z * se}, rel=1e-12)
+    lrt = res.lrt_equal_variances()
+    assert entry["lrt_equal_variances"] == {"statistic": lrt["statistic"], "df": 1, "p_value": lrt["p_value"]}
+    assert entry["method"] == "REML" and entry["family"] == "gaussian" and entry["n_patients"] == len(y)
+    assert entry["n_therapists"] == 12 and entry["feedback_level"] == "1" and entry["control_level"] == "0"
+
+
+def test_conf_int_level_reaches_both_profile_methods(data):
+    """conf_int at level .90: exact limits ('profile_exact') are the closed-form ANOVA roots at .90; lme4's
+    spline-interpolated limits ('profile', the default) are close to them on this smooth profile."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"]).fit()
+    exact = res.conf_int(0.90, method="profile_exact")
+    spline = res.conf_int(0.90)
+    for name in ("therapist[0]", "residual"):
+        want = _closed_limits(name, res._targets("ML")[name].estimate, "ML", False, level=0.90)
+        assert tuple(exact.loc[name]) == pytest.approx(want, rel=1e-7)
+        assert tuple(spline.loc[name]) == pytest.approx(want, rel=5e-3)
+    fe = exact.loc["arm"]
+    z = stats.norm.ppf(0.95)
+    assert tuple(fe) == pytest.approx((res.fe_params["arm"] - z * res.bse["arm"], res.fe_params["arm"] + z *
+                                       res.bse["arm"]), rel=1e-12)
 
 
 def test_therapist_effects_refused_with_a_random_cluster_level(crossed):
@@ -278,3 +313,98 @@ def test_therapist_effects_refused_with_a_random_cluster_level(crossed):
     res = ArmVarianceModel(y, X, t, arm, cluster=cl, cluster_random=True).fit()
     with pytest.raises(ModelError, match="^therapist_effects\\(\\) is not available with cluster_random=True"):
         res.therapist_effects()
+
+
+# -- profile limits against the closed-form profiles of the per-arm balanced one-way ANOVA --
+# With X = [1, arm] and therapists in one arm each, the -2 log likelihood is a sum over arms of
+#   G (m - 1) log s2 + SSW / s2 + k log w + SSB / w,   w = s2 + m tau2 >= s2,
+# k = G (ML) or G - 1 (REML; the log-determinant of X'V^-1 X gives -log w per arm), up to constants.
+
+
+def _arm_dev(arm_, tau2, s2, method):
+    G, m, msb, msw = ARMS[arm_]
+    k = G if method == "ML" else G - 1
+    w = s2 + m * tau2
+    return G * (m - 1) * math.log(s2) + G * (m - 1) * msw / s2 + k * math.log(w) + (G - 1) * msb / w
+
+
+def _arm_dev_min_tau2(arm_, s2, method):
+    """Minimum over tau2 >= 0 at a fixed residual variance: w = SSB / k, or s2 if that is smaller."""
+    G, m, msb, _ = ARMS[arm_]
+    k = G if method == "ML" else G - 1
+    return _arm_dev(arm_, (max((G - 1) * msb / k, s2) - s2) / m, s2, method)
+
+
+def _min_log(f):
+    """Minimum of ``f`` over a positive scalar (a Brent search on its log, brackets checked)."""
+    res = optimize.minimize_scalar(lambda v: f(math.exp(v)), bounds=(-8.0, 8.0), method="bounded",
+                                   options={"xatol": 1e-11})
+    assert -7.9 < res.x < 7.9
+    return res.fun
+
+
+def _icc_dev(arm_, c, s2, method):
+    return _arm_dev(arm_, c * s2 / (1 - c), s2, method)
+
+
+def _closed_profile(name, c, method, arm_residual):
+    """The profiled -2 log likelihood at ``name = c`` (not yet minus the minimum)."""
+    if name == "icc_ratio":  # arm residuals free: icc_1 = c icc_0, one-dimensional in icc_0
+        def inner(i0):
+            return sum(_min_log(lambda s2, a=a, i=i: _icc_dev(a, i, s2, method)) for a, i in ((0, i0), (1, c * i0)))
+
+        hi = min(1.0, 1.0 / c) * (1 - 1e-9)
+        grid = np.linspace(hi * 1e-3, hi * (1 - 1e-6), 60)
+        j = int(np.argmin([inner(v) for v in grid]))
+        res = optimize.minimize_scalar(inner, bounds=(grid[max(j - 1, 0)], grid[min(j + 1, 59)]), method="bounded",
+                                       options={"xatol": 1e-12})
+        return res.fun
+    base, _, lv = name.partition("[")
+    a = int(lv[0]) if lv else None
+    if arm_residual:  # the arms factorise: only arm a's factor moves
+        if base == "therapist":
+            return _min_log(lambda s2: _arm_dev(a, c, s2, method))
+        if base == "residual":
+            return _arm_dev_min_tau2(a, c, method)
+        return _min_log(lambda s2: _icc_dev(a, c, s2, method))
+    # one residual variance: the other arm's therapist variance at its optimum given s2
+    if base == "residual":
+        return sum(_arm_dev_min_tau2(b, c, method) for b in (0, 1))
+    own = (lambda s2: _arm_dev(a, c, s2, method)) if base == "therapist" else (lambda s2: _icc_dev(a, c, s2, method))
+    return _min_log(lambda s2: own(s2) + _arm_dev_min_tau2(1 - a, s2, method))
+
+
+def _closed_limits(name, estimate, method, arm_residual, level=0.95):
+    """Roots of profile - minimum = qchisq(level, 1) either side of the estimate (0 where the profile stays
+    below the cut-off down to 0)."""
+    q = stats.chi2.ppf(level, 1)
+    dmin = _closed_profile(name, estimate, method, arm_residual)
+
+    def excess(c):
+        return _closed_profile(name, c, method, arm_residual) - dmin - q
+
+    lo_edge = 1e-12 if name.startswith("residual") or name == "icc_ratio" else 0.0
+    lo = 0.0 if excess(max(lo_edge, 1e-12)) < 0 else optimize.brentq(excess, max(lo_edge, 1e-12), estimate,
+                                                                     xtol=1e-14, rtol=1e-12)
+    top = estimate
+    while True:
+        top = min(2 * top, (1 + top) / 2) if name.startswith("icc[") else 2 * top
+        if excess(top) > 0:
+            break
+    return lo, optimize.brentq(excess, estimate, top, xtol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name, method, arm_residual", [
+    ("therapist[0]", "ML", True), ("therapist[1]", "ML", True), ("residual[0]", "ML", True),
+    ("residual[1]", "ML", True), ("icc[0]", "ML", True), ("icc[1]", "ML", True), ("icc_ratio", "ML", True),
+    ("therapist[1]", "REML", True), ("residual", "ML", False), ("therapist[0]", "ML", False),
+    ("icc[1]", "ML", False),
+])
+def test_profile_limits_are_the_roots_of_the_closed_form_anova_profile(data, name, method, arm_residual):
+    """profile_interval (deviance ML, or REML) against the likelihood-ratio roots of the closed-form profile."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=arm_residual).fit()
+    lo, hi = res.profile_interval(name, deviance=method.lower())
+    est = res._targets(method)[name].estimate
+    want = _closed_limits(name, est, method, arm_residual)
+    assert (lo, hi) == pytest.approx(want, rel=1e-7, abs=1e-12), name
