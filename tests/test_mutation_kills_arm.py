@@ -9,6 +9,7 @@ into one balanced one-way ANOVA per arm, whose estimates have closed forms (Sear
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -408,3 +409,123 @@ def test_profile_limits_are_the_roots_of_the_closed_form_anova_profile(data, nam
     est = res._targets(method)[name].estimate
     want = _closed_limits(name, est, method, arm_residual)
     assert (lo, hi) == pytest.approx(want, rel=1e-7, abs=1e-12), name
+
+
+# -- arm.py: bad input, the design, the parameter count, summary and icc() --
+def _small():
+    """Six therapists, each with two patients in each arm; cluster = therapist // 2."""
+    t = np.repeat(np.arange(6), 4)
+    arm = np.tile([0, 0, 1, 1], 6)
+    y = np.sin(np.arange(24.0)) + t * 0.3
+    return y, np.column_stack([np.ones(24), arm]), t, arm
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "REMLX"}, "method must be 'REML' or 'ML', got 'REMLX'"),
+    ({"exog": np.ones((23, 2))}, "exog has 23 rows but endog has 24"),
+    ({"therapist": np.arange(23)}, "therapist and arm must have one entry per patient"),
+    ({"arm": np.zeros(23)}, "therapist and arm must have one entry per patient"),
+    ({"endog": np.r_[np.nan, np.ones(23)]},
+     "outcome or covariates contain missing or infinite values; drop them before fitting"),
+    ({"exog": np.column_stack([np.ones(24), np.r_[np.inf, np.ones(23)]])},
+     "outcome or covariates contain missing or infinite values; drop them before fitting"),
+    ({"therapist": np.r_[None, np.arange(23)]},
+     "therapist or arm contains missing values; drop those patients before fitting"),
+    ({"arm": np.r_[None, np.tile([0, 0, 1, 1], 6)[1:]]},
+     "therapist or arm contains missing values; drop those patients before fitting"),
+    ({"arm": np.tile([0, 1, 2, 2], 6)}, "arm must have exactly two levels (control, feedback), found ['0', '1', '2']"),
+    ({"feedback_level": 2}, "feedback_level '2' is not a level of arm (levels: ['0', '1'])"),
+    ({"cluster_random": True}, "cluster_random=True needs the cluster (trial/service) of each patient"),
+    ({"cluster_random": True, "cluster": np.repeat([0, 1], 12)},
+     "a random cluster level needs at least three clusters, found 2"),
+    ({"exog_names": ["a"]}, "exog_names has 1 names for 2 columns"),
+    ({"exog": np.column_stack([np.ones(24), np.ones(24)]), "exog_names": ["a", "b"]},
+     "fixed-effects design ['a', 'b'] is rank deficient"),
+    ({"arm": np.r_[np.zeros(4), np.ones(20)]},
+     "arm '0' has patients of fewer than two therapists; its therapist variance cannot be estimated"),
+    ({"arm": np.r_[np.zeros(20), np.ones(4)]},
+     "arm '1' has patients of fewer than two therapists; its therapist variance cannot be estimated"),
+    ({"arm": np.r_[np.tile([0, 0, 1, 1], 2), np.tile([0, 0, 0, 0], 2), np.tile([1, 1, 1, 1], 2)], "correlated": True},
+     "correlated=True needs at least three therapists who treat patients in both arms"),
+])
+def test_bad_input_is_refused_with_its_reason(change, message):
+    y, X, t, arm = _small()
+    kw = {"endog": y, "exog": X, "therapist": t, "arm": arm, **change}
+    with pytest.raises(ModelError, match=f"^{re.escape(message)}$"):
+        ArmVarianceModel(**kw)
+
+
+def test_lower_case_method_and_three_mixed_therapists_are_accepted():
+    y, X, t, arm = _small()
+    m = ArmVarianceModel(y, X, t, np.r_[np.tile([0, 0, 1, 1], 3), np.tile([0, 0, 0, 0], 2), np.ones(4)], method="ml",
+                         correlated=True)
+    assert m.method == "ML" and m.exog_names == ["x0", "x1"] and m.n_clusters is None
+    m = ArmVarianceModel(y, X[:, 1], t, arm, cluster=t // 2, cluster_random=True)  # one column, three clusters
+    assert m._eng.p == 1 and m.n_clusters == 3 and list(m.therapist_labels) == [f"{c}:{i}" for i, c in
+                                                                                enumerate(np.arange(6) // 2)]
+    assert ArmVarianceModel(y, X, t, arm, cluster=t).n_clusters == 6
+
+
+def test_from_frame_design_names_and_errors():
+    """The arm indicator is named after a 0/1 arm column with feedback_level 1, else R-style; listed among the
+    covariates it keeps its place; include_arm=False leaves it out; bad columns / missing values are refused."""
+    y, X, t, arm = _small()
+    df = pd.DataFrame({"y": y, "x": np.cos(np.arange(24.0)), "therapist": t, "arm": arm,
+                       "cond": np.where(arm == 1, "ROM", "TAU")})
+    m = ArmVarianceModel.from_frame(df, "y", ["x"])
+    assert m.exog_names == ["(Intercept)", "x", "arm"] and m.outcome_name == "y" and m.arm_name == "arm"
+    np.testing.assert_array_equal(m._eng.X[:, 2], arm)
+    assert ArmVarianceModel.from_frame(df, "y", ["arm", "x"]).exog_names == ["(Intercept)", "arm", "x"]
+    assert ArmVarianceModel.from_frame(df, "y", ["x"], include_arm=False).exog_names == ["(Intercept)", "x"]
+    m = ArmVarianceModel.from_frame(df, "y", ["x"], arm="cond", feedback_level="ROM")
+    assert m.exog_names == ["(Intercept)", "x", "condROM"] and m.arm_levels == ["TAU", "ROM"]
+    np.testing.assert_array_equal(m._eng.X[:, 2], arm)
+    m = ArmVarianceModel.from_frame(df, "y", [], feedback_level=0)
+    assert m.exog_names == ["(Intercept)", "arm0"] and m.arm_levels == ["1", "0"]
+    np.testing.assert_array_equal(m._eng.X[:, 1], 1 - arm)
+    with pytest.raises(ModelError, match=r"^column 'z' is not in the patient table \(columns: \['y', 'x', "):
+        ArmVarianceModel.from_frame(df, "y", ["z"])
+    with pytest.raises(ModelError, match=r"^column 'site' is not in the patient table"):
+        ArmVarianceModel.from_frame(df, "y", [], cluster="site")
+    bad = df.assign(x=np.r_[np.nan, np.ones(23)])
+    with pytest.raises(ModelError, match=re.escape("1 rows have missing values in ['y', 'therapist', 'arm', 'x']; "
+                                                   "drop them before fitting")):
+        ArmVarianceModel.from_frame(bad, "y", ["x"])
+    with pytest.raises(ModelError, match=re.escape("feedback_level '2' is not a level of 'arm' (levels: ['0', '1'])")):
+        ArmVarianceModel.from_frame(df, "y", [], feedback_level=2)
+
+
+@pytest.mark.parametrize("kw, k", [({}, 3), ({"arm_residual": True}, 4), ({"correlated": True}, 4),
+                                   ({"correlated": True, "arm_residual": True, "cluster_random": True}, 6)])
+def test_aic_and_bic_count_lme4s_parameters(crossed, kw, k):
+    """lme4's df of logLik: the fixed effects, the covariance parameters and the residual scale."""
+    y, X, t, arm, cl = crossed
+    res = ArmVarianceModel(y, X, t, arm, cluster=cl, **kw).fit()
+    assert res.aic == pytest.approx(-2 * res.loglik + 2 * (2 + k), rel=1e-12)
+    assert res.bic == pytest.approx(-2 * res.loglik + math.log(96) * (2 + k), rel=1e-12)
+    assert res.n_patients == 96 and res.n_therapists == 12
+
+
+def test_summary_and_icc_report_the_arm_iccs(crossed):
+    y, X, t, arm, _ = crossed
+    res = ArmVarianceModel(y, X, t, arm, correlated=True, method="ML").fit()
+    s = res.summary()
+    assert s.title == "Arm-specific therapist variances (ML); control = 0, feedback = 1"
+    assert s.info["correlation"] == res.correlation and -1 < res.correlation < 1
+    assert s.info["ICC ratio (fb/ctrl)"] == res.ratio_point()
+    assert s.info["ICC reduction"] == pytest.approx(1 - res.ratio_point(), rel=1e-15)
+    v = res.vcomp
+    c = v["cov(therapist)"] / math.sqrt(v["therapist[0]"] * v["therapist[1]"])
+    assert res.correlation == pytest.approx(c, rel=1e-12)
+    icc = res.icc()
+    assert math.isnan(icc) and list(icc.table.index) == ["icc[0]", "icc[1]"]
+    assert list(icc.table["role"]) == ["control", "feedback"]
+    np.testing.assert_allclose(icc.table["estimate"], [v[f"therapist[{a}]"] / (v[f"therapist[{a}]"] + v["residual"])
+                                                       for a in (0, 1)], rtol=1e-12)
+    with_ci = res.icc(0.9, "bootstrap", n_boot=4, seed=2)
+    by_arm = res.icc_by_arm(0.9, "bootstrap", n_boot=4, seed=2)
+    assert list(with_ci.table["ci_low"]) == list(by_arm["ci_low"]) and list(with_ci.table["ci_method"]) == [
+        "bootstrap"] * 2
+    with pytest.raises(ModelError, match="^interval method must be 'profile', 'profile_exact' or 'bootstrap', got "
+                                         "'wald'$"):
+        res.icc_ratio(method="wald")
