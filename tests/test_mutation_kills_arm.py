@@ -8,6 +8,7 @@ into one balanced one-way ANOVA per arm, whose estimates have closed forms (Sear
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -16,10 +17,12 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
+from refdata import REFERENCE_DIR
 from test_mutation_kills_reml import _dense_loglik
 from test_surviving_mutants import _balanced
 from therapist_effects.exceptions import ModelError
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
+from therapist_effects.models.arm_inference import _r_backspline_predict
 
 # per arm: therapists, patients per therapist, exact ANOVA mean squares (between, within)
 ARMS = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 2.5)]
@@ -529,3 +532,29 @@ def test_summary_and_icc_report_the_arm_iccs(crossed):
     with pytest.raises(ModelError, match="^interval method must be 'profile', 'profile_exact' or 'bootstrap', got "
                                          "'wald'$"):
         res.icc_ratio(method="wald")
+
+
+# -- lme4's spline inversion: R's predict(backSpline(interpSpline(x, y)), at) (tests/reference/backspline.R) --
+BACKSPLINE = json.loads((REFERENCE_DIR / "backspline.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["increasing", "convex", "decreasing", "four"])
+def test_backspline_matches_r(case):
+    c = BACKSPLINE[case]
+    want = np.array([np.nan if v is None else v for v in c["value"]], dtype=float)
+    x, y = np.array(c["x"]), np.array(c["y"])
+    for order in (slice(None), slice(None, None, -1)):  # the knots in any order
+        got = _r_backspline_predict(x[order], y[order], c["at"])
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_backspline_falls_back_to_linear_interpolation():
+    """Fewer than four points, or a profile with a flat step: the inverse of the broken line through the points
+    (NaN outside the range of y); a profile that is not monotone gives NaN everywhere (lme4's confint.thpr)."""
+    x, y = np.array([0.0, 1.0, 3.0]), np.array([-1.0, 0.5, 2.5])
+    got = _r_backspline_predict(x[::-1], y[::-1], [-1.5, -1.0, 0.0, 1.5, 2.5, 3.0])
+    np.testing.assert_allclose(got, [np.nan, 0.0, 2 / 3, 2.0, 3.0, np.nan], rtol=1e-14)
+    x, y = np.arange(5.0), np.array([-2.0, -1.0, -1.0, 0.5, 1.5])
+    np.testing.assert_allclose(_r_backspline_predict(x, y, [-3.0, -1.5, 1.0]), [np.nan, 0.5, 3.5], rtol=1e-14)
+    x, y = np.arange(5.0), np.array([-0.2, 0.1, 0.05, 0.3, 0.4])  # not monotone (steps below 1)
+    assert np.isnan(_r_backspline_predict(x, y, [0.0, 0.2])).all()
