@@ -558,3 +558,44 @@ def test_backspline_falls_back_to_linear_interpolation():
     np.testing.assert_allclose(_r_backspline_predict(x, y, [-3.0, -1.5, 1.0]), [np.nan, 0.5, 3.5], rtol=1e-14)
     x, y = np.arange(5.0), np.array([-0.2, 0.1, 0.05, 0.3, 0.4])  # not monotone (steps below 1)
     assert np.isnan(_r_backspline_predict(x, y, [0.0, 0.2])).all()
+
+
+# -- the parametric bootstrap --
+def test_bootstrap_replicates_follow_the_anova_sampling_distribution(data):
+    """Data simulated from the per-arm ANOVA fit (therapist variance 1.8 and 0.3, residual 3 and 2.5): the
+    replicates' residual variances average the fitted ones (msw is unbiased), the therapist variance of arm 0 its
+    fitted value; each row's ICCs and ratio are its variances' (and the intervals the replicates' percentiles)."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    draws = res._bootstrap(30, 5)
+    assert len(draws) == 30 and draws.drop(columns="correlation").notna().all().all()
+    assert draws["residual[0]"].mean() == pytest.approx(3.0, rel=0.2)
+    assert draws["residual[1]"].mean() == pytest.approx(2.5, rel=0.2)
+    assert draws["therapist[0]"].mean() == pytest.approx(1.8, rel=0.4)
+    assert (draws["cluster"] == 0).all()
+    both = (draws["therapist[0]"] > 0) & (draws["therapist[1]"] > 0)  # else no correlation
+    assert 5 < both.sum() < 30 and (draws["correlation"][both] == 0).all() and draws["correlation"][~both].isna().all()
+    for a in (0, 1):
+        np.testing.assert_allclose(draws[f"icc[{a}]"], draws[f"therapist[{a}]"] / (draws[f"therapist[{a}]"]
+                                                                                   + draws[f"residual[{a}]"]), rtol=1e-9)
+    np.testing.assert_allclose(draws["icc_ratio"], draws["icc[1]"] / draws["icc[0]"], rtol=1e-12)
+    ci = res.conf_int(0.9, method="bootstrap", n_boot=30, seed=5)
+    for name in ("therapist[0]", "therapist[1]", "residual[0]", "residual[1]"):
+        assert tuple(ci.loc[name]) == pytest.approx(np.quantile(draws[name], [0.05, 0.95]), rel=1e-12)
+    ratio = res.icc_ratio(0.8, "bootstrap", n_boot=30, seed=5)
+    assert (ratio["ci_low"], ratio["ci_high"]) == pytest.approx(np.quantile(draws["icc_ratio"], [0.1, 0.9]), rel=1e-12)
+
+
+def test_bootstrap_of_a_cluster_level_and_a_common_residual(crossed):
+    """With a random cluster level the replicates draw cluster effects too: their cluster variances are of the
+    order of the fitted one (4 clusters: a chi-square with 3 df spreads them over a factor of about 40)."""
+    y, X, t, arm, cl = crossed
+    res = ArmVarianceModel(y, X, t, arm, cluster=cl, cluster_random=True).fit()
+    draws = res._bootstrap(8, 1)
+    assert draws["cluster"].notna().all()
+    assert 0.1 < draws["cluster"].median() / res.vcomp["cluster"] < 10
+    np.testing.assert_allclose(draws["residual[0]"], draws["residual[1]"], rtol=1e-12)
+    np.testing.assert_allclose(draws["icc[0]"], draws["therapist[0]"] / (draws["therapist[0]"] + draws["cluster"]
+                                                                         + draws["residual[0]"]), rtol=1e-9)
+    lo, hi = res.conf_int(method="bootstrap", n_boot=8, seed=1).loc["residual"]
+    assert (lo, hi) == pytest.approx(np.quantile(draws["residual[0]"], [0.025, 0.975]), rel=1e-12)
