@@ -20,7 +20,7 @@ from scipy import optimize, stats
 from refdata import REFERENCE_DIR
 from test_mutation_kills_reml import _dense_loglik
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError
+from therapist_effects.exceptions import ModelError, SingularFitWarning
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
 from therapist_effects.models.arm_inference import _r_backspline_predict
 
@@ -574,7 +574,8 @@ def test_bootstrap_replicates_follow_the_anova_sampling_distribution(data):
     assert draws["therapist[0]"].mean() == pytest.approx(1.8, rel=0.4)
     assert (draws["cluster"] == 0).all()
     both = (draws["therapist[0]"] > 0) & (draws["therapist[1]"] > 0)  # else no correlation
-    assert 5 < both.sum() < 30 and (draws["correlation"][both] == 0).all() and draws["correlation"][~both].isna().all()
+    assert 5 < both.sum() < 30 and (draws["correlation"][both] == 0).all()
+    assert draws["correlation"][~both].isna().all()
     for a in (0, 1):
         np.testing.assert_allclose(draws[f"icc[{a}]"], draws[f"therapist[{a}]"] / (draws[f"therapist[{a}]"]
                                                                                    + draws[f"residual[{a}]"]), rtol=1e-9)
@@ -599,3 +600,19 @@ def test_bootstrap_of_a_cluster_level_and_a_common_residual(crossed):
                                                                          + draws["residual[0]"]), rtol=1e-9)
     lo, hi = res.conf_int(method="bootstrap", n_boot=8, seed=1).loc["residual"]
     assert (lo, hi) == pytest.approx(np.quantile(draws["residual[0]"], [0.025, 0.975]), rel=1e-12)
+
+
+def test_lme4_profile_of_a_variance_estimated_at_zero():
+    """lme4's confint(fit, method = "profile") of the arm model on 8 therapists whose feedback-arm variance is
+    estimated at 0 (tests/reference/arm_singular_profile.R): the lme4-style profile from the boundary."""
+    ref = json.loads((REFERENCE_DIR / "arm_singular_profile.json").read_text())
+    fb = pd.read_csv(REFERENCE_DIR / "therapy_feedback.csv")
+    small = fb[fb["therapist_id"].isin(ref["therapists"])]
+    with pytest.warns(SingularFitWarning):
+        res = ArmVarianceModel.from_frame(small, "phq9_post", ["phq9_pre"], therapist="therapist_id",
+                                          arm="feedback").fit()
+    assert res.vcomp["therapist[1]"] == 0.0
+    for name, key in (("therapist[0]", "control"), ("therapist[1]", "feedback"), ("residual", "Residual")):
+        assert res.vcomp[name] == pytest.approx(ref["variance"][key], rel=1e-4, abs=1e-12)
+        lo, hi = res.lme4_profile_interval(name)
+        assert (lo, hi) == pytest.approx(ref["variance_ci"][key], rel=1e-3), name
