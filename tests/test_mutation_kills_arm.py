@@ -577,8 +577,8 @@ def test_bootstrap_replicates_follow_the_anova_sampling_distribution(data):
     assert 5 < both.sum() < 30 and (draws["correlation"][both] == 0).all()
     assert draws["correlation"][~both].isna().all()
     for a in (0, 1):
-        np.testing.assert_allclose(draws[f"icc[{a}]"], draws[f"therapist[{a}]"] / (draws[f"therapist[{a}]"]
-                                                                                   + draws[f"residual[{a}]"]), rtol=1e-9)
+        tau2, s2 = draws[f"therapist[{a}]"], draws[f"residual[{a}]"]
+        np.testing.assert_allclose(draws[f"icc[{a}]"], tau2 / (tau2 + s2), rtol=1e-9)
     np.testing.assert_allclose(draws["icc_ratio"], draws["icc[1]"] / draws["icc[0]"], rtol=1e-12)
     ci = res.conf_int(0.9, method="bootstrap", n_boot=30, seed=5)
     for name in ("therapist[0]", "therapist[1]", "residual[0]", "residual[1]"):
