@@ -115,7 +115,7 @@ class _Engine:
     def __init__(self, y, X, tcode, acode, n_therapists, n_arms, tclust=None, diagonal=False):
         self.N, self.p = X.shape
         # cluster (trial/service) of each therapist, for a random cluster level; None: no such level
-        self.tclust = None if tclust is None else np.asarray(tclust, dtype=np.int64)
+        self.tclust = tclust  # (int64 codes, as group_codes gives them)
         self.n_clust = 0 if tclust is None else int(self.tclust.max()) + 1
         self.T, self.K = n_therapists, n_arms
         self.X = X
@@ -127,7 +127,7 @@ class _Engine:
             axis=1,
         ).reshape(self.T, self.K, self.p)
         Z = (np.asarray(acode)[:, None] == np.arange(n_arms)).astype(float)
-        self.block = BlockEngine(np.asarray(y, dtype=float), X, Z, tcode, n_therapists, cluster=self.tclust,
+        self.block = BlockEngine(y, X, Z, tcode, n_therapists, cluster=self.tclust,
                                  strata=acode, diagonal=diagonal)
         self.set_y(y)
 
@@ -139,13 +139,12 @@ class _Engine:
         self.S = np.concatenate([self.SX, sy], axis=2)  # (T, K, p + 1)
         A1 = np.column_stack([X, y])
         self.A = np.stack([A1[self.acode == a].T @ A1[self.acode == a] for a in range(K)])
-        self.block.set_y(np.asarray(y, dtype=float))
+        self.block.set_y(y)
         ZA = self.block.ZA  # per-cell outer products of the (centred) sums, for grad_g
         self._O = (ZA[:, :, :, None] * ZA[:, :, None, :]).reshape(T, K, -1)
 
     def theta(self, G, gc=None) -> np.ndarray | None:
         """The block engine's theta at ``G`` (and ``gc``); None when ``G`` is not a covariance."""
-        G = np.asarray(G, dtype=float)
         if self.block.diagonal:  # (G's off-diagonal is 0 in the diagonal model)
             th = np.sqrt(np.maximum(np.diag(G), 0.0))
         else:
@@ -195,13 +194,13 @@ class _Engine:
         th = self.theta(G, gc)
         if th is None:
             return np.inf
-        return self.block.crit(th, method == "REML", ratios=np.asarray(r, dtype=float), sigma2=sigma2)
+        return self.block.crit(th, method == "REML", ratios=r, sigma2=sigma2)
 
     def gls(self, G, r, diagonal, method, gc=None):
         """``(beta, sigma2, cov_beta, (r, log|X'H^-1X|))``: GLS fixed effects, the (RE)ML residual
         variance and lme4's ``vcov``, with the penalised residual sum of squares and log-determinant."""
         th = self.theta(G, gc)
-        beta, cov, rss, _ = self.block.fixed(th, ratios=np.asarray(r, dtype=float))
+        beta, cov, rss, _ = self.block.fixed(th, ratios=r)
         nu = self.N - self.p if method == "REML" else self.N
         sigma2 = rss / nu
         return beta, sigma2, sigma2 * cov, (rss, float(np.linalg.slogdet(cov)[1]) * -1.0)
@@ -217,7 +216,7 @@ def _minimise(f, x0, bounds, jac=None, polish=True):
     Nelder-Mead polish. (scipy's L-BFGS-B carries a large per-call overhead in this environment.)"""
     lo = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
     hi = np.array([np.inf if b[1] is None else b[1] for b in bounds])
-    x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
+    x0 = np.clip(x0, lo, hi)
     best_x, best_f, ok = x0, f(x0), False
     try:
         res = optimize.minimize(
@@ -441,7 +440,6 @@ class ArmVarianceModel:
         return float(x[-1]) ** 2 if self.cluster_random else None
 
     def _unpack(self, x):
-        x = np.asarray(x, dtype=float)
         if self.correlated:
             L = np.array([[x[0], 0.0], [x[1], x[2]]])
             G = L @ L.T
@@ -509,14 +507,13 @@ class ArmVarianceModel:
         nt, reml = (3 if self.correlated else 2), method == "REML"
 
         def f(x):  # x is the block engine's theta (then log r, then the cluster SD)
-            x = np.asarray(x, dtype=float)
             th = np.append(x[:nt], x[-1]) if self.cluster_random else x[:nt]
             r = np.array([1.0, math.exp(x[nt])]) if self.arm_residual else None
             return eng.block.crit(th, reml, ratios=r)
 
         def grad(x):  # chain rule through g = theta^2 (diagonal G, one residual variance, no cluster level)
-            _, gg = eng.grad_g(np.asarray(x) ** 2, method)
-            return gg * 2.0 * np.asarray(x)
+            _, gg = eng.grad_g(x**2, method)
+            return gg * 2.0 * x
 
         jac = grad if diagonal and not self.arm_residual and not self.cluster_random else None
 
@@ -527,7 +524,7 @@ class ArmVarianceModel:
             x1[: (3 if self.correlated else 2)] = [0.3, 0.0, 0.3] if self.correlated else 0.3
             starts.append(x1)
         else:
-            starts = [np.asarray(start, dtype=float)]
+            starts = [start]
         best = None
         for x0 in starts:
             x, fx, ok = _minimise(f, x0, self._bounds(), jac=jac, polish=False)
