@@ -217,6 +217,9 @@ def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual,
 
     dmin = dev(u_hat)
     assert dmin == pytest.approx(-2 * ml.loglik, rel=1e-9)
+    # the profile starts from the ML estimate of the target
+    assert res._targets("ML")[name].estimate == pytest.approx(TARGETS[name](*_unpack(u_hat, arm_residual, cluster)),
+                                                              rel=1e-5)
     lo, hi = res.profile_interval(name)
     assert np.isfinite(lo) and np.isfinite(hi)
     for end in (lo, hi):
