@@ -619,3 +619,31 @@ def test_lme4_profile_of_a_variance_estimated_at_zero():
         assert res.vcomp[name] == pytest.approx(ref["variance"][key], rel=1e-4, abs=1e-12)
         lo, hi = res.lme4_profile_interval(name)
         assert (lo, hi) == pytest.approx(ref["variance_ci"][key], rel=1e-3), name
+
+
+def test_correlated_therapist_effects_are_the_dense_blups(crossed):
+    """Correlated arm effects: the BLUPs G Z' V^-1 (y - X b) and conditional variances G - G Z' V^-1 Z G (fixed
+    effects known) from the dense covariance; therapist 0 has no feedback-arm patients, and its feedback-arm effect
+    is still predicted (through the correlation), with caseload 0 and no means."""
+    y, X, t, arm, _ = crossed
+    keep = ~((t == 0) & (arm == 1))
+    y, X, t, arm = y[keep], X[keep], t[keep], arm[keep]
+    res = ArmVarianceModel(y, X, t, arm, correlated=True).fit()
+    eff = res.therapist_effects(level=0.8).set_index(["therapist", "arm"])
+    G = res.cov_re
+    Z = np.zeros((len(y), 24))
+    Z[np.arange(len(y)), 2 * t + arm] = 1.0
+    Gf = np.kron(np.eye(12), G)
+    V = res.vcomp["residual"] * np.eye(len(y)) + Z @ Gf @ Z.T
+    ZGV = np.linalg.solve(V, Z @ Gf).T  # G Z' V^-1
+    u = ZGV @ (y - X @ res.fe_params.to_numpy())
+    cvar = np.diag(Gf - ZGV @ Z @ Gf)
+    assert len(eff) == 24
+    got = eff.loc[[(str(i), str(a)) for i in range(12) for a in (0, 1)]]  # (labels are strings)
+    np.testing.assert_allclose(got["effect"], u, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got["effect_se"], np.sqrt(cvar), rtol=1e-6)
+    z = stats.norm.ppf(0.9)
+    np.testing.assert_allclose(got["ci_low"], u - z * np.sqrt(cvar), rtol=1e-6, atol=1e-9)
+    empty = eff.loc[("0", "1")]
+    assert empty["caseload"] == 0 and math.isnan(empty["raw_mean"]) and math.isnan(empty["adjusted_mean"])
+    assert eff.loc[("0", "0"), "caseload"] == 4
