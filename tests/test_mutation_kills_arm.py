@@ -20,7 +20,7 @@ from scipy import optimize, stats
 from refdata import REFERENCE_DIR
 from test_mutation_kills_reml import _dense_loglik
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError, SingularFitWarning
+from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
 from therapist_effects.models.arm_inference import _r_backspline_predict
 
@@ -480,6 +480,7 @@ def test_from_frame_design_names_and_errors():
                        "cond": np.where(arm == 1, "ROM", "TAU")})
     m = ArmVarianceModel.from_frame(df, "y", ["x"])
     assert m.exog_names == ["(Intercept)", "x", "arm"] and m.outcome_name == "y" and m.arm_name == "arm"
+    assert m.therapist_name == "therapist"
     np.testing.assert_array_equal(m._eng.X[:, 2], arm)
     assert ArmVarianceModel.from_frame(df, "y", ["arm", "x"]).exog_names == ["(Intercept)", "arm", "x"]
     assert ArmVarianceModel.from_frame(df, "y", ["x"], include_arm=False).exog_names == ["(Intercept)", "x"]
@@ -647,3 +648,20 @@ def test_correlated_therapist_effects_are_the_dense_blups(crossed):
     empty = eff.loc[("0", "1")]
     assert empty["caseload"] == 0 and math.isnan(empty["raw_mean"]) and math.isnan(empty["adjusted_mean"])
     assert eff.loc[("0", "0"), "caseload"] == 4
+
+
+def test_wald_request_falls_back_to_profile_intervals_with_a_warning(data):
+    """to_contract(interval="wald"): variance components get lme4's profile intervals instead, and the fit's
+    warnings say so; therapist_effects() gives 95% intervals by default."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"]).fit()
+    text = ("Wald intervals are not offered for variance components, ICCs or correlations; profile-likelihood "
+            "intervals are reported instead")
+    with pytest.warns(StatisticalWarning, match=f"^{re.escape(text)}$"):
+        entry = res.to_contract(interval="wald")
+    assert entry["warnings"] == [text] and entry["icc_ratio"]["ci_method"] == "profile"
+    lo, hi = res.lme4_profile_interval("therapist[0]")
+    assert entry["variance_components"]["therapist[0]"] == {"estimate": res.vcomp["therapist[0]"], "ci_low": lo,
+                                                            "ci_high": hi}
+    eff = res.therapist_effects()
+    np.testing.assert_allclose(eff["ci_high"] - eff["effect"], stats.norm.ppf(0.975) * eff["effect_se"], rtol=1e-12)

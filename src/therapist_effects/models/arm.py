@@ -725,7 +725,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
         return reduction_from_ratio(self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance))
 
-    def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
+    def therapist_effects(self, level: float = DEFAULT_LEVEL, higher_is_better: bool | None = None) -> pd.DataFrame:
         """Predicted therapist effects (BLUPs) per therapist and arm, on the outcome's scale.
 
         Columns as :meth:`therapist_effects.models.reml.MixedResults.therapist_effects`, plus ``arm``:
