@@ -309,6 +309,9 @@ def test_conf_int_level_reaches_both_profile_methods(data):
         want = _closed_limits(name, res._targets("ML")[name].estimate, "ML", False, level=0.90)
         assert tuple(exact.loc[name]) == pytest.approx(want, rel=1e-7)
         assert tuple(spline.loc[name]) == pytest.approx(want, rel=5e-3)
+    icc = res.icc_by_arm(0.9, "profile_exact", deviance="REML")  # the restricted likelihood's profile
+    want = _closed_limits("icc[0]", res._targets("REML")["icc[0]"].estimate, "REML", False, level=0.90)
+    assert (icc.loc["0", "ci_low"], icc.loc["0", "ci_high"]) == pytest.approx(want, rel=1e-7)
     fe = exact.loc["arm"]
     z = stats.norm.ppf(0.95)
     assert tuple(fe) == pytest.approx((res.fe_params["arm"] - z * res.bse["arm"], res.fe_params["arm"] + z *
