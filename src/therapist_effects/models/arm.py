@@ -197,13 +197,12 @@ class _Engine:
         return self.block.crit(th, method == "REML", ratios=r, sigma2=sigma2)
 
     def gls(self, G, r, diagonal, method, gc=None):
-        """``(beta, sigma2, cov_beta, (r, log|X'H^-1X|))``: GLS fixed effects, the (RE)ML residual
-        variance and lme4's ``vcov``, with the penalised residual sum of squares and log-determinant."""
+        """``(beta, sigma2, cov_beta)``: GLS fixed effects, the (RE)ML residual variance and lme4's ``vcov``."""
         th = self.theta(G, gc)
         beta, cov, rss, _ = self.block.fixed(th, ratios=r)
         nu = self.N - self.p if method == "REML" else self.N
         sigma2 = rss / nu
-        return beta, sigma2, sigma2 * cov, (rss, float(np.linalg.slogdet(cov)[1]) * -1.0)
+        return beta, sigma2, sigma2 * cov
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,9 +431,6 @@ class ArmVarianceModel:
 
     # ------------------------------------------------------------------------------------------
     # parameter vectors used by the optimiser: theta (or Cholesky factor) then log residual ratio
-    def _n_par(self):
-        return (3 if self.correlated else 2) + (1 if self.arm_residual else 0) + (1 if self.cluster_random else 0)
-
     def _gc(self, x):
         """Relative cluster variance (last element of the parameter vector), None without that level."""
         return float(x[-1]) ** 2 if self.cluster_random else None
@@ -462,14 +458,9 @@ class ArmVarianceModel:
         return b
 
     def _pack_from(self, G, r):
-        if self.correlated:
-            g00 = max(G[0, 0], 0.0)
-            l00 = math.sqrt(g00)
-            l10 = G[1, 0] / l00 if l00 > 1e-12 else 0.0
-            l11 = math.sqrt(max(G[1, 1] - l10 * l10, 0.0))
-            x = [l00, l10, l11]
-        else:
-            x = list(np.sqrt(np.maximum(np.diag(G), 0.0)))
+        """The optimiser's start vector at the diagonal ``G`` and the ratios ``r`` of :meth:`_start_values`."""
+        sd = list(np.sqrt(np.diag(G)))
+        x = [sd[0], 0.0, sd[1]] if self.correlated else sd
         if self.arm_residual:
             x.append(math.log(r[1] / r[0]))
         if self.cluster_random:
@@ -567,7 +558,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         m, opt = self.model, self.opt
         eng = m._eng
         gc = m._gc(opt.x)
-        beta, sigma2, cov_beta, ev = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
+        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
         self.sigma2 = float(sigma2)
         self.gc_rel = 0.0 if gc is None else gc
         self.G_rel, self.r_rel = opt.G, opt.r
