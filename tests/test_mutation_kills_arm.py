@@ -359,8 +359,14 @@ def _icc_dev(arm_, c, s2, method):
 
 def _closed_profile(name, c, method, arm_residual):
     """The profiled -2 log likelihood at ``name = c`` (not yet minus the minimum)."""
-    if name == "icc_ratio":  # arm residuals free: icc_1 = c icc_0, one-dimensional in icc_0
+    if name == "icc_ratio":  # icc_1 = c icc_0, one-dimensional in icc_0
         def inner(i0):
+            if not arm_residual:  # one residual variance: s2 at its optimum in closed form given the ICCs
+                w = [1 + ARMS[a][1] * i / (1 - i) for a, i in ((0, i0), (1, c * i0))]  # (s2 + m tau2) / s2
+                k = [G if method == "ML" else G - 1 for G, *_ in ARMS]
+                dfs = sum(G * (m - 1) + k[a] for a, (G, m, _, _) in enumerate(ARMS))
+                s2 = sum(G * (m - 1) * msw + (G - 1) * msb / w[a] for a, (G, m, msb, msw) in enumerate(ARMS)) / dfs
+                return sum(_icc_dev(a, i, s2, method) for a, i in ((0, i0), (1, c * i0)))
             return sum(_min_log(lambda s2, a=a, i=i: _icc_dev(a, i, s2, method)) for a, i in ((0, i0), (1, c * i0)))
 
         hi = min(1.0, 1.0 / c) * (1 - 1e-9)
@@ -408,7 +414,7 @@ def _closed_limits(name, estimate, method, arm_residual, level=0.95):
     ("therapist[0]", "ML", True), ("therapist[1]", "ML", True), ("residual[0]", "ML", True),
     ("residual[1]", "ML", True), ("icc[0]", "ML", True), ("icc[1]", "ML", True), ("icc_ratio", "ML", True),
     ("therapist[1]", "REML", True), ("residual", "ML", False), ("therapist[0]", "ML", False),
-    ("icc[1]", "ML", False),
+    ("icc[1]", "ML", False), ("icc_ratio", "ML", False),
 ])
 def test_profile_limits_are_the_roots_of_the_closed_form_anova_profile(data, name, method, arm_residual):
     """profile_interval (deviance ML, or REML) against the likelihood-ratio roots of the closed-form profile."""
@@ -623,6 +629,8 @@ def test_lme4_profile_of_a_variance_estimated_at_zero():
         assert res.vcomp[name] == pytest.approx(ref["variance"][key], rel=1e-4, abs=1e-12)
         lo, hi = res.lme4_profile_interval(name)
         assert (lo, hi) == pytest.approx(ref["variance_ci"][key], rel=1e-3), name
+    lo, hi = res.profile_interval("icc_ratio")  # feedback ICC 0: the ratio's estimate 0 is the lower limit
+    assert lo == 0.0 and 0.0 < hi < math.inf
 
 
 def test_correlated_therapist_effects_are_the_dense_blups(crossed):
