@@ -192,8 +192,8 @@ TARGETS = {
 }
 
 
-# (the per-arm targets of uncorrelated models are checked against closed forms above)
-DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "correlation", "icc_ratio")] + [
+DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]",
+                                                "icc_ratio")] + [
     (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")]
 
 
