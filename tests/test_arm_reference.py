@@ -368,7 +368,7 @@ def test_cluster_level_reproduces_lme4_nested(ref, data):
     eng = _Engine(df["phq9_post"].to_numpy(float), X, tcode, np.zeros(len(df), int), len(tlabels), 1, tclust=tclust)
     f = lambda z: eng.deviance(np.array([[z[0] ** 2]]), np.ones(1), True, "REML", gc=z[1] ** 2)  # noqa: E731
     z, dev, ok = _minimise(f, [0.1, 0.05], [(0.0, None), (0.0, None)])
-    beta, s2, cov, _ = eng.gls(np.array([[z[0] ** 2]]), np.ones(1), True, "REML", gc=z[1] ** 2)
+    beta, s2, cov = eng.gls(np.array([[z[0] ** 2]]), np.ones(1), True, "REML", gc=z[1] ** 2)
     assert -0.5 * dev == pytest.approx(r["logLik"], abs=1e-3)  # logLik(fit)
     np.testing.assert_allclose(beta, list(r["fixed"].values()), rtol=1e-4)  # fixef(fit)
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), list(r["fixed_se"].values()), rtol=1e-4)

@@ -115,7 +115,7 @@ class _Engine:
     def __init__(self, y, X, tcode, acode, n_therapists, n_arms, tclust=None, diagonal=False):
         self.N, self.p = X.shape
         # cluster (trial/service) of each therapist, for a random cluster level; None: no such level
-        self.tclust = None if tclust is None else np.asarray(tclust, dtype=np.int64)
+        self.tclust = tclust  # (int64 codes, as group_codes gives them)
         self.n_clust = 0 if tclust is None else int(self.tclust.max()) + 1
         self.T, self.K = n_therapists, n_arms
         self.X = X
@@ -127,7 +127,7 @@ class _Engine:
             axis=1,
         ).reshape(self.T, self.K, self.p)
         Z = (np.asarray(acode)[:, None] == np.arange(n_arms)).astype(float)
-        self.block = BlockEngine(np.asarray(y, dtype=float), X, Z, tcode, n_therapists, cluster=self.tclust,
+        self.block = BlockEngine(y, X, Z, tcode, n_therapists, cluster=self.tclust,
                                  strata=acode, diagonal=diagonal)
         self.set_y(y)
 
@@ -139,13 +139,12 @@ class _Engine:
         self.S = np.concatenate([self.SX, sy], axis=2)  # (T, K, p + 1)
         A1 = np.column_stack([X, y])
         self.A = np.stack([A1[self.acode == a].T @ A1[self.acode == a] for a in range(K)])
-        self.block.set_y(np.asarray(y, dtype=float))
+        self.block.set_y(y)
         ZA = self.block.ZA  # per-cell outer products of the (centred) sums, for grad_g
         self._O = (ZA[:, :, :, None] * ZA[:, :, None, :]).reshape(T, K, -1)
 
     def theta(self, G, gc=None) -> np.ndarray | None:
         """The block engine's theta at ``G`` (and ``gc``); None when ``G`` is not a covariance."""
-        G = np.asarray(G, dtype=float)
         if self.block.diagonal:  # (G's off-diagonal is 0 in the diagonal model)
             th = np.sqrt(np.maximum(np.diag(G), 0.0))
         else:
@@ -195,16 +194,15 @@ class _Engine:
         th = self.theta(G, gc)
         if th is None:
             return np.inf
-        return self.block.crit(th, method == "REML", ratios=np.asarray(r, dtype=float), sigma2=sigma2)
+        return self.block.crit(th, method == "REML", ratios=r, sigma2=sigma2)
 
     def gls(self, G, r, diagonal, method, gc=None):
-        """``(beta, sigma2, cov_beta, (r, log|X'H^-1X|))``: GLS fixed effects, the (RE)ML residual
-        variance and lme4's ``vcov``, with the penalised residual sum of squares and log-determinant."""
+        """``(beta, sigma2, cov_beta)``: GLS fixed effects, the (RE)ML residual variance and lme4's ``vcov``."""
         th = self.theta(G, gc)
-        beta, cov, rss, _ = self.block.fixed(th, ratios=np.asarray(r, dtype=float))
+        beta, cov, rss, _ = self.block.fixed(th, ratios=r)
         nu = self.N - self.p if method == "REML" else self.N
         sigma2 = rss / nu
-        return beta, sigma2, sigma2 * cov, (rss, float(np.linalg.slogdet(cov)[1]) * -1.0)
+        return beta, sigma2, sigma2 * cov
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +215,7 @@ def _minimise(f, x0, bounds, jac=None, polish=True):
     Nelder-Mead polish. (scipy's L-BFGS-B carries a large per-call overhead in this environment.)"""
     lo = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
     hi = np.array([np.inf if b[1] is None else b[1] for b in bounds])
-    x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
+    x0 = np.clip(x0, lo, hi)
     best_x, best_f, ok = x0, f(x0), False
     try:
         res = optimize.minimize(
@@ -433,15 +431,11 @@ class ArmVarianceModel:
 
     # ------------------------------------------------------------------------------------------
     # parameter vectors used by the optimiser: theta (or Cholesky factor) then log residual ratio
-    def _n_par(self):
-        return (3 if self.correlated else 2) + (1 if self.arm_residual else 0) + (1 if self.cluster_random else 0)
-
     def _gc(self, x):
         """Relative cluster variance (last element of the parameter vector), None without that level."""
         return float(x[-1]) ** 2 if self.cluster_random else None
 
     def _unpack(self, x):
-        x = np.asarray(x, dtype=float)
         if self.correlated:
             L = np.array([[x[0], 0.0], [x[1], x[2]]])
             G = L @ L.T
@@ -464,14 +458,9 @@ class ArmVarianceModel:
         return b
 
     def _pack_from(self, G, r):
-        if self.correlated:
-            g00 = max(G[0, 0], 0.0)
-            l00 = math.sqrt(g00)
-            l10 = G[1, 0] / l00 if l00 > 1e-12 else 0.0
-            l11 = math.sqrt(max(G[1, 1] - l10 * l10, 0.0))
-            x = [l00, l10, l11]
-        else:
-            x = list(np.sqrt(np.maximum(np.diag(G), 0.0)))
+        """The optimiser's start vector at the diagonal ``G`` and the ratios ``r`` of :meth:`_start_values`."""
+        sd = list(np.sqrt(np.diag(G)))
+        x = [sd[0], 0.0, sd[1]] if self.correlated else sd
         if self.arm_residual:
             x.append(math.log(r[1] / r[0]))
         if self.cluster_random:
@@ -509,14 +498,13 @@ class ArmVarianceModel:
         nt, reml = (3 if self.correlated else 2), method == "REML"
 
         def f(x):  # x is the block engine's theta (then log r, then the cluster SD)
-            x = np.asarray(x, dtype=float)
             th = np.append(x[:nt], x[-1]) if self.cluster_random else x[:nt]
             r = np.array([1.0, math.exp(x[nt])]) if self.arm_residual else None
             return eng.block.crit(th, reml, ratios=r)
 
         def grad(x):  # chain rule through g = theta^2 (diagonal G, one residual variance, no cluster level)
-            _, gg = eng.grad_g(np.asarray(x) ** 2, method)
-            return gg * 2.0 * np.asarray(x)
+            _, gg = eng.grad_g(x**2, method)
+            return gg * 2.0 * x
 
         jac = grad if diagonal and not self.arm_residual and not self.cluster_random else None
 
@@ -527,7 +515,7 @@ class ArmVarianceModel:
             x1[: (3 if self.correlated else 2)] = [0.3, 0.0, 0.3] if self.correlated else 0.3
             starts.append(x1)
         else:
-            starts = [np.asarray(start, dtype=float)]
+            starts = [start]
         best = None
         for x0 in starts:
             x, fx, ok = _minimise(f, x0, self._bounds(), jac=jac, polish=False)
@@ -570,7 +558,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         m, opt = self.model, self.opt
         eng = m._eng
         gc = m._gc(opt.x)
-        beta, sigma2, cov_beta, ev = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
+        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
         self.sigma2 = float(sigma2)
         self.gc_rel = 0.0 if gc is None else gc
         self.G_rel, self.r_rel = opt.G, opt.r
@@ -728,7 +716,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         """Relative reduction of the therapist ICC with feedback, ``1 - ICC_feedback / ICC_control``."""
         return reduction_from_ratio(self.icc_ratio(level, method, n_boot=n_boot, seed=seed, deviance=deviance))
 
-    def therapist_effects(self, level: float = 0.95, higher_is_better: bool | None = None) -> pd.DataFrame:
+    def therapist_effects(self, level: float = DEFAULT_LEVEL, higher_is_better: bool | None = None) -> pd.DataFrame:
         """Predicted therapist effects (BLUPs) per therapist and arm, on the outcome's scale.
 
         Columns as :meth:`therapist_effects.models.reml.MixedResults.therapist_effects`, plus ``arm``:

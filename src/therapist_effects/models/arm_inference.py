@@ -129,7 +129,7 @@ class _ArmTargets:
         m = self.m = res.model
         opt = res._optimum(method)
         self.gc_hat = m._gc(opt.x)
-        _, self.s2hat, _, _ = m._eng.gls(opt.G, opt.r, not m.correlated, method, self.gc_hat)
+        _, self.s2hat, _ = m._eng.gls(opt.G, opt.r, not m.correlated, method, self.gc_hat)
         self.G, self.r = opt.G, opt.r
         th = self.th = np.sqrt(np.maximum(np.diag(self.G), 0.0))
         self.rho = None
@@ -567,7 +567,7 @@ class ArmBootstrap:
             try:
                 opt = m._optimise(self.method, start=self.opt.x)
                 gc = m._gc(opt.x)
-                _, s2, _, _ = eng.gls(opt.G, opt.r, not m.correlated, self.method, gc)
+                _, s2, _ = eng.gls(opt.G, opt.r, not m.correlated, self.method, gc)
             finally:
                 eng.set_y(y0)
             icc = self._icc_from(opt.G, opt.r, gc)
