@@ -253,3 +253,61 @@ def test_slope_deviance_is_infinite_with_nan_derivatives_where_undefined():
         assert np.isnan(g).all() and np.isnan(H).all()
     with pytest.raises(ValueError, match="unknown criterion"):
         slope_deviance(eng, np.array([0.0, 0.0, 0.2, 0.0]), "reml")
+
+
+def test_box_minimiser_vouches_for_a_bound_beyond_which_the_criterion_falls_without_limit():
+    """``f = x0 + (x1 - x0 / 2 - 0.5)^2`` falls without limit as x0 -> -inf: on the box x0 >= 0 its minimum
+    is x0 = 0, x1 = 0.5, f = 0, and the Nelder-Mead stage must search the box, not the whole line
+    (there it never converges)."""
+    def f(x):
+        return float(x[0] + (x[1] - x[0] / 2 - 0.5) ** 2)
+
+    x, fx, ok = gs.minimise_box(f, np.array([1.0, 0.0]), np.array([0.0, -np.inf]))
+    assert ok and x[0] == 0.0
+    assert x[1] == pytest.approx(0.5, abs=1e-9) and fx == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("side", ["upper", "lower"])
+def test_box_minimiser_never_evaluates_the_criterion_outside_the_box(side):
+    """A criterion undefined outside the box (it raises there) with its minimum on a bound: ``f = (x0 - 2)^2
+    + (x1 - x0 / 2)^2`` on x0 <= 1 (minimum x0 = 1, x1 = 0.5, f = 1) or on x0 >= 3 (x0 = 3, x1 = 1.5, f = 1).
+    The Newton polish holds a coordinate within two finite-difference steps of its bound, so neither
+    stage evaluates ``f`` outside the box, and the free coordinate is polished to the exact minimum."""
+    bound = 1.0 if side == "upper" else 3.0
+    lows, ups = (np.array([-5.0, -5.0]), np.array([bound, 5.0])) if side == "upper" else \
+        (np.array([bound, -5.0]), np.array([5.0, 5.0]))
+
+    def f(x):
+        assert np.all(x >= lows) and np.all(x <= ups), x
+        return float((x[0] - 2.0) ** 2 + (x[1] - x[0] / 2) ** 2)
+
+    x, fx, ok = gs.minimise_box(f, np.array([2.0, 0.0]), lows, ups)
+    assert x[0] == bound
+    assert x[1] == pytest.approx(bound / 2, abs=1e-10) and fx == pytest.approx(1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize(("f", "x0", "xmin", "fmin"), [
+    (lambda x: float(np.cosh(x[0]) + np.cosh(2 * x[1]) + np.cosh(3 * x[2]) + x[0] * x[2]),
+     np.array([0.3, 0.2, -0.1]), np.zeros(3), 3.0),
+    (lambda x: float(np.exp(x[0]) - 2 * x[0] + np.cosh(x[1] - x[0])),
+     np.array([1.0, 0.5]), np.full(2, math.log(2.0)), 3.0 - 2.0 * math.log(2.0)),
+])
+def test_newton_minimise_does_not_depend_on_the_units_of_the_criterion(f, x0, xmin, fmin):
+    """Scaling the criterion by a power of two scales every difference, gradient, Hessian and BFGS update
+    exactly, so the quasi-Newton path is the same bit for bit (its curvature test is relative); the minima
+    are known in closed form (cosh terms: 0; exp(a) - 2a: a = log 2)."""
+    paths = []
+    for c in (1.0, 2.0**-30, 2.0**20):
+        calls = []
+
+        def fc(x, c=c, calls=calls):
+            calls.append(x.copy())
+            return c * f(x)
+
+        x, fx, ok = gs.newton_minimise(fc, x0, np.full(len(x0), -10.0))
+        assert ok
+        np.testing.assert_allclose(x, xmin, atol=1e-8)
+        assert fx / c == pytest.approx(fmin, rel=1e-14)
+        paths.append(np.array(calls))
+    for other in paths[1:]:
+        np.testing.assert_array_equal(other, paths[0])

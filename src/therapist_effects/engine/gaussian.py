@@ -83,7 +83,7 @@ def centre_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
     column ``k0`` (``Xc = X S``, ``S = I - e_k0 mu'``: an exact reparameterisation with unit
     determinant, undone by ``b = S bc``), which keeps cross-products well conditioned."""
     n, p = X.shape
-    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
+    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else []
     k0 = int(ones[0]) if len(ones) else None
     S = np.eye(p)
     if k0 is None:
@@ -176,7 +176,7 @@ class BlockEngine:
             self.lows = np.append(self.lows, 0.0)
         if self.strata is not None:
             self._key = self.strata * G + self.codes
-            self.n_stratum = np.bincount(self.strata, minlength=self.n_strata).astype(float)
+            self.n_stratum = np.bincount(self.strata)  # (n_strata = the largest stratum code + 1 entries)
             self.ZZs = self._stratum_cross(Zc, Zc)  # (strata, G, q, q)
             self.ZXs = self._stratum_cross(Zc, self.Xc)
             self.XXs = np.stack([self.Xc[self.strata == s].T @ self.Xc[self.strata == s]
@@ -186,7 +186,7 @@ class BlockEngine:
         if self._caseloads:
             self.ni = self.ZZ[:, 0, 0].copy()
             self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
-            self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
+            self._cnt_u = np.bincount(self._ninv)  # therapists per distinct caseload
             self.xbar = self.ZX[:, 0, :] / self.ni[:, None]
             self.Dx = self.Xc - self.xbar[self.codes]
             self.WXX = self.Dx.T @ self.Dx
@@ -245,7 +245,7 @@ class BlockEngine:
             ones = np.ones((self.n, 1))
             self._h = self._group_cross(ones, self.Zc)[:, 0, :]
             self._o = self._group_cross(ones, A1)[:, 0, :]
-            self._cnt = np.bincount(self.codes, minlength=self.G).astype(float)
+            self._cnt = np.bincount(self.codes, minlength=self.G)
         if self.strata is not None:
             self.ZAs = np.concatenate([self.ZXs, self._stratum_cross(self.Zc, yc[:, None])], axis=3)
             self.AAs = np.stack([A1[self.strata == s].T @ A1[self.strata == s] for s in range(self.n_strata)])
@@ -253,8 +253,7 @@ class BlockEngine:
                 ones = np.ones((self.n, 1))
                 self._hs = self._stratum_cross(ones, self.Zc)[:, :, 0, :]
                 self._os = self._stratum_cross(ones, A1)[:, :, 0, :]
-                self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(
-                    self.n_strata, self.G).astype(float)
+                self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(self.n_strata, self.G)
 
     def _set_y_caseloads(self, yc: np.ndarray) -> None:
         """Within-therapist cross-products and the therapists' means summed by caseload (and by
@@ -274,7 +273,7 @@ class BlockEngine:
         self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
         if self.C:
             idx = self.cluster * U + self._ninv
-            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
+            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U)
             m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
                              for j in range(k)], axis=1).reshape(self.C, U, k)
             self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
@@ -411,9 +410,8 @@ class BlockEngine:
                           ) -> tuple[np.ndarray, float]:
         """``A - sum_c g_c / (1 + g_c e_c) b_c b_c'`` and ``sum_c log(1 + g_c e_c)``, with the
         therapists' ``b_i``, ``e_i`` summed by cluster."""
-        bs = np.stack([np.bincount(self.cluster, weights=bt[:, j], minlength=self.C) for j in range(bt.shape[1])],
-                      axis=1)
-        es = np.bincount(self.cluster, weights=et, minlength=self.C)
+        bs = np.stack([np.bincount(self.cluster, weights=bt[:, j]) for j in range(bt.shape[1])], axis=1)
+        es = np.bincount(self.cluster, weights=et)  # (C = the largest cluster code + 1 entries)
         A = A - bs.T @ (bs * (gc / (1.0 + gc * es))[:, None])
         return A, float(np.log1p(gc * es).sum())
 
@@ -632,12 +630,9 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
         if not free:
             break
         g, H = fd_derivatives(f, x, h, free, f_at_x)
-        try:
-            if np.any(np.linalg.eigvalsh(H) <= 0):
-                break
-            step = -np.linalg.solve(H, g)
-        except np.linalg.LinAlgError:
+        if not np.all(np.linalg.eigvalsh(H) > 0):  # (NaN eigenvalues too: an infinite criterion nearby)
             break
+        step = -np.linalg.solve(H, g)
         if not np.all(np.isfinite(step)):
             break
         xn = x.copy()
