@@ -408,6 +408,10 @@ _Y4, _G4 = np.array([0.0, 1.0, 1.0, 0.0]), np.array(["a", "a", "b", "b"])
      "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.array([[1.0], [np.inf], [1.0], [1.0]]), _G4), {},
      "outcome, covariates contain missing/non-finite values; drop them first"),
+    ((np.array([0.0, None, 1.0, 0.0], dtype=object), np.ones((4, 1)), _G4), {},
+     "outcome, covariates contain missing/non-finite values; drop them first"),
+    ((_Y4, np.array([[1.0], [1.0], [None], [1.0]], dtype=object), _G4), {},
+     "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.ones((4, 1)), np.array(["a", None, "b", "b"], dtype=object)), {},
      "therapist is missing for some patients; drop them first"),
     ((np.array([0.0, 1.0, 0.5, 0.0]), np.ones((4, 1)), _G4), {},
@@ -504,6 +508,24 @@ def test_block_modes_with_one_sd_per_block():
         assert v[j] == pytest.approx(r.x, abs=1e-7)
     np.testing.assert_allclose(mu, expit(eta0 + s[g] * v[g]), rtol=1e-14)
 
+
+
+@pytest.mark.parametrize(("s", "v0"), [(10.0, 10.0), (3.0, 3.0), (3.0, -40.0), (1.0, 6.0)])
+def test_block_modes_converge_from_a_start_far_out_in_a_tail(s, v0):
+    """A warm start far out in a tail (the mode of an earlier, smaller SD), where the curvature vanishes:
+    plain Newton steps (or steps that only decrease |h'|) jump between the two tails for ever. With one
+    recovered and one not recovered patient at eta0 = 0, h(v) is even, so the mode is exactly 0; a second
+    block, with two of three recovered, is checked against a scalar optimiser."""
+    y = np.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    g = np.array([0, 0, 1, 1, 1])
+    eta0 = np.array([0.0, 0.0, 0.3, -0.2, 0.1])
+    v, mu, ok = block_modes(y, g, lambda a: np.add.reduceat(a, np.array([0, 2]), axis=0), eta0, s, np.full(2, v0))
+    assert ok
+    assert v[0] == pytest.approx(0.0, abs=1e-9)
+    r = optimize.minimize_scalar(lambda t: -(np.sum(y[2:] * (eta0[2:] + s * t) - np.logaddexp(0, eta0[2:] + s * t))
+                                             - t * t / 2), bounds=(-10, 10), method="bounded", options={"xatol": 1e-12})
+    assert v[1] == pytest.approx(r.x, abs=1e-7)
+    np.testing.assert_allclose(mu, expit(eta0 + s * v[g]), rtol=1e-14)
 
 def test_agq2_fit_is_the_maximum_of_its_likelihood(data):
     """Two nodes (the analytic gradient's node weights matter): the fit is clean and its maximum is

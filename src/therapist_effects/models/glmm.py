@@ -226,8 +226,11 @@ def block_modes(y: np.ndarray, g: np.ndarray, gsum, eta0: np.ndarray, s, v0: np.
 
     ``s``: the blocks' random-effect SD, one number or one per block; ``g``: each patient's block;
     ``gsum``: the per-block sum of per-patient terms. h_j is strictly concave (h'' <= -1), so h'_j is
-    strictly decreasing: Newton steps point to the root, and halving a step (per block) until |h'_j|
-    decreases guarantees progress. ``mu`` are the patients' fitted probabilities at the modes.
+    strictly decreasing: Newton steps point to the root, and a step (per block) is halved until |h'_j|
+    falls by at least half the fraction of the Newton step taken (a sufficient decrease, which
+    guarantees convergence; a mere decrease lets a start far out in the tails, where the curvature
+    vanishes, jump between the two tails for ever). ``mu`` are the patients' fitted probabilities at
+    the modes.
     """
     s = np.asarray(s, dtype=float)
     if s.ndim == 0 and s == 0.0:
@@ -247,7 +250,9 @@ def block_modes(y: np.ndarray, g: np.ndarray, gsum, eta0: np.ndarray, s, v0: np.
             v_new = v + step
             mu_new = expit(eta0 + s_obs * v_new[g])
             gr_new = s * gsum(y - mu_new) - v_new
-            bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
+            # H |step| / |h'_j| is the fraction of the Newton step taken; a step below the tolerance is
+            # taken as it is (|h'_j| is at the level of its rounding there)
+            bad = (np.abs(gr_new) > np.abs(gr) - 0.5 * H * np.abs(step)) & (np.abs(step) >= _NEWTON_TOL)
             if not bad.any():
                 break
             step = np.where(bad, 0.5 * step, step)
@@ -300,7 +305,7 @@ class LogisticRandomInterceptModel:
         self.y = y[order]
         self.X = X[order]
         self.g = codes[order]
-        self.counts = np.bincount(self.g, minlength=G)
+        self.counts = np.bincount(self.g)  # (every code 0..G-1 has a patient)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.n_obs = n
         self.n_therapists = G
@@ -334,7 +339,7 @@ class LogisticRandomInterceptModel:
     # ------------------------------------------------------------------ internals
     def _gsum(self, a: np.ndarray) -> np.ndarray:
         """Sum per therapist of per-patient terms (rows sorted by therapist); keeps trailing axes."""
-        return np.add.reduceat(a, self.starts, axis=0)
+        return np.add.reduceat(a, self.starts)
 
     def _modes(
         self, eta0: np.ndarray, s: float, v0: np.ndarray
@@ -380,7 +385,7 @@ class LogisticRandomInterceptModel:
 
         The same quantity as ``logLik()`` of ``lme4::glmer`` (nAGQ = 1 or n_quad) at those values.
         """
-        return self._evaluate(np.asarray(fe_params, float), float(s_u), grad=False, warm=False).loglik
+        return self._evaluate(np.asarray(fe_params), s_u, grad=False, warm=False).loglik
 
     def _glm_start(self) -> np.ndarray:
         """Logistic regression without therapist effects by IRLS (start values; not the GLM fit)."""
@@ -415,17 +420,16 @@ class LogisticRandomInterceptModel:
         theta0_free + scale @ z) that makes L-BFGS-B's problem roughly isotropic.
         """
         p = self.k_fe
-        theta0 = np.asarray(theta0, float).copy()
+        theta0 = theta0.copy()
         idx = np.flatnonzero(free)
         if idx.size == 0:
             ev = self._evaluate(theta0[:p], theta0[p], grad=False)
             return theta0, ev.loglik, ev.newton_ok, "nothing to optimise"
-        A = np.asarray(scale, float)
         base = theta0[idx].copy()
 
         def unpack(z: np.ndarray) -> np.ndarray:
             th = theta0.copy()
-            th[idx] = base + A @ z
+            th[idx] = base + scale @ z
             return th
 
         def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
@@ -433,7 +437,7 @@ class LogisticRandomInterceptModel:
             ev = self._evaluate(th[:p], th[p])
             if not np.isfinite(ev.loglik):
                 return 1e300, np.zeros_like(z)
-            return -ev.loglik, -(A.T @ ev.grad[idx])
+            return -ev.loglik, -(scale.T @ ev.grad[idx])
 
         res = optimize.minimize(
             fun,
@@ -445,7 +449,7 @@ class LogisticRandomInterceptModel:
         th = unpack(res.x)
         th[p] = abs(th[p])
         ev = self._evaluate(th[:p], th[p], grad=True)
-        gz = A.T @ ev.grad[idx]
+        gz = scale.T @ ev.grad[idx]
         ok = bool(ev.newton_ok and np.max(np.abs(gz)) < 1e-3 and np.isfinite(ev.loglik))
         return th, ev.loglik, ok, str(res.message)
 
@@ -462,8 +466,7 @@ class LogisticRandomInterceptModel:
         p = self.k_fe
         b0 = self._glm_start()
         theta0 = np.concatenate([b0, [0.0]])
-        free = np.ones(p + 1, bool)
-        free[p] = False
+        free = np.arange(p + 1) < p  # s fixed at 0
         th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, free))
         return th[:p], ll, ok
 
@@ -614,8 +617,7 @@ class LogisticMixedResults(ModelResults):
         # covariance of (b, s)
         self._info = None  # observed information of (b, s) at the maximum (interior fits)
         if self.singular:
-            free = np.ones(p + 1, bool)
-            free[p] = False
+            free = np.arange(p + 1) < p  # s fixed at 0
             info = m._hessian(self.theta, free)
             cov_b = _safe_inv(info)
             se_s2 = np.nan
@@ -658,8 +660,7 @@ class LogisticMixedResults(ModelResults):
         nearest = min(cache, key=lambda x: abs(x - value))
         th0 = cache[nearest].copy()
         th0[j] = value
-        free = np.ones(p + 1, bool)
-        free[j] = False
+        free = np.arange(p + 1) != j
         if free[p] and th0[p] < 1e-2:
             th0[p] = 1e-2  # start off the stationary point s = 0 when s is free
         scale = None
