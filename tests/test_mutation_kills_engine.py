@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from test_engine_blocks import _check, _data
+from test_engine_blocks import _check, _criterion, _data, _dense
 from test_mutation_kills_reml import _dense_loglik
 from therapist_effects.engine import gaussian as gs
 from therapist_effects.engine.derivatives import slope_deviance
-from therapist_effects.engine.gaussian import BlockEngine, theta_to_lambda
+from therapist_effects.engine.gaussian import BlockEngine, centre_design, theta_lower_bounds, theta_to_lambda
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -311,3 +311,72 @@ def test_newton_minimise_does_not_depend_on_the_units_of_the_criterion(f, x0, xm
         paths.append(np.array(calls))
     for other in paths[1:]:
         np.testing.assert_array_equal(other, paths[0])
+
+
+def test_centre_design_centres_every_column_but_the_intercept():
+    """``Xc = X S`` with the covariates centred at their means and the intercept column (here the second)
+    kept; a design without an intercept column, or without rows, is left as it is."""
+    X = np.array([[2.0, 1.0, 5.0], [4.0, 1.0, 6.0], [9.0, 1.0, 1.0]])
+    Xc, S, k0 = centre_design(X)
+    assert k0 == 1
+    np.testing.assert_allclose(Xc, [[-3.0, 1.0, 1.0], [-1.0, 1.0, 2.0], [4.0, 1.0, -3.0]], atol=1e-14)
+    np.testing.assert_allclose(X @ S, Xc, atol=1e-14)
+    for A in (X[:, [0, 2]], np.empty((0, 2))):
+        Ac, S, k0 = centre_design(A)
+        assert k0 is None and Ac is A and np.array_equal(S, np.eye(2))
+
+
+def test_theta_lower_bounds_are_lme4s_and_an_off_diagonal_theta_can_be_negative():
+    """lme4's ``lower`` for (1 + x | g) and (1 + x + z | g): 0 on the diagonal of Lambda, -Inf below it; a
+    minimum whose off-diagonal theta is negative is found there."""
+    assert theta_lower_bounds(2).tolist() == [0.0, -math.inf, 0.0]
+    assert theta_lower_bounds(3).tolist() == [0.0, -math.inf, -math.inf, 0.0, -math.inf, 0.0]
+    target = np.array([0.8, -0.6, 0.5])
+    x, f, ok = gs.minimise_theta(lambda t: float(np.sum(np.array([1.0, 2.0, 3.0]) * (t - target) ** 2)),
+                                 np.array([1.0, 0.0, 1.0]), 2)
+    assert ok
+    np.testing.assert_allclose(x, target, atol=1e-7)
+    assert f == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_criterion_with_a_cluster_level_equals_the_dense_computation():
+    """The random intercept's batch criterion (sums over caseloads and clusters) row by row against dense
+    matrices, for REML and ML (batches whose every row has a Cholesky factor, and one with a row without:
+    computed row by row); an undefined theta (NaN) is +inf, and so is a residual variance <= 0."""
+    y, X, codes, cluster, _ = _data(5)
+    n, p = X.shape
+    ones = np.ones((n, 1))
+    eng = BlockEngine(y, X, ones, codes, codes.max() + 1, cluster=cluster)
+    thetas = np.array([[0.9, 0.6], [0.0, 1.3], [1.4, 0.0], [0.7, 0.05], [1.1, 0.02]])
+    for reml in (True, False):
+        dense = []
+        for t in thetas:
+            r, ldx, ldv, _, _ = _dense(y, X, ones, codes, np.array([[t[0]]]), cluster, t[1] ** 2)
+            dense.append(_criterion(r, ldx, ldv, n, p, reml))
+        np.testing.assert_allclose(eng.crit_many(thetas, reml), dense, rtol=1e-10)
+        np.testing.assert_allclose(eng.crit_many(thetas[3:], reml), dense[3:], rtol=1e-10)
+        # a cluster SD of 1e8 leaves the system without a Cholesky factor: that row is +inf, the others exact
+        got = eng.crit_many(np.array([[0.5, 1e8], [0.7, 0.05]]), reml)
+        assert got[0] == math.inf and got[1] == pytest.approx(dense[3], rel=1e-10)
+        assert eng.crit_many(np.array([[np.nan, 0.5], [0.5, 0.5]]), reml)[0] == math.inf
+        for sigma2 in (0.0, -1.0):
+            assert eng.crit(thetas[0], reml, sigma2=sigma2) == math.inf
+
+
+def test_newton_minimise_takes_a_handed_over_hessian_of_the_right_shape_instead_of_differences():
+    """With ``hess["H"]`` of the right shape the first iterate needs the gradient only (4 evaluations a
+    coordinate) instead of the finite-difference Hessian (4 a coordinate and 4 a pair); a Hessian of
+    another shape (another problem) is ignored. The same minimum either way."""
+    counts = []
+    for hess in (None, {"H": A.copy()}, {"H": np.eye(2)}):
+        calls = []
+
+        def f(x, calls=calls):
+            calls.append(1)
+            return _quartic(x)
+
+        x, _, ok = gs.newton_minimise(f, XSTAR + 0.3, np.full(3, -5.0), hess=hess)
+        assert ok
+        np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+        counts.append(len(calls))
+    assert counts[1] < counts[0] == counts[2]

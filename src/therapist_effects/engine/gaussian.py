@@ -242,7 +242,7 @@ class BlockEngine:
                 self.P01 = (P01 + P01.transpose(0, 2, 1)).reshape(self.G, -1)
         A1 = np.column_stack([self.Xc, yc])
         if self.C:  # the cluster level's per-therapist sums of 1 (h: Z'1, o: 1'[X y], counts)
-            ones = np.ones((self.n, 1))
+            ones = np.ones(self.n)[:, None]
             self._h = self._group_cross(ones, self.Zc)[:, 0, :]
             self._o = self._group_cross(ones, A1)[:, 0, :]
             self._cnt = np.bincount(self.codes, minlength=self.G)
@@ -250,7 +250,7 @@ class BlockEngine:
             self.ZAs = np.concatenate([self.ZXs, self._stratum_cross(self.Zc, yc[:, None])], axis=3)
             self.AAs = np.stack([A1[self.strata == s].T @ A1[self.strata == s] for s in range(self.n_strata)])
             if self.C:
-                ones = np.ones((self.n, 1))
+                ones = np.ones(self.n)[:, None]
                 self._hs = self._stratum_cross(ones, self.Zc)[:, :, 0, :]
                 self._os = self._stratum_cross(ones, A1)[:, :, 0, :]
                 self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(self.n_strata, self.G)
@@ -290,7 +290,7 @@ class BlockEngine:
         ldv = np.log1p(ng) @ self._cnt_u
         A = self.within + (au @ self._mm_u).reshape(B, k, k)
         if self.C:
-            gc = thetas[:, 1:2] ** 2
+            gc = thetas[:, 1:] ** 2
             tau = au @ self._cnt_cu.T  # (B, C)
             sm = (au @ self._m_cku.T).reshape(B, self.C, k)
             A = A - np.einsum("bck,bc,bcl->bkl", sm, gc / (1.0 + gc * tau), sm)
@@ -304,7 +304,7 @@ class BlockEngine:
             r = d[:, p] ** 2
             nu, extra = (self.n - p, ldv + 2.0 * np.log(d[:, :p]).sum(axis=1)) if reml else (self.n, ldv)
             out = nu * (1.0 + LOG2PI + np.log(r / nu)) + extra
-        return np.where((r > 0.0) & np.isfinite(out), out, np.inf)
+        return np.where(np.isfinite(out), out, np.inf)  # (finite only if r > 0)
 
     def with_y(self, y: np.ndarray) -> BlockEngine:
         """A copy with another outcome (the design's statistics shared): the bootstrap's refits."""
@@ -520,12 +520,12 @@ class BlockEngine:
         """Optimum ``(theta, crit_min, converged)``: the interior optimum and the optimum on every
         face of the boundary (subsets of the diagonal at exactly 0); the boundary wins ties."""
         if self.diagonal or self.C:  # (centring Z is for the unstructured therapist level alone)
-            t0 = np.where(self.lows == 0.0, 1.0, 0.0) if theta0 is None else np.asarray(theta0, dtype=float)
+            t0 = np.where(self.lows == 0.0, 1.0, 0.0) if theta0 is None else theta0
             return minimise_theta(lambda t: self.crit(t, reml), t0, self.q, lows=self.lows)
         if theta0 is None:
             tc0 = np.where(self.lows == 0.0, 1.0, 0.0)  # lme4's start: Lambda = I
         else:
-            tc0 = self.to_centred(np.asarray(theta0, dtype=float))
+            tc0 = self.to_centred(theta0)
         tc, fmin, ok = minimise_theta(lambda t: self.crit(t, reml, centred=True), tc0, self.q)
         return self.from_centred(tc), fmin, ok
 
@@ -724,7 +724,7 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
     m = len(x)
     H = None
     if hess is not None and hess.get("H") is not None and np.shape(hess["H"]) == (m, m):
-        H = np.array(hess["H"], dtype=float)
+        H = np.array(hess["H"])  # (a copy)
     g_prev = x_prev = None
     for _ in range(max_iter):
         h = 1e-3 * np.maximum(np.abs(x), 0.1)
