@@ -27,8 +27,8 @@ from scipy.special import expit
 
 from refdata import REFERENCE_DIR
 from therapist_effects.exceptions import ModelError, SingularFitWarning
-from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, block_modes,
-                                    check_quadrature)
+from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, best_start,
+                                           block_modes, check_quadrature)
 
 LATENT = math.pi**2 / 3
 Z95 = stats.norm.ppf(0.975)
@@ -133,6 +133,42 @@ def test_profile_ends_are_where_the_deviance_reaches_the_cut_off(case, data):
                                  options={"gtol": 1e-8})
         assert 2 * (res.loglik + best.fun) == pytest.approx(stats.chi2.ppf(0.8, 1), abs=1e-4)
 
+
+
+def test_profile_search_steps_first_to_the_wald_ends(case, monkeypatch):
+    """The profile search of each parameter starts at the Wald ends (the first step reaches them: the
+    profile is close to quadratic there): b +- z se(b) for the fixed effects; for s_u the SD's Wald
+    end from the variance's SE by the delta method, se(s) = se(s^2) / (2 s), upwards, and the edge
+    s = 0 first downwards. The ends are those of the 90% interval (not cached by other tests)."""
+    key, res = case
+    seen = []
+    profile_ll = res._profile_ll
+    monkeypatch.setattr(res, "_profile_ll", lambda j, x: seen.append((j, x)) or profile_ll(j, x))
+    z = stats.norm.ppf(0.95)
+    for j, name in enumerate(["(Intercept)", "x", "therapist"]):
+        seen.clear()
+        res._profile_interval(j, 0.9)
+        est, se = res.theta[j], res.bse[name]
+        if name == "therapist":
+            se = se / (2 * est)
+        down = [x for i, x in seen if i == j and x < est]
+        up = [x for i, x in seen if i == j and x > est]
+        assert down[0] == (0.0 if name == "therapist" else pytest.approx(est - z * se, rel=1e-12))
+        assert up[0] == pytest.approx(est + z * se, rel=1e-12)
+
+
+def test_best_start_keeps_the_first_start_unless_a_later_one_is_higher_by_more_than_1e_8():
+    """Starts are tried in order until one converges; a later start replaces the best only when its
+    log-likelihood is higher by more than 1e-8 (converged or not)."""
+    def fit_from(table):
+        return lambda start: table[start]
+
+    first, worse, higher, tie = ("a", -10.0, False, ""), ("b", -12.0, True, ""), ("c", -9.0, True, ""), \
+        ("d", -10.0 + 5e-9, True, "")
+    assert best_start(fit_from({1: first, 2: worse}), (1, 2)) is first
+    assert best_start(fit_from({1: first, 2: higher}), (1, 2)) is higher
+    assert best_start(fit_from({1: first, 2: tie}), (1, 2)) is first
+    assert best_start(fit_from({1: higher, 2: first}), (1, 2)) is higher  # converged: 2 is not tried
 
 def test_wald_intervals(case, ref, data):
     key, res = case

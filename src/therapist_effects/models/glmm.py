@@ -213,7 +213,7 @@ class _Eval:
     """Everything computed at one parameter value (b, s_u)."""
 
     loglik: float
-    grad: np.ndarray | None
+    grad: np.ndarray
     v: np.ndarray  # conditional modes of the spherical effects v_j (u_j = s_u v_j)
     H: np.ndarray  # curvature 1 + s^2 sum w at the mode
     newton_ok: bool
@@ -348,15 +348,12 @@ class LogisticRandomInterceptModel:
         (:func:`block_modes`)."""
         return block_modes(self.y, self.g, self._gsum, eta0, s, v0)
 
-    def _evaluate(self, b: np.ndarray, s: float, *, grad: bool = True, warm: bool = True) -> _Eval:
+    def _evaluate(self, b: np.ndarray, s: float, *, warm: bool = True) -> _Eval:
         """Approximate log-likelihood (Laplace or AGQ) and its exact gradient in (b, s)."""
         y, X, g = self.y, self.X, self.g
         s = float(s)  # the likelihood is even in s; negative values are allowed internally
         eta0 = X @ b
         v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, s, s, warm)
-        if not grad:
-            return _Eval(loglik, None, v, H, ok)
-
         pi = np.exp(la - logS[:, None])  # G x K, normalised node weights
         r = y[:, None] - mu  # n x K
         Rk = self._gsum(r)  # G x K
@@ -385,7 +382,7 @@ class LogisticRandomInterceptModel:
 
         The same quantity as ``logLik()`` of ``lme4::glmer`` (nAGQ = 1 or n_quad) at those values.
         """
-        return self._evaluate(np.asarray(fe_params), s_u, grad=False, warm=False).loglik
+        return block_terms(self, self.X @ np.asarray(fe_params), s_u, s_u, False)[-1]
 
     def _glm_start(self) -> np.ndarray:
         """Logistic regression without therapist effects by IRLS (start values; not the GLM fit)."""
@@ -423,7 +420,7 @@ class LogisticRandomInterceptModel:
         theta0 = theta0.copy()
         idx = np.flatnonzero(free)
         if idx.size == 0:
-            ev = self._evaluate(theta0[:p], theta0[p], grad=False)
+            ev = self._evaluate(theta0[:p], theta0[p])
             return theta0, ev.loglik, ev.newton_ok, "nothing to optimise"
         base = theta0[idx].copy()
 
@@ -448,7 +445,7 @@ class LogisticRandomInterceptModel:
         )
         th = unpack(res.x)
         th[p] = abs(th[p])
-        ev = self._evaluate(th[:p], th[p], grad=True)
+        ev = self._evaluate(th[:p], th[p])
         gz = scale.T @ ev.grad[idx]
         ok = bool(ev.newton_ok and np.max(np.abs(gz)) < 1e-3 and np.isfinite(ev.loglik))
         return th, ev.loglik, ok, str(res.message)
@@ -550,7 +547,7 @@ class LogisticRandomInterceptModel:
             ) from err
         msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
                             " those of the logistic regression without therapist effect" if singular else None)
-        ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
+        ev = self._evaluate(th[:p], th[p], warm=False)
         return LogisticMixedResults(
             model=self,
             theta=th,
