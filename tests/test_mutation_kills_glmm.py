@@ -28,7 +28,7 @@ from scipy.special import expit
 from refdata import REFERENCE_DIR
 from therapist_effects.exceptions import ModelError, SingularFitWarning
 from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, best_start,
-                                           block_modes, check_quadrature)
+                                           binary_inputs, block_modes, check_quadrature)
 
 LATENT = math.pi**2 / 3
 Z95 = stats.norm.ppf(0.975)
@@ -464,6 +464,20 @@ def test_model_input_errors_are_one_line(args, kw, message):
         LogisticRandomInterceptModel(*args, **kw)
     assert str(e.value) == message
 
+
+
+def test_binary_inputs_check_a_numeric_slope_variable_like_the_design():
+    """The numbers of a slope variable (``numeric``, given as a list) are floats with one entry per patient;
+    a missing one (None) is the one-line missing-value error that names them."""
+    y, X, names = binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0, 1, 2, 3]})
+    assert names == ["x0"] and y.dtype == X.dtype == np.float64
+    with pytest.raises(ModelError) as e:
+        binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0.0, None, 2.0, 3.0]})
+    assert str(e.value) == "outcome, covariates or slope contain missing/non-finite values; drop them first"
+    with pytest.raises(ModelError) as e:
+        binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0.0, 1.0]})
+    assert str(e.value) == ("endog has 4 rows but exog has 4, therapist has 4, slope has 2: every array needs"
+                            " one row per patient")
 
 def test_model_accepts_a_vector_design_and_dataframe_names():
     x = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
