@@ -361,6 +361,12 @@ def test_batch_criterion_with_a_cluster_level_equals_the_dense_computation():
         assert eng.crit_many(np.array([[np.nan, 0.5], [0.5, 0.5]]), reml)[0] == math.inf
         for sigma2 in (0.0, -1.0):
             assert eng.crit(thetas[0], reml, sigma2=sigma2) == math.inf
+    # a random slope (no caseload sums): row by row
+    Z = X[:, :2]
+    slope = BlockEngine(y, X, Z, codes, codes.max() + 1)
+    th2 = np.array([[0.9, 0.2, 0.4], [0.5, -0.3, 0.1]])
+    r, ldx, ldv, _, _ = _dense(y, X, Z, codes, theta_to_lambda(th2[1], 2))
+    assert slope.crit_many(th2, True)[1] == pytest.approx(_criterion(r, ldx, ldv, n, p, True), rel=1e-10)
 
 
 def test_newton_minimise_takes_a_handed_over_hessian_of_the_right_shape_instead_of_differences():
@@ -380,3 +386,28 @@ def test_newton_minimise_takes_a_handed_over_hessian_of_the_right_shape_instead_
         np.testing.assert_allclose(x, XSTAR, atol=1e-7)
         counts.append(len(calls))
     assert counts[1] < counts[0] == counts[2]
+
+
+
+def test_newton_minimise_on_a_convex_quadratic_needs_no_finite_difference_hessian(monkeypatch):
+    """From a handed-over positive definite Hessian (here the identity, not the quadratic's), BFGS updates
+    of a convex quadratic stay positive definite (s'y = s'As > 0), so no quasi-Newton step fails and no
+    finite-difference Hessian is computed; the minimum is exact and the Hessian handed back positive
+    definite."""
+    Aq = np.array([[4.0, 1.0], [1.0, 2.0]])
+    xstar = np.array([0.3, -0.2])
+
+    def f(x):
+        d = x - xstar
+        return float(0.5 * d @ Aq @ d + 1.0)
+
+    def no_fd(*args, **kwargs):
+        raise AssertionError("finite-difference Hessian computed")
+
+    monkeypatch.setattr(gs, "fd_derivatives", no_fd)
+    hess = {"H": np.eye(2)}
+    x, fx, ok = gs.newton_minimise(f, np.array([1.0, 1.0]), np.full(2, -5.0), hess=hess)
+    assert ok
+    np.testing.assert_allclose(x, xstar, atol=1e-9)
+    assert fx == pytest.approx(1.0, abs=1e-14)
+    assert np.all(np.linalg.eigvalsh(hess["H"]) > 0)

@@ -281,7 +281,7 @@ class BlockEngine:
     def crit_many(self, thetas: np.ndarray, reml: bool) -> np.ndarray:
         """:meth:`crit` at each row of ``thetas``: one vectorised pass over the batch for the random
         intercept (caseload sums; the optimiser's grids), a loop otherwise."""
-        thetas = np.asarray(thetas, dtype=float)
+        thetas = np.asarray(thetas)
         if not self._caseloads:
             return np.array([self.crit(t, reml) for t in thetas])
         p, k, B = self.p, self.p + 1, len(thetas)
@@ -705,7 +705,7 @@ def _fd_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray)
 
 
 def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
-                    ups: np.ndarray | None = None, max_iter: int = 12, hess: dict | None = None
+                    ups: np.ndarray | float = math.inf, max_iter: int = 12, hess: dict | None = None
                     ) -> tuple[np.ndarray, float, bool]:
     """Damped (quasi-)Newton from a warm start: central-difference gradient with Richardson
     extrapolation; a finite-difference Hessian at the first iterate, or the one handed over in
@@ -715,7 +715,6 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
     when it cannot vouch for its answer (a Hessian that is not positive definite, a step that
     meets a bound, no convergence): the caller then falls back to :func:`minimise_box`. With
     ``hess``, the last Hessian is written back to ``hess["H"]``."""
-    ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
     x = np.asarray(x0, dtype=float)
     if np.any(x < lows) or np.any(x > ups):
         return x, math.inf, False
