@@ -56,7 +56,8 @@ def test_safe_csv_neutralises_category_columns_and_writes_durations_and_periods_
     pandas writes them, and the input frame is left as it was."""
     df = pd.DataFrame({"c": pd.Categorical(["=x", "y", "=x", None]), "r": pd.Categorical(["a\rb", "c", "c", "c"]),
                        "td": pd.to_timedelta([1, 2, None, 4], unit="h"),
-                       "p": pd.period_range("2020-01", periods=4, freq="M"), "k": pd.array([1, None, -3, 4], dtype="Int64")})
+                       "p": pd.period_range("2020-01", periods=4, freq="M"),
+                       "k": pd.array([1, None, -3, 4], dtype="Int64")})
     before = df.copy()
     assert safe_csv(df, tmp_path / "c.csv").read_bytes() == (
         b'"c","r","td","p","k"\n"\'=x","a\rb","0 days 01:00:00","2020-01",1\n"y","c","0 days 02:00:00","2020-02",""\n'
