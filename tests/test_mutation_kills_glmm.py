@@ -479,6 +479,17 @@ def test_binary_inputs_check_a_numeric_slope_variable_like_the_design():
     assert str(e.value) == ("endog has 4 rows but exog has 4, therapist has 4, slope has 2: every array needs"
                             " one row per patient")
 
+
+def test_glm_start_is_the_logistic_regression_maximum(data):
+    """The start values (IRLS without therapist effects) are the maximum likelihood logistic regression:
+    its score X'(y - mu) vanishes there, and a derivative-free optimiser of that likelihood agrees."""
+    m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], therapist="therapist")
+    b = m._glm_start()
+    np.testing.assert_allclose(m.X.T @ (m.y - expit(m.X @ b)), 0.0, atol=1e-8)
+    best = optimize.minimize(lambda c: -np.sum(m.y * (m.X @ c) - np.logaddexp(0, m.X @ c)), np.zeros(2),
+                             method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12})
+    np.testing.assert_allclose(b, best.x, atol=1e-6)
+
 def test_model_accepts_a_vector_design_and_dataframe_names():
     x = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])

@@ -833,7 +833,7 @@ class LogisticMixedResults(ModelResults):
         lo, hi = u - z * se, u + z * se
         xbar = m.X.mean(axis=0)
         adj = expit(xbar @ self.theta[:p] + u)
-        raw = np.bincount(m.g, weights=m.y, minlength=m.n_therapists) / m.counts
+        raw = np.bincount(m.g, weights=m.y) / m.counts
         cls = classify_effects(lo, hi, higher_is_better)
         return pd.DataFrame(
             {
