@@ -361,6 +361,7 @@ def test_batch_criterion_with_a_cluster_level_equals_the_dense_computation():
         assert eng.crit_many(np.array([[np.nan, 0.5], [0.5, 0.5]]), reml)[0] == math.inf
         for sigma2 in (0.0, -1.0):
             assert eng.crit(thetas[0], reml, sigma2=sigma2) == math.inf
+            assert eng.dev_ml(thetas[0], sigma2) == math.inf
     # a random slope (no caseload sums): row by row
     Z = X[:, :2]
     slope = BlockEngine(y, X, Z, codes, codes.max() + 1)
