@@ -49,6 +49,23 @@ def test_safe_csv_quotes_only_when_a_cell_has_a_carriage_return(tmp_path):
     assert safe_csv(df, tmp_path / "i.csv", index=True).read_bytes().startswith(b'"","id","v"\n0,')
 
 
+
+def test_safe_csv_neutralises_category_columns_and_writes_durations_and_periods_as_text(tmp_path):
+    """A category column (its categories are text) is neutralised like any other text column and a
+    carriage return in a category is quoted; durations, periods and nullable integers are written as
+    pandas writes them, and the input frame is left as it was."""
+    df = pd.DataFrame({"c": pd.Categorical(["=x", "y", "=x", None]), "r": pd.Categorical(["a\rb", "c", "c", "c"]),
+                       "td": pd.to_timedelta([1, 2, None, 4], unit="h"),
+                       "p": pd.period_range("2020-01", periods=4, freq="M"),
+                       "k": pd.array([1, None, -3, 4], dtype="Int64")})
+    before = df.copy()
+    assert safe_csv(df, tmp_path / "c.csv").read_bytes() == (
+        b'"c","r","td","p","k"\n"\'=x","a\rb","0 days 01:00:00","2020-01",1\n"y","c","0 days 02:00:00","2020-02",""\n'
+        b'"\'=x","c","","2020-03",-3\n"","c","0 days 04:00:00","2020-04",4\n')
+    assert neutralise_frame(df)["c"].tolist()[:3] == ["'=x", "y", "'=x"]
+    pd.testing.assert_frame_equal(df, before)
+
+
 # ---- classify --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("hib", "up", "down"), [
     (None, "above average", "below average"),

@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from test_engine_blocks import _check, _data
+from test_engine_blocks import _check, _criterion, _data, _dense
 from test_mutation_kills_reml import _dense_loglik
 from therapist_effects.engine import gaussian as gs
 from therapist_effects.engine.derivatives import slope_deviance
-from therapist_effects.engine.gaussian import BlockEngine, theta_to_lambda
+from therapist_effects.engine.gaussian import BlockEngine, centre_design, theta_lower_bounds, theta_to_lambda
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -253,3 +253,190 @@ def test_slope_deviance_is_infinite_with_nan_derivatives_where_undefined():
         assert np.isnan(g).all() and np.isnan(H).all()
     with pytest.raises(ValueError, match="unknown criterion"):
         slope_deviance(eng, np.array([0.0, 0.0, 0.2, 0.0]), "reml")
+
+
+def test_box_minimiser_vouches_for_a_bound_beyond_which_the_criterion_falls_without_limit():
+    """``f = x0 + (x1 - x0 / 2 - 0.5)^2`` falls without limit as x0 -> -inf: on the box x0 >= 0 its minimum
+    is x0 = 0, x1 = 0.5, f = 0, and the Nelder-Mead stage must search the box, not the whole line
+    (there it never converges)."""
+    def f(x):
+        return float(x[0] + (x[1] - x[0] / 2 - 0.5) ** 2)
+
+    x, fx, ok = gs.minimise_box(f, np.array([1.0, 0.0]), np.array([0.0, -np.inf]))
+    assert ok and x[0] == 0.0
+    assert x[1] == pytest.approx(0.5, abs=1e-9) and fx == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("side", ["upper", "lower"])
+def test_box_minimiser_never_evaluates_the_criterion_outside_the_box(side):
+    """A criterion undefined outside the box (it raises there) with its minimum on a bound: ``f = (x0 - 2)^2
+    + (x1 - x0 / 2)^2`` on x0 <= 1 (minimum x0 = 1, x1 = 0.5, f = 1) or on x0 >= 3 (x0 = 3, x1 = 1.5, f = 1).
+    The Newton polish holds a coordinate within two finite-difference steps of its bound, so neither
+    stage evaluates ``f`` outside the box, and the free coordinate is polished to the exact minimum."""
+    bound = 1.0 if side == "upper" else 3.0
+    lows, ups = (np.array([-5.0, -5.0]), np.array([bound, 5.0])) if side == "upper" else \
+        (np.array([bound, -5.0]), np.array([5.0, 5.0]))
+
+    def f(x):
+        assert np.all(x >= lows) and np.all(x <= ups), x
+        return float((x[0] - 2.0) ** 2 + (x[1] - x[0] / 2) ** 2)
+
+    x, fx, ok = gs.minimise_box(f, np.array([2.0, 0.0]), lows, ups)
+    assert x[0] == bound
+    assert x[1] == pytest.approx(bound / 2, abs=1e-10) and fx == pytest.approx(1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize(("f", "x0", "xmin", "fmin"), [
+    (lambda x: float(np.cosh(x[0]) + np.cosh(2 * x[1]) + np.cosh(3 * x[2]) + x[0] * x[2]),
+     np.array([0.3, 0.2, -0.1]), np.zeros(3), 3.0),
+    (lambda x: float(np.exp(x[0]) - 2 * x[0] + np.cosh(x[1] - x[0])),
+     np.array([1.0, 0.5]), np.full(2, math.log(2.0)), 3.0 - 2.0 * math.log(2.0)),
+])
+def test_newton_minimise_does_not_depend_on_the_units_of_the_criterion(f, x0, xmin, fmin):
+    """Scaling the criterion by a power of two scales every difference, gradient, Hessian and BFGS update
+    exactly, so the quasi-Newton path is the same bit for bit (its curvature test is relative); the minima
+    are known in closed form (cosh terms: 0; exp(a) - 2a: a = log 2)."""
+    paths = []
+    for c in (1.0, 2.0**-30, 2.0**20):
+        calls = []
+
+        def fc(x, c=c, calls=calls):
+            calls.append(x.copy())
+            return c * f(x)
+
+        x, fx, ok = gs.newton_minimise(fc, x0, np.full(len(x0), -10.0))
+        assert ok
+        np.testing.assert_allclose(x, xmin, atol=1e-8)
+        assert fx / c == pytest.approx(fmin, rel=1e-14)
+        paths.append(np.array(calls))
+    for other in paths[1:]:
+        np.testing.assert_array_equal(other, paths[0])
+
+
+def test_centre_design_centres_every_column_but_the_intercept():
+    """``Xc = X S`` with the covariates centred at their means and the intercept column (here the second)
+    kept; a design without an intercept column, or without rows, is left as it is."""
+    X = np.array([[2.0, 1.0, 5.0], [4.0, 1.0, 6.0], [9.0, 1.0, 1.0]])
+    Xc, S, k0 = centre_design(X)
+    assert k0 == 1
+    np.testing.assert_allclose(Xc, [[-3.0, 1.0, 1.0], [-1.0, 1.0, 2.0], [4.0, 1.0, -3.0]], atol=1e-14)
+    np.testing.assert_allclose(X @ S, Xc, atol=1e-14)
+    for A in (X[:, [0, 2]], np.empty((0, 2))):
+        Ac, S, k0 = centre_design(A)
+        assert k0 is None and Ac is A and np.array_equal(S, np.eye(2))
+
+
+def test_theta_lower_bounds_are_lme4s_and_an_off_diagonal_theta_can_be_negative():
+    """lme4's ``lower`` for (1 + x | g) and (1 + x + z | g): 0 on the diagonal of Lambda, -Inf below it; a
+    minimum whose off-diagonal theta is negative is found there."""
+    assert theta_lower_bounds(2).tolist() == [0.0, -math.inf, 0.0]
+    assert theta_lower_bounds(3).tolist() == [0.0, -math.inf, -math.inf, 0.0, -math.inf, 0.0]
+    target = np.array([0.8, -0.6, 0.5])
+    x, f, ok = gs.minimise_theta(lambda t: float(np.sum(np.array([1.0, 2.0, 3.0]) * (t - target) ** 2)),
+                                 np.array([1.0, 0.0, 1.0]), 2)
+    assert ok
+    np.testing.assert_allclose(x, target, atol=1e-7)
+    assert f == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_criterion_with_a_cluster_level_equals_the_dense_computation():
+    """The random intercept's batch criterion (sums over caseloads and clusters) row by row against dense
+    matrices, for REML and ML (batches whose every row has a Cholesky factor, and one with a row without:
+    computed row by row); an undefined theta (NaN) is +inf, and so is a residual variance <= 0."""
+    y, X, codes, cluster, _ = _data(5)
+    n, p = X.shape
+    ones = np.ones((n, 1))
+    eng = BlockEngine(y, X, ones, codes, codes.max() + 1, cluster=cluster)
+    thetas = np.array([[0.9, 0.6], [0.0, 1.3], [1.4, 0.0], [0.7, 0.05], [1.1, 0.02]])
+    for reml in (True, False):
+        dense = []
+        for t in thetas:
+            r, ldx, ldv, _, _ = _dense(y, X, ones, codes, np.array([[t[0]]]), cluster, t[1] ** 2)
+            dense.append(_criterion(r, ldx, ldv, n, p, reml))
+        np.testing.assert_allclose(eng.crit_many(thetas, reml), dense, rtol=1e-10)
+        np.testing.assert_allclose(eng.crit_many(thetas[3:], reml), dense[3:], rtol=1e-10)
+        # a cluster SD of 1e8 leaves the system without a Cholesky factor: that row is +inf, the others exact
+        got = eng.crit_many(np.array([[0.5, 1e8], [0.7, 0.05]]), reml)
+        assert got[0] == math.inf and got[1] == pytest.approx(dense[3], rel=1e-10)
+        assert eng.crit_many(np.array([[np.nan, 0.5], [0.5, 0.5]]), reml)[0] == math.inf
+        for sigma2 in (0.0, -1.0):
+            assert eng.crit(thetas[0], reml, sigma2=sigma2) == math.inf
+            assert eng.dev_ml(thetas[0], sigma2) == math.inf
+    # a random slope (no caseload sums): row by row
+    Z = X[:, :2]
+    slope = BlockEngine(y, X, Z, codes, codes.max() + 1)
+    th2 = np.array([[0.9, 0.2, 0.4], [0.5, -0.3, 0.1]])
+    r, ldx, ldv, _, _ = _dense(y, X, Z, codes, theta_to_lambda(th2[1], 2))
+    assert slope.crit_many(th2, True)[1] == pytest.approx(_criterion(r, ldx, ldv, n, p, True), rel=1e-10)
+
+
+def test_newton_minimise_takes_a_handed_over_hessian_of_the_right_shape_instead_of_differences():
+    """With ``hess["H"]`` of the right shape the first iterate needs the gradient only (4 evaluations a
+    coordinate) instead of the finite-difference Hessian (4 a coordinate and 4 a pair); a Hessian of
+    another shape (another problem) is ignored. The same minimum either way."""
+    counts = []
+    for hess in (None, {"H": A.copy()}, {"H": np.eye(2)}):
+        calls = []
+
+        def f(x, calls=calls):
+            calls.append(1)
+            return _quartic(x)
+
+        x, _, ok = gs.newton_minimise(f, XSTAR + 0.3, np.full(3, -5.0), hess=hess)
+        assert ok
+        np.testing.assert_allclose(x, XSTAR, atol=1e-7)
+        counts.append(len(calls))
+    assert counts[1] < counts[0] == counts[2]
+
+
+
+def test_newton_minimise_on_a_convex_quadratic_needs_no_finite_difference_hessian(monkeypatch):
+    """From a handed-over positive definite Hessian (here the identity, not the quadratic's), BFGS updates
+    of a convex quadratic stay positive definite (s'y = s'As > 0), so no quasi-Newton step fails and no
+    finite-difference Hessian is computed; the minimum is exact and the Hessian handed back positive
+    definite."""
+    Aq = np.array([[4.0, 1.0], [1.0, 2.0]])
+    xstar = np.array([0.3, -0.2])
+
+    def f(x):
+        d = x - xstar
+        return float(0.5 * d @ Aq @ d + 1.0)
+
+    def no_fd(*args, **kwargs):
+        raise AssertionError("finite-difference Hessian computed")
+
+    monkeypatch.setattr(gs, "fd_derivatives", no_fd)
+    hess = {"H": np.eye(2)}
+    x, fx, ok = gs.newton_minimise(f, np.array([1.0, 1.0]), np.full(2, -5.0), hess=hess)
+    assert ok
+    np.testing.assert_allclose(x, xstar, atol=1e-9)
+    assert fx == pytest.approx(1.0, abs=1e-14)
+    assert np.all(np.linalg.eigvalsh(hess["H"]) > 0)
+
+def test_random_slope_fit_is_the_minimum_of_the_dense_criterion():
+    """BlockEngine.fit of (1 + x | therapist) (unstructured, optimised on the centred scale and reported
+    as lme4's theta of the model as given): the dense REML criterion at the reported theta is the
+    engine's minimum, and moving any theta element by 1e-3 either way increases it."""
+    rng = np.random.default_rng(8)
+    G = 25
+    codes = np.repeat(np.arange(G), rng.integers(4, 12, size=G))
+    n = len(codes)
+    x = rng.normal(size=n) + 1.0  # not centred: the engine centres it
+    X = np.column_stack([np.ones(n), x])
+    u = rng.normal(size=(G, 2)) * [1.0, 0.6]
+    y = 2.0 + 0.5 * x + u[codes, 0] + u[codes, 1] * x + rng.normal(size=n)
+    p = 2
+    Z = X
+    theta, fmin, ok = BlockEngine(y, X, Z, codes, codes.max() + 1).fit(True)
+
+    def dense(t):
+        r, ldx, ldv, _, _ = _dense(y, X, Z, codes, theta_to_lambda(t, 2))
+        return _criterion(r, ldx, ldv, n, p, True)
+
+    assert ok and fmin == pytest.approx(dense(theta), rel=1e-10)
+    assert theta[0] > 0.3 and theta[2] > 0.3  # an interior optimum
+    for k in range(3):
+        for d in (-1e-3, 1e-3):
+            t = theta.copy()
+            t[k] += d
+            assert dense(t) > fmin

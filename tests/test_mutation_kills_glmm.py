@@ -27,8 +27,8 @@ from scipy.special import expit
 
 from refdata import REFERENCE_DIR
 from therapist_effects.exceptions import ModelError, SingularFitWarning
-from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, block_modes,
-                                    check_quadrature)
+from therapist_effects.models.glmm import (LATENT_RESIDUAL_VARIANCE, LogisticRandomInterceptModel, best_start,
+                                           binary_inputs, block_modes, check_quadrature)
 
 LATENT = math.pi**2 / 3
 Z95 = stats.norm.ppf(0.975)
@@ -133,6 +133,42 @@ def test_profile_ends_are_where_the_deviance_reaches_the_cut_off(case, data):
                                  options={"gtol": 1e-8})
         assert 2 * (res.loglik + best.fun) == pytest.approx(stats.chi2.ppf(0.8, 1), abs=1e-4)
 
+
+
+def test_profile_search_steps_first_to_the_wald_ends(case, monkeypatch):
+    """The profile search of each parameter starts at the Wald ends (the first step reaches them: the
+    profile is close to quadratic there): b +- z se(b) for the fixed effects; for s_u the SD's Wald
+    end from the variance's SE by the delta method, se(s) = se(s^2) / (2 s), upwards, and the edge
+    s = 0 first downwards. The ends are those of the 90% interval (not cached by other tests)."""
+    key, res = case
+    seen = []
+    profile_ll = res._profile_ll
+    monkeypatch.setattr(res, "_profile_ll", lambda j, x: seen.append((j, x)) or profile_ll(j, x))
+    z = stats.norm.ppf(0.95)
+    for j, name in enumerate(["(Intercept)", "x", "therapist"]):
+        seen.clear()
+        res._profile_interval(j, 0.9)
+        est, se = res.theta[j], res.bse[name]
+        if name == "therapist":
+            se = se / (2 * est)
+        down = [x for i, x in seen if i == j and x < est]
+        up = [x for i, x in seen if i == j and x > est]
+        assert down[0] == (0.0 if name == "therapist" else pytest.approx(est - z * se, rel=1e-12))
+        assert up[0] == pytest.approx(est + z * se, rel=1e-12)
+
+
+def test_best_start_keeps_the_first_start_unless_a_later_one_is_higher_by_more_than_1e_8():
+    """Starts are tried in order until one converges; a later start replaces the best only when its
+    log-likelihood is higher by more than 1e-8 (converged or not)."""
+    def fit_from(table):
+        return lambda start: table[start]
+
+    first, worse, higher, tie = ("a", -10.0, False, ""), ("b", -12.0, True, ""), ("c", -9.0, True, ""), \
+        ("d", -10.0 + 5e-9, True, "")
+    assert best_start(fit_from({1: first, 2: worse}), (1, 2)) is first
+    assert best_start(fit_from({1: first, 2: higher}), (1, 2)) is higher
+    assert best_start(fit_from({1: first, 2: tie}), (1, 2)) is first
+    assert best_start(fit_from({1: higher, 2: first}), (1, 2)) is higher  # converged: 2 is not tried
 
 def test_wald_intervals(case, ref, data):
     key, res = case
@@ -408,6 +444,10 @@ _Y4, _G4 = np.array([0.0, 1.0, 1.0, 0.0]), np.array(["a", "a", "b", "b"])
      "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.array([[1.0], [np.inf], [1.0], [1.0]]), _G4), {},
      "outcome, covariates contain missing/non-finite values; drop them first"),
+    ((np.array([0.0, None, 1.0, 0.0], dtype=object), np.ones((4, 1)), _G4), {},
+     "outcome, covariates contain missing/non-finite values; drop them first"),
+    ((_Y4, np.array([[1.0], [1.0], [None], [1.0]], dtype=object), _G4), {},
+     "outcome, covariates contain missing/non-finite values; drop them first"),
     ((_Y4, np.ones((4, 1)), np.array(["a", None, "b", "b"], dtype=object)), {},
      "therapist is missing for some patients; drop them first"),
     ((np.array([0.0, 1.0, 0.5, 0.0]), np.ones((4, 1)), _G4), {},
@@ -424,6 +464,31 @@ def test_model_input_errors_are_one_line(args, kw, message):
         LogisticRandomInterceptModel(*args, **kw)
     assert str(e.value) == message
 
+
+
+def test_binary_inputs_check_a_numeric_slope_variable_like_the_design():
+    """The numbers of a slope variable (``numeric``, given as a list) are floats with one entry per patient;
+    a missing one (None) is the one-line missing-value error that names them."""
+    y, X, names = binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0, 1, 2, 3]})
+    assert names == ["x0"] and y.dtype == X.dtype == np.float64
+    with pytest.raises(ModelError) as e:
+        binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0.0, None, 2.0, 3.0]})
+    assert str(e.value) == "outcome, covariates or slope contain missing/non-finite values; drop them first"
+    with pytest.raises(ModelError) as e:
+        binary_inputs(_Y4, np.ones((4, 1)), None, {"therapist": _G4}, {"slope": [0.0, 1.0]})
+    assert str(e.value) == ("endog has 4 rows but exog has 4, therapist has 4, slope has 2: every array needs"
+                            " one row per patient")
+
+
+def test_glm_start_is_the_logistic_regression_maximum(data):
+    """The start values (IRLS without therapist effects) are the maximum likelihood logistic regression:
+    its score X'(y - mu) vanishes there, and a derivative-free optimiser of that likelihood agrees."""
+    m = LogisticRandomInterceptModel.from_frame(data, "y", ["x"], therapist="therapist")
+    b = m._glm_start()
+    np.testing.assert_allclose(m.X.T @ (m.y - expit(m.X @ b)), 0.0, atol=1e-8)
+    best = optimize.minimize(lambda c: -np.sum(m.y * (m.X @ c) - np.logaddexp(0, m.X @ c)), np.zeros(2),
+                             method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12})
+    np.testing.assert_allclose(b, best.x, atol=1e-6)
 
 def test_model_accepts_a_vector_design_and_dataframe_names():
     x = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
@@ -504,6 +569,24 @@ def test_block_modes_with_one_sd_per_block():
         assert v[j] == pytest.approx(r.x, abs=1e-7)
     np.testing.assert_allclose(mu, expit(eta0 + s[g] * v[g]), rtol=1e-14)
 
+
+
+@pytest.mark.parametrize(("s", "v0"), [(10.0, 10.0), (3.0, 3.0), (3.0, -40.0), (1.0, 6.0)])
+def test_block_modes_converge_from_a_start_far_out_in_a_tail(s, v0):
+    """A warm start far out in a tail (the mode of an earlier, smaller SD), where the curvature vanishes:
+    plain Newton steps (or steps that only decrease |h'|) jump between the two tails for ever. With one
+    recovered and one not recovered patient at eta0 = 0, h(v) is even, so the mode is exactly 0; a second
+    block, with two of three recovered, is checked against a scalar optimiser."""
+    y = np.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    g = np.array([0, 0, 1, 1, 1])
+    eta0 = np.array([0.0, 0.0, 0.3, -0.2, 0.1])
+    v, mu, ok = block_modes(y, g, lambda a: np.add.reduceat(a, np.array([0, 2]), axis=0), eta0, s, np.full(2, v0))
+    assert ok
+    assert v[0] == pytest.approx(0.0, abs=1e-9)
+    r = optimize.minimize_scalar(lambda t: -(np.sum(y[2:] * (eta0[2:] + s * t) - np.logaddexp(0, eta0[2:] + s * t))
+                                             - t * t / 2), bounds=(-10, 10), method="bounded", options={"xatol": 1e-12})
+    assert v[1] == pytest.approx(r.x, abs=1e-7)
+    np.testing.assert_allclose(mu, expit(eta0 + s * v[g]), rtol=1e-14)
 
 def test_agq2_fit_is_the_maximum_of_its_likelihood(data):
     """Two nodes (the analytic gradient's node weights matter): the fit is clean and its maximum is

@@ -83,7 +83,7 @@ def centre_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
     column ``k0`` (``Xc = X S``, ``S = I - e_k0 mu'``: an exact reparameterisation with unit
     determinant, undone by ``b = S bc``), which keeps cross-products well conditioned."""
     n, p = X.shape
-    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else np.array([], dtype=int)
+    ones = np.flatnonzero(np.all(X == 1.0, axis=0)) if n else []
     k0 = int(ones[0]) if len(ones) else None
     S = np.eye(p)
     if k0 is None:
@@ -176,7 +176,7 @@ class BlockEngine:
             self.lows = np.append(self.lows, 0.0)
         if self.strata is not None:
             self._key = self.strata * G + self.codes
-            self.n_stratum = np.bincount(self.strata, minlength=self.n_strata).astype(float)
+            self.n_stratum = np.bincount(self.strata)  # (n_strata = the largest stratum code + 1 entries)
             self.ZZs = self._stratum_cross(Zc, Zc)  # (strata, G, q, q)
             self.ZXs = self._stratum_cross(Zc, self.Xc)
             self.XXs = np.stack([self.Xc[self.strata == s].T @ self.Xc[self.strata == s]
@@ -186,7 +186,7 @@ class BlockEngine:
         if self._caseloads:
             self.ni = self.ZZ[:, 0, 0].copy()
             self._nu, self._ninv = np.unique(self.ni, return_inverse=True)
-            self._cnt_u = np.bincount(self._ninv, minlength=len(self._nu)).astype(float)
+            self._cnt_u = np.bincount(self._ninv)  # therapists per distinct caseload
             self.xbar = self.ZX[:, 0, :] / self.ni[:, None]
             self.Dx = self.Xc - self.xbar[self.codes]
             self.WXX = self.Dx.T @ self.Dx
@@ -242,19 +242,18 @@ class BlockEngine:
                 self.P01 = (P01 + P01.transpose(0, 2, 1)).reshape(self.G, -1)
         A1 = np.column_stack([self.Xc, yc])
         if self.C:  # the cluster level's per-therapist sums of 1 (h: Z'1, o: 1'[X y], counts)
-            ones = np.ones((self.n, 1))
+            ones = np.ones(self.n)[:, None]
             self._h = self._group_cross(ones, self.Zc)[:, 0, :]
             self._o = self._group_cross(ones, A1)[:, 0, :]
-            self._cnt = np.bincount(self.codes, minlength=self.G).astype(float)
+            self._cnt = np.bincount(self.codes, minlength=self.G)
         if self.strata is not None:
             self.ZAs = np.concatenate([self.ZXs, self._stratum_cross(self.Zc, yc[:, None])], axis=3)
             self.AAs = np.stack([A1[self.strata == s].T @ A1[self.strata == s] for s in range(self.n_strata)])
             if self.C:
-                ones = np.ones((self.n, 1))
+                ones = np.ones(self.n)[:, None]
                 self._hs = self._stratum_cross(ones, self.Zc)[:, :, 0, :]
                 self._os = self._stratum_cross(ones, A1)[:, :, 0, :]
-                self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(
-                    self.n_strata, self.G).astype(float)
+                self._cnts = np.bincount(self._key, minlength=self.n_strata * self.G).reshape(self.n_strata, self.G)
 
     def _set_y_caseloads(self, yc: np.ndarray) -> None:
         """Within-therapist cross-products and the therapists' means summed by caseload (and by
@@ -274,7 +273,7 @@ class BlockEngine:
         self._mm_u = np.stack([np.bincount(self._ninv, weights=mm[:, j], minlength=U) for j in range(k * k)], axis=1)
         if self.C:
             idx = self.cluster * U + self._ninv
-            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U).astype(float)
+            self._cnt_cu = np.bincount(idx, minlength=self.C * U).reshape(self.C, U)
             m_cu = np.stack([np.bincount(idx, weights=self.means[:, j], minlength=self.C * U)
                              for j in range(k)], axis=1).reshape(self.C, U, k)
             self._m_cku = np.ascontiguousarray(m_cu.transpose(0, 2, 1).reshape(self.C * k, U))
@@ -282,7 +281,7 @@ class BlockEngine:
     def crit_many(self, thetas: np.ndarray, reml: bool) -> np.ndarray:
         """:meth:`crit` at each row of ``thetas``: one vectorised pass over the batch for the random
         intercept (caseload sums; the optimiser's grids), a loop otherwise."""
-        thetas = np.asarray(thetas, dtype=float)
+        thetas = np.asarray(thetas)
         if not self._caseloads:
             return np.array([self.crit(t, reml) for t in thetas])
         p, k, B = self.p, self.p + 1, len(thetas)
@@ -291,7 +290,7 @@ class BlockEngine:
         ldv = np.log1p(ng) @ self._cnt_u
         A = self.within + (au @ self._mm_u).reshape(B, k, k)
         if self.C:
-            gc = thetas[:, 1:2] ** 2
+            gc = thetas[:, 1:] ** 2
             tau = au @ self._cnt_cu.T  # (B, C)
             sm = (au @ self._m_cku.T).reshape(B, self.C, k)
             A = A - np.einsum("bck,bc,bcl->bkl", sm, gc / (1.0 + gc * tau), sm)
@@ -305,7 +304,7 @@ class BlockEngine:
             r = d[:, p] ** 2
             nu, extra = (self.n - p, ldv + 2.0 * np.log(d[:, :p]).sum(axis=1)) if reml else (self.n, ldv)
             out = nu * (1.0 + LOG2PI + np.log(r / nu)) + extra
-        return np.where((r > 0.0) & np.isfinite(out), out, np.inf)
+        return np.where(np.isfinite(out), out, np.inf)  # (finite only if r > 0)
 
     def with_y(self, y: np.ndarray) -> BlockEngine:
         """A copy with another outcome (the design's statistics shared): the bootstrap's refits."""
@@ -411,9 +410,8 @@ class BlockEngine:
                           ) -> tuple[np.ndarray, float]:
         """``A - sum_c g_c / (1 + g_c e_c) b_c b_c'`` and ``sum_c log(1 + g_c e_c)``, with the
         therapists' ``b_i``, ``e_i`` summed by cluster."""
-        bs = np.stack([np.bincount(self.cluster, weights=bt[:, j], minlength=self.C) for j in range(bt.shape[1])],
-                      axis=1)
-        es = np.bincount(self.cluster, weights=et, minlength=self.C)
+        bs = np.stack([np.bincount(self.cluster, weights=bt[:, j]) for j in range(bt.shape[1])], axis=1)
+        es = np.bincount(self.cluster, weights=et)  # (C = the largest cluster code + 1 entries)
         A = A - bs.T @ (bs * (gc / (1.0 + gc * es))[:, None])
         return A, float(np.log1p(gc * es).sum())
 
@@ -522,12 +520,12 @@ class BlockEngine:
         """Optimum ``(theta, crit_min, converged)``: the interior optimum and the optimum on every
         face of the boundary (subsets of the diagonal at exactly 0); the boundary wins ties."""
         if self.diagonal or self.C:  # (centring Z is for the unstructured therapist level alone)
-            t0 = np.where(self.lows == 0.0, 1.0, 0.0) if theta0 is None else np.asarray(theta0, dtype=float)
+            t0 = np.where(self.lows == 0.0, 1.0, 0.0) if theta0 is None else theta0
             return minimise_theta(lambda t: self.crit(t, reml), t0, self.q, lows=self.lows)
         if theta0 is None:
             tc0 = np.where(self.lows == 0.0, 1.0, 0.0)  # lme4's start: Lambda = I
         else:
-            tc0 = self.to_centred(np.asarray(theta0, dtype=float))
+            tc0 = self.to_centred(theta0)
         tc, fmin, ok = minimise_theta(lambda t: self.crit(t, reml, centred=True), tc0, self.q)
         return self.from_centred(tc), fmin, ok
 
@@ -632,12 +630,9 @@ def _newton_polish(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.nd
         if not free:
             break
         g, H = fd_derivatives(f, x, h, free, f_at_x)
-        try:
-            if np.any(np.linalg.eigvalsh(H) <= 0):
-                break
-            step = -np.linalg.solve(H, g)
-        except np.linalg.LinAlgError:
+        if not np.all(np.linalg.eigvalsh(H) > 0):  # (NaN eigenvalues too: an infinite criterion nearby)
             break
+        step = -np.linalg.solve(H, g)
         if not np.all(np.isfinite(step)):
             break
         xn = x.copy()
@@ -710,7 +705,7 @@ def _fd_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: np.ndarray)
 
 
 def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.ndarray,
-                    ups: np.ndarray | None = None, max_iter: int = 12, hess: dict | None = None
+                    ups: np.ndarray | float = math.inf, max_iter: int = 12, hess: dict | None = None
                     ) -> tuple[np.ndarray, float, bool]:
     """Damped (quasi-)Newton from a warm start: central-difference gradient with Richardson
     extrapolation; a finite-difference Hessian at the first iterate, or the one handed over in
@@ -720,7 +715,6 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
     when it cannot vouch for its answer (a Hessian that is not positive definite, a step that
     meets a bound, no convergence): the caller then falls back to :func:`minimise_box`. With
     ``hess``, the last Hessian is written back to ``hess["H"]``."""
-    ups = np.full(len(lows), np.inf) if ups is None else np.asarray(ups, dtype=float)
     x = np.asarray(x0, dtype=float)
     if np.any(x < lows) or np.any(x > ups):
         return x, math.inf, False
@@ -729,7 +723,7 @@ def newton_minimise(f: Callable[[np.ndarray], float], x0: np.ndarray, lows: np.n
     m = len(x)
     H = None
     if hess is not None and hess.get("H") is not None and np.shape(hess["H"]) == (m, m):
-        H = np.array(hess["H"], dtype=float)
+        H = np.array(hess["H"])  # (a copy)
     g_prev = x_prev = None
     for _ in range(max_iter):
         h = 1e-3 * np.maximum(np.abs(x), 0.1)

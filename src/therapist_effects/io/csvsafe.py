@@ -30,20 +30,20 @@ def neutralise(value: Any) -> Any:
 
 
 def _neutralise_series(s: pd.Series) -> pd.Series:
-    """``s`` as objects with its formula-like text cells neutralised. Each distinct value is checked
-    once (a national patient table repeats its therapist and service IDs thousands of times); only
-    the cells whose text changes are replaced, so every other cell keeps its own object."""
-    values = s.to_numpy(dtype=object, copy=True)
-    codes, uniq = pd.factorize(s, use_na_sentinel=True)
-    new = [neutralise(u) for u in uniq]  # numbers and other non-text come back as they are
-    changed = np.array([n is not u for n, u in zip(new, uniq)], dtype=bool)
+    """``s`` with its formula-like text cells neutralised; a text column stays text (pandas writes it
+    vectorised), any other column becomes objects. Each distinct value is checked once (a national
+    patient table repeats its therapist and service IDs thousands of times); only the cells whose text
+    changes are replaced, so every other cell keeps its own object."""
+    if not isinstance(s.dtype, pd.StringDtype):
+        s = s.astype(object)
+    codes, uniq = pd.factorize(s)
+    new = np.frompyfunc(neutralise, 1, 1)(uniq)  # objects; numbers and other non-text come back as they are
+    changed = np.array([n is not u for n, u in zip(new, uniq)])
     if changed.any():
         hit = codes >= 0
         hit[hit] = changed[codes[hit]]
-        values[hit] = np.asarray(new, dtype=object)[codes[hit]]
-    # a text column stays text (pandas writes it vectorised), anything else becomes objects
-    dtype = s.dtype if isinstance(s.dtype, pd.StringDtype) else object
-    return pd.Series(values, index=s.index, dtype=dtype, name=s.name)
+        s = s.mask(hit, new[codes])
+    return s
 
 
 def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -51,23 +51,22 @@ def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for col in out.columns:
         s = out[col]
-        if (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)
-                or pd.api.types.is_datetime64_any_dtype(s)):  # no text in these
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s):  # no text in these
             continue
         out[col] = _neutralise_series(s)
-    out.columns = [neutralise(c) if isinstance(c, str) else c for c in out.columns]
+    out.columns = [neutralise(c) for c in out.columns]  # non-text names come back as they are
     return out
 
 
 def _has_carriage_return(s: pd.Series) -> bool:
-    return any(isinstance(v, str) and "\r" in v for v in pd.unique(s.to_numpy(dtype=object)))
+    return any(isinstance(v, str) and "\r" in v for v in s.unique())
 
 
 def safe_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs: Any) -> Path:
     """Write ``df`` to ``path`` as CSV with formula-like text cells neutralised (index off by default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_csv_kwargs.setdefault("index", False)
+    to_csv_kwargs = {"index": False, **to_csv_kwargs}
     safe = neutralise_frame(df)
     text_cols = [c for c in safe.columns if safe[c].dtype == object or isinstance(safe[c].dtype, pd.StringDtype)]
     if any(_has_carriage_return(safe[c]) for c in text_cols):

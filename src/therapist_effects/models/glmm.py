@@ -213,7 +213,7 @@ class _Eval:
     """Everything computed at one parameter value (b, s_u)."""
 
     loglik: float
-    grad: np.ndarray | None
+    grad: np.ndarray
     v: np.ndarray  # conditional modes of the spherical effects v_j (u_j = s_u v_j)
     H: np.ndarray  # curvature 1 + s^2 sum w at the mode
     newton_ok: bool
@@ -226,8 +226,11 @@ def block_modes(y: np.ndarray, g: np.ndarray, gsum, eta0: np.ndarray, s, v0: np.
 
     ``s``: the blocks' random-effect SD, one number or one per block; ``g``: each patient's block;
     ``gsum``: the per-block sum of per-patient terms. h_j is strictly concave (h'' <= -1), so h'_j is
-    strictly decreasing: Newton steps point to the root, and halving a step (per block) until |h'_j|
-    decreases guarantees progress. ``mu`` are the patients' fitted probabilities at the modes.
+    strictly decreasing: Newton steps point to the root, and a step (per block) is halved until |h'_j|
+    falls by at least half the fraction of the Newton step taken (a sufficient decrease, which
+    guarantees convergence; a mere decrease lets a start far out in the tails, where the curvature
+    vanishes, jump between the two tails for ever). ``mu`` are the patients' fitted probabilities at
+    the modes.
     """
     s = np.asarray(s, dtype=float)
     if s.ndim == 0 and s == 0.0:
@@ -247,7 +250,9 @@ def block_modes(y: np.ndarray, g: np.ndarray, gsum, eta0: np.ndarray, s, v0: np.
             v_new = v + step
             mu_new = expit(eta0 + s_obs * v_new[g])
             gr_new = s * gsum(y - mu_new) - v_new
-            bad = np.abs(gr_new) > np.abs(gr) * (1.0 + 1e-12) + 1e-300
+            # H |step| / |h'_j| is the fraction of the Newton step taken; a step below the tolerance is
+            # taken as it is (|h'_j| is at the level of its rounding there)
+            bad = (np.abs(gr_new) > np.abs(gr) - 0.5 * H * np.abs(step)) & (np.abs(step) >= _NEWTON_TOL)
             if not bad.any():
                 break
             step = np.where(bad, 0.5 * step, step)
@@ -300,7 +305,7 @@ class LogisticRandomInterceptModel:
         self.y = y[order]
         self.X = X[order]
         self.g = codes[order]
-        self.counts = np.bincount(self.g, minlength=G)
+        self.counts = np.bincount(self.g)  # (every code 0..G-1 has a patient)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.n_obs = n
         self.n_therapists = G
@@ -334,7 +339,7 @@ class LogisticRandomInterceptModel:
     # ------------------------------------------------------------------ internals
     def _gsum(self, a: np.ndarray) -> np.ndarray:
         """Sum per therapist of per-patient terms (rows sorted by therapist); keeps trailing axes."""
-        return np.add.reduceat(a, self.starts, axis=0)
+        return np.add.reduceat(a, self.starts)
 
     def _modes(
         self, eta0: np.ndarray, s: float, v0: np.ndarray
@@ -343,15 +348,12 @@ class LogisticRandomInterceptModel:
         (:func:`block_modes`)."""
         return block_modes(self.y, self.g, self._gsum, eta0, s, v0)
 
-    def _evaluate(self, b: np.ndarray, s: float, *, grad: bool = True, warm: bool = True) -> _Eval:
+    def _evaluate(self, b: np.ndarray, s: float, *, warm: bool = True) -> _Eval:
         """Approximate log-likelihood (Laplace or AGQ) and its exact gradient in (b, s)."""
         y, X, g = self.y, self.X, self.g
         s = float(s)  # the likelihood is even in s; negative values are allowed internally
         eta0 = X @ b
         v, mu0, ok, w, W, H, sigma, vk, mu, la, logS, loglik = block_terms(self, eta0, s, s, warm)
-        if not grad:
-            return _Eval(loglik, None, v, H, ok)
-
         pi = np.exp(la - logS[:, None])  # G x K, normalised node weights
         r = y[:, None] - mu  # n x K
         Rk = self._gsum(r)  # G x K
@@ -380,7 +382,7 @@ class LogisticRandomInterceptModel:
 
         The same quantity as ``logLik()`` of ``lme4::glmer`` (nAGQ = 1 or n_quad) at those values.
         """
-        return self._evaluate(np.asarray(fe_params, float), float(s_u), grad=False, warm=False).loglik
+        return block_terms(self, self.X @ np.asarray(fe_params), s_u, s_u, False)[-1]
 
     def _glm_start(self) -> np.ndarray:
         """Logistic regression without therapist effects by IRLS (start values; not the GLM fit)."""
@@ -415,17 +417,16 @@ class LogisticRandomInterceptModel:
         theta0_free + scale @ z) that makes L-BFGS-B's problem roughly isotropic.
         """
         p = self.k_fe
-        theta0 = np.asarray(theta0, float).copy()
+        theta0 = theta0.copy()
         idx = np.flatnonzero(free)
         if idx.size == 0:
-            ev = self._evaluate(theta0[:p], theta0[p], grad=False)
+            ev = self._evaluate(theta0[:p], theta0[p])
             return theta0, ev.loglik, ev.newton_ok, "nothing to optimise"
-        A = np.asarray(scale, float)
         base = theta0[idx].copy()
 
         def unpack(z: np.ndarray) -> np.ndarray:
             th = theta0.copy()
-            th[idx] = base + A @ z
+            th[idx] = base + scale @ z
             return th
 
         def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
@@ -433,7 +434,7 @@ class LogisticRandomInterceptModel:
             ev = self._evaluate(th[:p], th[p])
             if not np.isfinite(ev.loglik):
                 return 1e300, np.zeros_like(z)
-            return -ev.loglik, -(A.T @ ev.grad[idx])
+            return -ev.loglik, -(scale.T @ ev.grad[idx])
 
         res = optimize.minimize(
             fun,
@@ -444,8 +445,8 @@ class LogisticRandomInterceptModel:
         )
         th = unpack(res.x)
         th[p] = abs(th[p])
-        ev = self._evaluate(th[:p], th[p], grad=True)
-        gz = A.T @ ev.grad[idx]
+        ev = self._evaluate(th[:p], th[p])
+        gz = scale.T @ ev.grad[idx]
         ok = bool(ev.newton_ok and np.max(np.abs(gz)) < 1e-3 and np.isfinite(ev.loglik))
         return th, ev.loglik, ok, str(res.message)
 
@@ -462,8 +463,7 @@ class LogisticRandomInterceptModel:
         p = self.k_fe
         b0 = self._glm_start()
         theta0 = np.concatenate([b0, [0.0]])
-        free = np.ones(p + 1, bool)
-        free[p] = False
+        free = np.arange(p + 1) < p  # s fixed at 0
         th, ll, ok, _ = self._maximise(theta0, free, self._b_scale(b0, free))
         return th[:p], ll, ok
 
@@ -547,7 +547,7 @@ class LogisticRandomInterceptModel:
             ) from err
         msgs = fit_warnings(self._label(), ok, msg, "therapist variance estimated at 0 (singular fit); estimates are"
                             " those of the logistic regression without therapist effect" if singular else None)
-        ev = self._evaluate(th[:p], th[p], grad=True, warm=False)
+        ev = self._evaluate(th[:p], th[p], warm=False)
         return LogisticMixedResults(
             model=self,
             theta=th,
@@ -614,8 +614,7 @@ class LogisticMixedResults(ModelResults):
         # covariance of (b, s)
         self._info = None  # observed information of (b, s) at the maximum (interior fits)
         if self.singular:
-            free = np.ones(p + 1, bool)
-            free[p] = False
+            free = np.arange(p + 1) < p  # s fixed at 0
             info = m._hessian(self.theta, free)
             cov_b = _safe_inv(info)
             se_s2 = np.nan
@@ -658,8 +657,7 @@ class LogisticMixedResults(ModelResults):
         nearest = min(cache, key=lambda x: abs(x - value))
         th0 = cache[nearest].copy()
         th0[j] = value
-        free = np.ones(p + 1, bool)
-        free[j] = False
+        free = np.arange(p + 1) != j
         if free[p] and th0[p] < 1e-2:
             th0[p] = 1e-2  # start off the stationary point s = 0 when s is free
         scale = None
@@ -835,7 +833,7 @@ class LogisticMixedResults(ModelResults):
         lo, hi = u - z * se, u + z * se
         xbar = m.X.mean(axis=0)
         adj = expit(xbar @ self.theta[:p] + u)
-        raw = np.bincount(m.g, weights=m.y, minlength=m.n_therapists) / m.counts
+        raw = np.bincount(m.g, weights=m.y) / m.counts
         cls = classify_effects(lo, hi, higher_is_better)
         return pd.DataFrame(
             {
