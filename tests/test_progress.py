@@ -101,7 +101,7 @@ with step(sys.argv[1], "fit_ri_bayes"):
     import pytensor
     df = pd.read_csv(sys.argv[2])
     fit_bayes("random_intercept", df, "phq9_post", ["phq9_pre"], therapist="therapist_id",
-              config=BayesConfig(chains=2, draws=200, tune=200, seed=3))
+              config=BayesConfig(chains=2, draws=200, tune=200, seed=3, sampler="nutpie"))
     print("MODE", pytensor.config.mode)
 """
 
