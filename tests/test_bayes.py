@@ -23,7 +23,6 @@ import json
 from dataclasses import replace
 import math
 import warnings
-from pathlib import Path
 
 import arviz as az
 import numpy as np

@@ -16,7 +16,6 @@ relative; our log-likelihood is no lower than either lme4 fit's.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import numpy as np

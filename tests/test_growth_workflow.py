@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pandas as pd
 import pytest
 import yaml

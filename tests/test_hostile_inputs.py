@@ -32,7 +32,7 @@ import yaml
 
 from therapist_effects.config import load_config
 from therapist_effects.io.csvsafe import DANGEROUS_PREFIXES
-from therapist_effects.exceptions import ConfigError, InputError, PseudonymisationError, TherapistEffectsError
+from therapist_effects.exceptions import ConfigError, InputError, PseudonymisationError
 from therapist_effects.io.ingest import accounting, ingest_dataset
 from therapist_effects.io.outcomes import derive_patient_outcomes, write_patient_outputs, write_rejects
 from therapist_effects.io.readers import MAX_COLUMNS

@@ -19,7 +19,6 @@ from therapist_effects.meta import (
     donner_var_icc,
     leave_one_out,
     pool,
-    pool_arms,
     pool_study_table,
     study_table,
     to_scale,

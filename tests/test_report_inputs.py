@@ -13,11 +13,9 @@ Two sources, both with an independent truth:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from refdata import REFERENCE_DIR
 
 REFERENCE = REFERENCE_DIR

@@ -4,9 +4,7 @@ file split into several batches and partitions."""
 
 from __future__ import annotations
 
-import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -8,7 +8,6 @@ Checked against (a) the dense-matrix closed forms lme4 implements (``ranef`` = D
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
