@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -125,10 +126,10 @@ def test_grad_g_is_the_derivative_of_the_deviance(data):
     g = np.array([0.6, 0.3])
     for method in ("REML", "ML"):
         dev, grad = eng.grad_g(g, method)
-        assert dev == pytest.approx(eng.deviance(np.diag(g), np.ones(2), True, method), rel=1e-12)
+        assert dev == pytest.approx(eng.deviance(np.diag(g), np.ones(2), method), rel=1e-12)
         h = 1e-5
-        fd = [(eng.deviance(np.diag(g + h * e), np.ones(2), True, method)
-               - eng.deviance(np.diag(g - h * e), np.ones(2), True, method)) / (2 * h) for e in np.eye(2)]
+        fd = [(eng.deviance(np.diag(g + h * e), np.ones(2), method)
+               - eng.deviance(np.diag(g - h * e), np.ones(2), method)) / (2 * h) for e in np.eye(2)]
         np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
@@ -676,3 +677,96 @@ def test_wald_request_falls_back_to_profile_intervals_with_a_warning(data):
                                                             "ci_high": hi}
     eff = res.therapist_effects()
     np.testing.assert_allclose(eff["ci_high"] - eff["effect"], stats.norm.ppf(0.975) * eff["effect_se"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("g", [[-1.0, -1.0], [np.inf, 1.0]])
+def test_grad_g_outside_the_parameter_space_is_an_infinite_deviance_with_a_zero_gradient(data, g):
+    """Relative variances that make ``X'H^-1 X`` indefinite (Cholesky fails) or the residual sum of squares
+    undefined (NaN) give the deviance +inf and a zero gradient of the parameters' length, so that SLSQP
+    steps back instead of failing on an array of the wrong shape."""
+    y, X, t, arm = data
+    eng = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"])._eng
+    with np.errstate(all="ignore"):
+        dev, grad = eng.grad_g(np.array(g), "REML")
+    assert dev == np.inf
+    assert grad.shape == (2,) and grad.dtype == float and not grad.any()
+
+
+def _failing(real, which):
+    """scipy.optimize.minimize that reports failure for the methods in ``which`` (the iterate unchanged);
+    with ``"start"`` in ``which`` a failing method also returns its start, as if it had not moved."""
+    def minimize(f, x0, *args, method=None, **kw):
+        res = real(f, x0, *args, method=method, **kw)
+        if method in which:
+            res.success = False
+            if "start" in which:
+                res.x, res.fun = np.asarray(x0, dtype=float), f(np.asarray(x0, dtype=float))
+        return res
+    return minimize
+
+
+@pytest.mark.parametrize("fail, converged", [
+    ((), True), (("SLSQP",), True), (("Nelder-Mead",), True), (("SLSQP", "Nelder-Mead"), False),
+])
+def test_convergence_is_the_report_of_either_optimiser(data, monkeypatch, fail, converged):
+    """A fit is converged when SLSQP or the Nelder-Mead polish reports success (the estimate is the
+    ANOVA closed form either way); when both report failure the fit says so with a ConvergenceWarning."""
+    from therapist_effects.exceptions import ConvergenceWarning
+
+    y, X, t, arm = data
+    monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, fail))
+    model = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = model.fit()
+    conv = [w for w in rec if issubclass(w.category, ConvergenceWarning)]
+    assert res.converged is converged
+    if converged:
+        assert not conv
+    else:
+        assert [str(w.message) for w in conv] == ["optimiser did not report convergence (optimiser reported failure)"]
+    for a, (G, m, msb, msw) in enumerate(ARMS):
+        assert res.vcomp[f"therapist[{a}]"] == pytest.approx(_tau2(G, m, msb, msw, "REML"), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_analytic_gradient_alone_reaches_the_optimum(monkeypatch, method):
+    """Uncorrelated arm effects with one residual variance use SLSQP with the analytic gradient and no
+    polish: with the Nelder-Mead polish disabled (it returns its start) the fit is still converged and at
+    the ANOVA closed forms (equal within-therapist mean squares in both arms, so one residual variance
+    is each arm's own estimate)."""
+    arms = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 3.0)]
+    ys, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate(arms):
+        ys.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
+        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    X = np.column_stack([np.ones(len(arm)), arm])
+    monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, ("Nelder-Mead", "start")))
+    res = ArmVarianceModel(np.concatenate(ys), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
+                           method=method).fit()
+    assert res.converged
+    assert res.vcomp["residual"] == pytest.approx(3.0, rel=1e-6)
+    for a, (G, m, msb, msw) in enumerate(arms):
+        assert res.vcomp[f"therapist[{a}]"] == pytest.approx(_tau2(G, m, msb, msw, method), rel=1e-6)
+
+
+def test_ml_refit_for_the_profiles_ignores_runtime_warnings(data, monkeypatch):
+    """The ML optimum behind ML profiles is computed with RuntimeWarnings (overflow at extreme trial values)
+    silenced and other warnings untouched."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    real = res.model._optimise
+
+    def noisy(method, start=None):
+        warnings.warn("overflow", RuntimeWarning)
+        return real(method, start=start)
+
+    monkeypatch.setattr(res.model, "_optimise", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = res._optimum("ML")
+    assert opt.method == "ML" and opt.converged
+    G, m, msb, msw = ARMS[0]
+    assert opt.G[0, 0] * opt.r[0] == pytest.approx(_tau2(G, m, msb, msw, "ML") / msw, rel=1e-4)

@@ -188,15 +188,14 @@ class _Engine:
             dev += float(2.0 * np.log(np.diag(L)[:p]).sum())
         return dev, grad
 
-    def deviance(self, G, r, diagonal, method: str, sigma2: float | None = None, gc: float | None = None) -> float:
-        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None. (``diagonal``: G's
-        structure, which ``G`` itself carries.)"""
+    def deviance(self, G, r, method: str, sigma2: float | None = None, gc: float | None = None) -> float:
+        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None (``G`` carries its structure)."""
         th = self.theta(G, gc)
         if th is None:
             return np.inf
         return self.block.crit(th, method == "REML", ratios=r, sigma2=sigma2)
 
-    def gls(self, G, r, diagonal, method, gc=None):
+    def gls(self, G, r, method, gc=None):
         """``(beta, sigma2, cov_beta)``: GLS fixed effects, the (RE)ML residual variance and lme4's ``vcov``."""
         th = self.theta(G, gc)
         beta, cov, rss, _ = self.block.fixed(th, ratios=r)
@@ -558,7 +557,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         m, opt = self.model, self.opt
         eng = m._eng
         gc = m._gc(opt.x)
-        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
+        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, opt.method, gc)
         self.sigma2 = float(sigma2)
         self.gc_rel = 0.0 if gc is None else gc
         self.G_rel, self.r_rel = opt.G, opt.r

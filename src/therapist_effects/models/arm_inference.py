@@ -129,7 +129,7 @@ class _ArmTargets:
         m = self.m = res.model
         opt = res._optimum(method)
         self.gc_hat = m._gc(opt.x)
-        _, self.s2hat, _ = m._eng.gls(opt.G, opt.r, not m.correlated, method, self.gc_hat)
+        _, self.s2hat, _ = m._eng.gls(opt.G, opt.r, method, self.gc_hat)
         self.G, self.r = opt.G, opt.r
         th = self.th = np.sqrt(np.maximum(np.diag(self.G), 0.0))
         self.rho = None
@@ -319,7 +319,6 @@ class ArmProfiles:
 
         m = self.model
         eng = m._eng
-        diagonal = not m.correlated
         bounds = list(target.bounds)
         if target.name == "icc_ratio":
             hi = min(1.0, 1.0 / c) if c > 0 else 1.0
@@ -330,7 +329,7 @@ class ArmProfiles:
             if out[1] is None:
                 return np.inf
             gc = out[3] if len(out) > 3 else None
-            return eng.deviance(out[1], out[2], diagonal, method, sigma2=out[0], gc=gc)
+            return eng.deviance(out[1], out[2], method, sigma2=out[0], gc=gc)
 
         z0 = np.array(z0, dtype=float)
         for j, (lo, hi) in enumerate(bounds):
@@ -505,7 +504,7 @@ class ArmProfiles:
             if m.correlated:
                 rho = z[k]
                 k += 1
-            rr = np.array([1.0, math.exp(z[k])]) if m.arm_residual else np.ones(2)
+            rr = np.array([1.0, math.exp(z[k])]) if m.arm_residual else None
             return _G_from_theta(th, rho), rr
 
         bounds = [(0.0, None)] + ([(-1.0, 1.0)] if m.correlated else []) + ([(-12.0, 12.0)] if m.arm_residual else [])
@@ -519,7 +518,7 @@ class ArmProfiles:
 
         def dev(z):
             gc = float(z[-1]) ** 2 if m.cluster_random else None
-            return eng.deviance(*build(z), not m.correlated, method, gc=gc)
+            return eng.deviance(*build(z), method, gc=gc)
 
         best = None
         with warnings.catch_warnings():
@@ -567,7 +566,7 @@ class ArmBootstrap:
             try:
                 opt = m._optimise(self.method, start=self.opt.x)
                 gc = m._gc(opt.x)
-                _, s2, _ = eng.gls(opt.G, opt.r, not m.correlated, self.method, gc)
+                _, s2, _ = eng.gls(opt.G, opt.r, self.method, gc)
             finally:
                 eng.set_y(y0)
             icc = self._icc_from(opt.G, opt.r, gc)
