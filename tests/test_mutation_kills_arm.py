@@ -770,3 +770,15 @@ def test_ml_refit_for_the_profiles_ignores_runtime_warnings(data, monkeypatch):
     assert opt.method == "ML" and opt.converged
     G, m, msb, msw = ARMS[0]
     assert opt.G[0, 0] * opt.r[0] == pytest.approx(_tau2(G, m, msb, msw, "ML") / msw, rel=1e-4)
+
+
+@pytest.mark.parametrize("call", ["conf_int", "icc_by_arm", "icc_ratio", "icc_reduction"])
+def test_an_unknown_deviance_is_refused(data, call):
+    """``deviance`` names the profiled likelihood, ML or REML (either case); anything else is an error,
+    not a silent ML profile."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    with pytest.raises(ModelError, match=r"^deviance must be 'ML' or 'REML', got 'reml2'$"):
+        getattr(res, call)(0.9, "profile_exact", deviance="reml2")
+    lo, hi = res.profile_interval(f"icc[{res.model.arm_levels[1]}]", 0.9, "reml")
+    assert res.icc_by_arm(0.9, "profile_exact", deviance="reml").iloc[1][["ci_low", "ci_high"]].tolist() == [lo, hi]

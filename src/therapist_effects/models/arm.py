@@ -461,7 +461,7 @@ class ArmVarianceModel:
         sd = list(np.sqrt(np.diag(G)))
         x = [sd[0], 0.0, sd[1]] if self.correlated else sd
         if self.arm_residual:
-            x.append(math.log(r[1] / r[0]))
+            x.append(math.log(r[1]))  # r[0] is 1
         if self.cluster_random:
             x.append(0.1)
         return np.array(x)
@@ -575,7 +575,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         vc = {keys[0]: float(self.cov_re[0, 0]), keys[1]: float(self.cov_re[1, 1])}
         if m.correlated:
             sd = np.sqrt(np.diag(self.cov_re))
-            self.correlation = float(self.cov_re[0, 1] / (sd[0] * sd[1])) if np.all(sd > 0) else float("nan")
+            self.correlation = float(self.cov_re[0, 1] / (sd[0] * sd[1])) if np.all(sd > 0) else math.nan
             vc["cov(therapist)"] = float(self.cov_re[0, 1])
         else:
             self.correlation = None
@@ -627,9 +627,11 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
-        return float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
+        return float(icc[1] / icc[0]) if icc[0] > 0 else math.nan
 
     def _interval(self, name, level, method, n_boot, seed, deviance):
+        if deviance.upper() not in ("ML", "REML"):
+            raise ModelError(f"deviance must be 'ML' or 'REML', got {deviance!r}")
         if method == "profile" and name.startswith(("therapist[", "residual", "cluster")):
             return self.lme4_profile_interval(name, level)
         if method in ("profile", "profile_exact"):
@@ -757,8 +759,8 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
                 lo, hi = float(u[t, a] - z * se), float(u[t, a] + z * se)
                 rows.append({
                     "therapist": self.model.therapist_labels[t], "arm": lv, "caseload": int(n),
-                    "raw_mean": float(eng.S[t, a, p] / n) if n else float("nan"),
-                    "adjusted_mean": arm_fixed[a] + float(resid_sum[t, a] / n) if n else float("nan"),
+                    "raw_mean": float(eng.S[t, a, p] / n) if n else math.nan,
+                    "adjusted_mean": arm_fixed[a] + float(resid_sum[t, a] / n) if n else math.nan,
                     "effect": float(u[t, a]), "effect_se": se, "ci_low": lo, "ci_high": hi,
                     "classification": str(classify_effects(lo, hi, higher_is_better)),
                 })
