@@ -195,7 +195,8 @@ TARGETS = {
 
 DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]",
                                                 "icc_ratio")] + [
-    (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")]
+    (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")] + [
+    (True, True, "cluster")]
 
 
 @pytest.mark.parametrize("arm_residual, cluster, name", DENSE_CASES)
@@ -782,3 +783,14 @@ def test_an_unknown_deviance_is_refused(data, call):
         getattr(res, call)(0.9, "profile_exact", deviance="reml2")
     lo, hi = res.profile_interval(f"icc[{res.model.arm_levels[1]}]", 0.9, "reml")
     assert res.icc_by_arm(0.9, "profile_exact", deviance="reml").iloc[1][["ci_low", "ci_high"]].tolist() == [lo, hi]
+
+
+def test_lme4_style_profile_of_the_cluster_variance(crossed):
+    """``conf_int``'s default profile of a random cluster level is lme4's spline through the profile (ML
+    deviance, its cut-off from all variance parameters); it agrees with the exact likelihood-ratio roots
+    (checked against the dense ML profile above) to 1e-3 on these well-determined limits."""
+    y, X, t, arm, cl = crossed
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], cluster=cl, cluster_random=True).fit()
+    ci = res.conf_int(0.95)
+    np.testing.assert_allclose(ci.loc["cluster"].to_numpy(), res.profile_interval("cluster", 0.95), rtol=1e-3)
+    assert ci.loc["cluster"].tolist() == list(res.lme4_profile_interval("cluster", 0.95))

@@ -155,15 +155,9 @@ class _ArmTargets:
         return z, b
 
     def unpack(self, z):
-        """``(rho, residual ratios)`` from the extras ``z``."""
-        k = 0
-        rho_ = None
-        rr = np.ones(2)
-        if self.m.correlated:
-            rho_ = z[k]
-            k += 1
-        if self.m.arm_residual:
-            rr = np.array([1.0, math.exp(z[k])])
+        """``(rho, residual ratios)`` from the extras ``z`` (the correlation first, the log residual ratio last)."""
+        rho_ = z[0] if self.m.correlated else None
+        rr = np.array([1.0, math.exp(z[-1])]) if self.m.arm_residual else np.ones(2)
         return rho_, rr
 
     def variances(self) -> dict:
@@ -591,7 +585,7 @@ class ArmBootstrap:
         m = self.model
         col = name
         if "[" in name:  # therapist[<level>] -> therapist[<arm index>]
-            base, lv = name[:-1].split("[", 1)
+            base, _, lv = name[:-1].partition("[")
             col = f"{base}[{m.arm_levels.index(lv)}]" if lv in m.arm_levels else name
         if col == "residual":
             col = "residual[0]"
