@@ -196,7 +196,7 @@ TARGETS = {
 DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]",
                                                 "icc_ratio")] + [
     (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")] + [
-    (True, True, "cluster")]
+    (True, True, "cluster"), (False, True, "correlation")]
 
 
 @pytest.mark.parametrize("arm_residual, cluster, name", DENSE_CASES)

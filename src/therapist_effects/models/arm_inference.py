@@ -100,9 +100,9 @@ class _Target:
     build: object
     z0: np.ndarray
     bounds: list
-    scale: str  # "log", "logit" or "atanh": where the outward search steps
     estimate: float
     upper_limit: float = np.inf
+    linear: bool = False  # the correlation: steps linearly on [-1, 1], else on the log scale from 0
 
 
 #: columns of the bootstrap replicates (arms by index, 0 = control); the ICC ratio (control ICC 0)
@@ -178,7 +178,7 @@ class _ArmTargets:
 
             targets[f"therapist[{lv}]"] = _Target(
                 f"therapist[{lv}]", build, np.array([math.log(s2hat), th[o], *ez]),
-                [(-50, 50), (0.0, None), *eb], "log", float(s2hat * self.G[a, a]),
+                [(-50, 50), (0.0, None), *eb], float(s2hat * self.G[a, a]),
             )
         return targets
 
@@ -192,7 +192,7 @@ class _ArmTargets:
                 return c, _G_from_theta(z[:2], rho_), np.ones(2)
 
             return {"residual": _Target("residual", build_res, np.array([*th, *ez]),
-                                        [(0.0, None), (0.0, None), *eb], "log", float(s2hat))}
+                                        [(0.0, None), (0.0, None), *eb], float(s2hat))}
         ez, eb = ez[: 1 if m.correlated else 0], eb[: 1 if m.correlated else 0]
 
         def build_r0(c, z, gc=0.0):
@@ -207,9 +207,9 @@ class _ArmTargets:
         n0, n1 = (f"residual[{lv}]" for lv in m.arm_levels)
         return {
             n0: _Target(n0, build_r0, np.array([*th, *ez, self.logr]), [(0.0, None), (0.0, None), *eb, (-12.0, 12.0)],
-                        "log", float(s2hat)),
+                        float(s2hat)),
             n1: _Target(n1, build_r1, np.array([math.log(s2hat), *th, *ez]),
-                        [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.r[1])),
+                        [(-50, 50), (0.0, None), (0.0, None), *eb], float(s2hat * self.r[1])),
         }
 
     def correlation(self) -> dict:
@@ -225,7 +225,7 @@ class _ArmTargets:
             return None, _G_from_theta(z[:2], c), rr
 
         return {"correlation": _Target("correlation", build_cor, np.array([*self.th, *ez]),
-                                       [(0.0, None), (0.0, None), *eb], "atanh", float(self.rho))}
+                                       [(0.0, None), (0.0, None), *eb], float(self.rho), linear=True)}
 
     def iccs(self) -> dict:
         """ICC of arm a: g_a = c r_a / (1 - c); z = [theta_other, extras]."""
@@ -243,7 +243,7 @@ class _ArmTargets:
                 return None, _G_from_theta(th_, rho_), rr
 
             targets[f"icc[{lv}]"] = _Target(
-                f"icc[{lv}]", build_icc, np.array([self.th[o], *ez]), [(0.0, None), *eb], "logit",
+                f"icc[{lv}]", build_icc, np.array([self.th[o], *ez]), [(0.0, None), *eb],
                 float(self.icc[a]), upper_limit=1.0,
             )
         return targets
@@ -264,7 +264,7 @@ class _ArmTargets:
         ez, eb = self.pack(self.rho, self.logr)
         ratio_hat = float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
         return {"icc_ratio": _Target("icc_ratio", build_ratio, np.array([icc[0], *ez]), [(0.0, 1.0 - 1e-9), *eb],
-                                     "log", ratio_hat)}
+                                     ratio_hat)}
 
     def with_cluster(self, targets: dict) -> dict:
         """With a random cluster level every target gets the relative cluster SD as one more free
@@ -277,8 +277,8 @@ class _ArmTargets:
                 gc = float(z[-1]) ** 2
                 return (*_b(c, z[:-1], gc=gc), gc)
 
-            out[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)], t.scale,
-                                t.estimate, t.upper_limit)
+            out[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)],
+                                t.estimate, t.upper_limit, t.linear)
         ez, eb = self.pack(self.rho, self.logr)
 
         def build_cluster(c, z):
@@ -288,7 +288,7 @@ class _ArmTargets:
 
         out["cluster"] = _Target(
             "cluster", build_cluster, np.array([math.log(s2hat), *self.th, *ez]),
-            [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.gc_hat),
+            [(-50, 50), (0.0, None), (0.0, None), *eb], float(s2hat * self.gc_hat),
         )
         return out
 
@@ -386,12 +386,12 @@ class ArmProfiles:
         also from the optimum where that gives an excess beyond the cut-off with a nuisance SD at 0
         that is not 0 at the optimum: such a start can trap the local inner optimiser on that
         boundary and fake a crossing."""
-        if t.scale == "atanh":
+        if t.linear:
             kw = {"lower": -1.0, "upper": 1.0, "step": 0.1}
         else:
             unit = self.sigma2 if t.name.startswith(("therapist[", "residual", "cluster")) else 1.0
             kw = {"lower": 0.0, "upper": t.upper_limit, "step": 0.25, "log_scale": True, "scale": 1e-4 * unit,
-                  "edge_ok": not t.name.startswith("residual") and (t.scale == "log" or direction < 0)}
+                  "edge_ok": direction < 0 and not t.name.startswith("residual")}
         z_hat = np.array(t.z0, dtype=float)
         starts = {t.estimate: z_hat}
 
