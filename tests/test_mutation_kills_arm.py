@@ -793,4 +793,25 @@ def test_lme4_style_profile_of_the_cluster_variance(crossed):
     res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], cluster=cl, cluster_random=True).fit()
     ci = res.conf_int(0.95)
     np.testing.assert_allclose(ci.loc["cluster"].to_numpy(), res.profile_interval("cluster", 0.95), rtol=1e-3)
-    assert ci.loc["cluster"].tolist() == list(res.lme4_profile_interval("cluster", 0.95))
+    for name in ("cluster", "residual", "therapist[0]", "therapist[1]"):  # every variance row: lme4's method
+        assert ci.loc[name].tolist() == list(res.lme4_profile_interval(name, 0.95)), name
+
+
+def test_correlation_with_an_arm_sd_at_zero_is_undefined_without_a_runtime_warning(crossed):
+    """A correlated fit whose control-arm SD is 0 (lme4's theta[0] = 0) has no correlation: NaN, reported
+    without dividing 0 by 0."""
+    from dataclasses import replace
+
+    from therapist_effects.models.arm import ArmVarianceResults
+
+    y, X, t, arm, _ = crossed
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], correlated=True).fit()
+    x = res.opt.x.copy()
+    x[0] = 0.0
+    G, r = res.model._unpack(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", SingularFitWarning)
+        zero = ArmVarianceResults(res.model, replace(res.opt, x=x, G=G, r=r))
+    assert zero.vcomp["therapist[0]"] == 0.0 and zero.vcomp["therapist[1]"] > 0
+    assert math.isnan(zero.correlation) and zero.singular
