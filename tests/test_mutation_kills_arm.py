@@ -815,3 +815,22 @@ def test_correlation_with_an_arm_sd_at_zero_is_undefined_without_a_runtime_warni
         zero = ArmVarianceResults(res.model, replace(res.opt, x=x, G=G, r=r))
     assert zero.vcomp["therapist[0]"] == 0.0 and zero.vcomp["therapist[1]"] > 0
     assert math.isnan(zero.correlation) and zero.singular
+
+
+def test_singular_fit_warning_text():
+    """An arm whose between-therapist mean square is below the within one has the ANOVA variance
+    estimate 0 (REML and ML): a singular fit, said once with its consequence for the ICC ratio."""
+    y, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate([(8, 5, 12.0, 3.0), (9, 5, 2.0, 2.5)]):
+        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
+        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    X = np.column_stack([np.ones(len(arm)), arm])
+    with pytest.warns(SingularFitWarning) as rec:
+        res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
+                               arm_residual=True).fit()
+    assert [str(w.message) for w in rec if issubclass(w.category, SingularFitWarning)] == [
+        "singular fit: a variance component (or the arm correlation) is estimated at the boundary; "
+        "an ICC at 0 makes the ICC ratio 0 or undefined"]
+    assert res.singular and res.vcomp["therapist[1]"] == 0.0 and res.ratio_point() == 0.0
