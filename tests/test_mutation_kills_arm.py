@@ -834,3 +834,32 @@ def test_singular_fit_warning_text():
         "singular fit: a variance component (or the arm correlation) is estimated at the boundary; "
         "an ICC at 0 makes the ICC ratio 0 or undefined"]
     assert res.singular and res.vcomp["therapist[1]"] == 0.0 and res.ratio_point() == 0.0
+
+
+def test_bootstrap_with_a_control_icc_at_zero_and_labelled_arms():
+    """A control arm whose therapist variance is near 0 (ANOVA estimate 0.04): replicates with the control
+    variance at 0 are successful refits whose ICC ratio is undefined (NaN), not failures; the percentile
+    intervals of labelled rows (``therapist[FB]``, ``residual[TAU]``) are those of the arm's replicates."""
+    from therapist_effects.exceptions import ConvergenceWarning
+
+    y, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate([(8, 5, 3.2, 3.0), (9, 5, 12.0, 2.5)]):
+        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
+        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    X = np.column_stack([np.ones(len(arm)), arm])
+    res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), np.where(arm == 1, "FB", "TAU"),
+                           exog_names=["Intercept", "arm"], feedback_level="FB", arm_residual=True).fit()
+    assert res.vcomp["therapist[TAU]"] == pytest.approx(0.04, rel=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        draws = res._bootstrap(40, 3)
+    at_zero = draws["therapist[0]"] == 0
+    assert 0 < at_zero.sum() < 40
+    assert draws["icc_ratio"][at_zero].isna().all() and draws["icc_ratio"][~at_zero].notna().all()
+    assert draws.drop(columns=["icc_ratio", "correlation"]).notna().all().all()
+    ci = res.conf_int(0.9, method="bootstrap", n_boot=40, seed=3)
+    for name, col in (("therapist[FB]", "therapist[1]"), ("therapist[TAU]", "therapist[0]"),
+                      ("residual[TAU]", "residual[0]"), ("residual[FB]", "residual[1]")):
+        assert tuple(ci.loc[name]) == pytest.approx(np.quantile(draws[col], [0.05, 0.95]), rel=1e-12), name
