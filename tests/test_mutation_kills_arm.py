@@ -236,11 +236,13 @@ def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual,
         assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
 
 
-@pytest.mark.parametrize("arm_residual, cluster", [(False, False), (True, True)])
-def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(crossed, arm_residual, cluster):
+@pytest.mark.parametrize("arm_residual, cluster, shrink", [(False, False, 1.0), (True, True, 1.0), (True, True, 0.2)])
+def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(crossed, arm_residual, cluster, shrink):
     """ML fits: the statistic is the dense ML deviance minimised with one common therapist variance
-    (correlation, residual(s) and cluster variance free) minus the fitted deviance."""
+    (correlation, residual(s) and cluster variance free) minus the fitted deviance. ``shrink`` scales the
+    cluster effects (0.2: a cluster SD below the residual SD)."""
     y, X, t, arm, cl = crossed
+    y = y - (1.0 - shrink) * np.array([-2.0, -0.5, 1.0, 2.5])[cl]
     kw = {"exog_names": ["Intercept", "arm"], "correlated": True, "arm_residual": arm_residual, "method": "ML"}
     if cluster:
         kw.update(cluster=cl, cluster_random=True)
