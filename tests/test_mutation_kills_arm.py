@@ -865,3 +865,24 @@ def test_bootstrap_with_a_control_icc_at_zero_and_labelled_arms():
     for name, col in (("therapist[FB]", "therapist[1]"), ("therapist[TAU]", "therapist[0]"),
                       ("residual[TAU]", "residual[0]"), ("residual[FB]", "residual[1]")):
         assert tuple(ci.loc[name]) == pytest.approx(np.quantile(draws[col], [0.05, 0.95]), rel=1e-12), name
+
+
+def test_icc_ratio_with_a_control_icc_at_zero_is_undefined():
+    """A control arm with the ANOVA therapist variance 0: the ratio ICC_feedback / ICC_control and its profile
+    interval are undefined (NaN), reported without dividing by 0."""
+    y, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate([(8, 5, 2.0, 3.0), (9, 5, 12.0, 2.5)]):
+        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
+        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    X = np.column_stack([np.ones(len(arm)), arm])
+    with pytest.warns(SingularFitWarning):
+        res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
+                               arm_residual=True).fit()
+    assert res.vcomp["therapist[0]"] == 0.0 and res.vcomp["therapist[1]"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratio = res.icc_ratio(0.9, "profile_exact")
+        assert math.isnan(res._targets("ML")["icc_ratio"].estimate)
+    assert all(math.isnan(ratio[k]) for k in ("estimate", "ci_low", "ci_high"))
