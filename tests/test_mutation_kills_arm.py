@@ -21,7 +21,7 @@ from scipy import optimize, stats
 from refdata import REFERENCE_DIR
 from test_mutation_kills_reml import _dense_loglik
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
+from therapist_effects.exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
 from therapist_effects.models.arm_inference import _r_backspline_predict
 
@@ -31,14 +31,20 @@ ARMS = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 2.5)]
 
 @pytest.fixture(scope="module")
 def data():
-    ys, ts, arms = [], [], []
-    for a, (G, m, msb, msw) in enumerate(ARMS):
+    y, t, arm, X = _two_anova_arms(ARMS)
+    return y, X, t, arm
+
+
+def _two_anova_arms(arms):
+    """Therapists nested in two arms, each arm a balanced one-way layout with exact mean squares
+    ``(therapists, patients each, between, within)``; arm means 10 and 7. Returns ``y, therapist, arm, X``."""
+    ys, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate(arms):
         ys.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
         ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        arms.append(np.full(G * m, a))
-    y, t, arm = np.concatenate(ys), np.concatenate(ts), np.concatenate(arms)
-    X = np.column_stack([np.ones(len(y)), arm])
-    return y, X, t, arm
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    return np.concatenate(ys), np.concatenate(ts), arm, np.column_stack([np.ones(len(arm)), arm])
 
 
 def _tau2(G, m, msb, msw, method):
@@ -714,8 +720,6 @@ def _failing(real, which):
 def test_convergence_is_the_report_of_either_optimiser(data, monkeypatch, fail, converged):
     """A fit is converged when SLSQP or the Nelder-Mead polish reports success (the estimate is the
     ANOVA closed form either way); when both report failure the fit says so with a ConvergenceWarning."""
-    from therapist_effects.exceptions import ConvergenceWarning
-
     y, X, t, arm = data
     monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, fail))
     model = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True)
@@ -739,16 +743,9 @@ def test_analytic_gradient_alone_reaches_the_optimum(monkeypatch, method):
     the ANOVA closed forms (equal within-therapist mean squares in both arms, so one residual variance
     is each arm's own estimate)."""
     arms = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 3.0)]
-    ys, ts, a_ = [], [], []
-    for a, (G, m, msb, msw) in enumerate(arms):
-        ys.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
-        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        a_.append(np.full(G * m, a))
-    arm = np.concatenate(a_)
-    X = np.column_stack([np.ones(len(arm)), arm])
+    y, t, arm, X = _two_anova_arms(arms)
     monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, ("Nelder-Mead", "start")))
-    res = ArmVarianceModel(np.concatenate(ys), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
-                           method=method).fit()
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], method=method).fit()
     assert res.converged
     assert res.vcomp["residual"] == pytest.approx(3.0, rel=1e-6)
     for a, (G, m, msb, msw) in enumerate(arms):
@@ -822,15 +819,9 @@ def test_correlation_with_an_arm_sd_at_zero_is_undefined_without_a_runtime_warni
 def test_singular_fit_warning_text():
     """An arm whose between-therapist mean square is below the within one has the ANOVA variance
     estimate 0 (REML and ML): a singular fit, said once with its consequence for the ICC ratio."""
-    y, ts, a_ = [], [], []
-    for a, (G, m, msb, msw) in enumerate([(8, 5, 12.0, 3.0), (9, 5, 2.0, 2.5)]):
-        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
-        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        a_.append(np.full(G * m, a))
-    arm = np.concatenate(a_)
-    X = np.column_stack([np.ones(len(arm)), arm])
+    y, t, arm, X = _two_anova_arms([(8, 5, 12.0, 3.0), (9, 5, 2.0, 2.5)])
     with pytest.warns(SingularFitWarning) as rec:
-        res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
+        res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"],
                                arm_residual=True).fit()
     assert [str(w.message) for w in rec if issubclass(w.category, SingularFitWarning)] == [
         "singular fit: a variance component (or the arm correlation) is estimated at the boundary; "
@@ -842,16 +833,8 @@ def test_bootstrap_with_a_control_icc_at_zero_and_labelled_arms():
     """A control arm whose therapist variance is near 0 (ANOVA estimate 0.04): replicates with the control
     variance at 0 are successful refits whose ICC ratio is undefined (NaN), not failures; the percentile
     intervals of labelled rows (``therapist[FB]``, ``residual[TAU]``) are those of the arm's replicates."""
-    from therapist_effects.exceptions import ConvergenceWarning
-
-    y, ts, a_ = [], [], []
-    for a, (G, m, msb, msw) in enumerate([(8, 5, 3.2, 3.0), (9, 5, 12.0, 2.5)]):
-        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
-        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        a_.append(np.full(G * m, a))
-    arm = np.concatenate(a_)
-    X = np.column_stack([np.ones(len(arm)), arm])
-    res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), np.where(arm == 1, "FB", "TAU"),
+    y, t, arm, X = _two_anova_arms([(8, 5, 3.2, 3.0), (9, 5, 12.0, 2.5)])
+    res = ArmVarianceModel(y, X, t, np.where(arm == 1, "FB", "TAU"),
                            exog_names=["Intercept", "arm"], feedback_level="FB", arm_residual=True).fit()
     assert res.vcomp["therapist[TAU]"] == pytest.approx(0.04, rel=1e-4)
     with warnings.catch_warnings():
@@ -870,15 +853,9 @@ def test_bootstrap_with_a_control_icc_at_zero_and_labelled_arms():
 def test_icc_ratio_with_a_control_icc_at_zero_is_undefined():
     """A control arm with the ANOVA therapist variance 0: the ratio ICC_feedback / ICC_control and its profile
     interval are undefined (NaN), reported without dividing by 0."""
-    y, ts, a_ = [], [], []
-    for a, (G, m, msb, msw) in enumerate([(8, 5, 2.0, 3.0), (9, 5, 12.0, 2.5)]):
-        y.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
-        ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        a_.append(np.full(G * m, a))
-    arm = np.concatenate(a_)
-    X = np.column_stack([np.ones(len(arm)), arm])
+    y, t, arm, X = _two_anova_arms([(8, 5, 2.0, 3.0), (9, 5, 12.0, 2.5)])
     with pytest.warns(SingularFitWarning):
-        res = ArmVarianceModel(np.concatenate(y), X, np.concatenate(ts), arm, exog_names=["Intercept", "arm"],
+        res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"],
                                arm_residual=True).fit()
     assert res.vcomp["therapist[0]"] == 0.0 and res.vcomp["therapist[1]"] > 0
     with warnings.catch_warnings():
