@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -183,13 +181,13 @@ def test_sufficient_statistics_criterion_equals_dense_computation(data, correlat
     arm = sub["feedback"].to_numpy(int)
     for s2 in (20.0, 25.0):
         dense = _dense_criterion(y, X, sub["therapist_id"].to_numpy(), arm, G, r, s2, method)
-        assert eng.deviance(G, r, not correlated, method, sigma2=s2) == pytest.approx(dense, rel=1e-10)
+        assert eng.deviance(G, r, method, sigma2=s2) == pytest.approx(dense, rel=1e-10)
     # profiled sigma2: the minimum over sigma2 of the dense criterion
     prof = optimize.minimize_scalar(
         lambda ls: _dense_criterion(y, X, sub["therapist_id"].to_numpy(), arm, G, r, math.exp(ls), method),
         bounds=(0.0, 6.0), method="bounded", options={"xatol": 1e-10},
     )
-    assert eng.deviance(G, r, not correlated, method) == pytest.approx(prof.fun, rel=1e-9)
+    assert eng.deviance(G, r, method) == pytest.approx(prof.fun, rel=1e-9)
 
 
 def test_correlated_model_matches_statsmodels(data):
@@ -347,11 +345,11 @@ def test_cluster_level_criterion_equals_dense_computation(data):
     y = sub["phq9_post"].to_numpy(float)
     dense = _dense_criterion(y, eng.X, sub["therapist_id"].to_numpy(), sub["feedback"].to_numpy(int), G,
                              np.ones(2), 25.0, "REML", cluster=sub["trial_id"].to_numpy(), gc=0.02)
-    assert eng.deviance(G, np.ones(2), False, "REML", sigma2=25.0, gc=0.02) == pytest.approx(dense, rel=1e-10)
+    assert eng.deviance(G, np.ones(2), "REML", sigma2=25.0, gc=0.02) == pytest.approx(dense, rel=1e-10)
     Gd = np.diag([0.04, 0.03])
     dense = _dense_criterion(y, eng.X, sub["therapist_id"].to_numpy(), sub["feedback"].to_numpy(int), Gd,
                              np.ones(2), 25.0, "ML", cluster=sub["trial_id"].to_numpy(), gc=0.02)
-    assert eng.deviance(Gd, np.ones(2), True, "ML", sigma2=25.0, gc=0.02) == pytest.approx(dense, rel=1e-10)
+    assert eng.deviance(Gd, np.ones(2), "ML", sigma2=25.0, gc=0.02) == pytest.approx(dense, rel=1e-10)
 
 
 def test_cluster_level_reproduces_lme4_nested(ref, data):
@@ -366,9 +364,9 @@ def test_cluster_level_reproduces_lme4_nested(ref, data):
     tcode, tlabels = group_codes(df["trial_id"] + ":" + df["therapist_id"])
     tclust, _ = group_codes(pd.Series([lab.split(":")[0] for lab in tlabels]))
     eng = _Engine(df["phq9_post"].to_numpy(float), X, tcode, np.zeros(len(df), int), len(tlabels), 1, tclust=tclust)
-    f = lambda z: eng.deviance(np.array([[z[0] ** 2]]), np.ones(1), True, "REML", gc=z[1] ** 2)  # noqa: E731
+    f = lambda z: eng.deviance(np.array([[z[0] ** 2]]), np.ones(1), "REML", gc=z[1] ** 2)  # noqa: E731
     z, dev, ok = _minimise(f, [0.1, 0.05], [(0.0, None), (0.0, None)])
-    beta, s2, cov = eng.gls(np.array([[z[0] ** 2]]), np.ones(1), True, "REML", gc=z[1] ** 2)
+    beta, s2, cov = eng.gls(np.array([[z[0] ** 2]]), np.ones(1), "REML", gc=z[1] ** 2)
     assert -0.5 * dev == pytest.approx(r["logLik"], abs=1e-3)  # logLik(fit)
     np.testing.assert_allclose(beta, list(r["fixed"].values()), rtol=1e-4)  # fixef(fit)
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), list(r["fixed_se"].values()), rtol=1e-4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from scipy import optimize, stats
 from refdata import REFERENCE_DIR
 from test_mutation_kills_reml import _dense_loglik
 from test_surviving_mutants import _balanced
-from therapist_effects.exceptions import ModelError, SingularFitWarning, StatisticalWarning
+from therapist_effects.exceptions import ConvergenceWarning, ModelError, SingularFitWarning, StatisticalWarning
 from therapist_effects.models.arm import ArmVarianceModel, two_arms
 from therapist_effects.models.arm_inference import _r_backspline_predict
 
@@ -30,14 +31,20 @@ ARMS = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 2.5)]
 
 @pytest.fixture(scope="module")
 def data():
-    ys, ts, arms = [], [], []
-    for a, (G, m, msb, msw) in enumerate(ARMS):
+    y, t, arm, X = _two_anova_arms(ARMS)
+    return y, X, t, arm
+
+
+def _two_anova_arms(arms):
+    """Therapists nested in two arms, each arm a balanced one-way layout with exact mean squares
+    ``(therapists, patients each, between, within)``; arm means 10 and 7. Returns ``y, therapist, arm, X``."""
+    ys, ts, a_ = [], [], []
+    for a, (G, m, msb, msw) in enumerate(arms):
         ys.append(10.0 - 3.0 * a + _balanced(G, m, msb, msw, seed=4 + a)[0])
         ts.append(np.repeat([f"a{a}t{i}" for i in range(G)], m))
-        arms.append(np.full(G * m, a))
-    y, t, arm = np.concatenate(ys), np.concatenate(ts), np.concatenate(arms)
-    X = np.column_stack([np.ones(len(y)), arm])
-    return y, X, t, arm
+        a_.append(np.full(G * m, a))
+    arm = np.concatenate(a_)
+    return np.concatenate(ys), np.concatenate(ts), arm, np.column_stack([np.ones(len(arm)), arm])
 
 
 def _tau2(G, m, msb, msw, method):
@@ -125,10 +132,10 @@ def test_grad_g_is_the_derivative_of_the_deviance(data):
     g = np.array([0.6, 0.3])
     for method in ("REML", "ML"):
         dev, grad = eng.grad_g(g, method)
-        assert dev == pytest.approx(eng.deviance(np.diag(g), np.ones(2), True, method), rel=1e-12)
+        assert dev == pytest.approx(eng.deviance(np.diag(g), np.ones(2), method), rel=1e-12)
         h = 1e-5
-        fd = [(eng.deviance(np.diag(g + h * e), np.ones(2), True, method)
-               - eng.deviance(np.diag(g - h * e), np.ones(2), True, method)) / (2 * h) for e in np.eye(2)]
+        fd = [(eng.deviance(np.diag(g + h * e), np.ones(2), method)
+               - eng.deviance(np.diag(g - h * e), np.ones(2), method)) / (2 * h) for e in np.eye(2)]
         np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
@@ -194,7 +201,8 @@ TARGETS = {
 
 DENSE_CASES = [(True, False, name) for name in ("residual[0]", "residual[1]", "therapist[1]", "correlation", "icc[1]",
                                                 "icc_ratio")] + [
-    (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")]
+    (False, True, name) for name in ("residual", "cluster", "therapist[0]", "icc[0]", "icc_ratio")] + [
+    (True, True, "cluster"), (False, True, "correlation")]
 
 
 @pytest.mark.parametrize("arm_residual, cluster, name", DENSE_CASES)
@@ -234,11 +242,13 @@ def test_profile_limits_are_roots_of_the_dense_ml_profile(crossed, arm_residual,
         assert dev(u) - dmin == pytest.approx(Q95, abs=1e-3), (name, end)
 
 
-@pytest.mark.parametrize("arm_residual, cluster", [(False, False), (True, True)])
-def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(crossed, arm_residual, cluster):
+@pytest.mark.parametrize("arm_residual, cluster, shrink", [(False, False, 1.0), (True, True, 1.0), (True, True, 0.2)])
+def test_equal_variance_lrt_of_correlated_models_against_the_dense_likelihood(crossed, arm_residual, cluster, shrink):
     """ML fits: the statistic is the dense ML deviance minimised with one common therapist variance
-    (correlation, residual(s) and cluster variance free) minus the fitted deviance."""
+    (correlation, residual(s) and cluster variance free) minus the fitted deviance. ``shrink`` scales the
+    cluster effects (0.2: a cluster SD below the residual SD)."""
     y, X, t, arm, cl = crossed
+    y = y - (1.0 - shrink) * np.array([-2.0, -0.5, 1.0, 2.5])[cl]
     kw = {"exog_names": ["Intercept", "arm"], "correlated": True, "arm_residual": arm_residual, "method": "ML"}
     if cluster:
         kw.update(cluster=cl, cluster_random=True)
@@ -676,3 +686,180 @@ def test_wald_request_falls_back_to_profile_intervals_with_a_warning(data):
                                                             "ci_high": hi}
     eff = res.therapist_effects()
     np.testing.assert_allclose(eff["ci_high"] - eff["effect"], stats.norm.ppf(0.975) * eff["effect_se"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("g", [[-1.0, -1.0], [np.inf, 1.0]])
+def test_grad_g_outside_the_parameter_space_is_an_infinite_deviance_with_a_zero_gradient(data, g):
+    """Relative variances that make ``X'H^-1 X`` indefinite (Cholesky fails) or the residual sum of squares
+    undefined (NaN) give the deviance +inf and a zero gradient of the parameters' length, so that SLSQP
+    steps back instead of failing on an array of the wrong shape."""
+    y, X, t, arm = data
+    eng = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"])._eng
+    with np.errstate(all="ignore"):
+        dev, grad = eng.grad_g(np.array(g), "REML")
+    assert dev == np.inf
+    assert grad.shape == (2,) and grad.dtype == float and not grad.any()
+
+
+def _failing(real, which):
+    """scipy.optimize.minimize that reports failure for the methods in ``which`` (the iterate unchanged);
+    with ``"start"`` in ``which`` a failing method also returns its start, as if it had not moved."""
+    def minimize(f, x0, *args, method=None, **kw):
+        res = real(f, x0, *args, method=method, **kw)
+        if method in which:
+            res.success = False
+            if "start" in which:
+                res.x, res.fun = np.asarray(x0, dtype=float), f(np.asarray(x0, dtype=float))
+        return res
+    return minimize
+
+
+@pytest.mark.parametrize("fail, converged", [
+    ((), True), (("SLSQP",), True), (("Nelder-Mead",), True), (("SLSQP", "Nelder-Mead"), False),
+])
+def test_convergence_is_the_report_of_either_optimiser(data, monkeypatch, fail, converged):
+    """A fit is converged when SLSQP or the Nelder-Mead polish reports success (the estimate is the
+    ANOVA closed form either way); when both report failure the fit says so with a ConvergenceWarning."""
+    y, X, t, arm = data
+    monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, fail))
+    model = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = model.fit()
+    conv = [w for w in rec if issubclass(w.category, ConvergenceWarning)]
+    assert res.converged is converged
+    if converged:
+        assert not conv
+    else:
+        assert [str(w.message) for w in conv] == ["optimiser did not report convergence (optimiser reported failure)"]
+    for a, (G, m, msb, msw) in enumerate(ARMS):
+        assert res.vcomp[f"therapist[{a}]"] == pytest.approx(_tau2(G, m, msb, msw, "REML"), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_analytic_gradient_alone_reaches_the_optimum(monkeypatch, method):
+    """Uncorrelated arm effects with one residual variance use SLSQP with the analytic gradient and no
+    polish: with the Nelder-Mead polish disabled (it returns its start) the fit is still converged and at
+    the ANOVA closed forms (equal within-therapist mean squares in both arms, so one residual variance
+    is each arm's own estimate)."""
+    arms = [(8, 5, 12.0, 3.0), (9, 5, 4.0, 3.0)]
+    y, t, arm, X = _two_anova_arms(arms)
+    monkeypatch.setattr(optimize, "minimize", _failing(optimize.minimize, ("Nelder-Mead", "start")))
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], method=method).fit()
+    assert res.converged
+    assert res.vcomp["residual"] == pytest.approx(3.0, rel=1e-6)
+    for a, (G, m, msb, msw) in enumerate(arms):
+        assert res.vcomp[f"therapist[{a}]"] == pytest.approx(_tau2(G, m, msb, msw, method), rel=1e-6)
+
+
+def test_ml_refit_for_the_profiles_ignores_runtime_warnings(data, monkeypatch):
+    """The ML optimum behind ML profiles is computed with RuntimeWarnings (overflow at extreme trial values)
+    silenced and other warnings untouched."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    real = res.model._optimise
+
+    def noisy(method, start=None):
+        warnings.warn("overflow", RuntimeWarning)
+        return real(method, start=start)
+
+    monkeypatch.setattr(res.model, "_optimise", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = res._optimum("ML")
+    assert opt.method == "ML" and opt.converged
+    G, m, msb, msw = ARMS[0]
+    assert opt.G[0, 0] * opt.r[0] == pytest.approx(_tau2(G, m, msb, msw, "ML") / msw, rel=1e-4)
+
+
+@pytest.mark.parametrize("call", ["conf_int", "icc_by_arm", "icc_ratio", "icc_reduction"])
+def test_an_unknown_deviance_is_refused(data, call):
+    """``deviance`` names the profiled likelihood, ML or REML (either case); anything else is an error,
+    not a silent ML profile."""
+    y, X, t, arm = data
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], arm_residual=True).fit()
+    with pytest.raises(ModelError, match=r"^deviance must be 'ML' or 'REML', got 'reml2'$"):
+        getattr(res, call)(0.9, "profile_exact", deviance="reml2")
+    lo, hi = res.profile_interval(f"icc[{res.model.arm_levels[1]}]", 0.9, "reml")
+    assert res.icc_by_arm(0.9, "profile_exact", deviance="reml").iloc[1][["ci_low", "ci_high"]].tolist() == [lo, hi]
+
+
+def test_lme4_style_profile_of_the_cluster_variance(crossed):
+    """``conf_int``'s default profile of a random cluster level is lme4's spline through the profile (ML
+    deviance, its cut-off from all variance parameters); it agrees with the exact likelihood-ratio roots
+    (checked against the dense ML profile above) to 1e-3 on these well-determined limits."""
+    y, X, t, arm, cl = crossed
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], cluster=cl, cluster_random=True).fit()
+    ci = res.conf_int(0.95)
+    np.testing.assert_allclose(ci.loc["cluster"].to_numpy(), res.profile_interval("cluster", 0.95), rtol=1e-3)
+    for name in ("cluster", "residual", "therapist[0]", "therapist[1]"):  # every variance row: lme4's method
+        assert ci.loc[name].tolist() == list(res.lme4_profile_interval(name, 0.95)), name
+
+
+def test_correlation_with_an_arm_sd_at_zero_is_undefined_without_a_runtime_warning(crossed):
+    """A correlated fit whose control-arm SD is 0 (lme4's theta[0] = 0) has no correlation: NaN, reported
+    without dividing 0 by 0."""
+    from dataclasses import replace
+
+    from therapist_effects.models.arm import ArmVarianceResults
+
+    y, X, t, arm, _ = crossed
+    res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"], correlated=True).fit()
+    x = res.opt.x.copy()
+    x[0] = 0.0
+    G, r = res.model._unpack(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", SingularFitWarning)
+        zero = ArmVarianceResults(res.model, replace(res.opt, x=x, G=G, r=r))
+    assert zero.vcomp["therapist[0]"] == 0.0 and zero.vcomp["therapist[1]"] > 0
+    assert math.isnan(zero.correlation) and zero.singular
+
+
+def test_singular_fit_warning_text():
+    """An arm whose between-therapist mean square is below the within one has the ANOVA variance
+    estimate 0 (REML and ML): a singular fit, said once with its consequence for the ICC ratio."""
+    y, t, arm, X = _two_anova_arms([(8, 5, 12.0, 3.0), (9, 5, 2.0, 2.5)])
+    with pytest.warns(SingularFitWarning) as rec:
+        res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"],
+                               arm_residual=True).fit()
+    assert [str(w.message) for w in rec if issubclass(w.category, SingularFitWarning)] == [
+        "singular fit: a variance component (or the arm correlation) is estimated at the boundary; "
+        "an ICC at 0 makes the ICC ratio 0 or undefined"]
+    assert res.singular and res.vcomp["therapist[1]"] == 0.0 and res.ratio_point() == 0.0
+
+
+def test_bootstrap_with_a_control_icc_at_zero_and_labelled_arms():
+    """A control arm whose therapist variance is near 0 (ANOVA estimate 0.04): replicates with the control
+    variance at 0 are successful refits whose ICC ratio is undefined (NaN), not failures; the percentile
+    intervals of labelled rows (``therapist[FB]``, ``residual[TAU]``) are those of the arm's replicates."""
+    y, t, arm, X = _two_anova_arms([(8, 5, 3.2, 3.0), (9, 5, 12.0, 2.5)])
+    res = ArmVarianceModel(y, X, t, np.where(arm == 1, "FB", "TAU"),
+                           exog_names=["Intercept", "arm"], feedback_level="FB", arm_residual=True).fit()
+    assert res.vcomp["therapist[TAU]"] == pytest.approx(0.04, rel=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        draws = res._bootstrap(40, 3)
+    at_zero = draws["therapist[0]"] == 0
+    assert 0 < at_zero.sum() < 40
+    assert draws["icc_ratio"][at_zero].isna().all() and draws["icc_ratio"][~at_zero].notna().all()
+    assert draws.drop(columns=["icc_ratio", "correlation"]).notna().all().all()
+    ci = res.conf_int(0.9, method="bootstrap", n_boot=40, seed=3)
+    for name, col in (("therapist[FB]", "therapist[1]"), ("therapist[TAU]", "therapist[0]"),
+                      ("residual[TAU]", "residual[0]"), ("residual[FB]", "residual[1]")):
+        assert tuple(ci.loc[name]) == pytest.approx(np.quantile(draws[col], [0.05, 0.95]), rel=1e-12), name
+
+
+def test_icc_ratio_with_a_control_icc_at_zero_is_undefined():
+    """A control arm with the ANOVA therapist variance 0: the ratio ICC_feedback / ICC_control and its profile
+    interval are undefined (NaN), reported without dividing by 0."""
+    y, t, arm, X = _two_anova_arms([(8, 5, 2.0, 3.0), (9, 5, 12.0, 2.5)])
+    with pytest.warns(SingularFitWarning):
+        res = ArmVarianceModel(y, X, t, arm, exog_names=["Intercept", "arm"],
+                               arm_residual=True).fit()
+    assert res.vcomp["therapist[0]"] == 0.0 and res.vcomp["therapist[1]"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratio = res.icc_ratio(0.9, "profile_exact")
+        assert math.isnan(res._targets("ML")["icc_ratio"].estimate)
+    assert all(math.isnan(ratio[k]) for k in ("estimate", "ci_low", "ci_high"))

@@ -188,15 +188,14 @@ class _Engine:
             dev += float(2.0 * np.log(np.diag(L)[:p]).sum())
         return dev, grad
 
-    def deviance(self, G, r, diagonal, method: str, sigma2: float | None = None, gc: float | None = None) -> float:
-        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None. (``diagonal``: G's
-        structure, which ``G`` itself carries.)"""
+    def deviance(self, G, r, method: str, sigma2: float | None = None, gc: float | None = None) -> float:
+        """-2 log (restricted) likelihood; ``sigma2`` profiled out when None (``G`` carries its structure)."""
         th = self.theta(G, gc)
         if th is None:
             return np.inf
         return self.block.crit(th, method == "REML", ratios=r, sigma2=sigma2)
 
-    def gls(self, G, r, diagonal, method, gc=None):
+    def gls(self, G, r, method, gc=None):
         """``(beta, sigma2, cov_beta)``: GLS fixed effects, the (RE)ML residual variance and lme4's ``vcov``."""
         th = self.theta(G, gc)
         beta, cov, rss, _ = self.block.fixed(th, ratios=r)
@@ -462,7 +461,7 @@ class ArmVarianceModel:
         sd = list(np.sqrt(np.diag(G)))
         x = [sd[0], 0.0, sd[1]] if self.correlated else sd
         if self.arm_residual:
-            x.append(math.log(r[1] / r[0]))
+            x.append(math.log(r[1]))  # r[0] is 1
         if self.cluster_random:
             x.append(0.1)
         return np.array(x)
@@ -558,7 +557,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         m, opt = self.model, self.opt
         eng = m._eng
         gc = m._gc(opt.x)
-        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, not m.correlated, opt.method, gc)
+        beta, sigma2, cov_beta = eng.gls(opt.G, opt.r, opt.method, gc)
         self.sigma2 = float(sigma2)
         self.gc_rel = 0.0 if gc is None else gc
         self.G_rel, self.r_rel = opt.G, opt.r
@@ -576,7 +575,7 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
         vc = {keys[0]: float(self.cov_re[0, 0]), keys[1]: float(self.cov_re[1, 1])}
         if m.correlated:
             sd = np.sqrt(np.diag(self.cov_re))
-            self.correlation = float(self.cov_re[0, 1] / (sd[0] * sd[1])) if np.all(sd > 0) else float("nan")
+            self.correlation = float(self.cov_re[0, 1] / (sd[0] * sd[1])) if np.all(sd > 0) else math.nan
             vc["cov(therapist)"] = float(self.cov_re[0, 1])
         else:
             self.correlation = None
@@ -628,9 +627,11 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
 
     def ratio_point(self) -> float:
         icc = self.icc_point()
-        return float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
+        return float(icc[1] / icc[0]) if icc[0] > 0 else math.nan
 
     def _interval(self, name, level, method, n_boot, seed, deviance):
+        if deviance.upper() not in ("ML", "REML"):
+            raise ModelError(f"deviance must be 'ML' or 'REML', got {deviance!r}")
         if method == "profile" and name.startswith(("therapist[", "residual", "cluster")):
             return self.lme4_profile_interval(name, level)
         if method in ("profile", "profile_exact"):
@@ -758,8 +759,8 @@ class ArmVarianceResults(ArmProfiles, ArmBootstrap, ModelResults):
                 lo, hi = float(u[t, a] - z * se), float(u[t, a] + z * se)
                 rows.append({
                     "therapist": self.model.therapist_labels[t], "arm": lv, "caseload": int(n),
-                    "raw_mean": float(eng.S[t, a, p] / n) if n else float("nan"),
-                    "adjusted_mean": arm_fixed[a] + float(resid_sum[t, a] / n) if n else float("nan"),
+                    "raw_mean": float(eng.S[t, a, p] / n) if n else math.nan,
+                    "adjusted_mean": arm_fixed[a] + float(resid_sum[t, a] / n) if n else math.nan,
                     "effect": float(u[t, a]), "effect_se": se, "ci_low": lo, "ci_high": hi,
                     "classification": str(classify_effects(lo, hi, higher_is_better)),
                 })

@@ -100,9 +100,9 @@ class _Target:
     build: object
     z0: np.ndarray
     bounds: list
-    scale: str  # "log", "logit" or "atanh": where the outward search steps
     estimate: float
     upper_limit: float = np.inf
+    linear: bool = False  # the correlation: steps linearly on [-1, 1], else on the log scale from 0
 
 
 #: columns of the bootstrap replicates (arms by index, 0 = control); the ICC ratio (control ICC 0)
@@ -129,7 +129,7 @@ class _ArmTargets:
         m = self.m = res.model
         opt = res._optimum(method)
         self.gc_hat = m._gc(opt.x)
-        _, self.s2hat, _ = m._eng.gls(opt.G, opt.r, not m.correlated, method, self.gc_hat)
+        _, self.s2hat, _ = m._eng.gls(opt.G, opt.r, method, self.gc_hat)
         self.G, self.r = opt.G, opt.r
         th = self.th = np.sqrt(np.maximum(np.diag(self.G), 0.0))
         self.rho = None
@@ -155,15 +155,9 @@ class _ArmTargets:
         return z, b
 
     def unpack(self, z):
-        """``(rho, residual ratios)`` from the extras ``z``."""
-        k = 0
-        rho_ = None
-        rr = np.ones(2)
-        if self.m.correlated:
-            rho_ = z[k]
-            k += 1
-        if self.m.arm_residual:
-            rr = np.array([1.0, math.exp(z[k])])
+        """``(rho, residual ratios)`` from the extras ``z`` (the correlation first, the log residual ratio last)."""
+        rho_ = z[0] if self.m.correlated else None
+        rr = np.array([1.0, math.exp(z[-1])]) if self.m.arm_residual else np.ones(2)
         return rho_, rr
 
     def variances(self) -> dict:
@@ -184,7 +178,7 @@ class _ArmTargets:
 
             targets[f"therapist[{lv}]"] = _Target(
                 f"therapist[{lv}]", build, np.array([math.log(s2hat), th[o], *ez]),
-                [(-50, 50), (0.0, None), *eb], "log", float(s2hat * self.G[a, a]),
+                [(-50, 50), (0.0, None), *eb], float(s2hat * self.G[a, a]),
             )
         return targets
 
@@ -198,7 +192,7 @@ class _ArmTargets:
                 return c, _G_from_theta(z[:2], rho_), np.ones(2)
 
             return {"residual": _Target("residual", build_res, np.array([*th, *ez]),
-                                        [(0.0, None), (0.0, None), *eb], "log", float(s2hat))}
+                                        [(0.0, None), (0.0, None), *eb], float(s2hat))}
         ez, eb = ez[: 1 if m.correlated else 0], eb[: 1 if m.correlated else 0]
 
         def build_r0(c, z, gc=0.0):
@@ -213,9 +207,9 @@ class _ArmTargets:
         n0, n1 = (f"residual[{lv}]" for lv in m.arm_levels)
         return {
             n0: _Target(n0, build_r0, np.array([*th, *ez, self.logr]), [(0.0, None), (0.0, None), *eb, (-12.0, 12.0)],
-                        "log", float(s2hat)),
+                        float(s2hat)),
             n1: _Target(n1, build_r1, np.array([math.log(s2hat), *th, *ez]),
-                        [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.r[1])),
+                        [(-50, 50), (0.0, None), (0.0, None), *eb], float(s2hat * self.r[1])),
         }
 
     def correlation(self) -> dict:
@@ -231,7 +225,7 @@ class _ArmTargets:
             return None, _G_from_theta(z[:2], c), rr
 
         return {"correlation": _Target("correlation", build_cor, np.array([*self.th, *ez]),
-                                       [(0.0, None), (0.0, None), *eb], "atanh", float(self.rho))}
+                                       [(0.0, None), (0.0, None), *eb], float(self.rho), linear=True)}
 
     def iccs(self) -> dict:
         """ICC of arm a: g_a = c r_a / (1 - c); z = [theta_other, extras]."""
@@ -249,7 +243,7 @@ class _ArmTargets:
                 return None, _G_from_theta(th_, rho_), rr
 
             targets[f"icc[{lv}]"] = _Target(
-                f"icc[{lv}]", build_icc, np.array([self.th[o], *ez]), [(0.0, None), *eb], "logit",
+                f"icc[{lv}]", build_icc, np.array([self.th[o], *ez]), [(0.0, None), *eb],
                 float(self.icc[a]), upper_limit=1.0,
             )
         return targets
@@ -270,7 +264,7 @@ class _ArmTargets:
         ez, eb = self.pack(self.rho, self.logr)
         ratio_hat = float(icc[1] / icc[0]) if icc[0] > 0 else float("nan")
         return {"icc_ratio": _Target("icc_ratio", build_ratio, np.array([icc[0], *ez]), [(0.0, 1.0 - 1e-9), *eb],
-                                     "log", ratio_hat)}
+                                     ratio_hat)}
 
     def with_cluster(self, targets: dict) -> dict:
         """With a random cluster level every target gets the relative cluster SD as one more free
@@ -283,8 +277,8 @@ class _ArmTargets:
                 gc = float(z[-1]) ** 2
                 return (*_b(c, z[:-1], gc=gc), gc)
 
-            out[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)], t.scale,
-                                t.estimate, t.upper_limit)
+            out[name] = _Target(t.name, wrapped, np.append(t.z0, thc), [*t.bounds, (0.0, None)],
+                                t.estimate, t.upper_limit, t.linear)
         ez, eb = self.pack(self.rho, self.logr)
 
         def build_cluster(c, z):
@@ -294,7 +288,7 @@ class _ArmTargets:
 
         out["cluster"] = _Target(
             "cluster", build_cluster, np.array([math.log(s2hat), *self.th, *ez]),
-            [(-50, 50), (0.0, None), (0.0, None), *eb], "log", float(s2hat * self.gc_hat),
+            [(-50, 50), (0.0, None), (0.0, None), *eb], float(s2hat * self.gc_hat),
         )
         return out
 
@@ -319,7 +313,6 @@ class ArmProfiles:
 
         m = self.model
         eng = m._eng
-        diagonal = not m.correlated
         bounds = list(target.bounds)
         if target.name == "icc_ratio":
             hi = min(1.0, 1.0 / c) if c > 0 else 1.0
@@ -330,7 +323,7 @@ class ArmProfiles:
             if out[1] is None:
                 return np.inf
             gc = out[3] if len(out) > 3 else None
-            return eng.deviance(out[1], out[2], diagonal, method, sigma2=out[0], gc=gc)
+            return eng.deviance(out[1], out[2], method, sigma2=out[0], gc=gc)
 
         z0 = np.array(z0, dtype=float)
         for j, (lo, hi) in enumerate(bounds):
@@ -393,12 +386,12 @@ class ArmProfiles:
         also from the optimum where that gives an excess beyond the cut-off with a nuisance SD at 0
         that is not 0 at the optimum: such a start can trap the local inner optimiser on that
         boundary and fake a crossing."""
-        if t.scale == "atanh":
+        if t.linear:
             kw = {"lower": -1.0, "upper": 1.0, "step": 0.1}
         else:
             unit = self.sigma2 if t.name.startswith(("therapist[", "residual", "cluster")) else 1.0
             kw = {"lower": 0.0, "upper": t.upper_limit, "step": 0.25, "log_scale": True, "scale": 1e-4 * unit,
-                  "edge_ok": not t.name.startswith("residual") and (t.scale == "log" or direction < 0)}
+                  "edge_ok": direction < 0 and not t.name.startswith("residual")}
         z_hat = np.array(t.z0, dtype=float)
         starts = {t.estimate: z_hat}
 
@@ -505,7 +498,7 @@ class ArmProfiles:
             if m.correlated:
                 rho = z[k]
                 k += 1
-            rr = np.array([1.0, math.exp(z[k])]) if m.arm_residual else np.ones(2)
+            rr = np.array([1.0, math.exp(z[k])]) if m.arm_residual else None
             return _G_from_theta(th, rho), rr
 
         bounds = [(0.0, None)] + ([(-1.0, 1.0)] if m.correlated else []) + ([(-12.0, 12.0)] if m.arm_residual else [])
@@ -519,7 +512,7 @@ class ArmProfiles:
 
         def dev(z):
             gc = float(z[-1]) ** 2 if m.cluster_random else None
-            return eng.deviance(*build(z), not m.correlated, method, gc=gc)
+            return eng.deviance(*build(z), method, gc=gc)
 
         best = None
         with warnings.catch_warnings():
@@ -567,7 +560,7 @@ class ArmBootstrap:
             try:
                 opt = m._optimise(self.method, start=self.opt.x)
                 gc = m._gc(opt.x)
-                _, s2, _ = eng.gls(opt.G, opt.r, not m.correlated, self.method, gc)
+                _, s2, _ = eng.gls(opt.G, opt.r, self.method, gc)
             finally:
                 eng.set_y(y0)
             icc = self._icc_from(opt.G, opt.r, gc)
@@ -592,7 +585,7 @@ class ArmBootstrap:
         m = self.model
         col = name
         if "[" in name:  # therapist[<level>] -> therapist[<arm index>]
-            base, lv = name[:-1].split("[", 1)
+            base, _, lv = name[:-1].partition("[")
             col = f"{base}[{m.arm_levels.index(lv)}]" if lv in m.arm_levels else name
         if col == "residual":
             col = "residual[0]"
