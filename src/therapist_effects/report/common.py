@@ -28,11 +28,8 @@ METHOD_WORDS = {
     "agq": "maximum likelihood with adaptive Gauss-Hermite quadrature",
     "bayes": "Bayesian estimation (PyMC, No-U-Turn sampler)",
 }
-#: the Bayesian method in words, by ``estimates.json``'s ``sampler`` (NUTS where it is missing)
-BAYES_SAMPLER_WORDS = {
-    "grid": "Bayesian estimation (exact posterior of the variances on a grid, independent draws)",
-    "nutpie": METHOD_WORDS["bayes"], "pymc": METHOD_WORDS["bayes"],
-}
+#: the Bayesian method in words by ``estimates.json``'s ``sampler``; NUTS (``METHOD_WORDS``) for nutpie and pymc
+BAYES_SAMPLER_WORDS = {"grid": "Bayesian estimation (exact posterior of the variances on a grid, independent draws)"}
 CI_WORDS = {
     "profile": "profile-likelihood", "wald": "Wald (normal approximation)", "delta": "delta-method",
     "bootstrap": "parametric bootstrap", "parametric_bootstrap": "parametric bootstrap",
